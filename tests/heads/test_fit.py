@@ -1,0 +1,72 @@
+"""The shared training loop: schedule, best-on-val restore, cached probes, bad config."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from medssl.heads.classify import LinearProbe
+from medssl.heads.fit import FitConfig, fit, predict, warmup_cosine
+
+from ._vit import tiny_vit
+
+torch.set_num_threads(1)
+
+
+def test_warmup_cosine_hand_values():
+    assert warmup_cosine(0, 100, 10, 1.0) == 0.0
+    assert warmup_cosine(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert warmup_cosine(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def _toy(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 1, 32, 32, generator=g) * 0.5 + (y.float() * 2 - 1).view(-1, 1, 1, 1)
+    return TensorDataset(x, y)
+
+
+def _acc(out, tgt):
+    return (out.argmax(1) == tgt).float().mean().item()
+
+
+def test_cached_probe_learns_and_backbone_untouched():
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    before = copy.deepcopy(vit.state_dict())
+    probe = LinearProbe(vit, 2, pool="mean")
+    cfg = FitConfig(epochs=15, batch_size=16, lr=0.05, warmup_epochs=1, device="cpu")
+    res = fit(probe, _toy(), _toy(seed=1), torch.nn.functional.cross_entropy, _acc, cfg)
+    out, tgt = predict(probe, _toy(seed=2))
+    assert _acc(out, tgt) > 0.9 and res.best_score > 0.9
+    for k, v in vit.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_best_epoch_weights_are_restored():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 2))
+    scores = iter([0.2, 0.9, 0.1])
+    snaps = []
+
+    def score(out, tgt):
+        snaps.append(copy.deepcopy(model.state_dict()))
+        return next(scores)
+
+    cfg = FitConfig(epochs=3, batch_size=16, lr=0.01, warmup_epochs=0, device="cpu")
+    res = fit(model, _toy(), _toy(seed=1), torch.nn.functional.cross_entropy, score, cfg)
+    assert res.best_epoch == 1 and res.best_score == 0.9 and len(res.history) == 3
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snaps[1][k])
+
+
+def test_bad_config_and_no_params():
+    with pytest.raises(ValueError, match="epochs"):
+        FitConfig(epochs=0)
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        fit(frozen, TensorDataset(torch.randn(4, 2), torch.zeros(4).long()), None,
+            torch.nn.functional.cross_entropy, _acc, FitConfig(epochs=1, device="cpu"))
