@@ -1,0 +1,358 @@
+"""Backbones in other projects: `load_backbone`, `save_backbone`, `list_backbones`.
+
+A backbone is a plain timm `VisionTransformer`. `load_backbone` accepts a folder written by
+`save_backbone`, a medssl training output folder or checkpoint (plain, DDP or DeepSpeed), an official MAE
+`.pth` (`{"model": ...}`, with or without the decoder), a plain timm state dict (`.pth` / `.safetensors`),
+or a registered architecture name (random initialisation). Nothing is ever downloaded, and nothing is
+unpickled beyond tensors and plain containers (`torch.load(weights_only=True)` or safetensors).
+
+Example:
+    >>> vit = load_backbone("vit_tiny_patch16", img_size=64, in_chans=1)
+    >>> save_backbone(vit, "/tmp/bb", data="demo")  # doctest: +SKIP
+    >>> feats = load_backbone("/tmp/bb", features_only=True)(torch.zeros(1, 1, 64, 64))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from medssl.models.mae import MaskedAutoencoder, is_decoder_key
+from medssl.models.pos_embed import resample_pos_embed
+from medssl.models.vit import (GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, build_vit, get_cfg,
+                               infer_num_heads, list_architectures)
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT = "medssl-backbone"
+_PREFIXES = ("module.", "_orig_mod.", "encoder.", "backbone.", "model.")
+
+
+def list_backbones() -> list[str]:
+    """Registered architecture names that `load_backbone` accepts for random initialisation."""
+    return list_architectures()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _torch_load(path: Path) -> Any:
+    # argparse.Namespace is what the official MAE stores as 'args': a plain attribute bag, allowed.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError and friends
+        raise ValueError(f"{path}: cannot be loaded safely with weights_only=True ({exc}). medssl never "
+                         "unpickles arbitrary objects: re-save the state dict from a trusted environment "
+                         "(torch.save(ckpt['model'], ...) or safetensors).") from exc
+
+
+def _deepspeed_model_file(folder: Path) -> Path | None:
+    latest = folder / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        f = folder / tag / "mp_rank_00_model_states.pt"
+        return f if f.is_file() else None
+    return None
+
+
+def _read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Return (state dict, known config, description) for a file or folder."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+            cfg = json.loads((path / CONFIG_NAME).read_text())
+            return load_file(str(path / WEIGHTS_NAME)), cfg, f"backbone folder {path}"
+        if (path / "backbone" / CONFIG_NAME).is_file():  # a finished medssl training run
+            return _read_source(path / "backbone")
+        ds = _deepspeed_model_file(path) or _deepspeed_model_file(path / "checkpoints")
+        if ds is not None:
+            return _read_source(ds)
+        ckpts = sorted(path.glob("checkpoints/checkpoint-*.pt")) + sorted(path.glob("checkpoint-*.pt"))
+        if ckpts:
+            return _read_source(ckpts[-1])
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME} + {WEIGHTS_NAME}, no backbone/ folder and no "
+                                "checkpoint found in this folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file or folder, and not a registered architecture "
+                                f"(known: {', '.join(list_backbones())})")
+    if path.suffix == ".safetensors":
+        return load_file(str(path)), {}, f"safetensors file {path}"
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
+    cfg = dict(obj.get("model_config") or {})
+    for key in ("model", "module", "state_dict"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError(f"{path}: holds no tensors that look like model weights")
+    return state, cfg, f"checkpoint {path}"
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _arch_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """Architecture of a ViT state dict (config.json values win where present)."""
+    if "patch_embed.proj.weight" not in state:
+        raise ValueError(f"{where}: no 'patch_embed.proj.weight': not a ViT / MAE state dict "
+                         f"(first keys: {sorted(state)[:5]})")
+    w = state["patch_embed.proj.weight"]  # [D, C, p, p]
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    embed_dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    n_tok = state["pos_embed"].shape[1] - (1 if "cls_token" in state else 0) if "pos_embed" in state else 0
+    if cfg.get("img_size"):
+        img = cfg["img_size"]
+        img_size = (img, img) if isinstance(img, int) else tuple(img)
+    else:
+        side = int(math.isqrt(n_tok))
+        if side * side != n_tok:
+            raise ValueError(f"{where}: {n_tok} position tokens are not a square grid and no img_size is "
+                             "recorded; save it with medssl.save_backbone or pass the config")
+        img_size = (side * patch, side * patch)
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    return dict(embed_dim=embed_dim, depth=depth, in_chans=in_chans, patch_size=patch, img_size=img_size,
+                num_heads=int(cfg.get("num_heads") or infer_num_heads(embed_dim)),
+                mlp_ratio=float(fc1.shape[0] / embed_dim) if fc1 is not None else 4.0)
+
+
+def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt a [D, C, p, p] patch-embedding kernel to `in_chans` (RGB filters summed for 1 channel)."""
+    c = weight.shape[1]
+    if c == in_chans:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = math.ceil(in_chans / c)
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (c / in_chans)
+
+
+def filter_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, arch: dict[str, Any]
+                      ) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Map a foreign ViT/MAE state dict onto `model` (timm's checkpoint_filter_fn, in one place).
+
+    Strips wrapper prefixes, drops the MAE decoder and a head of the wrong shape, resamples the position
+    embedding to the model's grid (bicubic, cls untouched), adapts the input channels, and moves `norm` to
+    `fc_norm` when the model pools with fc_norm. Returns (state dict, keys allowed to stay missing).
+    """
+    state = _strip_prefixes(dict(state))
+    out: dict[str, torch.Tensor] = {}
+    allowed_missing: set[str] = set()
+    own = model.state_dict()
+    uses_fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    for k, v in state.items():
+        if is_decoder_key(k):
+            continue
+        if k.startswith("head.") and (k not in own or own[k].shape != v.shape):
+            continue
+        if k == "pos_embed":
+            old = (arch["img_size"][0] // arch["patch_size"], arch["img_size"][1] // arch["patch_size"])
+            v = resample_pos_embed(v, model.patch_embed.grid_size, old, model.num_prefix_tokens)
+        elif k == "patch_embed.proj.weight":
+            v = adapt_patch_embed(v, model.patch_embed.proj.in_channels)
+        elif k.startswith("norm.") and uses_fc_norm:
+            k = "fc_norm." + k[len("norm."):]
+        out[k] = v
+    for k in own:
+        if k.startswith("head.") and k not in out:
+            allowed_missing.add(k)
+        if k.startswith("fc_norm.") and k not in out:
+            allowed_missing.add(k)
+    return out, allowed_missing
+
+
+# ------------------------------------------------------------------------------------------------ models
+class ViTFeatures(nn.Module):
+    """Wraps a ViT to return a list of NCHW feature maps from `out_indices` blocks."""
+
+    def __init__(self, vit: VisionTransformer, out_indices: tuple[int, ...]):
+        super().__init__()
+        depth = len(vit.blocks)
+        bad = [i for i in out_indices if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range for a ViT with {depth} blocks")
+        self.vit = vit
+        self.out_indices = tuple(i % depth for i in out_indices)
+        stride = vit.patch_embed.patch_size[0]
+        self.feature_info = [dict(num_chs=vit.embed_dim, reduction=stride, module=f"blocks.{i}")
+                             for i in self.out_indices]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.vit.forward_intermediates(x, indices=list(self.out_indices), output_fmt="NCHW",
+                                              intermediates_only=True)  # each [N, D, h, w]
+
+
+def load_backbone(source: str | os.PathLike, *, img_size: int | tuple[int, int] | None = None,
+                  in_chans: int | None = None, num_classes: int = 0, global_pool: str | None = None,
+                  drop_path_rate: float = 0.0, features_only: bool = False,
+                  out_indices: tuple[int, ...] | list[int] | None = None, attn_impl: str | None = None,
+                  dynamic_img_size: bool | None = None) -> nn.Module:
+    """Load a ViT backbone from a folder, checkpoint, state dict or registered name.
+
+    Args:
+        source: backbone folder / training run / checkpoint / `.safetensors` / registered name.
+        img_size: input size; a different size resamples the position embedding.
+        in_chans: input channels; a different count adapts the patch embedding.
+        num_classes: >0 adds a freshly initialised linear head.
+        global_pool: timm pooling ('token', 'avg', ...); default: timm's ('token').
+        drop_path_rate: stochastic depth for fine-tuning.
+        features_only: return a module giving a list of NCHW maps (dynamic image size on by default).
+        out_indices: blocks to read in features_only mode (default: four evenly spaced, last included).
+
+    Returns:
+        `nn.Module`: the timm VisionTransformer (or its `ViTFeatures` wrapper); `.medssl_cfg` holds the
+        architecture, normalisation and provenance.
+    """
+    kw: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if global_pool is not None:
+        kw["global_pool"] = global_pool
+    dyn = features_only if dynamic_img_size is None else dynamic_img_size
+    if dyn:
+        kw["dynamic_img_size"] = True
+    name = str(source)
+    if not Path(name).exists() and name in list_backbones():
+        cfg = get_cfg(name)
+        arch = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                    patch_size=cfg.patch_size, img_size=(cfg.img_size, cfg.img_size), in_chans=cfg.in_chans,
+                    mlp_ratio=cfg.mlp_ratio)
+        state, meta, where = None, {"architecture": name, "source": "random initialisation"}, name
+    else:
+        state, meta, where = _read_source(source)
+        arch = _arch_from_state(_strip_prefixes(state), meta, where)
+    target_img = img_size if img_size is not None else arch["img_size"]
+    target_chans = in_chans if in_chans is not None else arch["in_chans"]
+    model = build_vit(arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"], target_img,
+                      target_chans, arch["mlp_ratio"], attn_impl, **kw)
+    if state is not None:
+        filtered, allowed = filter_state_dict(state, model, arch)
+        result = model.load_state_dict(filtered, strict=False)
+        missing, unexpected = set(result.missing_keys) - allowed, set(result.unexpected_keys)
+        if missing or unexpected:
+            raise ValueError(f"{where}: weights do not fit the ViT ({arch['embed_dim']} wide, {arch['depth']} "
+                             f"blocks): missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+    tgt = (target_img, target_img) if isinstance(target_img, int) else tuple(target_img)
+    model.medssl_cfg = {**{k: v for k, v in meta.items() if k not in ("img_size", "in_chans")},
+                        **{k: v for k, v in arch.items() if k not in ("img_size", "in_chans")},
+                        "img_size": list(tgt), "in_chans": target_chans,
+                        "mean": meta.get("mean") or _default_norm(target_chans)[0],
+                        "std": meta.get("std") or _default_norm(target_chans)[1], "loaded_from": where}
+    if features_only:
+        depth = arch["depth"]
+        idx = tuple(out_indices) if out_indices is not None else tuple(
+            sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)}))
+        feats = ViTFeatures(model, idx)
+        feats.medssl_cfg = model.medssl_cfg
+        return feats
+    return model
+
+
+def _default_norm(in_chans: int) -> tuple[list[float], list[float]]:
+    if in_chans == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return list(GRAY_MEAN) * in_chans, list(GRAY_STD) * in_chans
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model.vit if isinstance(model, ViTFeatures) else model
+
+
+def save_backbone(model: nn.Module, folder: str | os.PathLike, **provenance: Any) -> Path:
+    """Write `model.safetensors` + `config.json` (architecture, input, normalisation, provenance).
+
+    `model` may be a `MaskedAutoencoder` (its encoder is kept), a timm ViT, or either wrapped by DDP /
+    DeepSpeed. Provenance keywords (data=..., steps=..., mean=..., std=...) are recorded as given.
+    """
+    model = _unwrap(model)
+    if isinstance(model, MaskedAutoencoder):
+        state = model.encoder_state_dict()
+        c = model.config
+        arch = dict(embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"],
+                    patch_size=c["patch_size"], img_size=c["img_size"], in_chans=c["in_chans"],
+                    mlp_ratio=c["mlp_ratio"])
+    elif isinstance(model, VisionTransformer):
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+        arch = dict(embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
+                    patch_size=model.patch_embed.patch_size[0], img_size=list(model.patch_embed.img_size),
+                    in_chans=model.patch_embed.proj.in_channels,
+                    mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim)
+    else:
+        raise TypeError(f"save_backbone takes a MaskedAutoencoder or a timm VisionTransformer, "
+                        f"got {type(model).__name__}")
+    mean = provenance.pop("mean", None) or _default_norm(arch["in_chans"])[0]
+    std = provenance.pop("std", None) or _default_norm(arch["in_chans"])[1]
+    name = provenance.pop("architecture", None)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tmp = out / f".{WEIGHTS_NAME}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    from medssl import __version__
+
+    cfg = {"format": FORMAT, "format_version": 1, "architecture": name, **arch,
+           "mean": list(mean), "std": list(std),
+           "provenance": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                          "medssl_version": __version__, **provenance}}
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=str))
+    return out
+
+
+def load_mae_weights(mae: MaskedAutoencoder, source: str | os.PathLike) -> dict[str, list[str]]:
+    """Initialise an MAE from a checkpoint (official MAE `.pth`, medssl run or backbone) to continue pretraining.
+
+    Encoder weights must all be present (the patch embedding is adapted to the MAE's channels). The
+    decoder is loaded where present and shaped alike; what stays at its fresh initialisation is returned
+    (e.g. `decoder_pred` when going from RGB to 1 channel). The fixed sin-cos embeddings are recomputed
+    for the MAE's own grid rather than read. Returns {"loaded": [...], "fresh": [...]}.
+    """
+    state, meta, where = _read_source(source)
+    state = _strip_prefixes(state)
+    own = mae.state_dict()
+    fixed = {"pos_embed", "decoder_pos_embed"}
+    loaded, fresh, bad = [], [], []
+    new_state = {}
+    for k, target in own.items():
+        if k in fixed:
+            continue
+        if k not in state:
+            (fresh if is_decoder_key(k) else bad).append(k)
+            continue
+        v = state[k]
+        if k == "patch_embed.proj.weight":
+            v = adapt_patch_embed(v, mae.in_chans)
+        if v.shape != target.shape:
+            if is_decoder_key(k):
+                fresh.append(k)
+                continue
+            bad.append(f"{k} {tuple(v.shape)} != {tuple(target.shape)}")
+            continue
+        new_state[k] = v
+        loaded.append(k)
+    unexpected = sorted(k for k in state if k not in own and not k.startswith(("head.", "fc_norm.")))
+    if bad or unexpected:
+        raise ValueError(f"{where}: does not fit this MAE: missing or mis-shaped encoder keys {bad}, "
+                         f"unexpected keys {unexpected}")
+    mae.load_state_dict(new_state, strict=False)
+    return {"loaded": loaded, "fresh": fresh}

@@ -1,0 +1,233 @@
+"""Masked autoencoder with a ViT encoder, following the official MAE (He et al., 2022) exactly.
+
+Parameter names are the official ones (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.*`, `norm`,
+`decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.N.*`, `decoder_norm`, `decoder_pred`),
+so an official MAE pretraining checkpoint loads straight in. Unlike the reference, any number of input
+channels and non-square images work.
+
+Example:
+    >>> mae = create_mae("mae_vit_tiny_patch16", img_size=64, in_chans=1, decoder_embed_dim=128,
+    ...                  decoder_depth=2, decoder_num_heads=4)
+    >>> loss, pred, mask = mae(torch.rand(2, 1, 64, 64))
+    >>> pred.shape, mask.shape
+    (torch.Size([2, 16, 256]), torch.Size([2, 16]))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import functools
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from medssl.models.attention import attention_class
+from medssl.models.pos_embed import sincos_2d
+from medssl.models.vit import get_cfg
+
+
+def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE: ViT encoder on the visible patches, light transformer decoder predicting the removed pixels."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512,
+                 decoder_depth: int = 8, decoder_num_heads: int = 16, mlp_ratio: float = 4.0,
+                 norm_pix_loss: bool = False, attn_impl: str | None = None, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = _pair(img_size), patch_size, in_chans
+        gh, gw = self.img_size[0] // patch_size, self.img_size[1] // patch_size
+        if gh < 1 or gw < 1:
+            raise ValueError(f"img_size {self.img_size} is smaller than one patch ({patch_size} px)")
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {patch_size}")
+        for dim, heads, what in ((embed_dim, num_heads, "encoder"), (decoder_embed_dim, decoder_num_heads,
+                                                                      "decoder")):
+            if dim % heads:
+                raise ValueError(f"{what} width {dim} is not divisible by its {heads} heads")
+        self.grid = (gh, gw)
+        self.norm_pix_loss = norm_pix_loss
+        norm = functools.partial(nn.LayerNorm, eps=1e-6)  # as the reference
+        attn = attention_class(attn_impl)
+
+        # encoder
+        self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
+        num_patches = gh * gw
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i],
+                  norm_layer=norm, attn_layer=attn) for i in range(depth)])
+        self.norm = norm(embed_dim)
+
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
+                  norm_layer=norm, attn_layer=attn) for _ in range(decoder_depth)])
+        self.decoder_norm = norm(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans, bias=True)
+
+        self.config = dict(img_size=list(self.img_size), patch_size=patch_size, in_chans=in_chans,
+                           embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                           decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+                           decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
+                           norm_pix_loss=norm_pix_loss)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The reference initialisation: fixed sin-cos pos embeds, xavier Linear/patch conv, N(0, .02) tokens."""
+        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], self.grid, cls_token=True)[None])
+        self.decoder_pos_embed.data.copy_(
+            sincos_2d(self.decoder_pos_embed.shape[-1], self.grid, cls_token=True)[None])
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # the conv seen as a Linear
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # ----------------------------------------------------------------------------------------- patches
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, L, p*p*C], channel innermost (the reference's `nchpwq -> nhwpqc`)."""
+        p = self.patch_size
+        n, c, h, w = imgs.shape
+        if c != self.in_chans or h % p or w % p:
+            raise ValueError(f"images of shape {tuple(imgs.shape)} do not fit {self.in_chans} channels and "
+                             f"patch size {p}")
+        x = imgs.reshape(n, c, h // p, p, w // p, p)  # [N, C, h, p, w, q]
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """[N, L, p*p*C] -> [N, C, H, W] (inverse of `patchify`; grid defaults to the model's)."""
+        p, c = self.patch_size, self.in_chans
+        gh, gw = grid or self.grid
+        if x.shape[1] != gh * gw or x.shape[2] != p * p * c:
+            raise ValueError(f"patch tensor {tuple(x.shape)} does not fit grid {gh}x{gw}, patch {p}, {c} ch")
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)  # [N, h, w, p, q, C]
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, gh * p, gw * p)
+
+    @staticmethod
+    def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Keep `int(L * (1 - mask_ratio))` patches per sample chosen by argsort of noise (small = kept).
+
+        Returns:
+            x_masked [N, len_keep, D], mask [N, L] (1 = removed, original order), ids_restore [N, L].
+        """
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        n, length, d = x.shape
+        len_keep = int(length * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(n, length, device=x.device)  # [N, L]
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]  # [N, len_keep]
+        x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+        mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # back to the original patch order
+        return x_masked, mask, ids_restore
+
+    # ----------------------------------------------------------------------------------------- passes
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Embed, add pos (before masking), mask, prepend cls (+ its zero pos row), run the blocks."""
+        x = self.patch_embed(imgs)  # [N, L, D]
+        x = x + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, keep, D]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # [N, 1 + keep, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Append mask tokens, unshuffle, add pos, decode; returns [N, L, p*p*C] (cls row removed)."""
+        x = self.decoder_embed(x)  # [N, 1 + keep, Dd]
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd] in shuffled order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed  # [N, 1 + L, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1 + L, p*p*C]
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-patch MSE averaged over removed patches; norm_pix: target by its mean and unbiased std."""
+        target = self.patchify(imgs)  # [N, L, p*p*C]
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [N, L]
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        """Returns (loss, pred [N, L, p*p*C], mask [N, L] with 1 = removed)."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights under timm ViT names (decoder and mask token removed)."""
+        return {k: v for k, v in self.state_dict().items() if not is_decoder_key(k)}
+
+
+def is_decoder_key(key: str) -> bool:
+    """True for the MAE decoder's parameters (not part of a backbone)."""
+    return key.startswith("decoder_") or key == "mask_token"
+
+
+_DECODERS = {"base": (512, 8, 16), "large": (512, 8, 16), "huge": (512, 8, 16),
+             "small": (256, 4, 8), "tiny": (128, 2, 4)}
+
+
+def list_maes() -> list[str]:
+    """Names accepted by `create_mae`: `mae_` + a registered ViT name."""
+    from medssl.models.vit import list_architectures
+
+    return [f"mae_{n}" for n in list_architectures()]
+
+
+def create_mae(name: str = "mae_vit_base_patch16", **overrides: Any) -> MaskedAutoencoder:
+    """Build an MAE from a registered ViT: `create_mae("mae_vit_small_patch16", in_chans=1, img_size=224)`.
+
+    Base/large/huge default to the reference decoder (512 wide, 8 blocks, 16 heads); smaller encoders get
+    lighter decoders. Any constructor argument of `MaskedAutoencoder` can be overridden.
+    """
+    arch = name[4:] if name.startswith("mae_") else name
+    cfg = get_cfg(arch)
+    size = arch.split("_")[1]
+    dec_dim, dec_depth, dec_heads = _DECODERS.get(size, (512, 8, 16))
+    kwargs: dict[str, Any] = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                                  embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                                  decoder_embed_dim=dec_dim, decoder_depth=dec_depth,
+                                  decoder_num_heads=dec_heads, mlp_ratio=cfg.mlp_ratio)
+    unknown = set(overrides) - set(MaskedAutoencoder.__init__.__code__.co_varnames)
+    if unknown:
+        raise TypeError(f"create_mae got unknown arguments {sorted(unknown)}")
+    kwargs.update(overrides)
+    return MaskedAutoencoder(**kwargs)
