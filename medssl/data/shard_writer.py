@@ -12,7 +12,7 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,13 @@ class ShardWriter:
         ...     w.write("ct-0001", image, {"modality": "CT"})
     """
 
-    def __init__(self, out_dir: str | os.PathLike, samples_per_shard: int = 1000, start_index: int = 0):
+    def __init__(self, out_dir: str | os.PathLike, samples_per_shard: int = 1000, start_index: int = 0,
+                 on_close: Callable[[dict[str, Any]], None] | None = None):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if start_index < 0:
+            raise ValueError(f"start_index must be >= 0, got {start_index}")
+        self.on_close = on_close
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
@@ -62,6 +66,11 @@ class ShardWriter:
         self._count = 0
         self._keys: list[str] = []
         self.finished: list[dict[str, Any]] = []  # [{"name": ..., "count": ..., "keys": [...]}]
+
+    @property
+    def pending_keys(self) -> list[str]:
+        """Keys written to the shard in progress (not yet safe on disk)."""
+        return list(self._keys)
 
     def _open(self) -> None:
         name = SHARD_PATTERN.format(index=self.index)
@@ -97,6 +106,8 @@ class ShardWriter:
         self.finished.append(record)
         self._tar, self._tmp = None, None
         self.index += 1
+        if self.on_close is not None:
+            self.on_close(record)
         return record
 
     def close(self) -> None:
@@ -111,14 +122,48 @@ class ShardWriter:
         self.close()
 
 
+def finished_shards(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete shards in `out_dir` (final names only; temporary files of a killed run are ignored)."""
+    return sorted(Path(out_dir).glob("lumid-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+def next_shard_index(out_dir: str | os.PathLike) -> int:
+    """Index for the next shard: one past the highest finished shard (0 for an empty folder)."""
+    shards = finished_shards(out_dir)
+    return int(shards[-1].stem.split("-")[1]) + 1 if shards else 0
+
+
+def remove_partial_shards(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary shard files left by a killed run; returns what was removed."""
+    removed = sorted(Path(out_dir).glob(".lumid-*.tar.tmp"))
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def shard_keys(path: str | os.PathLike) -> list[str]:
+    """Sample keys stored in one shard, in order."""
+    with tarfile.open(path) as tar:
+        return [m.name[: -len(".npy")] for m in tar.getmembers() if m.name.endswith(".npy")]
+
+
+def read_sample(path: str | os.PathLike, key: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read one sample (`key.npy`, `key.json`) back from a shard (contact sheets, tests)."""
+    with tarfile.open(path) as tar:
+        try:
+            npy, meta = tar.extractfile(f"{key}.npy"), tar.extractfile(f"{key}.json")
+        except KeyError as exc:
+            raise KeyError(f"{path}: no sample {key!r}") from exc
+        assert npy is not None and meta is not None
+        return np.load(io.BytesIO(npy.read()), allow_pickle=False), json.loads(meta.read())
+
+
 def write_info(out_dir: str | os.PathLike) -> dict[str, Any]:
     """(Re)write `_info.json` from the finished shards in `out_dir` and return it."""
     out = Path(out_dir)
     shards = []
-    for path in sorted(out.glob("lumid-*.tar")):
-        with tarfile.open(path) as tar:
-            n = sum(1 for m in tar.getmembers() if m.name.endswith(".npy"))
-        shards.append({"url": path.name, "num_samples": n})
+    for path in finished_shards(out):
+        shards.append({"url": path.name, "num_samples": len(shard_keys(path))})
     info = {
         "name": "lumid",
         "splits": {"train": {"name": "train", "filenames": [s["url"] for s in shards],
