@@ -30,8 +30,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 from medssl.models.mae import MaskedAutoencoder, is_decoder_key
 from medssl.models.pos_embed import resample_pos_embed
-from medssl.models.vit import (GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, build_vit, get_cfg,
-                               infer_num_heads, list_architectures)
+from medssl.models.vit import (
+    GRAY_MEAN,
+    GRAY_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_vit,
+    get_cfg,
+    infer_num_heads,
+    list_architectures,
+)
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT = "medssl-backbone"

@@ -38,7 +38,7 @@ def _xformers_ops():
     return xops
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_choice(requested: str, chosen: str, why: str) -> None:
     log.info("medssl attention: %s -> %s (%s)", requested, chosen, why)
 
@@ -113,7 +113,7 @@ class Attention(TimmAttention):
         return self.proj_drop(self.proj(x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def attention_class(impl: str | None) -> type[Attention]:
     """An `Attention` subclass bound to `impl` (timm's blocks take a class, not a partial)."""
     if impl is None:

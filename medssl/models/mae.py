@@ -15,9 +15,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import torch
 import torch.nn as nn
