@@ -1,0 +1,137 @@
+"""Multi-scale deformable attention against an independent per-point bilinear loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medssl.detection.deformable_attn import (
+    MSDeformAttn,
+    ms_deform_attn,
+    ms_deform_attn_fused,
+    ms_deform_attn_reference,
+)
+
+
+def _bilinear_loop(value, shapes, loc, attn):
+    """Plain-Python bilinear sampling, zero padding, align_corners=False, one point at a time."""
+    n, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = loc.shape
+    out = torch.zeros(n, lq, m, d, dtype=value.dtype)
+    starts = [0]
+    for h, w in shapes.tolist():
+        starts.append(starts[-1] + h * w)
+    for b in range(n):
+        for q in range(lq):
+            for hd in range(m):
+                for lv in range(n_levels):
+                    h, w = shapes[lv].tolist()
+                    for p in range(n_points):
+                        x = loc[b, q, hd, lv, p, 0].item() * w - 0.5
+                        y = loc[b, q, hd, lv, p, 1].item() * h - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        acc = torch.zeros(d, dtype=value.dtype)
+                        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                            if 0 <= yy < h and 0 <= xx < w:
+                                wgt = (1 - abs(x - xx)) * (1 - abs(y - yy))
+                                acc += wgt * value[b, starts[lv] + yy * w + xx, hd]
+                        out[b, q, hd] += attn[b, q, hd, lv, p].item() * acc
+    return out.reshape(n, lq, m * d)
+
+
+def _inputs(dtype, n=2, lq=5, m=2, d=3, p=3, seed=0, shapes=((5, 4), (3, 2), (1, 1))):
+    g = torch.Generator().manual_seed(seed)
+    shapes_t = torch.tensor(shapes)
+    s = int((shapes_t[:, 0] * shapes_t[:, 1]).sum())
+    value = torch.randn(n, s, m, d, generator=g, dtype=dtype)
+    # include locations outside [0, 1] to exercise the zero padding
+    loc = torch.rand(n, lq, m, len(shapes), p, 2, generator=g, dtype=dtype) * 1.4 - 0.2
+    attn = torch.rand(n, lq, m, len(shapes), p, generator=g, dtype=dtype)
+    return value, shapes_t, loc, attn
+
+
+@pytest.mark.parametrize("fn", [ms_deform_attn_reference, ms_deform_attn_fused])
+def test_matches_per_point_loop_float64(fn):
+    value, shapes, loc, attn = _inputs(torch.float64)
+    expected = _bilinear_loop(value, shapes, loc, attn)
+    torch.testing.assert_close(fn(value, shapes, loc, attn), expected)
+
+
+def test_exact_pixel_centre_reads_that_pixel():
+    value = torch.arange(12, dtype=torch.float64).view(1, 12, 1, 1)  # one level 3 x 4
+    shapes = torch.tensor([[3, 4]])
+    loc = torch.tensor([[(2 + 0.5) / 4, (1 + 0.5) / 3]], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+    attn = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+    assert ms_deform_attn(value, shapes, loc, attn).item() == pytest.approx(1 * 4 + 2)
+    # on the left border half the bilinear weight falls on the zero padding
+    loc[..., 0] = 0.0
+    assert ms_deform_attn(value, shapes, loc, attn).item() == pytest.approx(0.5 * 4)
+
+
+def test_gradcheck_fused_float64():
+    value, shapes, loc, attn = _inputs(torch.float64, n=1, lq=3, m=2, d=2, p=2, shapes=((3, 3), (2, 1)))
+    # keep points off integer pixel coordinates, where bilinear sampling is not differentiable
+    loc = (loc * 0.9 + 0.013).requires_grad_()
+    value.requires_grad_()
+    attn.requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, lc, a: ms_deform_attn_fused(v, shapes, lc, a),
+                                    (value, loc, attn))
+
+
+def test_fused_matches_reference_float32_with_grads():
+    value, shapes, loc, attn = _inputs(torch.float32, n=2, lq=40, m=4, d=8, p=4,
+                                       shapes=((16, 12), (8, 6), (4, 3), (2, 2)))
+    grads = []
+    for fn in (ms_deform_attn_reference, ms_deform_attn_fused):
+        args = [t.clone().requires_grad_() for t in (value, loc, attn)]
+        out = fn(args[0], shapes, args[1], args[2])
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), *[a.grad for a in args]))
+    for ref, fast in zip(*grads):
+        torch.testing.assert_close(fast, ref, rtol=1e-2, atol=1e-3)
+
+
+def test_bad_shapes_raise():
+    value, shapes, loc, attn = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="spatial_shapes sum"):
+        ms_deform_attn(value[:, :-1], shapes, loc, attn)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn(value, shapes, loc, attn[..., :1])
+    with pytest.raises(ValueError, match="impl"):
+        ms_deform_attn(value, shapes, loc, attn, impl="cuda_op")
+    with pytest.raises(ValueError, match="divisible"):
+        MSDeformAttn(d_model=30, n_heads=8)
+
+
+def test_module_reference_init_and_shapes():
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3)
+    bias = attn.sampling_offsets.bias.view(4, 2, 3, 2)
+    # head 0 points along +x, head 1 along +y (angle pi/2), point i at distance i+1
+    torch.testing.assert_close(bias[0, 1, :, 0], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(bias[1, 0, :, 1], torch.tensor([1.0, 2.0, 3.0]))
+    assert bias[1, 0, :, 0].abs().max() < 1e-6
+    assert attn.attention_weights.weight.abs().sum() == 0 and attn.sampling_offsets.weight.abs().sum() == 0
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    src = torch.randn(2, 39, 32)
+    pad = torch.zeros(2, 39, dtype=torch.bool)
+    pad[1, 20:] = True
+    q = torch.randn(2, 7, 32)
+    for ref in (torch.rand(2, 7, 2, 2), torch.rand(2, 7, 2, 4)):
+        assert attn(q, ref, src, shapes, pad).shape == (2, 7, 32)
+    with pytest.raises(ValueError, match="reference_points"):
+        attn(q, torch.rand(2, 7, 2, 3), src, shapes)
+
+
+def test_padding_mask_hides_tokens():
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=1, n_heads=2, n_points=2)
+    shapes = torch.tensor([[4, 4]])
+    src = torch.randn(1, 16, 16)
+    pad = torch.zeros(1, 16, dtype=torch.bool)
+    pad[0, 8:] = True
+    q, ref = torch.randn(1, 3, 16), torch.rand(1, 3, 1, 2)
+    changed = src.clone()
+    changed[0, 8:] = 100.0
+    torch.testing.assert_close(attn(q, ref, src, shapes, pad), attn(q, ref, changed, shapes, pad))
