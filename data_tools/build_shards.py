@@ -67,6 +67,7 @@ class Config:
     min_foreground: float = 0.05
     ct_windows: tuple[im.Window, ...] = (im.Window("wide", -1000.0, 1000.0),)
     min_volume_slices: int = 8
+    min_size: int = 32
     salt: str = ""
 
 
@@ -261,6 +262,9 @@ def _read_unit(unit: Unit) -> im.ImageData:
 def _samples(unit: Unit, img: im.ImageData, cfg: Config) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
     """(key, image, meta) for every 2-D sample an input yields."""
     base = f"{slug(unit.source)}_{hash_id(cfg.salt, unit.uid)}"
+    if min(img.pixels.shape[-2:]) < cfg.min_size:
+        shape = "x".join(str(n) for n in img.pixels.shape[-2:])
+        raise im.UnreadableImage(unit.paths[0], f"image too small ({shape} < {cfg.min_size} px)", skip=True)
     volume = img.pixels if img.pixels.ndim == 3 else img.pixels[None]  # [N, H, W]
     spacing = tuple(img.spacing) if img.pixels.ndim == 3 else (None, *img.spacing)
     is_volume = img.is_volume and volume.shape[0] >= cfg.min_volume_slices
@@ -281,6 +285,8 @@ def _samples(unit: Unit, img: im.ImageData, cfg: Config) -> Iterator[tuple[str, 
             slices = im.iter_slices(x01, spacing, axis=axis, step=cfg.every,
                                     min_foreground=cfg.min_foreground)
             for sl in slices:
+                if min(sl.pixels.shape) < cfg.min_size:
+                    continue
                 out = im.to_dtype(im.resize_square(sl.pixels, cfg.size, cfg.fit), cfg.dtype)  # [S, S]
                 h, w = sl.pixels.shape
                 scale = (min(h, w) if cfg.fit == "crop" else max(h, w)) / cfg.size
@@ -608,6 +614,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         f"sample per window (default {DEFAULT_CT_WINDOWS}; e.g. wide=-1000:1000,soft=40/400)")
     parser.add_argument("--min-volume-slices", type=int, default=8,
                         help="DICOM series / volumes with fewer slices are not resliced (default 8)")
+    parser.add_argument("--min-size", type=int, default=32,
+                        help="skip images / planes whose shorter side is below this (default 32 px)")
     parser.add_argument("--salt", default=None, help="salt for hashing UIDs (default: a random salt kept "
                         f"in OUT/{SALT_FILE}; keep it private)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -648,7 +656,7 @@ def config_from_args(args: argparse.Namespace, out: Path) -> Config:
             salt = ""
     return Config(size=args.size, fit=args.fit, dtype=args.dtype, axes=axes, every=args.every,
                   min_foreground=args.min_foreground, ct_windows=parse_windows(args.ct_windows),
-                  min_volume_slices=args.min_volume_slices, salt=salt)
+                  min_volume_slices=args.min_volume_slices, min_size=args.min_size, salt=salt)
 
 
 def run_build(specs: list[dict[str, Any]], args: argparse.Namespace) -> int:

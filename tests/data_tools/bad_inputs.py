@@ -1,0 +1,82 @@
+"""Generators of the bad inputs the shard builder must record and skip (used by the data_tools tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# kind -> substring of the one-line reason expected in the manifest, and the manifest status
+EXPECTED = {
+    "text_dcm": ("not a DICOM file", "failed"),
+    "truncated": ("truncated pixel data", "failed"),
+    "sr": ("not an image (SR object)", "skipped"),
+    "rtstruct": ("not an image (RTSTRUCT object)", "skipped"),
+    "no_pixels": ("no pixel data (CT; truncated file?)", "failed"),
+    "codec": ("needs codec for MPEG2", "failed"),
+    "constant": ("constant image", "skipped"),
+    "zero_size": ("zero-sized image", "skipped"),
+    "nan_nifti": ("NaN/inf voxels", "failed"),
+    "bad_png": ("unreadable image file", "failed"),
+}
+
+
+def make_bad(folder: Path, kind: str) -> Path:
+    """Write one bad input of `kind` (a key of EXPECTED) into `folder` and return its path."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = get_testdata_file("CT_small.dcm")
+    if kind == "text_dcm":
+        path = folder / "notes.dcm"
+        path.write_text("this is a text file that someone named .dcm\n" * 20)
+    elif kind == "truncated":
+        path = folder / "truncated.dcm"
+        data = Path(ct).read_bytes()
+        path.write_bytes(data[: len(data) - 5000])
+    elif kind == "sr":
+        path = folder / "report.dcm"
+        path.write_bytes(Path(get_testdata_file("test-SR.dcm")).read_bytes())
+    elif kind in ("rtstruct", "no_pixels"):
+        ds = pydicom.dcmread(ct)
+        del ds.PixelData
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        if kind == "rtstruct":
+            ds.Modality = "RTSTRUCT"
+            ds.SOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.481.3")  # RT Structure Set Storage
+        path = folder / f"{kind}.dcm"
+        ds.save_as(path)
+    elif kind == "codec":
+        from pydicom.encaps import encapsulate
+
+        ds = pydicom.dcmread(ct)
+        ds.PixelData = encapsulate([b"\x00" * 64])
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.UID("1.2.840.10008.1.2.4.100")  # MPEG2
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        path = folder / "video.dcm"
+        ds.save_as(path)
+    elif kind in ("constant", "zero_size"):
+        ds = pydicom.dcmread(ct)
+        if kind == "constant":
+            ds.PixelData = np.full((ds.Rows, ds.Columns), 1000, np.int16).tobytes()
+        else:
+            ds.Rows = 0
+            ds.PixelData = b""
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        path = folder / f"{kind}.dcm"
+        ds.save_as(path)
+    elif kind == "nan_nifti":
+        import nibabel as nib
+
+        data = np.random.default_rng(0).normal(size=(16, 16, 12)).astype(np.float32)
+        data[3, 4, 5] = np.nan
+        data[1, 1, 1] = np.inf
+        path = folder / "nan.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    elif kind == "bad_png":
+        path = folder / "broken.png"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50)
+    else:
+        raise ValueError(f"unknown bad input kind {kind!r}")
+    return path
