@@ -1,0 +1,32 @@
+"""viz: overlays and FROC plots are written as PNGs of the expected size and content."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medssl.metrics.detection import froc
+from medssl.viz import save_detections, save_froc
+
+
+def test_save_detections(tmp_path):
+    img = np.zeros((1, 120, 80), np.float32)
+    p = save_detections(tmp_path / "sub" / "o.png", img, gt_boxes=np.array([[10, 10, 40, 40.]]),
+                        pred_boxes=np.array([[12, 12, 42, 42.], [50, 60, 70, 90]]), pred_scores=[0.9, 0.1],
+                        score_threshold=0.5)
+    a = np.asarray(Image.open(p).convert("RGB")).astype(int)
+    assert a.shape == (120, 80, 3)
+    green = (a[..., 1] > 150) & (a[..., 0] < 100)  # ground truth outline
+    orange = (a[..., 0] > 200) & (a[..., 1] > 100) & (a[..., 2] < 80)  # the kept prediction
+    assert green[5:45, 5:45].any() and orange[8:48, 8:48].any()
+    assert not orange[55:95, 45:75].any()  # below the score threshold: not drawn
+    with pytest.raises(ValueError, match="2 pred_boxes but 1 pred_scores"):
+        save_detections(tmp_path / "x.png", img, pred_boxes=np.zeros((2, 4)), pred_scores=[0.1])
+
+
+def test_save_froc(tmp_path):
+    r = froc([np.array([[0, 0, 10, 10.]])], [np.array([0.8])], [np.array([[0, 0, 10, 10.]])])
+    p = save_froc(tmp_path / "f.png", {"a": r, "b": r}, dpi=50)
+    assert Image.open(p).size == (250, 200)
+    assert save_froc(tmp_path / "g.png", r).is_file()
