@@ -226,23 +226,26 @@ def plan_units(files: list[dict[str, Any]], scans: list[dict[str, Any]], cfg: Co
         units.append(unit)
     for (source, series_uid), members in series.items():
         by_sop: dict[str, str] = {}
-        kept = []
+        kept, dups = [], []
         for item, scan in members:
             if scan.get("sop") and scan["sop"] in by_sop:
-                units.append(duplicate(item, by_sop[scan["sop"]], "same SOPInstanceUID as an earlier slice"))
+                dups.append(duplicate(item, by_sop[scan["sop"]], "same SOPInstanceUID as an earlier slice"))
                 continue
             by_sop[scan.get("sop") or item["path"]] = item["path"]
             kept.append((item, scan))
         ids = [f"sop:{hash_id(cfg.salt, scan['sop'])}" for _, scan in kept if scan.get("sop")]
-        if len(kept) >= cfg.min_volume_slices:
+        if len(kept) < cfg.min_volume_slices:  # single images; duplicates are resolved when written
+            kept = members
+        else:
+            units.extend(dups)
             units.append(Unit(kind="series", paths=[m[0]["path"] for m in kept], source=source,
                               modality=kept[0][1]["modality"], body_part=kept[0][0]["body_part"],
                               uid=f"series:{source}:{hash_id(cfg.salt, series_uid)}", extra={"ids": ids}))
-        else:
-            units.extend(Unit(kind="dicom", paths=[item["path"]], source=source, modality=scan["modality"],
-                              body_part=item["body_part"], uid=f"file:{scan['real']}",
-                              extra={"ids": [f"sop:{hash_id(cfg.salt, scan['sop'])}"] if scan.get("sop")
-                                     else []}) for item, scan in kept)
+            continue
+        units.extend(Unit(kind="dicom", paths=[item["path"]], source=source, modality=scan["modality"],
+                          body_part=item["body_part"], uid=f"file:{scan['real']}",
+                          extra={"ids": [f"sop:{hash_id(cfg.salt, scan['sop'])}"] if scan.get("sop") else []})
+                     for item, scan in kept)
     return units
 
 

@@ -1,0 +1,300 @@
+"""build_shards on a small collection of real files plus every kind of bad input, de-identification,
+resume after a simulated kill, options, the sources YAML, and the loader reading the result."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+
+from bad_inputs import EXPECTED, make_bad  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+
+from data_tools import build_shards as bs  # noqa: E402
+from medssl.data import imaging as im  # noqa: E402
+from medssl.data.shard_writer import ShardWriter, finished_shards  # noqa: E402
+
+PHI = {"PatientName": "Doe^Jane^Secretname", "PatientID": "PID-998877", "AccessionNumber": "ACC-55512",
+       "InstitutionName": "St Testing Hospital", "PatientBirthDate": "19450203", "StudyDate": "20240229",
+       "ReferringPhysicianName": "Dr^Who^Secret"}
+ARGS = ["--size", "32", "--workers", "0", "--samples-per-shard", "16", "--axes", "0,1", "--every", "4",
+        "--ct-windows", "wide=-1000:1000,soft=40/400", "--salt", "s3cret", "--no-progress"]
+
+
+def _series(folder: Path, n: int, bad_rows: int | None = None) -> None:
+    folder.mkdir(parents=True)
+    series_uid = pydicom.uid.generate_uid()
+    for k in range(n):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        arr = ds.pixel_array.astype(np.int16) + 3 * k
+        if bad_rows is not None and k == n - 1:
+            arr = arr[:bad_rows]
+        ds.Rows = arr.shape[0]
+        ds.PixelData = arr.tobytes()
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 5.0 * k], [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber, ds.SeriesInstanceUID = k + 1, series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / f"IM{k:04d}")  # no suffix, as archives often store them
+
+
+def _phi_file(path: Path) -> Path:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for name, value in PHI.items():
+        setattr(ds, name, value)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
+    return path
+
+
+def make_collection(root: Path) -> Path:
+    """Real files (CT, MR, compressed US, MONOCHROME1 CR, NIfTI, PNG), a CT series, duplicates, bad input."""
+    from nibabel.testing import data_path
+    from PIL import Image
+
+    good = root / "good"
+    good.mkdir(parents=True)
+    for name in ("CT_small.dcm", "MR_small.dcm", "US1_J2KR.dcm", "RG3_J2KI.dcm"):
+        shutil.copy(get_testdata_file(name), good / name)
+    shutil.copy(get_testdata_file("CT_small.dcm"), good / "zz_copy_of_CT_small.dcm")  # same SOPInstanceUID
+    shutil.copy(Path(data_path) / "anatomical.nii", good / "anatomical.nii")
+    Image.fromarray(np.tile(np.arange(80, dtype=np.uint8) * 3, (64, 1))).save(good / "gradient.png")
+    _phi_file(good / "phi" / "phi.dcm")
+    _series(root / "series", 10)
+    _series(root / "badseries", 8, bad_rows=100)
+    for kind in EXPECTED:
+        make_bad(root / "bad", kind)
+    (root / "bad" / "readme.txt").write_text("not an image")
+    return root
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def all_samples(out: Path) -> dict[str, tuple[bytes, bytes]]:
+    samples: dict[str, tuple[bytes, bytes]] = {}
+    for shard in finished_shards(out):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in members:
+            if name.endswith(".npy"):
+                key = name[:-4]
+                assert key not in samples, f"{key} written twice"
+                samples[key] = (members[name], members[f"{key}.json"])
+    return samples
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = make_collection(tmp_path_factory.mktemp("collection"))
+    out = tmp_path_factory.mktemp("shards")
+    assert bs.main([str(root), "--out", str(out), *ARGS]) == 0
+    return root, out
+
+
+def test_every_input_is_in_the_manifest_once(built):
+    root, out = built
+    recs = manifest(out)
+    inputs = [p for r in recs for p in ([r["input"]] if isinstance(r["input"], str) else r["input"])]
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    assert sorted(inputs) == files  # nothing disappears, nothing twice
+    assert len({r["unit"] for r in recs}) == len(recs)
+
+
+def test_each_bad_input_kind_is_recorded_with_its_reason(built, tmp_path):
+    root, out = built
+    by_input = {r["input"]: r for r in manifest(out) if isinstance(r["input"], str)}
+    for kind, (reason, status) in EXPECTED.items():
+        rec = by_input[str(root / "bad" / make_bad(tmp_path, kind).name)]
+        assert rec["status"] == status and reason in rec["reason"], (kind, rec)
+        assert "\n" not in rec["reason"]
+    series = [r for r in manifest(out) if r["kind"] == "series"]
+    bad = [r for r in series if "badseries" in r["input"][0]]
+    assert len(bad) == 1 and bad[0]["status"] == "failed"
+    assert "inconsistent slice sizes in series (100x128, 128x128)" in bad[0]["reason"]
+    assert by_input[str(root / "bad" / "readme.txt")]["status"] == "skipped"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["inputs"]["failed"] == 1 + sum(s == "failed" for _, s in EXPECTED.values())
+
+
+def test_duplicates_written_once(built):
+    root, out = built
+    by_input = {r["input"]: r for r in manifest(out) if isinstance(r["input"], str)}
+    first = by_input[str(root / "good" / "CT_small.dcm")]
+    dup = by_input[str(root / "good" / "zz_copy_of_CT_small.dcm")]
+    assert first["status"] == "written" and first["n_samples"] == 2  # wide + soft window
+    assert dup["status"] == "duplicate" and dup["duplicate_of"] == first["input"] and not dup.get("keys")
+
+
+def test_series_volume_sliced_in_two_planes(built):
+    root, out = built
+    rec = next(r for r in manifest(out) if r["kind"] == "series" and r["status"] == "written")
+    assert len(rec["input"]) == 10
+    # axis 0: slices 0, 4, 8; axis 1: 128 rows every 4 -> 32 planes (10 slices x 5 mm resampled to square px)
+    axes = {k.split("_")[2][:2] for k in rec["keys"]}
+    assert axes == {"a0", "a1"} and len(rec["keys"]) == 2 * (3 + 32)
+    samples = all_samples(out)
+    meta = json.loads(samples[next(k for k in rec["keys"] if "_a1s" in k)][1])
+    assert meta["plane_shape"] == [76, 128]  # 10 x 5 mm / 0.661 mm = 76 rows
+    assert meta["axis"] == 1 and meta["instance"] is None and meta["spacing"][0] == 5.0
+
+
+def test_ct_sample_values_match_an_independent_window(built):
+    root, out = built
+    rec = next(r for r in manifest(out) if r["input"] == str(root / "good" / "CT_small.dcm"))
+    samples = all_samples(out)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    for key in rec["keys"]:
+        arr = np.load(io.BytesIO(samples[key][0]))
+        meta = json.loads(samples[key][1])
+        lo, hi = meta["window"]["low"], meta["window"]["high"]
+        assert (meta["window"]["name"], lo, hi) in {("wide", -1000, 1000), ("soft", -160, 240)}
+        expected = np.clip((hu - lo) / (hi - lo), 0, 1).mean() * 255  # a 4x downscale keeps the mean
+        assert arr.shape == (32, 32) and arr.dtype == np.uint8
+        assert abs(arr.mean() - expected) < 0.01 * 255
+
+
+def test_samples_are_deidentified(built):
+    root, out = built
+    blob = b"".join(p.read_bytes() for p in [*finished_shards(out), out / "stats.json", out / "_info.json"])
+    ds = pydicom.dcmread(root / "good" / "phi" / "phi.dcm")
+    secrets = [*PHI.values(), *PHI["PatientName"].split("^"), "Who", ds.StudyInstanceUID, ds.SeriesInstanceUID,
+               ds.SOPInstanceUID, "CompressedSamples", "JFK IMAGING CENTER", "1CT1", "20040119"]
+    for secret in secrets:
+        assert secret.encode() not in blob, secret
+    rec = next(r for r in manifest(out) if r["input"] == str(root / "good" / "phi" / "phi.dcm"))
+    meta = json.loads(all_samples(out)[rec["keys"][0]][1])
+    assert meta["study"] == bs.hash_id("s3cret", ds.StudyInstanceUID) != bs.hash_id("other", ds.StudyInstanceUID)
+    assert set(meta) == {"modality", "body_part", "source", "format", "orig_shape", "spacing", "photometric",
+                         "dtype", "study", "series", "instance", "window", "axis", "index", "plane_shape",
+                         "pixel_spacing"}
+
+
+def test_info_stats_and_contact_sheets_agree(built):
+    root, out = built
+    samples = all_samples(out)
+    info = json.loads((out / "_info.json").read_text())
+    stats = json.loads((out / "stats.json").read_text())
+    written = [r for r in manifest(out) if r["status"] == "written"]
+    assert info["splits"]["train"]["num_samples"] == len(samples) == stats["samples"]
+    assert sum(r["n_samples"] for r in written) == len(samples)
+    assert {"CT", "MR", "US", "CR", "OT"} <= set(stats["by_modality"])
+    for mod, hist in stats["histograms"].items():
+        assert sum(hist["counts"]) == stats["by_modality"][mod] * 32 * 32
+        assert (out / f"contact_{mod}.png").stat().st_size > 1000
+    cr = next(r for r in written if r["input"].endswith("RG3_J2KI.dcm"))
+    assert json.loads(samples[cr["keys"][0]][1])["window"]["inverted"] is True
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_resume_after_kill_gives_the_same_shards(tmp_path, monkeypatch, built):
+    root, clean = built
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real_write = ShardWriter.write
+
+    def dying_write(self, key, image, meta):
+        calls["n"] += 1
+        if calls["n"] == 45:  # mid-shard: shards 0-1 done, shard 2 open with 12 samples
+            raise _Killed()
+        return real_write(self, key, image, meta)
+
+    monkeypatch.setattr(ShardWriter, "write", dying_write)
+    with pytest.raises(_Killed):
+        bs.main([str(root), "--out", str(out), *ARGS])
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    assert len(finished_shards(out)) == 2 and list(out.glob(".lumid-*.tar.tmp"))
+    durable = {k for r in manifest(out) for k in r.get("keys", [])}
+    assert durable <= set(all_samples(out))  # the manifest never claims samples that are not on disk
+    assert bs.main([str(root), "--out", str(out), *ARGS]) == 0
+    assert not list(out.glob(".lumid-*.tar.tmp"))
+    assert all_samples(out) == all_samples(clean)  # same keys, same bytes
+    assert sorted(r["unit"] for r in manifest(out)) == sorted(r["unit"] for r in manifest(clean))
+    again = bs.main([str(root), "--out", str(out), *ARGS])  # a finished job: nothing redone
+    assert again == 0 and len(manifest(out)) == len(manifest(clean))
+
+
+def test_resume_refuses_other_options(tmp_path, built):
+    root, _ = built
+    src = root / "good" / "MR_small.dcm"
+    assert bs.main([str(src), "--out", str(tmp_path), *ARGS]) == 0
+    with pytest.raises(SystemExit):
+        bs.main([str(src), "--out", str(tmp_path), *ARGS, "--size", "48"])
+
+
+def test_dry_run_writes_nothing(tmp_path, built, capsys):
+    root, _ = built
+    assert bs.main([str(root / "good"), "--out", str(tmp_path / "o"), *ARGS, "--dry-run"]) == 0
+    assert not (tmp_path / "o").exists()
+    assert "dry run" in capsys.readouterr().out
+
+
+def test_option_errors_are_clear(tmp_path, capsys):
+    src = get_testdata_file("CT_small.dcm")
+    for bad, msg in [(["--ct-windows", "wide=-1000"], "--ct-windows"), (["--axes", "3"], "--axes"),
+                     (["--every", "0"], "--every"), (["--ct-windows", "w=10:5"], "low < high")]:
+        with pytest.raises(SystemExit):
+            bs.main([src, "--out", str(tmp_path / "o"), *bad])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bs.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert "no such file" in capsys.readouterr().err
+    assert [(w.name, w.low, w.high) for w in bs.parse_windows("a=-1:1, b=40/400")] == [
+        ("a", -1.0, 1.0), ("b", -160.0, 240.0)]
+
+
+def test_sources_yaml(tmp_path, built, capsys):
+    root, _ = built
+    yaml_text = (f"collections:\n  - {{name: mr, modality: MR, body_part: BRAIN, path: {root / 'good'}}}\n"
+                 f"  - {{name: gone, modality: CT, path: {tmp_path / 'not-downloaded'}}}\n")
+    (tmp_path / "src.yaml").write_text(yaml_text)
+    assert bs.main(["--sources", str(tmp_path / "src.yaml"), "--out", str(tmp_path / "o"), *ARGS]) == 0
+    assert "collection gone: path not found" in capsys.readouterr().err
+    recs = manifest(tmp_path / "o")
+    nifti = next(r for r in recs if r["kind"] == "nifti")
+    assert nifti["source"] == "mr" and nifti["modality"] == "MR"
+    shipped, missing = bs.load_sources(Path(bs.__file__).with_name("lumid_sources.yaml"))
+    assert len(missing) == 27 and "nih-chest-xray" in missing and not shipped
+    (tmp_path / "bad.yaml").write_text("- just a list\n")
+    with pytest.raises(SystemExit):
+        bs.main(["--sources", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o2")])
+    assert "collections:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_worker_processes_give_identical_shards(tmp_path, built):
+    root, clean = built
+    args = [a if a != "0" or i != ARGS.index("--workers") + 1 else "2" for i, a in enumerate(ARGS)]
+    assert bs.main([str(root), "--out", str(tmp_path), *args]) == 0
+    assert all_samples(tmp_path) == all_samples(clean)
+
+
+def test_loader_reads_the_shards(built):
+    shards = pytest.importorskip("medssl.data.shards")
+    _, out = built
+    loader = shards.make_loader(str(out), img_size=16, batch_size=8, shuffle_buffer=10)
+    batch = next(iter(loader))
+    assert tuple(batch.shape) == (8, 1, 16, 16) and bool(batch.isfinite().all())
+
+
+def test_reader_reasons_match_the_manifest_expectations(tmp_path):
+    for kind, (reason, status) in EXPECTED.items():
+        path = make_bad(tmp_path, kind)
+        with pytest.raises(im.UnreadableImage) as info:
+            im.read_image(path)
+        assert reason in info.value.reason and info.value.skip == (status == "skipped")
+        assert str(path) in str(info.value)
