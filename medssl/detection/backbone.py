@@ -1,0 +1,109 @@
+"""Detector backbones returning multi-scale NCHW maps: ResNet (timm, reference setup) or a medssl ViT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["ResNetBackbone", "ViTPyramidBackbone", "build_backbone"]
+
+
+class ResNetBackbone(nn.Module):
+    """timm ResNet (C3, C4, C5) with frozen BatchNorm and frozen stem + layer1, as in Deformable DETR.
+
+    Args:
+        name: timm ResNet name (``resnet50`` in the reference; ``resnet18`` for small runs).
+        in_chans: input channels.
+        weights: optional local state-dict file (``.pth``/``.safetensors``); nothing is downloaded.
+    """
+
+    def __init__(self, name: str = "resnet50", in_chans: int = 3, weights: str | Path | None = None) -> None:
+        super().__init__()
+        import timm
+        from timm.layers import freeze_batch_norm_2d
+
+        body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2, 3, 4),
+                                 in_chans=in_chans)
+        if weights is not None:
+            _load_weights(body, Path(weights))
+        self.body = freeze_batch_norm_2d(body)
+        for pname, p in self.body.named_parameters():
+            if pname.startswith(("conv1.", "bn1.", "layer1.")):
+                p.requires_grad_(False)
+        self.num_channels = list(body.feature_info.channels())
+        self.strides = list(body.feature_info.reduction())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(N, C, H, W)`` -> [C3 (N, 512, H/8, W/8), C4 (H/16), C5 (H/32)] for ResNet-50."""
+        return self.body(x)
+
+
+def _load_weights(body: nn.Module, path: Path) -> None:
+    """Load a local ResNet state dict into a timm features_only model, asserting the key sets."""
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state.get("state_dict", state))
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the backbone: missing {missing[:5]}..., "
+                         f"unexpected {unexpected[:5]}...")
+
+
+class ViTPyramidBackbone(nn.Module):
+    """A medssl ViT (``medssl.load_backbone`` source) with a simple feature pyramid (ViTDet style).
+
+    The last block's patch map (stride p) becomes three levels: stride p/2 (2x2 transposed conv),
+    p (identity) and 2p (2x2 max-pool); the detector adds its fourth level by a stride-2 conv.
+
+    Args:
+        source: anything ``medssl.load_backbone`` accepts (backbone folder, checkpoint, registry name).
+        in_chans: input channels.
+        img_size: nominal image size (the position embedding is resampled for other sizes).
+    """
+
+    def __init__(self, source: str = "vit_tiny_patch16", in_chans: int = 1, img_size: int = 224) -> None:
+        super().__init__()
+        import medssl
+
+        self.vit = medssl.load_backbone(source, img_size=img_size, in_chans=in_chans, features_only=True,
+                                        out_indices=(-1,))
+        d = self.vit.feature_info[0]["num_chs"]
+        p = self.vit.feature_info[0]["reduction"]
+        self.up = nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, stride=2), nn.GroupNorm(1, d // 2), nn.GELU())
+        self.down = nn.MaxPool2d(2)
+        self.num_channels = [d // 2, d, d]
+        self.strides = [p // 2, p, 2 * p]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(N, C, H, W)`` -> three maps at strides p/2, p, 2p."""
+        (fmap,) = self.vit(x)  # [N, D, H/p, W/p]
+        return [self.up(fmap), fmap, self.down(fmap)]
+
+
+def build_backbone(kind: str, *, in_chans: int, name: str | None = None, weights: str | None = None,
+                   img_size: int = 224) -> nn.Module:
+    """Backbone by kind: ``"resnet"`` (timm name, optional local weights) or ``"vit"`` (medssl source).
+
+    Args:
+        kind: ``"resnet"`` or ``"vit"``.
+        in_chans: input channels.
+        name: timm ResNet name, or the ViT source for ``load_backbone`` (folder, file or registry name).
+        weights: local ResNet weights file.
+        img_size: nominal ViT input size.
+    """
+    if kind == "resnet":
+        return ResNetBackbone(name or "resnet50", in_chans=in_chans, weights=weights)
+    if kind == "vit":
+        if weights is not None:
+            raise ValueError("backbone 'vit': give the checkpoint or folder as the name, not as weights")
+        return ViTPyramidBackbone(name or "vit_tiny_patch16", in_chans=in_chans, img_size=img_size)
+    raise ValueError(f"backbone kind must be 'resnet' or 'vit', got {kind!r}")

@@ -1,0 +1,79 @@
+"""Deformable DETR assembly: shapes, reference initialisation, options, frozen backbone, post-processing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medssl.detection.criterion import SetCriterion
+from medssl.detection.detr import DetrConfig, build_detector, demo_detector_config, postprocess
+
+TARGETS = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.1]])},
+           {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+
+
+def _batch():
+    x = torch.randn(2, 1, 96, 64)
+    mask = torch.zeros(2, 96, 64, dtype=torch.bool)
+    mask[1, :, 32:] = True  # second image is half padding
+    return x, mask
+
+
+@pytest.mark.parametrize("kw", [{}, {"with_box_refine": True}, {"with_box_refine": True, "two_stage": True}])
+def test_forward_backward_options(kw):
+    torch.manual_seed(0)
+    model = build_detector(demo_detector_config(num_queries=12, **kw))
+    x, mask = _batch()
+    out = model(x, mask)
+    assert out["pred_logits"].shape == (2, 12, 1) and out["pred_boxes"].shape == (2, 12, 4)
+    assert len(out["aux_outputs"]) == 1 and out["hs"].shape == (2, 12, 64)
+    assert ("enc_outputs" in out) == bool(kw.get("two_stage"))
+    losses = SetCriterion(1)(out, TARGETS)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)
+
+
+def test_reference_initialisation_and_frozen_stem():
+    model = build_detector(demo_detector_config())
+    bias = -math.log((1 - 0.01) / 0.01)
+    assert torch.allclose(model.class_embed[0].bias, torch.full((1,), bias))
+    last = model.bbox_embed[0].layers[-1]
+    assert last.weight.abs().sum() == 0 and last.bias[:2].abs().sum() == 0
+    assert model.class_embed[0] is model.class_embed[1]  # shared heads without box refinement
+    frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("body.layer1.") for n in frozen) and any("conv1" in n for n in frozen)
+    assert not any(n.startswith("body.layer2.") for n in frozen)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # frozen BN
+
+
+def test_vit_backbone_plugs_in():
+    torch.manual_seed(0)
+    model = build_detector(demo_detector_config(backbone="vit", backbone_name="vit_tiny_patch16", img_size=64,
+                                                num_queries=8))
+    x, mask = _batch()
+    out = model(x, mask)
+    assert out["pred_boxes"].shape == (2, 8, 4)
+    assert [f.shape[-1] for f in out["features"]["backbone"]] == [8, 4, 2]  # strides 8, 16, 32
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="unknown detector config keys"):
+        build_detector({"hidden": 64})
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_detector(DetrConfig(backbone_name="resnet18", hidden_dim=48, nheads=4))
+    with pytest.raises(ValueError, match="backbone kind"):
+        build_detector(DetrConfig(backbone="vgg"))
+
+
+def test_postprocess_hand_case():
+    logits = torch.tensor([[[0.0, 2.0], [-1.0, -3.0]]])  # 2 queries x 2 classes
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.25, 0.5, 0.5]]])
+    (res,) = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]), top_k=2)
+    torch.testing.assert_close(res["scores"], torch.tensor([2.0, 0.0]).sigmoid())
+    assert res["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(res["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0]] * 2))
