@@ -39,18 +39,10 @@ def load_expert(source: str, *, img_size: int, seed: int = 0) -> torch.nn.Module
         raise NotImplementedError("BiomedParse is installed, but medssl does not drive it: run MedMask's "
                                   "generate_embedings.py with it; its <stem>_embedding.npy files are "
                                   "read as is")
-    torch.manual_seed(seed)
-    try:
-        from medssl.hub import load_backbone
-    except ImportError:  # the hub is not there yet: registry names through medssl.create_vit
-        load_backbone = None
-    if load_backbone is not None:
-        model = load_backbone(source, img_size=img_size, in_chans=1)
-    else:
-        from medssl.models.vit import create_vit
+    from medssl.hub import load_backbone
 
-        model = create_vit(source, img_size=img_size, in_chans=1)
-    return model.eval()
+    torch.manual_seed(seed)  # a registry name is a random init: make it reproducible
+    return load_backbone(source, img_size=img_size, in_chans=1).eval()
 
 
 @torch.no_grad()
@@ -72,7 +64,7 @@ def extract_embeddings(source: str, files: Sequence[str | Path], out_dir: str | 
     """Write ``out_dir/<stem>_embedding.npy`` for each image file; returns the paths written.
 
     Images are read as grey [0, 1] (``medssl.data.coco.read_image``), resized to ``img_size`` square
-    and normalised with mean 0.5 / std 0.25. Stems must be unique.
+    and normalised with the backbone's own mean / std (``model.medssl_cfg``). Stems must be unique.
     """
     files = [Path(f) for f in files]
     stems = [f.stem for f in files]
@@ -80,6 +72,8 @@ def extract_embeddings(source: str, files: Sequence[str | Path], out_dir: str | 
         dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
         raise ValueError(f"image stems must be unique (embeddings are named by stem); duplicates: {dup}")
     model = load_expert(source, img_size=img_size, seed=seed)
+    cfg = getattr(model, "medssl_cfg", {})
+    mean, std = float(np.mean(cfg.get("mean", [0.5]))), float(np.mean(cfg.get("std", [0.25])))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -88,7 +82,7 @@ def extract_embeddings(source: str, files: Sequence[str | Path], out_dir: str | 
         ims = [torch.from_numpy(read_image(f))[None, None] for f in chunk]  # each [1, 1, H, W]
         x = torch.cat([F.interpolate(im, size=(img_size, img_size), mode="bilinear", antialias=True,
                                      align_corners=False) for im in ims])  # [B, 1, S, S]
-        emb = embed(model, (x - 0.5) / 0.25, grid).numpy().astype(np.float32)  # [B, Q, D]
+        emb = embed(model, (x - mean) / std, grid).numpy().astype(np.float32)  # [B, Q, D]
         for f, e in zip(chunk, emb):
             path = out_dir / f"{f.stem}_embedding.npy"
             np.save(path, e)

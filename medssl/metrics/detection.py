@@ -24,7 +24,8 @@ import numpy as np
 
 DEFAULT_FPS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 4)
 
-__all__ = ["DEFAULT_FPS", "box_iou_np", "coco_ap", "froc", "froc_preprocess", "to_coco_results"]
+__all__ = ["DEFAULT_FPS", "box_iou_np", "coco_ap", "detection_summary", "froc", "froc_preprocess", "random_boxes",
+           "to_coco_results"]
 
 
 def _as_array(x: Any, name: str, ndim: int, i: int) -> np.ndarray:
@@ -257,4 +258,60 @@ def coco_ap(coco_gt: dict[str, Any] | str, results: list[dict[str, Any]], *, cla
         ev.summarize()
     out = {n: float(v) for n, v in zip(names, ev.stats[:6])}
     out["AR100"] = float(ev.stats[8])
+    return out
+
+
+def random_boxes(image_sizes: Sequence[tuple[int, int]], box_wh: Any, *, boxes_per_image: int = 10,
+                 seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The random baseline: boxes placed uniformly at random with uniform scores.
+
+    Box sizes are drawn from ``box_wh`` (``(N, 2)`` widths/heights, e.g. the training lesions), so the
+    baseline differs from a detector only in where it looks.
+
+    Args:
+        image_sizes: ``(height, width)`` per image.
+        box_wh: ``(N, 2)`` array of box widths and heights to sample from (N >= 1).
+        boxes_per_image: boxes per image.
+        seed: random seed.
+
+    Returns:
+        ``(boxes, scores)`` lists with one ``(K, 4)`` xyxy / ``(K,)`` array per image, for :func:`froc`.
+    """
+    wh = np.asarray(box_wh, dtype=np.float64).reshape(-1, 2)
+    if len(wh) == 0 or (wh <= 0).any():
+        raise ValueError(f"box_wh needs at least one positive (w, h) pair, got shape {wh.shape}")
+    rng = np.random.default_rng(seed)
+    boxes, scores = [], []
+    for h, w in image_sizes:
+        size = wh[rng.integers(len(wh), size=boxes_per_image)]  # [K, 2]
+        size = np.minimum(size, [w, h])
+        x0 = rng.uniform(0, 1, boxes_per_image) * (w - size[:, 0])  # [K]
+        y0 = rng.uniform(0, 1, boxes_per_image) * (h - size[:, 1])  # [K]
+        boxes.append(np.stack([x0, y0, x0 + size[:, 0], y0 + size[:, 1]], axis=1))  # [K, 4]
+        scores.append(rng.uniform(0, 1, boxes_per_image))
+    return boxes, scores
+
+
+def detection_summary(pred_boxes: Sequence[Any], pred_scores: Sequence[Any], gt_boxes: Sequence[Any], *,
+                      coco_gt: dict[str, Any] | None = None, image_ids: Sequence[int] | None = None,
+                      fps_per_image: Sequence[float] = DEFAULT_FPS, hit: str = "center",
+                      iou_threshold: float = 0.5) -> dict[str, float]:
+    """FROC sensitivities and (with ``coco_gt`` + ``image_ids``) COCO AP in one flat, JSON-ready dict.
+
+    Keys: ``"R@<k>"`` for each rate (e.g. ``"R@0.3"``), ``"mean_sensitivity"``, ``"num_images"``,
+    ``"num_lesions"``, and ``"AP"``, ``"AP50"``, ``"AP75"`` when ``coco_gt`` is given (predictions
+    counted as category 1 of the COCO file's first category, class-agnostic evaluation).
+    """
+    res = froc(pred_boxes, pred_scores, gt_boxes, fps_per_image=fps_per_image, hit=hit,
+               iou_threshold=iou_threshold)
+    out: dict[str, float] = {f"R@{k:g}": float(res[float(k)]) for k in fps_per_image}
+    out.update(mean_sensitivity=res["mean_sensitivity"], num_images=res["num_images"],
+               num_lesions=res["num_lesions"])
+    if coco_gt is not None:
+        if image_ids is None or len(image_ids) != len(pred_boxes):
+            raise ValueError("detection_summary needs image_ids (one per image) together with coco_gt")
+        cat = int(coco_gt["categories"][0]["id"]) if coco_gt.get("categories") else 1
+        labels = [np.full(len(_as_array(s, "pred_scores", 1, i)), cat) for i, s in enumerate(pred_scores)]
+        ap = coco_ap(coco_gt, to_coco_results(image_ids, pred_boxes, pred_scores, labels), class_agnostic=True)
+        out.update(AP=ap["AP"], AP50=ap["AP50"], AP75=ap["AP75"])
     return out

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from medssl.metrics.detection import coco_ap, froc, froc_preprocess, to_coco_results
+from medssl.metrics.detection import (
+    coco_ap,
+    detection_summary,
+    froc,
+    froc_preprocess,
+    random_boxes,
+    to_coco_results,
+)
 
 A = np.asarray
 
@@ -181,3 +188,34 @@ def test_coco_ap_hand_cases():
     assert coco_ap(one, ranked)["AP50"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="categories"):
         coco_ap({"images": [], "annotations": []}, perfect)
+
+
+def test_random_boxes_baseline():
+    sizes = [(100, 80), (50, 60)]
+    wh = A([[10, 20], [30, 5]], float)
+    boxes, scores = random_boxes(sizes, wh, boxes_per_image=50, seed=1)
+    for (h, w), b, s in zip(sizes, boxes, scores):
+        assert b.shape == (50, 4) and s.shape == (50,) and ((0 <= s) & (s <= 1)).all()
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+        got = {tuple(np.round(r, 6)) for r in np.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)}
+        assert got <= {(10.0, 20.0), (30.0, 5.0)}
+    again, _ = random_boxes(sizes, wh, boxes_per_image=50, seed=1)
+    np.testing.assert_array_equal(boxes[0], again[0])
+    with pytest.raises(ValueError, match="box_wh"):
+        random_boxes(sizes, np.zeros((0, 2)))
+
+
+def test_detection_summary_flat_and_consistent():
+    boxes, scores, gts = _case()
+    s = detection_summary(boxes, scores, gts)
+    assert s["R@0.3"] == pytest.approx(1 / 3) and s["R@0.5"] == 1.0 and s["num_lesions"] == 3
+    # perfect predictions on a COCO file built from the same ground truth: R@k = 1, AP = 1
+    coco = {"images": [{"id": i + 1, "width": 300, "height": 300} for i in range(len(gts))],
+            "annotations": [{"id": 10 * i + j + 1, "image_id": i + 1, "category_id": 1,
+                             "bbox": [g[0], g[1], g[2] - g[0], g[3] - g[1]]}
+                            for i, gi in enumerate(gts) for j, g in enumerate(gi)],
+            "categories": [{"id": 1, "name": "lesion"}]}
+    s = detection_summary(gts, [np.ones(len(g)) for g in gts], gts, coco_gt=coco, image_ids=[1, 2, 3, 4])
+    assert s["R@0.025"] == 1.0 and s["AP"] == pytest.approx(1.0) and s["AP50"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="image_ids"):
+        detection_summary(gts, [np.ones(len(g)) for g in gts], gts, coco_gt=coco)
