@@ -298,3 +298,36 @@ def test_reader_reasons_match_the_manifest_expectations(tmp_path):
             im.read_image(path)
         assert reason in info.value.reason and info.value.skip == (status == "skipped")
         assert str(path) in str(info.value)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_a_real_process(tmp_path, built):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = built
+    src = root / "series"
+    args = [str(src), "--size", "32", "--workers", "0", "--samples-per-shard", "4", "--axes", "all",
+            "--ct-windows", "wide=-1000:1000,soft=40/400", "--salt", "k", "--no-progress"]
+    clean = tmp_path / "clean"
+    assert bs.main([*args, "--out", str(clean)]) == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools.build_shards", *args, "--out", str(out)],
+                            cwd=Path(bs.__file__).parents[1], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("lumid-*.tar"))) < 3:
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert bs.main([*args, "--out", str(out)]) == 0
+    assert all_samples(out) == all_samples(clean)
+    assert sorted(r["unit"] for r in manifest(out)) == sorted(r["unit"] for r in manifest(clean))
+    if not killed:
+        pytest.skip("the build finished before it could be killed (resume still checked)")
