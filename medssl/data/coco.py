@@ -321,9 +321,10 @@ def _hflip(img: torch.Tensor, t: dict) -> tuple[torch.Tensor, dict]:
     return img.flip(-1), {**t, "boxes": b}
 
 
-def _resize(img: torch.Tensor, t: dict, short: int, max_size: int) -> tuple[torch.Tensor, dict]:
+def _resize(img: torch.Tensor, t: dict, short: int | None, max_size: int) -> tuple[torch.Tensor, dict]:
+    """Shorter side to ``short`` (None: keep, only shrink) with the longer side at most ``max_size``."""
     h, w = img.shape[-2:]
-    scale = min(short / min(h, w), max_size / max(h, w))
+    scale = min(1.0 if short is None else short / min(h, w), max_size / max(h, w))
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     if (nh, nw) == (h, w):
         return img, t
@@ -358,17 +359,18 @@ def _photometric(img: torch.Tensor, brightness: float, contrast: float, gamma: f
 class DetectionTransform:
     """Geometric + photometric augmentation for detection samples (see :func:`make_transforms`)."""
 
-    def __init__(self, kind: str, *, sizes: Sequence[int], max_size: int, flip_p: float, in_chans: int,
+    def __init__(self, kind: str, *, sizes: Sequence[int] | None, max_size: int, flip_p: float, in_chans: int,
                  mean: Sequence[float], std: Sequence[float], brightness: float = 0.25,
                  contrast: float = 0.25, gamma: float = 0.3, blur_p: float = 0.5,
                  erase_p: float = 0.5) -> None:
         if kind not in ("none", "weak", "strong", "weak_strong"):
             raise ValueError(f"transform kind must be none/weak/strong/weak_strong, got {kind!r}")
-        if not sizes or min(sizes) <= 0 or max_size <= 0:
+        if (sizes is not None and (not sizes or min(sizes) <= 0)) or max_size <= 0:
             raise ValueError(f"sizes and max_size must be positive, got {sizes}, {max_size}")
         if len(mean) not in (1, in_chans) or len(std) not in (1, in_chans):
             raise ValueError(f"mean/std need 1 or in_chans={in_chans} values, got {mean}, {std}")
-        self.kind, self.sizes, self.max_size, self.flip_p = kind, list(sizes), max_size, flip_p
+        self.kind, self.max_size, self.flip_p = kind, max_size, flip_p
+        self.sizes = None if sizes is None else list(sizes)
         self.in_chans = in_chans
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -381,7 +383,9 @@ class DetectionTransform:
         """``img`` [1, H, W] in [0, 1], target boxes xyxy pixels -> normalised image(s), cxcywh target."""
         if self.kind != "none" and torch.rand(()) < self.flip_p:
             img, target = _hflip(img, target)
-        short = self.sizes[int(torch.randint(len(self.sizes), ()))] if self.kind != "none" else self.sizes[-1]
+        short = None
+        if self.sizes is not None:
+            short = self.sizes[int(torch.randint(len(self.sizes), ()))] if self.kind != "none" else self.sizes[-1]
         img, target = _resize(img, target, short, self.max_size)
         h, w = img.shape[-2:]
         b = target["boxes"]  # [M, 4] xyxy pixels
@@ -405,14 +409,14 @@ def make_transforms(kind: str = "weak", *, max_size: int = 1333, sizes: Sequence
             (weak + brightness/contrast/gamma jitter, Gaussian blur, random erasing) or
             ``"weak_strong"`` (one geometry, two views ``(weak, strong)`` for teacher-student training).
         max_size: longest side after resizing.
-        sizes: candidate shorter sides (one chosen at random; evaluation uses the last); default
-            ``[max_size]``, i.e. the image is fitted into ``max_size`` x ``max_size``.
+        sizes: candidate shorter sides (one chosen at random; ``"none"`` uses the last), up- or
+            down-scaling; default None: the size is kept, images larger than ``max_size`` shrink.
         flip_p: horizontal flip probability.
         in_chans: the grey image is repeated to this many channels (3 for ImageNet ResNets).
         mean, std: normalisation applied after repeating.
         **jitter: ``brightness``, ``contrast``, ``gamma``, ``blur_p``, ``erase_p`` for strong views.
     """
-    sizes = [max_size] if sizes is None else ([sizes] if isinstance(sizes, int) else list(sizes))
+    sizes = [sizes] if isinstance(sizes, int) else (None if sizes is None else list(sizes))
     return DetectionTransform(kind, sizes=sizes, max_size=max_size, flip_p=flip_p, in_chans=in_chans,
                               mean=mean, std=std, **jitter)
 

@@ -75,6 +75,18 @@ def test_flip_resize_and_channels(tmp_path):
     assert float(img[0, 3:7, 16:24].mean()) > 0.95 and float(img[0, 3:7, 4:14].mean()) < 0.05
 
 
+def test_default_size_keeps_small_and_shrinks_large():
+    img = torch.rand(1, 40, 60)
+    t = {"boxes": torch.tensor([[6.0, 4.0, 30.0, 20.0]]), "labels": torch.tensor([0])}
+    out, tt = C.make_transforms("none", max_size=100)(img, t)
+    assert out.shape == (1, 40, 60) and tt["size"].tolist() == [40, 60]  # no upscaling by default
+    out, tt = C.make_transforms("weak", max_size=30, flip_p=0.0)(img, t)
+    assert out.shape == (1, 20, 30)  # longer side 60 -> 30
+    torch.testing.assert_close(tt["boxes"], torch.tensor([[18 / 60, 12 / 40, 24 / 60, 16 / 40]]))
+    out, _ = C.make_transforms("none", max_size=200, sizes=80)(img, t)
+    assert out.shape == (1, 80, 120)  # an explicit shorter side upscales
+
+
 def test_weak_strong_share_geometry():
     torch.manual_seed(0)
     img = torch.rand(1, 32, 48)
