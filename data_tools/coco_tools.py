@@ -42,13 +42,15 @@ class Report:
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file header, without decoding pixels; raises ValueError if unreadable."""
     if path.suffix.lower() in (".dcm", ".dicom"):
-        try:
-            import pydicom
+        from medssl.data.imaging import UnreadableImage, read_dicom_header
 
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            return int(ds.Rows), int(ds.Columns)
-        except Exception as e:  # any pydicom failure means: unreadable
-            raise ValueError(f"unreadable DICOM ({type(e).__name__}: {str(e)[:80]})") from e
+        try:
+            ds = read_dicom_header(path)
+        except UnreadableImage as e:
+            raise ValueError(f"unreadable DICOM ({e.reason})") from e
+        if "Rows" not in ds or "Columns" not in ds:
+            raise ValueError("DICOM without image size (no pixel data)")
+        return int(ds.Rows), int(ds.Columns)
     from PIL import Image
 
     try:

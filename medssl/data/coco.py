@@ -169,9 +169,9 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ValueError(f"unreadable image {path}: {e}") from e
     if a.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D greyscale image, got shape {a.shape}")
-    if a.dtype == np.uint8:
+    if a.dtype.kind == "u" and a.dtype.itemsize == 1:
         return a.astype(np.float32) / 255.0
-    if a.dtype in (np.uint16, np.int32, np.int16):  # PIL gives I;16 as uint16 or int32
+    if a.dtype.kind in "ui" and a.dtype.itemsize in (2, 4):  # 16-bit PNG/TIFF: I;16, I;16B, or I (int32)
         return np.clip(a.astype(np.float32) / 65535.0, 0.0, 1.0)
     if a.dtype == bool:
         return a.astype(np.float32)

@@ -132,3 +132,22 @@ def test_from_csv_errors(tmp_path, capsys):
     table.write_text("img,w,h,x1,y1,x2,y2\na,30,20,1,1,2,2\na,31,20,,,,\n")
     with pytest.raises(ValueError, match=r"f\.csv:3: image 'a' disagrees"):
         from_csv(table, tmp_path / "o", **kw)
+
+
+def test_validate_dicom_images(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    root = _dataset(tmp_path / "ds", n=1)
+    src = get_testdata_file("MR_small.dcm")
+    rows, cols = (int(v) for v in (pydicom.dcmread(src).Rows, pydicom.dcmread(src).Columns))
+    (root / "images/train/m.dcm").write_bytes(open(src, "rb").read())
+    (root / "images/train/bad.dcm").write_bytes(b"DICM" * 10)
+
+    def add(c):
+        c["images"] += [{"id": 2, "file_name": "m.dcm", "height": rows, "width": cols},
+                        {"id": 3, "file_name": "bad.dcm", "height": 10, "width": 10}]
+
+    _edit(root, "train", add)
+    errors = validate(root).errors
+    assert len(errors) == 1 and "bad.dcm: unreadable DICOM (not a DICOM file)" in errors[0], errors
