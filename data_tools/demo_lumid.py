@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_data/lumid", help="output folder (default demo_data/lumid)")
     build_shards.add_build_arguments(parser)
     parser.set_defaults(size=128, axes="all", ct_windows="wide=-1000:1000,soft=40/400", salt="medssl-demo",
-                        min_volume_slices=8, samples_per_shard=500, workers=2, func=run)
+                        min_size=24, min_volume_slices=8, samples_per_shard=500, workers=2, func=run)
 
 
 def run(args: argparse.Namespace) -> int:
