@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert", default="vit_tiny_patch16",
                         help="backbone for the expert embeddings (anything medssl.load_backbone accepts; "
                              "a registry name is a seeded random init); 'none' skips them")
-    parser.add_argument("--embed-size", type=int, default=128, help="expert input size (square)")
+    parser.add_argument("--embed-size", type=int, default=64, help="expert input size (square)")
     parser.add_argument("--embed-grid", type=int, default=4,
                         help="expert tokens pooled to GRID x GRID (+ cls)")
     parser.set_defaults(func=run)
