@@ -26,6 +26,7 @@ import re
 import secrets
 import sys
 import traceback
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -164,8 +165,18 @@ def discover(specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+def _quiet() -> None:
+    """Silence pydicom's per-file warnings in this (worker) process: a batch job over thousands of
+    archive files would print them by the hundred; what matters ends up in the manifest."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\..*")
+    import logging
+
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 def _scan_one(item: dict[str, Any]) -> dict[str, Any]:
     """Identity of one file for grouping and duplicate detection (runs in a worker)."""
+    _quiet()
     out = {"real": os.path.realpath(item["path"])}
     if item["kind"] != "dicom":
         if item["kind"] in ("nifti", "raster"):
@@ -308,6 +319,7 @@ def _samples(unit: Unit, img: im.ImageData, cfg: Config) -> Iterator[tuple[str, 
 
 def process_unit(unit: Unit, cfg: Config) -> dict[str, Any]:
     """Read, normalise and slice one unit; never raises (bad input becomes a failed record)."""
+    _quiet()
     inputs = unit.paths[0] if len(unit.paths) == 1 else unit.paths
     record: dict[str, Any] = {"unit": unit.uid, "input": inputs,
                               "kind": unit.kind, "source": unit.source}
@@ -594,7 +606,9 @@ def load_sources(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("name") or not entry.get("path"):
             raise ValueError(f"--sources: {path} collection #{i} needs 'name' and 'path'")
-        spec = {"name": str(entry["name"]), "path": str(Path(str(entry["path"])).expanduser()),
+        where = Path(str(entry["path"])).expanduser()
+        where = where if where.is_absolute() else path.parent / where  # relative to the YAML file
+        spec = {"name": str(entry["name"]), "path": str(where),
                 "modality": entry.get("modality"), "body_part": entry.get("body_part")}
         (found if Path(spec["path"]).exists() else missing).append(spec if Path(spec["path"]).exists()
                                                                    else spec["name"])
