@@ -1,0 +1,169 @@
+"""MAE pretraining on LUMID shards: wires `medssl.data.shards` -> `MaskedAutoencoder` -> `Engine` -> hub.
+
+`recipes/pretrain_lumid.py` is the command-line front; this module holds the procedure and its defaults
+(the paper-scale configuration: ViT-B/16 at 224, mask 0.75, decoder 512 x 8, base lr 1.5e-4, 800 epochs
+with 40 of warmup).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medssl.config import dump_config
+from medssl.data.shards import count_samples, expand_urls, make_loader
+from medssl.hub import load_mae_weights, save_backbone
+from medssl.models.mae import MaskedAutoencoder, create_mae
+from medssl.train.dist import DistInfo
+from medssl.train.engine import Engine, TrainConfig
+from medssl.train.optim import scaled_lr
+
+log = logging.getLogger("medssl")
+
+DEFAULTS: dict[str, Any] = {
+    "data": {"shards": "data/lumid", "img_size": 224, "in_chans": 1, "mean": [0.5], "std": [0.25],
+             "scale": [0.2, 1.0], "hflip": True, "num_workers": 4, "shuffle_buffer": 2000, "resampled": None,
+             "samples_per_epoch": None},
+    "model": {"name": "mae_vit_base_patch16", "patch_size": None, "decoder_embed_dim": 512, "decoder_depth": 8,
+              "decoder_num_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True, "attn_impl": "auto",
+              "drop_path_rate": 0.0, "init": None},
+    "train": {"batch_size": 64, "accum_iter": 1, "epochs": 800, "warmup_epochs": 40, "steps": None,
+              "base_lr": 1.5e-4, "lr": None, "min_lr": 0.0, "weight_decay": 0.05, "betas": [0.9, 0.95],
+              "clip_grad": None, "precision": "auto", "seed": 0, "device": "auto",
+              "stop_at": None},
+    "output": {"dir": "runs/pretrain", "log_every": 20, "ckpt_every": 1000, "keep_checkpoints": 2,
+               "figure_every": 500},
+}
+
+
+def build_model(cfg: dict[str, Any]) -> MaskedAutoencoder:
+    """The MAE named by the config, optionally initialised from a checkpoint (official MAE or medssl)."""
+    m, d = cfg["model"], cfg["data"]
+    kwargs = dict(img_size=d["img_size"], in_chans=d["in_chans"], decoder_embed_dim=m["decoder_embed_dim"],
+                  decoder_depth=m["decoder_depth"], decoder_num_heads=m["decoder_num_heads"],
+                  norm_pix_loss=m["norm_pix_loss"], attn_impl=m["attn_impl"], drop_path_rate=m["drop_path_rate"])
+    if m["patch_size"]:
+        kwargs["patch_size"] = m["patch_size"]
+    model = create_mae(m["name"], **kwargs)
+    if m["init"]:
+        report = load_mae_weights(model, m["init"])
+        log.info("initialised from %s: %d tensors loaded, fresh: %s", m["init"], len(report["loaded"]),
+                 report["fresh"] or "none")
+    return model
+
+
+def plan_steps(cfg: dict[str, Any], num_samples: int | None, world_size: int) -> tuple[int, int, int]:
+    """(total steps, warmup steps, effective batch) from epochs and the shard sample count."""
+    t = cfg["train"]
+    eff = t["batch_size"] * t["accum_iter"] * world_size
+    if t["steps"]:
+        total = int(t["steps"])
+        warm = int(round(total * t["warmup_epochs"] / max(t["epochs"], 1)))
+        return total, warm, eff
+    n = cfg["data"]["samples_per_epoch"] or num_samples
+    if not n:
+        raise ValueError("cannot size an epoch: the shards have no _info.json listing them; set "
+                         "data.samples_per_epoch or train.steps")
+    per_epoch = max(1, n // eff)
+    return per_epoch * t["epochs"], per_epoch * t["warmup_epochs"], eff
+
+
+@torch.no_grad()
+def save_reconstruction_figure(mae: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float, path: Path,
+                               max_images: int = 4) -> None:
+    """PNG of original / masked / reconstruction (visible patches pasted back) for a few images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    was_training = mae.training
+    mae.eval()
+    x = imgs[:max_images].to(next(mae.parameters()).dtype)
+    _, pred, mask = mae(x, mask_ratio=mask_ratio)
+    target = mae.patchify(x).float()
+    pred = pred.float()
+    if mae.norm_pix_loss:  # undo the per-patch normalisation for display
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    m = mask.float().unsqueeze(-1)  # [N, L, 1]
+    masked = mae.unpatchify(target * (1 - m))
+    recon = mae.unpatchify(target * (1 - m) + pred * m)
+    orig = mae.unpatchify(target)
+    rows = x.shape[0]
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
+    for i in range(rows):
+        for j, (title, img) in enumerate((("original", orig), ("masked", masked), ("reconstruction", recon))):
+            axes[i, j].imshow(img[i, 0].cpu().numpy(), cmap="gray")
+            axes[i, j].set_axis_off()
+            if i == 0:
+                axes[i, j].set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    mae.train(was_training)
+
+
+def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config: dict | None = None) -> Path:
+    """Pretrain per `cfg`; returns the exported backbone folder."""
+    d, t, o = cfg["data"], cfg["train"], cfg["output"]
+    out = Path(o["dir"])
+    ckpt_dir = out / "checkpoints"
+    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+    if has_ckpt and not resume:
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
+                              "output.dir")
+    urls = expand_urls(d["shards"])
+    torch.manual_seed(t["seed"])
+    model = build_model(cfg)
+    patch = model.patch_size
+    total, warmup, eff = plan_steps(cfg, count_samples(urls), dist.world_size)
+    lr = t["lr"] or scaled_lr(t["base_lr"], eff)
+    tcfg = TrainConfig(total_steps=total, lr=lr, warmup_steps=warmup, min_lr=t["min_lr"],
+                       weight_decay=t["weight_decay"], betas=tuple(t["betas"]), grad_accum=t["accum_iter"],
+                       clip_grad=t["clip_grad"], precision=t["precision"], log_every=o["log_every"],
+                       ckpt_every=o["ckpt_every"], keep_checkpoints=o["keep_checkpoints"], seed=t["seed"],
+                       stop_at=t["stop_at"])
+    engine = Engine(model, tcfg, out, dist, ds_config=ds_config, micro_batch_size=t["batch_size"])
+    start = engine.resume() if resume else 0
+    if dist.is_main:
+        dump_config(cfg, out / "config.yaml")
+        log.info("MAE pretraining: %d steps (%d warmup), effective batch %d, lr %.3g, %d shard(s), from step %d",
+                 total, warmup, eff, lr, len(urls), start)
+    loader = make_loader(urls, d["img_size"], t["batch_size"], num_workers=d["num_workers"], seed=t["seed"],
+                         rank=dist.rank, world_size=dist.world_size, resampled=d["resampled"],
+                         start_step=start * t["accum_iter"], in_chans=d["in_chans"], mean=d["mean"], std=d["std"],
+                         scale=tuple(d["scale"]), hflip=d["hflip"], shuffle_buffer=d["shuffle_buffer"],
+                         min_size=patch)
+    ratio = cfg["model"]["mask_ratio"]
+
+    def forward(net: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        loss, _, _ = net(imgs, mask_ratio=ratio)
+        return loss
+
+    def figure(eng: Engine, step: int, imgs: torch.Tensor) -> None:
+        every = o["figure_every"]
+        if dist.is_main and every and (step % every == 0 or step == total):
+            save_reconstruction_figure(eng.module, imgs, ratio, out / "figures" / f"recon-{step:08d}.png")
+
+    def corrupt_count() -> dict[str, Any]:
+        return {"corrupt_samples_main_process": int(loader.dataset.corrupt)}
+
+    losses = engine.fit(loader, forward, callbacks=[figure], on_checkpoint=corrupt_count)
+    backbone = out / "backbone"
+    if engine.step < total:
+        if dist.is_main:
+            log.info("stopped at step %d of %d (train.stop_at); continue with --resume", engine.step, total)
+        return backbone
+    if dist.is_main:
+        save_backbone(engine.module, backbone, architecture=cfg["model"]["name"][4:], data=str(d["shards"]),
+                      steps=engine.step, epochs=t["epochs"], mean=d["mean"], std=d["std"],
+                      mask_ratio=ratio, final_loss=losses[-1] if losses else None,
+                      not_finite_losses=not all(math.isfinite(x) for x in losses))
+        log.info("backbone exported to %s", backbone)
+    return backbone

@@ -1,0 +1,79 @@
+"""Atomic, safe-to-load training checkpoints: temp file + rename, `torch.load(weights_only=True)`."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CKPT_RE = re.compile(r"checkpoint-(\d+)\.pt$")
+
+
+def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:
+    """`folder/checkpoint-00000100.pt` for step 100."""
+    return Path(folder) / f"checkpoint-{step:08d}.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write `state` to `path` atomically: never a half-written checkpoint under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True` (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a loadable medssl checkpoint ({exc})") from exc
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint with the highest step in `folder`, or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
+    if keep <= 0:
+        return
+    found = sorted((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := CKPT_RE.search(p.name)))
+    for _, p in found[:-keep]:
+        p.unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

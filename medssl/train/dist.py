@@ -1,0 +1,92 @@
+"""One distributed set-up for plain `python`, `torchrun` (DDP) and the `deepspeed` launcher."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+log = logging.getLogger("medssl")
+
+
+@dataclass
+class DistInfo:
+    """Where this process stands: rank, world size, backend ('none' | 'ddp' | 'deepspeed') and device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = "none"
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(use_deepspeed: bool = False, device: str | None = None) -> DistInfo:
+    """Initialise the process group the launcher asks for.
+
+    - `deepspeed` launcher or `--deepspeed` under plain python: `deepspeed.init_distributed` (gloo on CPU,
+      nccl on CUDA); a single process gets RANK/WORLD_SIZE/MASTER_* defaults so no MPI is looked for.
+    - `torchrun` (WORLD_SIZE > 1 in the environment): torch.distributed (gloo on CPU, nccl on CUDA) + DDP.
+    - otherwise a single process.
+    """
+    want_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    backend = "nccl" if want_cuda else "gloo"
+    if use_deepspeed:
+        defaults = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(_free_port()))
+        for k, v in defaults.items():
+            os.environ.setdefault(k, v)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+        info = DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, "deepspeed", dev)
+    elif int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        torch_dist.init_process_group(backend=backend)
+        info = DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, "ddp", dev)
+    else:
+        info = DistInfo(device=dev)
+    if info.is_main:
+        log.info("medssl distributed: backend=%s world_size=%d device=%s", info.backend, info.world_size, dev)
+    return info
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    """Destroy the process group at exit (avoids DeepSpeed's occasional abort at interpreter exit)."""
+    if info.backend == "deepspeed":
+        import deepspeed
+
+        deepspeed.comm.destroy_process_group()
+    elif info.backend == "ddp" and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    """Mean of a scalar over ranks (identity for one process)."""
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device if info.backend != "none" else "cpu")
+    torch_dist.all_reduce(t)
+    return float(t.item() / info.world_size)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for all ranks (no-op for one process)."""
+    if info.world_size > 1:
+        torch_dist.barrier()
