@@ -28,7 +28,8 @@ import sys
 import traceback
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,12 +318,16 @@ def _samples(unit: Unit, img: im.ImageData, cfg: Config) -> Iterator[tuple[str, 
                 yield key, out, meta
 
 
+def _record(unit: Unit) -> dict[str, Any]:
+    """The manifest fields that name a unit."""
+    inputs = unit.paths[0] if len(unit.paths) == 1 else unit.paths
+    return {"unit": unit.uid, "input": inputs, "kind": unit.kind, "source": unit.source}
+
+
 def process_unit(unit: Unit, cfg: Config) -> dict[str, Any]:
     """Read, normalise and slice one unit; never raises (bad input becomes a failed record)."""
     _quiet()
-    inputs = unit.paths[0] if len(unit.paths) == 1 else unit.paths
-    record: dict[str, Any] = {"unit": unit.uid, "input": inputs,
-                              "kind": unit.kind, "source": unit.source}
+    record = _record(unit)
     try:
         img = _read_unit(unit)
         samples = list(_samples(unit, img, cfg))
@@ -447,25 +452,41 @@ def _contact_sheet(out: Path, modality: str, picks: list[tuple[str, str]]) -> No
 # ------------------------------------------------------------------------------------ the build
 
 
-def _results(units: list[Unit], cfg: Config, workers: int) -> Iterator[tuple[Unit, dict[str, Any]]]:
-    """Results in input order; at most 2 * workers units in flight (memory bound by work in flight)."""
+def _results(units: list[Unit], cfg: Config, workers: int,
+             fn: Callable[[Unit, Config], dict[str, Any]] = process_unit) -> Iterator[tuple[Unit, dict[str, Any]]]:
+    """Results in input order; at most 2 * workers units in flight (memory bound by work in flight).
+
+    A worker that dies (a codec segfault, the OOM killer) breaks the pool: the units that were in
+    flight are then retried one at a time in a fresh process, and the one that kills its process
+    again is recorded as failed; the job goes on.
+    """
     if workers <= 0:
         for unit in units:
-            yield unit, process_unit(unit, cfg)
+            yield unit, fn(unit, cfg)
         return
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    ctx = mp.get_context("spawn")
+    todo, suspects = deque(units), deque()
+    while todo or suspects:
+        if suspects:
+            unit = suspects.popleft()
+            with cf.ProcessPoolExecutor(1, mp_context=ctx) as solo:
+                try:
+                    yield unit, solo.submit(fn, unit, cfg).result()
+                except BrokenProcessPool:
+                    yield unit, {**_record(unit), "status": "failed", "samples": [],
+                                 "reason": "worker process died while decoding (crash or out of memory)"}
+            continue
         queue: deque[tuple[Unit, cf.Future]] = deque()
-        todo = iter(units)
-        for unit in todo:
-            queue.append((unit, pool.submit(process_unit, unit, cfg)))
-            if len(queue) >= 2 * workers:
-                break
-        while queue:
-            unit, fut = queue.popleft()
-            yield unit, fut.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                queue.append((nxt, pool.submit(process_unit, nxt, cfg)))
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            try:
+                while todo or queue:
+                    while todo and len(queue) < 2 * workers:
+                        unit = todo.popleft()
+                        queue.append((unit, pool.submit(fn, unit, cfg)))
+                    result = queue[0][1].result()
+                    yield queue.popleft()[0], result
+            except BrokenProcessPool:
+                suspects.extend(unit for unit, _ in queue)  # retried in order, before the rest
 
 
 def _scan(files: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
@@ -524,8 +545,7 @@ def build(specs: Sequence[dict[str, Any]], out: str | os.PathLike, cfg: Config, 
     preset = [u for u in todo if u.status]
     work = [u for u in todo if not u.status]
     for unit in preset:
-        rec = {"unit": unit.uid, "input": unit.paths[0], "kind": unit.kind, "source": unit.source,
-               "status": unit.status, "reason": unit.reason, **unit.extra, "ids": []}
+        rec = {**_record(unit), "status": unit.status, "reason": unit.reason, **unit.extra, "ids": []}
         emit(rec)
         run[unit.status] += 1
     bar = _progress(len(work), progress)

@@ -331,3 +331,20 @@ def test_resume_after_sigkill_of_a_real_process(tmp_path, built):
     assert sorted(r["unit"] for r in manifest(out)) == sorted(r["unit"] for r in manifest(clean))
     if not killed:
         pytest.skip("the build finished before it could be killed (resume still checked)")
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_does_not_stop_the_job(tmp_path):
+    from bad_inputs import crash_on_marked_files
+
+    for name in ("a_CT_small.dcm", "crash_me.dcm", "z_MR_small.dcm"):
+        src = "MR_small.dcm" if name.startswith("z") else "CT_small.dcm"
+        shutil.copy(get_testdata_file(src), tmp_path / name)
+    cfg = bs.Config(size=32, salt="x")
+    units = bs.plan_units(bs.discover([{"name": "t", "path": str(tmp_path)}]),
+                          [bs._scan_one(f) for f in bs.discover([{"name": "t", "path": str(tmp_path)}])], cfg)
+    results = list(bs._results(units, cfg, workers=2, fn=crash_on_marked_files))
+    assert [Path(u.paths[0]).name for u, _ in results] == ["a_CT_small.dcm", "crash_me.dcm", "z_MR_small.dcm"]
+    statuses = [r["status"] for _, r in results]
+    assert statuses == ["written", "failed", "written"]
+    assert "worker process died" in results[1][1]["reason"]
