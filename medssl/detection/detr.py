@@ -13,6 +13,7 @@ from torch import nn
 
 from medssl.detection.backbone import build_backbone
 from medssl.detection.box_ops import cxcywh_to_xyxy, inverse_sigmoid
+from medssl.detection.medmask import random_token_masks
 from medssl.detection.transformer import DeformableTransformer, PositionEmbeddingSine
 
 __all__ = ["DeformableDETR", "DetrConfig", "build_detector", "demo_detector_config", "postprocess"]
@@ -171,23 +172,27 @@ class DeformableDETR(nn.Module):
         return out
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                token_masks: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                token_masks: list[torch.Tensor] | None = None, mask_ratio: float = 0.0) -> dict[str, Any]:
         """Detect.
 
         Args:
             images: ``(N, C, H, W)`` normalised, zero padded.
             mask: ``(N, H, W)`` bool, True on padding.
             token_masks: optional per-level ``(N, h_l, w_l)`` bool, True for tokens to hide (feature
-                MAE): their features are zeroed and they join the padding mask.
+                MAE): their features are zeroed and they join the padding mask. (Zeroing matters: the
+                encoder's residual path would otherwise carry a hidden token's own feature.)
+            mask_ratio: if > 0 and ``token_masks`` is None, hide each non-padding token of every level
+                with this probability; the masks used are returned in ``features["token_masks"]``.
         """
         feats, srcs, masks, pos = self.multiscale(images, mask)
+        if token_masks is None and mask_ratio > 0:
+            token_masks = random_token_masks(masks, mask_ratio)
         if token_masks is not None:
             srcs = [s.masked_fill(tm[:, None], 0.0) for s, tm in zip(srcs, token_masks)]
-            masks = [m | tm for m, tm in zip(masks, token_masks)]
         query = None if self.cfg.two_stage else self.query_embed.weight
-        t = self.transformer(srcs, masks, pos, query)
+        t = self.transformer(srcs, masks, pos, query, hidden=token_masks)
         out = self.head(t)
-        out["features"] = {"backbone": feats, "pad_masks": masks, **t}
+        out["features"] = {"backbone": feats, "pad_masks": masks, "pos": pos, "token_masks": token_masks, **t}
         return out
 
 

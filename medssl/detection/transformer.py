@@ -249,21 +249,26 @@ class DeformableTransformer(nn.Module):
         return out_memory, props
 
     def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos: list[torch.Tensor],
-                query_embed: torch.Tensor | None = None) -> dict[str, Any]:
+                query_embed: torch.Tensor | None = None, hidden: list[torch.Tensor] | None = None
+                ) -> dict[str, Any]:
         """Encode the multi-scale maps and decode the queries.
 
         Args:
             srcs, masks, pos: per level ``(N, C, H, W)``, ``(N, H, W)`` (True = padding/masked),
                 ``(N, C, H, W)``.
             query_embed: ``(Q, 2C)`` learned query position + content (not used in two-stage mode).
+            hidden: optional per-level ``(N, H, W)`` masks of tokens hidden from attention (feature MAE);
+                they join the attention mask but not the valid ratios, which describe the padding only.
 
         Returns:
             dict with ``hs (layers, N, Q, C)``, ``init_reference (N, Q, 2|4)``, ``references``
             (list per layer of ``(N, Q, 2|4)``), ``memory (N, S, C)``, ``mask (N, S)``, ``shapes (L, 2)``,
             ``ratios (N, L, 2)`` and, two-stage, ``enc_logits``/``enc_boxes_unact``.
         """
-        src, mask, pos_f, shapes = flatten_levels(srcs, masks, pos, self.level_embed)
         ratios = valid_ratios(masks)  # [N, L, 2]
+        if hidden is not None:
+            masks = [m | h for m, h in zip(masks, hidden)]
+        src, mask, pos_f, shapes = flatten_levels(srcs, masks, pos, self.level_embed)
         memory = self.encode(src, mask, pos_f, shapes, ratios)  # [N, S, C]
         n, _, c = memory.shape
         out: dict[str, Any] = {}
