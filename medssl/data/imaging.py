@@ -364,7 +364,8 @@ def read_raster(path: str | Path, modality: str | None = None) -> ImageData:
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UnreadableImage(path, f"unreadable image file ({str(exc).splitlines()[0][:80]})") from exc
-    bits = 8 if arr.dtype == np.uint8 else 16 if arr.dtype in (np.uint16, np.int32, np.int16) else None
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # I;16B TIFFs come big-endian
+    bits = {(1, "u"): 8, (2, "u"): 16, (2, "i"): 16, (4, "i"): 16}.get((arr.dtype.itemsize, arr.dtype.kind))
     pixels = rgb_to_grey(arr) if arr.ndim == 3 else arr.astype(np.float32)
     check_pixels(path, pixels)
     if bits == 16 and float(pixels.max()) <= 255:  # PIL reads some 8-bit TIFFs as I;16

@@ -192,6 +192,10 @@ def test_raster_8_and_16_bit(tmp_path):
     assert rec["kind"] == "percentile" and out.min() == 0 and out.max() == 1
     Image.fromarray(a16).save(tmp_path / "x16.tif")
     np.testing.assert_array_equal(im.read_raster(tmp_path / "x16.tif").pixels, a16.astype(np.float32))
+    Image.frombytes("I;16B", (48, 64), a16.astype(">u2").tobytes()).save(tmp_path / "x16be.tif")
+    big_endian = im.read_raster(tmp_path / "x16be.tif")
+    np.testing.assert_array_equal(big_endian.pixels, a16.astype(np.float32))
+    assert big_endian.bits == 16
     a8 = np.tile(np.arange(256, dtype=np.uint8), (10, 1))
     Image.fromarray(a8).save(tmp_path / "x8.png")
     out, rec = im.normalise(im.read_raster(tmp_path / "x8.png"))
