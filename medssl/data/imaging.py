@@ -79,8 +79,9 @@ class ImageData:
         pixels: float32 array, [H, W] for a single image or [N, H, W] for frames / slices.
         spacing: millimetres per axis of `pixels` (None where unknown).
         modality: DICOM modality code ("CT", "MR", "CR", ...), or a hint for NIfTI / raster files.
-        is_volume: True when axis 0 of a 3-D `pixels` is a spatial axis (series, NIfTI), so the
-            volume may be sliced along any axis; False for independent frames (cine, multi-frame).
+        is_volume: True when axis 0 of a 3-D `pixels` is a spatial axis (series, NIfTI, enhanced
+            multi-frame CT / MR / PET with per-frame positions), so the volume may be sliced along any
+            axis; False for independent frames (cine, other multi-frame files).
         photometric: DICOM photometric interpretation after colour conversion.
         voi: the file's own VOI window(s) (DICOM WindowCenter/Width), for X-ray style inputs.
         voi_lut: a VOI LUT already applied to `pixels` (values then in [0, 1]).
@@ -160,6 +161,37 @@ def _dicom_windows(ds: Any) -> list[Window]:
     return [Window("voi", c - 0.5 - (w - 1) / 2.0, c - 0.5 + (w - 1) / 2.0)]
 
 
+def _modality_lut(arr: np.ndarray, ds: Any, apply_modality_lut: Any) -> np.ndarray:
+    """Stored values to modality units: top-level LUT / rescale, else the enhanced functional groups."""
+    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    slope = _first(_functional_attr(ds, "PixelValueTransformationSequence", "RescaleSlope"))
+    intercept = _first(_functional_attr(ds, "PixelValueTransformationSequence", "RescaleIntercept"))
+    out = arr.astype(np.float32)
+    return out * np.float32(1.0 if slope is None else slope) + np.float32(intercept or 0.0)
+
+
+def _frame_order(ds: Any) -> tuple[list[int], float | None] | None:
+    """Spatial order of the frames of an enhanced multi-frame file (descending position along the
+    slice normal) and the median gap in mm, or None when the frames carry no distinct positions."""
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    ori = _functional_attr(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+    if not frames or ori is None or len(ori) != 6:
+        return None
+    normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
+    positions = []
+    for frame in frames:
+        seq = frame.get("PlanePositionSequence")
+        if not seq or "ImagePositionPatient" not in seq[0] or len(seq[0].ImagePositionPatient) != 3:
+            return None
+        positions.append(float(np.dot(normal, np.asarray(seq[0].ImagePositionPatient, float))))
+    if len(set(positions)) != len(positions):  # e.g. several echoes / time points per position
+        return None
+    order = sorted(range(len(positions)), key=lambda i: -positions[i])
+    gaps = np.abs(np.diff(np.asarray(positions)[order]))
+    return order, (float(np.median(gaps)) if len(gaps) else None)
+
+
 def _decode_pixels(path: str | Path, ds: Any) -> np.ndarray:
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(tsyntax, "name", str(tsyntax))
@@ -226,7 +258,7 @@ def dicom_to_image(path: str | Path, ds: Any) -> ImageData:
         arr = rgb_to_grey(arr)
         photometric = "MONOCHROME2"
     else:
-        arr = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        arr = _modality_lut(arr, ds, apply_modality_lut)
         if "VOILUTSequence" in ds:
             lut = ds.VOILUTSequence[0]
             bits = int(lut.LUTDescriptor[2]) if "LUTDescriptor" in lut else 16
@@ -236,8 +268,13 @@ def dicom_to_image(path: str | Path, ds: Any) -> ImageData:
     check_pixels(path, arr)
     row_sp, col_sp = _pixel_spacing(ds)
     spacing: tuple[float | None, ...] = (row_sp, col_sp) if arr.ndim == 2 else (None, row_sp, col_sp)
+    is_volume = False
+    order_dz = _frame_order(ds) if arr.ndim == 3 and modality in VOLUME_MODALITIES else None
+    if order_dz is not None:  # enhanced CT / MR / PET: frames are planes of one volume
+        order, dz = order_dz
+        arr, spacing, is_volume = arr[order], (dz, row_sp, col_sp), True  # [Z, H, W]
     return ImageData(
-        pixels=arr, spacing=spacing, modality=modality, is_volume=False, photometric=photometric,
+        pixels=arr, spacing=spacing, modality=modality, is_volume=is_volume, photometric=photometric,
         voi=_dicom_windows(ds), voi_lut=voi_lut, body_part=str(ds.get("BodyPartExamined", "") or "") or None,
         uids={"study": str(ds.get("StudyInstanceUID", "")), "series": str(ds.get("SeriesInstanceUID", "")),
               "instance": str(ds.get("SOPInstanceUID", ""))},
@@ -246,7 +283,8 @@ def dicom_to_image(path: str | Path, ds: Any) -> ImageData:
 
 
 def read_dicom(path: str | Path) -> ImageData:
-    """Read one DICOM file (single or multi-frame); frames come back as [N, H, W], not a volume."""
+    """Read one DICOM file (single or multi-frame); frames come back as [N, H, W] (a volume only for
+    enhanced CT / MR / PET files whose frames have distinct positions)."""
     return dicom_to_image(path, read_dicom_header(path))
 
 

@@ -104,6 +104,25 @@ def test_multiframe_gives_frames():
     assert img.pixels.shape == (10, 64, 64) and not img.is_volume
 
 
+def test_enhanced_ct_rescale_from_functional_groups_and_frame_order(tmp_path):
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(path)
+    pvt = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    assert "RescaleIntercept" not in ds  # only in the shared functional group
+    hu = ds.pixel_array * float(pvt.RescaleSlope) + float(pvt.RescaleIntercept)  # [2, 512, 512]
+    img = im.read_dicom(path)
+    assert img.is_volume and img.spacing == pytest.approx((10.0, 0.388672, 0.388672))
+    # normal = row x col = (-1,0,0) x (0,1,0) = (0,0,-1): z -159 (frame 0) before z -149 (frame 1)
+    np.testing.assert_array_equal(img.pixels, hu)
+    assert img.pixels.min() == -1024
+    frames = ds.PerFrameFunctionalGroupsSequence
+    p0 = frames[0].PlanePositionSequence[0].ImagePositionPatient
+    frames[0].PlanePositionSequence[0].ImagePositionPatient = frames[1].PlanePositionSequence[0].ImagePositionPatient
+    frames[1].PlanePositionSequence[0].ImagePositionPatient = p0
+    ds.save_as(tmp_path / "swapped.dcm")
+    np.testing.assert_array_equal(im.read_dicom(tmp_path / "swapped.dcm").pixels, hu[::-1])
+
+
 def test_mr_percentile_clip_of_nonzero_voxels_keeps_background():
     from nibabel.testing import data_path
 
