@@ -145,8 +145,9 @@ def layer_decay_groups(model: nn.Module, depth: int, lr: float, weight_decay: fl
                        layer_decay: float = 1.0, skip: Sequence[str] = ()) -> list[dict]:
     """AdamW parameter groups with layer-wise lr decay; no weight decay on 1-D params and tokens.
 
-    Each group has `lr` = lr * scale and an `lr_scale` entry (so that a scheduler can set
-    `group["lr"] = base * group["lr_scale"]`). Frozen parameters are skipped.
+    Built by `medssl.train.optim.param_groups` with the MAE layer ids of `layer_id` and
+    `num_layers = depth + 1`. Each group carries `lr_scale` (a scheduler sets
+    `group["lr"] = base * group["lr_scale"]`) and starts at `lr * lr_scale`. Frozen parameters are skipped.
 
     Args:
         model: the module to optimise (parameter names may carry prefixes, e.g. "backbone.").
@@ -154,23 +155,18 @@ def layer_decay_groups(model: nn.Module, depth: int, lr: float, weight_decay: fl
         lr: base learning rate.
         weight_decay: decay for >= 2-D weights.
         layer_decay: decay factor per layer (1.0 = none; MAE ViT-B uses 0.65-0.75).
-        skip: extra parameter-name substrings exempt from weight decay.
+        skip: extra parameter names exempt from weight decay.
     """
+    from medssl.train.optim import param_groups
+
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_token = bool(_EMBED.search(name)) and "patch_embed" not in name
-        no_wd = p.ndim == 1 or name.endswith(".bias") or is_token
-        no_wd = no_wd or any(s in name for s in skip)
-        lid = layer_id(name, depth)
-        scale = layer_decay ** (depth + 1 - lid)
-        g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                                            "lr_scale": scale, "lr": lr * scale, "layer_id": lid})
-        g["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+    tokens = [n for n, _ in model.named_parameters() if _EMBED.search(n) and "patch_embed" not in n]
+    groups = param_groups(model, weight_decay, no_weight_decay=[*tokens, *skip],
+                          layer_id=lambda n: layer_id(n, depth), layer_decay=layer_decay, num_layers=depth + 1)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return groups
 
 
 def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> torch.Tensor:

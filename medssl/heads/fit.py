@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from medssl.train.optim import cosine_lr
+
 
 @dataclass
 class FitConfig:
@@ -77,20 +79,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.0) -> float:
-    """Learning rate at `step`: linear warmup to `base_lr`, then half-cycle cosine down to `min_lr`."""
-    try:  # the lead's shared schedule, when present
-        from medssl.train.optim import cosine_lr
-    except ImportError:
-        cosine_lr = None
-    if cosine_lr is not None:
-        return float(cosine_lr(step, total, warmup, base_lr, min_lr))
-    if step < warmup:
-        return base_lr * step / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
 def _device(cfg: FitConfig) -> torch.device:
@@ -191,7 +179,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, loss_fn: 
             x, y = x.to(dev), y.to(dev)
             if augment is not None:
                 x, y = augment(x, y)
-            lr = warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)
+            lr = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             with _autocast(dev, cfg.bf16):

@@ -1,26 +1,17 @@
 """The shared training loop: schedule, best-on-val restore, cached probes, bad config."""
 
 import copy
-import math
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from medssl.heads.classify import LinearProbe
-from medssl.heads.fit import FitConfig, fit, predict, warmup_cosine
+from medssl.heads.fit import FitConfig, fit, predict
 
 from ._vit import tiny_vit
 
 torch.set_num_threads(1)
-
-
-def test_warmup_cosine_hand_values():
-    assert warmup_cosine(0, 100, 10, 1.0) == 0.0
-    assert warmup_cosine(5, 100, 10, 1.0) == pytest.approx(0.5)
-    assert warmup_cosine(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert warmup_cosine(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert warmup_cosine(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
 def _toy(n=64, seed=0):

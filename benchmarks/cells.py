@@ -1,0 +1,249 @@
+"""One table cell = one (task, backbone, protocol, label fraction, seed) training run, cached by key.
+
+Protocols: "probe" (frozen encoder: multi-block `LinearProbe` / `DenseProbe`), "finetune" (whole
+ViT with layer-wise lr decay: `FineTuneClassifier` / `ViTSegmenter`), "scratch" (the CNN baselines:
+timm ResNet-18 / small U-Net, trained from random init). Every row of a task is trained on the same
+label subset (drawn from the seed), with the same schedule per protocol, and selected on the same
+validation split; the test split is scored once, with the best-on-validation weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from benchmarks.tasks import TaskData
+from medssl.heads.classify import FineTuneClassifier, LinearProbe, class_weights, layer_decay_groups
+from medssl.heads.fit import FitConfig, fit, predict
+from medssl.heads.segment import DenseProbe, UNet, ViTSegmenter, dice_ce_loss
+from medssl.metrics.classification import classification_report, roc_auc
+from medssl.metrics.segmentation import SegmentationMeter
+
+_SIZE_NAMES = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}
+_FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # frozen-encoder features, shared by probe cells
+
+
+@dataclass
+class Backbone:
+    """A table row's model: a ViT source (path or registry name), a random-init twin, or a CNN."""
+
+    kind: str  # "vit" | "vit_random" | "cnn"
+    source: str  # load_backbone source; for vit_random a JSON architecture; "resnet18"/"unet" for cnn
+    pretraining: str
+    data: str
+    label: str  # Backbone column, e.g. "ViT-Ti/4"
+
+    def identity(self) -> str:
+        """What makes the weights what they are (for the cache key): source + file size/mtime."""
+        ident = f"{self.kind}:{self.source}"
+        p = Path(self.source)
+        if self.kind == "vit" and p.exists():
+            files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+            ident += ":" + ",".join(f"{q.name}:{q.stat().st_size}:{int(q.stat().st_mtime)}" for q in files[:20])
+        return ident
+
+
+def vit_arch(model: nn.Module) -> dict[str, Any]:
+    """Architecture of a loaded timm ViT (to build its random-init twin)."""
+    return {"embed_dim": int(model.embed_dim), "depth": len(model.blocks),
+            "num_heads": int(model.blocks[0].attn.num_heads), "patch_size": int(model.patch_embed.patch_size[0]),
+            "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim}
+
+
+def vit_label(arch: dict[str, Any]) -> str:
+    """Short name such as ViT-Ti/4."""
+    return f"ViT-{_SIZE_NAMES.get(arch['embed_dim'], arch['embed_dim'])}/{arch['patch_size']}"
+
+
+def load_vit(bb: Backbone, img_size: int, in_chans: int = 1) -> nn.Module:
+    """A fresh copy of the row's ViT (pretrained weights or random init)."""
+    if bb.kind == "vit":
+        from medssl import load_backbone
+
+        return load_backbone(bb.source, img_size=img_size, in_chans=in_chans)
+    from medssl.models.vit import build_vit
+
+    a = json.loads(bb.source)
+    return build_vit(a["embed_dim"], a["depth"], a["num_heads"], a["patch_size"], img_size, in_chans,
+                     a["mlp_ratio"])
+
+
+def label_subset(targets: torch.Tensor, fraction: float, seed: int, stratify: bool) -> np.ndarray:
+    """Indices of the labelled training subset: a fraction (<= 1) or a count (> 1) of samples.
+
+    Classification subsets are stratified (each class gets its share, at least one sample).
+    """
+    n = len(targets)
+    k = n if fraction == 1 else (round(fraction * n) if fraction < 1 else int(fraction))
+    if not 1 <= k <= n:
+        raise ValueError(f"label fraction {fraction} gives {k} of {n} training samples")
+    rng = np.random.default_rng(10_000 + seed)
+    if k == n:
+        return np.arange(n)
+    if not stratify:
+        return np.sort(rng.choice(n, k, replace=False))
+    y = targets.numpy()
+    classes = np.unique(y)
+    per = {c: max(1, round(k * float((y == c).mean()))) for c in classes}
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), min(per[c], int((y == c).sum())),
+                                              replace=False) for c in classes]))
+
+
+def _hflip(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5  # [N]
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    if y.ndim == 3:
+        y = torch.where(flip.view(-1, 1, 1), y.flip(-1), y)
+    return x, y
+
+
+def _fit_config(hp: dict[str, Any], n_train: int, seed: int, device: str | None) -> FitConfig:
+    bs = min(int(hp.get("batch_size", 32)), n_train)
+    steps_per_epoch = max(1, n_train // bs)
+    epochs = max(int(hp.get("epochs", 30)), math.ceil(int(hp.get("min_steps", 0)) / steps_per_epoch))
+    return FitConfig(epochs=epochs, batch_size=bs, lr=float(hp.get("lr", 1e-3)),
+                     weight_decay=float(hp.get("weight_decay", 0.05)),
+                     warmup_epochs=min(float(hp.get("warmup_epochs", 0)), epochs / 5), seed=seed, device=device,
+                     eval_every=max(1, epochs // int(hp.get("evals", 20))), bf16=bool(hp.get("bf16", False)),
+                     min_lr=float(hp.get("min_lr", 1e-6)))
+
+
+def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_size: int
+           ) -> tuple[nn.Module, list[dict] | None]:
+    c, seg = task.num_classes, task.kind == "segmentation"
+    if bb.kind == "cnn":
+        if protocol != "scratch":
+            raise ValueError(f"CNN baselines train from scratch only, not {protocol!r}")
+        if seg:
+            return UNet(1, c, base=int(hp.get("unet_base", 16)), levels=int(hp.get("unet_levels", 3))), None
+        import timm
+
+        return timm.create_model("resnet18", pretrained=False, num_classes=c, in_chans=1), None
+    vit = load_vit(bb, img_size)
+    depth = len(vit.blocks)
+    if protocol == "probe":
+        k = min(int(hp.get("blocks", 4)), depth)
+        model = DenseProbe(vit, c, num_blocks=k) if seg else LinearProbe(vit, c, pool=hp.get("pool", "cls+mean"),
+                                                                          num_blocks=k)
+        return model, None
+    if protocol == "finetune":
+        dp = float(hp.get("drop_path", 0.1))
+        model = (ViTSegmenter(vit, c, blocks=int(hp.get("blocks", 4)), decoder_dim=int(hp.get("decoder_dim", 64)),
+                              drop_path_rate=dp) if seg else FineTuneClassifier(vit, c, drop_path_rate=dp))
+        groups = layer_decay_groups(model, depth, float(hp.get("lr", 1e-3)), float(hp.get("weight_decay", 0.05)),
+                                    float(hp.get("layer_decay", 0.75)))
+        return model, groups
+    raise ValueError(f"unknown protocol {protocol!r} for a ViT (use probe or finetune)")
+
+
+@torch.no_grad()
+def probe_features(model: nn.Module, key: str, splits: dict[str, torch.Tensor], batch_size: int = 64
+                   ) -> dict[str, torch.Tensor]:
+    """Features of every split from a frozen probe's `features()`, computed once per key and reused."""
+    if key not in _FEATURES:
+        if len(_FEATURES) >= 4:
+            _FEATURES.pop(next(iter(_FEATURES)))
+        model.eval()
+        _FEATURES[key] = {k: torch.cat([model.features(x[i:i + batch_size]).float().cpu()
+                                        for i in range(0, len(x), batch_size)]) for k, x in splits.items()}
+    return _FEATURES[key]
+
+
+def _scores(task: TaskData):
+    if task.kind == "segmentation":
+        def seg_score(out: torch.Tensor, tgt: torch.Tensor) -> float:
+            m = SegmentationMeter(task.num_classes)
+            m.update(out.argmax(1), tgt)
+            return m.report()["dice"]
+
+        return seg_score
+
+    def cls_score(out: torch.Tensor, tgt: torch.Tensor) -> float:
+        auc = roc_auc(tgt.numpy(), out.softmax(1).numpy())[0]
+        acc = float((out.argmax(1) == tgt).float().mean())
+        return acc if math.isnan(auc) else auc + 1e-3 * acc  # AUC, ties broken by accuracy
+
+    return cls_score
+
+
+def evaluate_outputs(task: TaskData, out: torch.Tensor, tgt: torch.Tensor) -> dict[str, Any]:
+    """Metrics of the test split from model outputs (logits)."""
+    if task.kind == "segmentation":
+        m = SegmentationMeter(task.num_classes)
+        m.update(out.argmax(1), tgt)
+        return m.report()
+    return classification_report(tgt.numpy(), out.softmax(1).numpy(), task.num_classes)
+
+
+def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed: int, hp: dict[str, Any],
+             img_size: int, norm: tuple[float, float] = (0.5, 0.25), device: str | None = None) -> dict[str, Any]:
+    """Train and evaluate one cell; returns test metrics and run facts."""
+    seg = task.kind == "segmentation"
+    xtr, ytr = task.splits["train"]
+    keep = torch.from_numpy(label_subset(ytr, fraction, seed, stratify=not seg))
+    mean, std = norm
+
+    def ds(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
+        return TensorDataset((x - mean) / std, y)
+
+    torch.manual_seed(seed)  # the head / random-init weights depend on the seed
+    model, groups = _build(task, bb, protocol, hp, img_size)
+    trained = model
+    if protocol == "probe":  # train the head on frozen features, computed once per backbone and task
+        fkey = cell_key(bb=bb.identity(), task=task.name, info=task.summary(), head=repr(model.head),
+                        blocks=model.indices, pool=getattr(model, "pool", None), norm=norm,
+                        seed=seed if bb.kind == "vit_random" else None)
+        feats = probe_features(model, fkey, {k: (v[0] - mean) / std for k, v in task.splits.items()})
+        train = TensorDataset(feats["train"][keep], ytr[keep])
+        val = TensorDataset(feats["val"], task.splits["val"][1])
+        test = TensorDataset(feats["test"], task.splits["test"][1])
+        trained = model.head
+    else:
+        train = ds(xtr[keep], ytr[keep])
+        val, test = ds(*task.splits["val"]), ds(*task.splits["test"])
+    cfg = _fit_config(hp, len(train), seed, device)
+    if seg:
+        def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return dice_ce_loss(out, y)
+    else:
+        w = class_weights(ytr[keep].numpy(), task.num_classes) if hp.get("class_weights") else None
+
+        def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out.float(), y, weight=None if w is None else w.to(out.device))
+    augment = _hflip if hp.get("hflip", True) and protocol != "probe" else None
+    res = fit(trained, train, val, loss_fn, _scores(task), cfg, param_groups=groups, augment=augment)
+    out, tgt = predict(trained, test, batch_size=64)
+    metrics = evaluate_outputs(task, out, tgt)
+    return {"metrics": metrics, "val_score": res.best_score, "best_epoch": res.best_epoch, "epochs": cfg.epochs,
+            "n_train": len(train), "seconds": round(res.seconds, 1),
+            "params_trained": sum(p.numel() for p in trained.parameters() if p.requires_grad)}
+
+
+def cell_key(**parts: Any) -> str:
+    """Stable hash of everything that determines a cell's result."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def cached_cell(folder: Path, key: str, compute: Any) -> tuple[dict[str, Any], bool]:
+    """Return the cached result for `key` or compute and store it atomically; (result, was_cached)."""
+    path = folder / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), True
+    result = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    os.replace(tmp, path)
+    return result, False

@@ -1,0 +1,165 @@
+"""Turn cell results into the paper-style tables (Markdown, CSV, JSON) and bar charts.
+
+One table per task and label fraction, one row per (backbone, protocol), mean +- std over seeds.
+The best mean of each metric column is bold. The last column says whether a pretrained row beats
+BOTH baselines on the task's main metric (the from-scratch CNN and the best random-init ViT row
+with the same labels): only then has pretraining earned its place.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = {"classification": [("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("auc", "AUC")],
+           "segmentation": [("dice", "Dice"), ("iou", "IoU")],
+           "detection": [("r@0.3", "R@0.3"), ("ap50", "AP50")]}
+PRIMARY = {"classification": "auc", "segmentation": "dice", "detection": "r@0.3"}
+
+
+def fraction_label(f: float, n_train: int | None = None) -> str:
+    """'8 labelled', '10 %' or 'all' for a label fraction."""
+    if f == 1:
+        return "all" + (f" ({n_train})" if n_train else "")
+    return f"{int(f)} labelled" if f > 1 else f"{100 * f:g} %" + (f" ({n_train})" if n_train else "")
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group per-seed rows by (task, fraction, backbone row, protocol); mean, std and n over seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["fraction"], r["row"], r["protocol"])].append(r)
+    out = []
+    for (task, frac, row, protocol), rs in groups.items():
+        kind = rs[0]["kind"]
+        agg = {"task": task, "kind": kind, "fraction": frac, "row": row, "protocol": protocol,
+               "pretraining": rs[0]["pretraining"], "data": rs[0]["data"], "backbone": rs[0]["backbone"],
+               "role": rs[0]["role"], "seeds": len(rs), "n_train": rs[0]["n_train"],
+               "seconds": float(np.mean([r["seconds"] for r in rs]))}
+        for key, _ in METRICS[kind]:
+            vals = np.array([r["metrics"].get(key, math.nan) for r in rs], dtype=float)
+            agg[key] = float(np.mean(vals))
+            agg[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def _beats(agg: list[dict[str, Any]]) -> None:
+    """Set 'verdict' on every aggregated row (in place)."""
+    by_cell: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for a in agg:
+        by_cell[(a["task"], a["fraction"])].append(a)
+    for rows in by_cell.values():
+        key = PRIMARY[rows[0]["kind"]]
+        cnn = [r[key] for r in rows if r["role"] == "cnn"]
+        rnd = [r[key] for r in rows if r["role"] == "random"]
+        for r in rows:
+            if r["role"] != "pretrained":
+                r["verdict"] = "baseline"
+            elif not cnn or not rnd:
+                r["verdict"] = "n/a (baseline missing)"
+            else:
+                margin = r[key] - max(max(cnn), max(rnd))
+                r["verdict"] = f"**yes** (+{margin:.3f})" if margin > 0 else f"no ({margin:+.3f})"
+
+
+def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]) -> str:
+    """Markdown tables, one per task and label fraction."""
+    _beats(agg)
+    lines: list[str] = []
+    order = {"cnn": 0, "random": 1, "pretrained": 2}
+    for task in dict.fromkeys(a["task"] for a in agg):
+        rows_t = [a for a in agg if a["task"] == task]
+        kind = rows_t[0]["kind"]
+        info = tasks.get(task, {})
+        lines += [f"### {task} ({kind}; {info.get('data', '')})", ""]
+        samples = info.get("samples")
+        if samples:
+            lines += [f"Splits: {samples}; main metric {PRIMARY[kind]}.", ""]
+        for frac in sorted({a["fraction"] for a in rows_t}):
+            rows = sorted([a for a in rows_t if a["fraction"] == frac],
+                          key=lambda a: (order[a["role"]], a["row"], a["protocol"]))
+            cols = METRICS[kind]
+            best = {k: max((r[k] for r in rows if not math.isnan(r[k])), default=math.nan) for k, _ in cols}
+            lines.append(f"Labels: {fraction_label(frac, rows[0]['n_train'])}, seeds: {rows[0]['seeds']}")
+            lines.append("")
+            head = ["Pre-training", "Data", "Backbone", "Protocol"] + [n for _, n in cols] + ["Beats both baselines"]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for r in rows:
+                cells = [r["pretraining"], r["data"], r["backbone"], r["protocol"]]
+                for k, _ in cols:
+                    txt = f"{r[k]:.3f} ± {r[k + '_std']:.3f}" if not math.isnan(r[k]) else "n/a"
+                    cells.append(f"**{txt}**" if r[k] == best[k] and not math.isnan(r[k]) else txt)
+                cells.append(r["verdict"])
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_csv(agg: list[dict[str, Any]], path: Path) -> None:
+    """All aggregated rows as CSV (metric columns of every task kind)."""
+    keys = ["task", "kind", "fraction", "n_train", "pretraining", "data", "backbone", "protocol", "role",
+            "seeds", "seconds", "verdict"]
+    metric_keys = [k for kind in METRICS.values() for k, _ in kind]
+    keys += [m for k in metric_keys for m in (k, k + "_std")]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for a in agg:
+            w.writerow({k: a.get(k, "") for k in keys})
+
+
+def bar_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """One PNG per task: main metric per row, grouped by label fraction, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task in dict.fromkeys(a["task"] for a in agg):
+        rows = [a for a in agg if a["task"] == task]
+        key = PRIMARY[rows[0]["kind"]]
+        fracs = sorted({a["fraction"] for a in rows})
+        names = list(dict.fromkeys(f"{a['row']} {a['protocol']}" for a in rows))
+        width = 0.8 / max(1, len(names))
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(fracs) * len(names) * 0.5), 4))
+        for j, name in enumerate(names):
+            means, stds = [], []
+            for f in fracs:
+                hit = [a for a in rows if a["fraction"] == f and f"{a['row']} {a['protocol']}" == name]
+                means.append(hit[0][key] if hit else np.nan)
+                stds.append(hit[0][key + "_std"] if hit else 0.0)
+            ax.bar(np.arange(len(fracs)) + j * width, means, width, yerr=stds, capsize=3, label=name)
+        ax.set_xticks(np.arange(len(fracs)) + width * (len(names) - 1) / 2)
+        ax.set_xticklabels([fraction_label(f) for f in fracs])
+        ax.set_ylabel(key)
+        ax.set_title(task)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = folder / f"{task}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_all(rows: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], folder: Path,
+              header: str = "") -> dict[str, Path]:
+    """Write results.md / results.csv / results.json and the charts; return their paths."""
+    agg = aggregate(rows)
+    md = markdown(agg, tasks)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.md").write_text((header + "\n\n" if header else "") + md + "\n")
+    write_csv(agg, folder / "results.csv")
+    (folder / "results.json").write_text(json.dumps({"tasks": tasks, "aggregated": agg, "cells": rows},
+                                                    indent=1, default=float))
+    charts = bar_charts(agg, folder)
+    return {"md": folder / "results.md", "csv": folder / "results.csv", "json": folder / "results.json",
+            **{p.stem: p for p in charts}}

@@ -1,0 +1,161 @@
+"""Transfer tables: several backbone initialisations x tasks x protocols x label fractions x seeds.
+
+    python benchmarks/run_all.py --quick                               # CPU demo scale
+    python benchmarks/run_all.py --quick --backbone runs/lumid/backbone  # + your MAE backbone
+    python benchmarks/run_all.py --config benchmarks/configs/default.yaml --out benchmarks/results/full
+
+Every table carries the rows a user would otherwise pick, trained the same way on the same splits:
+a from-scratch CNN (timm ResNet-18 / small U-Net) and each ViT architecture at random init. Results
+go to one folder: results.md / .csv / .json, one bar chart per task, config.resolved.yaml, tasks.json
+and cells/ (one JSON per finished cell: a re-run skips them, so an interrupted run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from benchmarks.cells import Backbone, cached_cell, cell_key, load_vit, run_cell, vit_arch, vit_label  # noqa: E402
+from benchmarks.report import write_all  # noqa: E402
+from benchmarks.tasks import build_task  # noqa: E402
+
+CONFIGS = ROOT / "benchmarks" / "configs"
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a YAML config; `base: other.yaml` entries are merged first (shallow)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config not found")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if "base" in cfg:
+        base = load_config((path.parent / cfg.pop("base")).resolve())
+        base.update(cfg)
+        cfg = base
+    return cfg
+
+
+def resolve_backbones(cfg: dict[str, Any], img_size: int) -> list[Backbone]:
+    """Pretrained rows from the config, their random-init twins, extra random rows, and the CNN marker."""
+    rows: list[Backbone] = []
+    twins: dict[str, Backbone] = {}
+    for entry in cfg.get("backbones") or []:
+        entry = {"source": entry} if isinstance(entry, str) else dict(entry)
+        src = str(entry["source"])
+        from medssl.hub import list_backbones
+
+        if not Path(src).exists() and src not in list_backbones():
+            raise FileNotFoundError(f"backbone {src!r}: no such file/folder and not a registered name "
+                                    f"({', '.join(list_backbones())})")
+        vit = load_vit(Backbone("vit", src, "", "", ""), img_size)
+        arch = vit_arch(vit)
+        is_random = src in list_backbones() and not Path(src).exists()
+        if not is_random:
+            rows.append(Backbone("vit", src, entry.get("pretraining", "MAE"), entry.get("data", Path(src).name),
+                                 entry.get("label", vit_label(arch))))
+        key = json.dumps(arch, sort_keys=True)
+        if is_random or cfg.get("random_init", True):
+            twins.setdefault(key, Backbone("vit_random", key, "none (random init)", "-", vit_label(arch)))
+    return rows + list(twins.values())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--quick", action="store_true", help="use configs/quick.yaml (CPU demo scale)")
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<config name>)")
+    p.add_argument("--backbone", action="append", default=[],
+                   help="extra backbone source (folder / checkpoint / registry name); repeatable. "
+                        "Give PATH=LABEL:DATA to set the Data column, e.g. runs/bb=MAE:LUMID-mini")
+    p.add_argument("--tasks", nargs="+", help="task names to keep (default: all in the config)")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--fractions", nargs="+", type=float, help="label fractions (<= 1) or counts (> 1)")
+    p.add_argument("--protocols", nargs="+", choices=["probe", "finetune"])
+    p.add_argument("--device", help="cpu / cuda (default: config, else cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def _cli_backbone(text: str) -> dict[str, str]:
+    src, _, rest = text.partition("=")
+    pre, _, data = rest.partition(":")
+    return {"source": src, "pretraining": pre or "MAE", "data": data or Path(src).name}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) every cell of the config and write the tables."""
+    args = parse_args(argv)
+    cfg_path = args.config or CONFIGS / ("quick.yaml" if args.quick else "default.yaml")
+    cfg = load_config(cfg_path)
+    cfg["backbones"] = list(cfg.get("backbones") or []) + [_cli_backbone(b) for b in args.backbone]
+    for k in ("seeds", "protocols"):
+        if getattr(args, k):
+            cfg[k] = getattr(args, k)
+    if args.fractions:
+        cfg["label_fractions"] = args.fractions
+    if args.device:
+        cfg["device"] = args.device
+    if args.threads or cfg.get("threads"):
+        torch.set_num_threads(int(args.threads or cfg["threads"]))
+    task_specs = [t if isinstance(t, dict) else {"name": t} for t in cfg["tasks"]]
+    if args.tasks:
+        task_specs = [t for t in task_specs if t["name"] in args.tasks]
+        if not task_specs:
+            raise ValueError(f"--tasks {args.tasks}: none of them is in {cfg_path}")
+    out = args.out or ROOT / "benchmarks" / "results" / cfg.get("name", cfg_path.stem)
+    out.mkdir(parents=True, exist_ok=True)
+    img = int(cfg.get("img_size", 64))
+    backbones = resolve_backbones(cfg, img)
+    if not backbones:
+        raise ValueError("no ViT backbone: list at least one source under 'backbones' or pass --backbone")
+    cfg["resolved_rows"] = [b.__dict__ for b in backbones]
+    (out / "config.resolved.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    device = cfg.get("device") if cfg.get("device") not in (None, "auto") else None
+    rows, tasks_info, t_start = [], {}, time.time()
+    for spec in task_specs:
+        task = build_task(spec, img)
+        tasks_info[task.name] = task.summary()
+        cnn = Backbone("cnn", "unet" if task.kind == "segmentation" else "resnet18", "none (from scratch)", "-",
+                       "U-Net" if task.kind == "segmentation" else "ResNet-18")
+        plan = [(bb, p) for bb in backbones for p in cfg["protocols"]]
+        if cfg.get("baselines", True):
+            plan.insert(0, (cnn, "scratch"))
+        for frac in cfg["label_fractions"]:
+            for seed in cfg["seeds"]:
+                for bb, protocol in plan:
+                    hp = dict(cfg.get(protocol, {}))
+                    key = cell_key(task=spec, img=img, bb=bb.identity(), protocol=protocol, fraction=frac,
+                                   seed=seed, hp=hp, version=1)
+                    t0 = time.time()
+                    job = functools.partial(run_cell, task, bb, protocol, frac, seed, hp, img, device=device)
+                    res, hit = cached_cell(out / "cells", key, job)
+                    role = "cnn" if bb.kind == "cnn" else "random" if bb.kind == "vit_random" else "pretrained"
+                    rows.append({"task": task.name, "kind": task.kind, "fraction": frac, "seed": seed,
+                                 "row": f"{bb.pretraining} | {bb.data} | {bb.label}", "protocol": protocol,
+                                 "pretraining": bb.pretraining, "data": bb.data, "backbone": bb.label,
+                                 "role": role, "key": key, **res})
+                    main_metric = res["metrics"].get("dice", res["metrics"].get("auc"))
+                    print(f"[{time.time() - t_start:6.0f}s] {task.name} frac={frac:g} seed={seed} "
+                          f"{bb.label:10s} {bb.pretraining[:18]:18s} {protocol:8s} -> {main_metric:.3f} "
+                          f"({'cached' if hit else f'{time.time() - t0:.0f}s'})", flush=True)
+    header = (f"Config `{cfg_path.name}`, image size {img}, seeds {cfg['seeds']}, device "
+              f"{device or ('cuda' if torch.cuda.is_available() else 'cpu')}, {time.time() - t_start:.0f} s.")
+    (out / "tasks.json").write_text(json.dumps(tasks_info, indent=1, default=str))
+    paths = write_all(rows, tasks_info, out, header)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Benchmark tasks: each builds a `TaskData` (in-memory train / val / test tensors with fixed splits).
+
+Built-in tasks (all offline, on real images shipped by installed packages):
+- `brain_tissue`: background / grey / white matter on 2-D slices of nilearn's MNI152 T1 template.
+- `image_qc`: clean vs. one of four seeded artifacts on real CT / MR / X-ray / US slices.
+Tasks from YAML (`kind: classification` with a folder or CSV, `kind: segmentation` with a CSV) go
+through `medssl.data.datasets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TaskData:
+    """A task ready to train on: images [N, 1, S, S] in [0, 1] and targets per split.
+
+    Attributes:
+        name: task id (used in cache keys and file names).
+        kind: "classification" or "segmentation".
+        data: what the images are, for the table's Data column of the task header.
+        num_classes: classes (background included for segmentation).
+        class_names: one name per class.
+        splits: {"train" | "val" | "test": (images, targets)}; class indices [N] or masks [N, S, S].
+        groups: {split: group id per sample} (patient / volume / slab), for reporting.
+        info: free-form facts for the report (sources, counts).
+    """
+
+    name: str
+    kind: str
+    data: str
+    num_classes: int
+    class_names: list[str]
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per split and the task facts, for the resolved config and the report."""
+        return {"kind": self.kind, "data": self.data, "classes": self.class_names,
+                "samples": {k: int(v[0].shape[0]) for k, v in self.splits.items()},
+                "groups": {k: len(set(v)) for k, v in self.groups.items()}, **self.info}
+
+
+def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
+    """Build a task from its spec: {"name": builtin name, ...options} or a YAML-style custom task."""
+    name = spec.get("name")
+    opts = {k: v for k, v in spec.items() if k not in ("name", "kind")}
+    if name == "brain_tissue":
+        from benchmarks.tasks.brain import brain_tissue
+
+        return brain_tissue(img_size=img_size, **opts)
+    if name == "image_qc":
+        from benchmarks.tasks.qc import image_qc
+
+        return image_qc(img_size=img_size, **opts)
+    if spec.get("kind") in ("classification", "segmentation"):
+        from benchmarks.tasks.custom import custom_task
+
+        return custom_task(spec, img_size)
+    raise ValueError(f"unknown task {spec!r}: use brain_tissue, image_qc, or a dict with kind "
+                     "classification/segmentation (see benchmarks/configs/custom_example.yaml)")

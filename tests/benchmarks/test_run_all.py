@@ -1,0 +1,75 @@
+"""End to end: a 1-seed micro config of benchmarks/run_all.py, resume from the cell cache, the table."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from benchmarks import run_all
+from medssl.hub import save_backbone
+from medssl.models.vit import build_vit
+
+torch.set_num_threads(1)
+
+MICRO_HP = {"epochs": 1, "min_steps": 2, "batch_size": 8, "lr": 1e-3, "evals": 1, "unet_base": 4,
+            "unet_levels": 2, "decoder_dim": 16, "blocks": 2}
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    save_backbone(build_vit(32, 2, 2, 8, 32, 1), tmp / "bb", data="unit-test")
+    cfg = {"name": "micro", "img_size": 32, "threads": 1, "device": "cpu",
+           "backbones": [{"source": str(tmp / "bb"), "pretraining": "MAE", "data": "toy"}],
+           "tasks": [{"name": "brain_tissue", "slab": 4, "gap": 2, "step": 4}, {"name": "image_qc", "planes": 1}],
+           "protocols": ["probe", "finetune"], "label_fractions": [4, 1.0], "seeds": [0],
+           "probe": MICRO_HP, "finetune": MICRO_HP, "scratch": MICRO_HP}
+    (tmp / "micro.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp / "results"
+    assert run_all.main(["--config", str(tmp / "micro.yaml"), "--out", str(out)]) == 0
+    return tmp, out
+
+
+def test_outputs_and_table(micro):
+    tmp, out = micro
+    for name in ("results.md", "results.csv", "results.json", "config.resolved.yaml", "tasks.json",
+                 "brain_tissue.png", "image_qc.png"):
+        assert (out / name).is_file(), name
+    md = (out / "results.md").read_text()
+    assert "| Pre-training | Data | Backbone | Protocol | Dice | IoU | Beats both baselines |" in md
+    assert "| Pre-training | Data | Backbone | Protocol | Accuracy | Sensitivity | AUC |" in md
+    assert "U-Net" in md and "ResNet-18" in md and "none (random init)" in md and "MAE | toy | ViT-" in md
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    # per task and fraction: CNN + (pretrained, random twin) x (probe, finetune) = 5 rows
+    assert len(rows) == 2 * 2 * 5
+    for r in rows:
+        assert r["verdict"] in ("baseline",) or r["verdict"].startswith(("**yes**", "no"))
+        key = "dice" if r["kind"] == "segmentation" else "auc"
+        assert 0.0 <= float(r[key]) <= 1.0
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert tasks["brain_tissue"]["classes"] == ["background", "grey matter", "white matter"]
+    cells = list((out / "cells").glob("*.json"))
+    assert len(cells) == 20
+
+
+def test_resume_uses_cache(micro, capsys):
+    tmp, out = micro
+    before = {p.name: p.stat().st_mtime for p in (out / "cells").glob("*.json")}
+    assert run_all.main(["--config", str(tmp / "micro.yaml"), "--out", str(out), "--tasks", "brain_tissue"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("(cached)") == 10 and "s)" not in log.replace("(cached)", "")
+    after = {p.name: p.stat().st_mtime for p in (out / "cells").glob("*.json")}
+    assert before == after
+
+
+def test_bad_backbone_and_task(tmp_path):
+    cfg = {"backbones": ["no/such/folder"], "tasks": ["brain_tissue"], "protocols": ["probe"],
+           "label_fractions": [1.0], "seeds": [0]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(FileNotFoundError, match="no/such/folder"):
+        run_all.main(["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError):
+        run_all.main(["--config", str(tmp_path / "missing.yaml")])
