@@ -272,8 +272,10 @@ def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | N
     store = None
     if sc["distill_weight"] > 0 and cfg["data"]["embeddings"]:
         store = EmbeddingStore(cfg["data"]["embeddings"], cfg["data"]["skip_missing_embeddings"])
-        probe = store.load(train_ds.file_of(0))
+        probes = (store.load(train_ds.file_of(i)) for i in range(len(train_ds)))
+        probe = next((e for e in probes if e is not None), None)  # the expert width
         embed_dim = None if probe is None else probe.shape[-1]
+        store.missing = 0
     else:
         embed_dim = None
     model, mae, dist = build_medmask(cfg, embed_dim)
@@ -375,7 +377,7 @@ def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | N
                 best = {"score": score, "epoch": epoch, "summary": summary, "curve": curve, "preds": preds}
                 _save(sdir / "best.pt", eval_model, mae, dist, cfg, stage, epoch, summary)
         history.append(record)
-        print(f"[{stage}] epoch {epoch} " + json.dumps({k: v for k, v in record.items() if k != "epoch"}))
+        print(f"[{stage}] epoch {epoch} " + json.dumps({k: v for k, v in record.items() if k != "epoch"}), flush=True)
     _save(sdir / "last.pt", teacher if teacher is not None else model, mae, dist, cfg, stage, sc["epochs"] - 1,
           history[-1].get("val", {}))
     result = {"stage": stage, "best_epoch": best.get("epoch"), "best": best.get("summary"),
@@ -415,7 +417,9 @@ def run_stages(cfg: dict, stages: Iterable[str], init: str | Path | None = None)
         if res.get("curve") is not None:
             curves[stage] = res["curve"]
     save_froc(out / "froc_all.png", curves, title="validation FROC per stage vs random boxes")
-    (out / "summary.json").write_text(json.dumps(results, indent=1, default=float))
+    summary_file = out / "summary.json"
+    previous = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary_file.write_text(json.dumps({**previous, **results}, indent=1, default=float))  # keep earlier stages
     return results
 
 

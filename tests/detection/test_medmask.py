@@ -1,0 +1,185 @@
+"""MedMask pieces: token masking, feature MAE, expert distillation, EMA, pseudo-labels, selective retraining."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medssl.detection.detr import build_detector, demo_detector_config
+from medssl.detection.medmask import (
+    EmbeddingStore,
+    ExpertDistiller,
+    FeatureMAE,
+    ema_update,
+    non_decoder_names,
+    pseudo_labels,
+    random_token_masks,
+    reset_non_decoder,
+)
+
+
+def _small_model():
+    torch.manual_seed(0)
+    cfg = demo_detector_config(backbone_name="resnet10t", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
+                               dim_feedforward=64, num_queries=6)
+    model = build_detector(cfg)
+    mae = FeatureMAE(32, model.backbone.num_channels[-1], level=2, n_levels=4, n_heads=2, n_points=4,
+                     num_layers=1, dim_feedforward=64)
+    return model, mae
+
+
+def _mixed_batch():
+    x = torch.randn(2, 1, 128, 96)
+    mask = torch.zeros(2, 128, 96, dtype=torch.bool)
+    mask[1, 64:, :] = True  # the second image is 64 x 96: a smaller image padded in the batch
+    x[1, :, 64:] = 0
+    return x, mask
+
+
+def test_random_token_masks_ratio_and_padding():
+    pad = torch.zeros(4, 40, 50, dtype=torch.bool)
+    pad[:, :, 25:] = True
+    (m,) = random_token_masks([pad], 0.8, torch.Generator().manual_seed(0))
+    assert not (m & pad).any()
+    assert abs(m[~pad].float().mean().item() - 0.8) < 0.03
+    with pytest.raises(ValueError, match="mask ratio"):
+        random_token_masks([pad], 1.0)
+
+
+def test_feature_mae_loss_is_masked_mse_of_detached_c5():
+    model, mae = _small_model()
+    x, mask = _mixed_batch()
+    out = model(x, mask, mask_ratio=0.8)
+    feats = out["features"]
+    captured = {}
+    mae.head.register_forward_hook(lambda mod, inp, o: captured.setdefault("pred", o))
+    loss = mae(feats, feats["token_masks"])
+    # independent: mean over channels of the squared error, averaged over hidden tokens of level 2
+    pred = captured["pred"]  # [N, h*w, C5]
+    c5 = feats["backbone"][-1]  # [N, C5, h, w]
+    hidden = feats["token_masks"][2]  # [N, h, w]
+    errs = []
+    for n in range(c5.shape[0]):
+        for i in range(c5.shape[2]):
+            for j in range(c5.shape[3]):
+                if hidden[n, i, j]:
+                    k = i * c5.shape[3] + j
+                    errs.append(((pred[n, k] - c5[n, :, i, j]) ** 2).mean())
+    assert loss.item() == pytest.approx(torch.stack(errs).mean().item(), rel=1e-5)
+    assert not (hidden & feats["pad_masks"][2]).any()  # padding of the small image is never a target
+    loss.backward()
+    assert mae.mask_token.grad is not None and model.input_proj[0][0].weight.grad is not None
+    # the backbone learns through the encoder input path (the reconstruction target itself is detached)
+    assert any(p.grad is not None for p in model.backbone.parameters())
+
+
+def test_hidden_tokens_do_not_leak():
+    model, _ = _small_model()
+    model.eval()
+    x, mask = _mixed_batch()
+    feats, srcs, masks, _ = model.multiscale(x, mask)
+    hidden = random_token_masks(masks, 0.5, torch.Generator().manual_seed(1))
+    ref = model(x, mask, token_masks=hidden)
+    noise = {}
+
+    def perturb(mod, inp, out):  # change the projected features of hidden level-0 tokens only
+        noise["n"] = torch.randn_like(out) * 10 * hidden[0][:, None]
+        return out + noise["n"]
+
+    h = model.input_proj[0].register_forward_hook(perturb)
+    try:
+        out = model(x, mask, token_masks=hidden)
+    finally:
+        h.remove()
+    assert noise["n"].abs().sum() > 0
+    torch.testing.assert_close(out["pred_boxes"], ref["pred_boxes"])
+    torch.testing.assert_close(out["features"]["memory"], ref["features"]["memory"])
+
+
+def test_embedding_store(tmp_path):
+    np.save(tmp_path / "a_embedding.npy", np.ones((3, 8), np.float32))
+    np.save(tmp_path / "b_embedding.npy", np.ones(8, np.float32))
+    np.save(tmp_path / "c_embedding.npy", np.ones((2, 5), np.float32))
+    np.save(tmp_path / "d_embedding.npy", np.ones((2, 8), np.int64))
+    store = EmbeddingStore(tmp_path)
+    assert store.load("x/a.png").shape == (3, 8)
+    assert store.load("y/b.dcm").shape == (1, 8)
+    with pytest.raises(ValueError, match="width 5"):
+        store.load("c.png")
+    with pytest.raises(ValueError, match="float"):
+        store.load("d.png")
+    with pytest.raises(FileNotFoundError, match="e_embedding.npy"):
+        store.load("e.png")
+    lenient = EmbeddingStore(tmp_path, skip_missing=True)
+    assert lenient.load("e.png") is None and lenient.missing == 1
+    with pytest.raises(FileNotFoundError, match="embeddings folder"):
+        EmbeddingStore(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("mode", ["infonce", "margin"])
+def test_distiller_matches_direct_formula(mode):
+    torch.manual_seed(0)
+    dist = ExpertDistiller(16, 8, proj_dim=6, temperature=0.2, mode=mode, margin=0.3)
+    q = torch.randn(3, 5, 16)
+    embs = [torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(8)[None]]
+    q = torch.cat([q, torch.randn(1, 5, 16)])
+    loss = dist(q, embs)
+    keep = [0, 2, 3]
+    s = [F.normalize(dist.student(q[i].mean(0)), dim=0) for i in keep]
+    e = [F.normalize(dist.expert(embs[i].mean(0)), dim=0) for i in keep]
+    sim = [[float((s[i] @ e[j]).detach()) for j in range(3)] for i in range(3)]
+    if mode == "infonce":
+        row = [-(sim[i][i] / 0.2 - math.log(sum(math.exp(sim[i][j] / 0.2) for j in range(3)))) for i in range(3)]
+        col = [-(sim[j][j] / 0.2 - math.log(sum(math.exp(sim[i][j] / 0.2) for i in range(3)))) for j in range(3)]
+        expected = 0.5 * (sum(row) / 3 + sum(col) / 3)
+    else:
+        terms = [max(0.0, 0.3 - sim[i][i] + sim[i][j]) for i in range(3) for j in range(3) if i != j]
+        expected = sum(terms) / len(terms)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert dist.student[0].weight.grad is not None and dist.expert[0].weight.grad is not None
+    assert dist(q[:1], embs[:1]).item() == 0.0  # no negatives
+    with pytest.raises(ValueError, match="mode"):
+        ExpertDistiller(16, 8, mode="cosine")
+
+
+def test_ema_update_formula():
+    t, s = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = t.weight.detach().clone()
+    ema_update(t, s, 0.9)
+    torch.testing.assert_close(t.weight, 0.9 * before + 0.1 * s.weight)
+    with pytest.raises(ValueError, match="alpha"):
+        ema_update(t, s, 1.5)
+
+
+def test_pseudo_labels_threshold_and_nms():
+    logits = torch.logit(torch.tensor([[[0.9], [0.8], [0.2], [0.7]]]))
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.505, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1],
+                           [0.5, 0.52, 0.2, 0.2]]])
+    # query 1 overlaps query 0 with IoU ~0.95 (> 0.7): removed; query 3 IoU ~0.82: removed at 0.7, kept at 0.9
+    (pl,) = pseudo_labels({"pred_logits": logits, "pred_boxes": boxes}, threshold=0.5, nms_iou=0.7)
+    assert pl["scores"].tolist() == pytest.approx([0.9])
+    torch.testing.assert_close(pl["boxes"], boxes[0, :1])
+    (pl,) = pseudo_labels({"pred_logits": logits, "pred_boxes": boxes}, threshold=0.5, nms_iou=0.9)
+    assert pl["scores"].tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_reset_non_decoder_keeps_decoder_and_heads():
+    model, _ = _small_model()
+    names = set(non_decoder_names(model))
+    assert any(n.startswith("transformer.encoder.") for n in names)
+    assert not any(n.startswith(("transformer.decoder.", "class_embed.", "bbox_embed.")) for n in names)
+    snap = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert reset_non_decoder(model, snap) == len(snap)
+    for n, p in model.named_parameters():
+        if n in names:
+            torch.testing.assert_close(p, snap[n])
+    dec = dict(model.named_parameters())["transformer.decoder.layers.0.norm1.weight"]
+    assert dec.detach().mean().item() == pytest.approx(2.0)  # LayerNorm weight 1 + 1, untouched
