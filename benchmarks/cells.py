@@ -25,9 +25,9 @@ from torch.utils.data import TensorDataset
 
 from benchmarks.tasks import TaskData
 from medssl.heads.classify import FineTuneClassifier, LinearProbe, class_weights, layer_decay_groups
-from medssl.heads.fit import FitConfig, fit, predict
+from medssl.heads.fit import FitConfig, auc_score, dice_score, fit, predict, random_hflip
 from medssl.heads.segment import DenseProbe, UNet, ViTSegmenter, dice_ce_loss
-from medssl.metrics.classification import classification_report, roc_auc
+from medssl.metrics.classification import classification_report
 from medssl.metrics.segmentation import SegmentationMeter
 
 _SIZE_NAMES = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}
@@ -100,21 +100,13 @@ def label_subset(targets: torch.Tensor, fraction: float, seed: int, stratify: bo
                                               replace=False) for c in classes]))
 
 
-def _hflip(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5  # [N]
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    if y.ndim == 3:
-        y = torch.where(flip.view(-1, 1, 1), y.flip(-1), y)
-    return x, y
-
-
 def _fit_config(hp: dict[str, Any], n_train: int, seed: int, device: str | None) -> FitConfig:
     bs = min(int(hp.get("batch_size", 32)), n_train)
     steps_per_epoch = max(1, n_train // bs)
     epochs = max(int(hp.get("epochs", 30)), math.ceil(int(hp.get("min_steps", 0)) / steps_per_epoch))
     return FitConfig(epochs=epochs, batch_size=bs, lr=float(hp.get("lr", 1e-3)),
                      weight_decay=float(hp.get("weight_decay", 0.05)),
-                     warmup_epochs=min(float(hp.get("warmup_epochs", 0)), epochs / 5), seed=seed, device=device,
+                     warmup_epochs=float(hp.get("warmup_frac", 0.1)) * epochs, seed=seed, device=device,
                      eval_every=max(1, epochs // int(hp.get("evals", 20))), bf16=bool(hp.get("bf16", False)),
                      min_lr=float(hp.get("min_lr", 1e-6)))
 
@@ -158,23 +150,6 @@ def probe_features(model: nn.Module, key: str, splits: dict[str, torch.Tensor], 
         _FEATURES[key] = {k: torch.cat([model.features(x[i:i + batch_size]).float().cpu()
                                         for i in range(0, len(x), batch_size)]) for k, x in splits.items()}
     return _FEATURES[key]
-
-
-def _scores(task: TaskData):
-    if task.kind == "segmentation":
-        def seg_score(out: torch.Tensor, tgt: torch.Tensor) -> float:
-            m = SegmentationMeter(task.num_classes)
-            m.update(out.argmax(1), tgt)
-            return m.report()["dice"]
-
-        return seg_score
-
-    def cls_score(out: torch.Tensor, tgt: torch.Tensor) -> float:
-        auc = roc_auc(tgt.numpy(), out.softmax(1).numpy())[0]
-        acc = float((out.argmax(1) == tgt).float().mean())
-        return acc if math.isnan(auc) else auc + 1e-3 * acc  # AUC, ties broken by accuracy
-
-    return cls_score
 
 
 def evaluate_outputs(task: TaskData, out: torch.Tensor, tgt: torch.Tensor) -> dict[str, Any]:
@@ -221,8 +196,9 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
 
         def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(out.float(), y, weight=None if w is None else w.to(out.device))
-    augment = _hflip if hp.get("hflip", True) and protocol != "probe" else None
-    res = fit(trained, train, val, loss_fn, _scores(task), cfg, param_groups=groups, augment=augment)
+    augment = random_hflip if hp.get("hflip", True) and protocol != "probe" else None
+    score = dice_score(task.num_classes) if seg else auc_score
+    res = fit(trained, train, val, loss_fn, score, cfg, param_groups=groups, augment=augment)
     out, tgt = predict(trained, test, batch_size=64)
     metrics = evaluate_outputs(task, out, tgt)
     return {"metrics": metrics, "val_score": res.best_score, "best_epoch": res.best_epoch, "epochs": cfg.epochs,

@@ -30,17 +30,18 @@ import yaml  # noqa: E402
 from benchmarks.cells import Backbone, cached_cell, cell_key, load_vit, run_cell, vit_arch, vit_label  # noqa: E402
 from benchmarks.report import write_all  # noqa: E402
 from benchmarks.tasks import build_task  # noqa: E402
+from medssl.config import read_yaml  # noqa: E402
 
 CONFIGS = ROOT / "benchmarks" / "configs"
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """Read a YAML config; `base: other.yaml` entries are merged first (shallow)."""
+    """Read a YAML config; a `_base_: other.yaml` entry is read first and updated (shallow)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config not found")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    if "base" in cfg:
-        base = load_config((path.parent / cfg.pop("base")).resolve())
+    cfg = read_yaml(path.read_text()) or {}
+    if "_base_" in cfg:
+        base = load_config((path.parent / cfg.pop("_base_")).resolve())
         base.update(cfg)
         cfg = base
     return cfg

@@ -210,3 +210,33 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, loss_fn: 
         best.best_epoch = cfg.epochs - 1
     best.seconds = time.time() - t0
     return best
+
+
+def random_hflip(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip half of a batch left-right; masks ([N, H, W] targets) are flipped with their images."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5  # [N]
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)  # [N, C, H, W]
+    if y.ndim == 3:
+        y = torch.where(flip.view(-1, 1, 1), y.flip(-1), y)  # [N, H, W]
+    return x, y
+
+
+def auc_score(out: torch.Tensor, tgt: torch.Tensor) -> float:
+    """Validation score for classification: macro AUC of the softmax, ties broken by accuracy."""
+    from medssl.metrics.classification import roc_auc
+
+    auc = roc_auc(tgt.numpy(), out.float().softmax(1).numpy())[0]
+    acc = float((out.argmax(1) == tgt).float().mean())
+    return acc if math.isnan(auc) else auc + 1e-3 * acc
+
+
+def dice_score(num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """Validation score for segmentation: mean foreground Dice of the argmax over the whole set."""
+    from medssl.metrics.segmentation import SegmentationMeter
+
+    def score(out: torch.Tensor, tgt: torch.Tensor) -> float:
+        meter = SegmentationMeter(num_classes)
+        meter.update(out.argmax(1), tgt)
+        return meter.report()["dice"]
+
+    return score
