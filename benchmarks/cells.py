@@ -9,6 +9,7 @@ validation split; the test split is scored once, with the best-on-validation wei
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ from medssl.metrics.segmentation import SegmentationMeter
 
 _SIZE_NAMES = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}
 _FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # frozen-encoder features, shared by probe cells
+_LOADED: dict[str, nn.Module] = {}  # the last loaded backbone (copied for every cell)
 
 
 @dataclass
@@ -71,7 +73,11 @@ def load_vit(bb: Backbone, img_size: int, in_chans: int = 1) -> nn.Module:
     if bb.kind == "vit":
         from medssl import load_backbone
 
-        return load_backbone(bb.source, img_size=img_size, in_chans=in_chans)
+        key = f"{bb.identity()}|{img_size}|{in_chans}"
+        if key not in _LOADED:
+            _LOADED.clear()  # keep one backbone in memory
+            _LOADED[key] = load_backbone(bb.source, img_size=img_size, in_chans=in_chans)
+        return copy.deepcopy(_LOADED[key])
     from medssl.models.vit import build_vit
 
     a = json.loads(bb.source)

@@ -89,6 +89,35 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+class _Batches:
+    """Mini-batches of a dataset: direct tensor indexing for an in-memory `TensorDataset` (no per-sample
+    collate, which dominates small CPU runs), a DataLoader otherwise. Re-iterable, one pass per epoch."""
+
+    def __init__(self, data: Dataset, batch_size: int, shuffle: bool = False, sampler: Sampler | None = None,
+                 generator: torch.Generator | None = None, drop_last: bool = False, num_workers: int = 0):
+        self.data, self.bs, self.shuffle, self.sampler = data, batch_size, shuffle, sampler
+        self.gen, self.drop_last, self.workers = generator, drop_last, num_workers
+        self.fast = isinstance(data, TensorDataset) and num_workers == 0
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.data)
+        return n // self.bs if self.drop_last else math.ceil(n / self.bs)
+
+    def __iter__(self):
+        if not self.fast:
+            yield from DataLoader(self.data, batch_size=self.bs, shuffle=self.shuffle, sampler=self.sampler,
+                                  generator=self.gen, drop_last=self.drop_last, num_workers=self.workers)
+            return
+        n = len(self.data)
+        if self.sampler is not None:
+            order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        else:
+            order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
+        for i in range(0, len(self) * self.bs, self.bs):
+            idx = order[i:i + self.bs]
+            yield tuple(t[idx] for t in self.data.tensors)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset, batch_size: int = 64, device: str | torch.device | None = None,
             bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +129,7 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 64, device: str |
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     outs, tgts = [], []
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+    for x, y in _Batches(data, batch_size):
         with _autocast(dev, bf16):
             outs.append(model(x.to(dev)).float().cpu())
         tgts.append(y)
@@ -111,7 +140,7 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 64, device: str |
 def _cache_features(model: nn.Module, data: Dataset, batch_size: int, dev: torch.device) -> TensorDataset:
     model.eval()
     feats, tgts = [], []
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+    for x, y in _Batches(data, batch_size):
         feats.append(model.features(x.to(dev)).float())
         tgts.append(y.to(dev))
     return TensorDataset(torch.cat(feats), torch.cat(tgts))
@@ -164,9 +193,9 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, loss_fn: 
         g.setdefault("lr_scale", 1.0)
     opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas)
     n = len(train_set)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=gen, num_workers=0 if cached else cfg.num_workers,
-                        drop_last=n > cfg.batch_size and n % cfg.batch_size == 1)  # no BatchNorm on 1 sample
+    loader = _Batches(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                      generator=gen, num_workers=0 if cached else cfg.num_workers,
+                      drop_last=n > cfg.batch_size and n % cfg.batch_size == 1)  # no BatchNorm on 1 sample
     steps_per_epoch = max(1, len(loader))
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     best = FitResult(best_score=-math.inf, best_epoch=-1)
