@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(engine.DEFAULTS, path, sets)
     if a.dataset == "demo":
         _ensure_demo(Path(cfg["data"]["data_root"]))
+        if cfg["data"]["embeddings"] is None:  # the demo's expert embeddings live beside its images
+            cfg["data"]["embeddings"] = str(Path(cfg["data"]["data_root"]) / "demo" / "embeddings")
     stages = list(engine.STAGES) if a.stage == "all" else [a.stage]
     init = a.init
     if init is None and stages[0] != "source_only":
