@@ -77,3 +77,18 @@ def test_postprocess_hand_case():
     torch.testing.assert_close(res["scores"], torch.tensor([2.0, 0.0]).sigmoid())
     assert res["labels"].tolist() == [1, 0]
     torch.testing.assert_close(res["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0]] * 2))
+
+
+def test_saved_medssl_backbone_plugs_into_the_detector(tmp_path):
+    import medssl
+
+    torch.manual_seed(0)
+    vit = medssl.load_backbone("vit_tiny_patch16", img_size=64, in_chans=1)
+    with torch.no_grad():
+        vit.blocks[0].attn.qkv.weight.mul_(1.5)  # something a random init would not reproduce
+    medssl.save_backbone(vit, tmp_path / "backbone", data="unit test")
+    model = build_detector(demo_detector_config(backbone="vit", backbone_name=str(tmp_path / "backbone"),
+                                                img_size=64, num_queries=4))
+    torch.testing.assert_close(model.backbone.vit.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    x, mask = _batch()
+    assert model(x, mask)["pred_boxes"].shape == (2, 4, 4)
