@@ -13,13 +13,19 @@ __all__ = ["ResNetBackbone", "ViTPyramidBackbone", "build_backbone"]
 class ResNetBackbone(nn.Module):
     """timm ResNet (C3, C4, C5) with frozen BatchNorm and frozen stem + layer1, as in Deformable DETR.
 
+    Freezing is for pretrained weights (the reference's case). A backbone trained from scratch (no
+    ``weights``) keeps live BatchNorm and a trainable stem by default: frozen random statistics and
+    frozen random filters would only freeze noise (a deliberate difference from the reference).
+
     Args:
-        name: timm ResNet name (``resnet50`` in the reference; ``resnet18`` for small runs).
+        name: timm ResNet name (``resnet50`` in the reference; ``resnet18``/``resnet10t`` for small runs).
         in_chans: input channels.
         weights: optional local state-dict file (``.pth``/``.safetensors``); nothing is downloaded.
+        freeze: freeze BatchNorm, stem and layer1; default: only when ``weights`` are given.
     """
 
-    def __init__(self, name: str = "resnet50", in_chans: int = 3, weights: str | Path | None = None) -> None:
+    def __init__(self, name: str = "resnet50", in_chans: int = 3, weights: str | Path | None = None,
+                 freeze: bool | None = None) -> None:
         super().__init__()
         import timm
         from timm.layers import freeze_batch_norm_2d
@@ -28,9 +34,10 @@ class ResNetBackbone(nn.Module):
                                  in_chans=in_chans)
         if weights is not None:
             _load_weights(body, Path(weights))
-        self.body = freeze_batch_norm_2d(body)
+        self.frozen = weights is not None if freeze is None else freeze
+        self.body = freeze_batch_norm_2d(body) if self.frozen else body
         for pname, p in self.body.named_parameters():
-            if pname.startswith(("conv1.", "bn1.", "layer1.")):
+            if self.frozen and pname.startswith(("conv1.", "bn1.", "layer1.")):
                 p.requires_grad_(False)
         self.num_channels = list(body.feature_info.channels())
         self.strides = list(body.feature_info.reduction())
@@ -52,7 +59,10 @@ def _load_weights(body: nn.Module, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state.get("state_dict", state))
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{path}: weights do not fit the backbone: {e}") from e
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the backbone: missing {missing[:5]}..., "
                          f"unexpected {unexpected[:5]}...")
@@ -90,7 +100,7 @@ class ViTPyramidBackbone(nn.Module):
 
 
 def build_backbone(kind: str, *, in_chans: int, name: str | None = None, weights: str | None = None,
-                   img_size: int = 224) -> nn.Module:
+                   img_size: int = 224, freeze: bool | None = None) -> nn.Module:
     """Backbone by kind: ``"resnet"`` (timm name, optional local weights) or ``"vit"`` (medssl source).
 
     Args:
@@ -99,9 +109,10 @@ def build_backbone(kind: str, *, in_chans: int, name: str | None = None, weights
         name: timm ResNet name, or the ViT source for ``load_backbone`` (folder, file or registry name).
         weights: local ResNet weights file.
         img_size: nominal ViT input size.
+        freeze: ResNet only: frozen BatchNorm + stem + layer1 (default: when ``weights`` are given).
     """
     if kind == "resnet":
-        return ResNetBackbone(name or "resnet50", in_chans=in_chans, weights=weights)
+        return ResNetBackbone(name or "resnet50", in_chans=in_chans, weights=weights, freeze=freeze)
     if kind == "vit":
         if weights is not None:
             raise ValueError("backbone 'vit': give the checkpoint or folder as the name, not as weights")

@@ -28,6 +28,7 @@ class DetrConfig:
     backbone: str = "resnet"  # "resnet" or "vit"
     backbone_name: str | None = None  # timm ResNet name, or a medssl.load_backbone source for "vit"
     backbone_weights: str | None = None  # local ResNet weights file
+    backbone_freeze: bool | None = None  # ResNet: frozen BN + stem + layer1; None: iff weights are given
     img_size: int = 224  # nominal ViT size
     hidden_dim: int = 256
     nheads: int = 8
@@ -91,7 +92,8 @@ class DeformableDETR(nn.Module):
             raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {cfg.hidden_dim}")
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone, in_chans=cfg.in_chans, name=cfg.backbone_name,
-                                       weights=cfg.backbone_weights, img_size=cfg.img_size)
+                                       weights=cfg.backbone_weights, img_size=cfg.img_size,
+                                       freeze=cfg.backbone_freeze)
         chans = self.backbone.num_channels
         if cfg.num_feature_levels < len(chans):
             raise ValueError(f"num_feature_levels ({cfg.num_feature_levels}) < backbone levels ({len(chans)})")

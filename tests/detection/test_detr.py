@@ -39,7 +39,7 @@ def test_forward_backward_options(kw):
 
 
 def test_reference_initialisation_and_frozen_stem():
-    model = build_detector(demo_detector_config())
+    model = build_detector(demo_detector_config(backbone_freeze=True))
     bias = -math.log((1 - 0.01) / 0.01)
     assert torch.allclose(model.class_embed[0].bias, torch.full((1,), bias))
     last = model.bbox_embed[0].layers[-1]
@@ -49,6 +49,9 @@ def test_reference_initialisation_and_frozen_stem():
     assert any(n.startswith("body.layer1.") for n in frozen) and any("conv1" in n for n in frozen)
     assert not any(n.startswith("body.layer2.") for n in frozen)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # frozen BN
+    scratch = build_detector(demo_detector_config())  # no weights: trains fully, live BatchNorm
+    assert all(p.requires_grad for p in scratch.backbone.parameters())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scratch.backbone.modules())
 
 
 def test_vit_backbone_plugs_in():
@@ -92,3 +95,20 @@ def test_saved_medssl_backbone_plugs_into_the_detector(tmp_path):
     torch.testing.assert_close(model.backbone.vit.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     x, mask = _batch()
     assert model(x, mask)["pred_boxes"].shape == (2, 4, 4)
+
+
+def test_resnet_local_weights_load_and_freeze(tmp_path):
+    import timm
+
+    from medssl.detection.backbone import ResNetBackbone
+
+    src = timm.create_model("resnet10t", pretrained=False, in_chans=1)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "r10t.pth")  # classifier keys are dropped
+    bb = ResNetBackbone("resnet10t", in_chans=1, weights=tmp_path / "r10t.pth")
+    torch.testing.assert_close(bb.body.layer4[0].conv1.weight, src.layer4[0].conv1.weight)
+    assert bb.frozen and not any(p.requires_grad for n, p in bb.body.named_parameters() if n.startswith("layer1."))
+    torch.save({"fc.weight": torch.zeros(3), "layer4.0.conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="do not fit"):
+        ResNetBackbone("resnet10t", in_chans=1, weights=tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        ResNetBackbone("resnet10t", in_chans=1, weights=tmp_path / "missing.pth")
