@@ -61,3 +61,23 @@ def test_bad_config_and_no_params():
     with pytest.raises(ValueError, match="trainable"):
         fit(frozen, TensorDataset(torch.randn(4, 2), torch.zeros(4).long()), None,
             torch.nn.functional.cross_entropy, _acc, FitConfig(epochs=1, device="cpu"))
+
+
+def test_fit_with_balanced_sampler_and_flip_augment():
+    from medssl.heads.classify import balanced_sampler
+    from medssl.heads.fit import random_hflip
+
+    data = _toy(40)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 2))
+    cfg = FitConfig(epochs=3, batch_size=8, lr=0.01, warmup_epochs=0, device="cpu")
+    sampler = balanced_sampler(data.tensors[1].numpy(), torch.Generator().manual_seed(0))
+    res = fit(model, data, _toy(seed=1), torch.nn.functional.cross_entropy, _acc, cfg, sampler=sampler,
+              augment=random_hflip)
+    assert res.best_score > 0.8 and len(res.history) == 3
+    x = torch.arange(8.0).view(2, 1, 2, 2)
+    y = torch.arange(8).view(2, 2, 2)
+    torch.manual_seed(0)
+    fx, fy = random_hflip(x, y)
+    for i in range(2):  # image and mask flipped together or not at all
+        flipped = torch.equal(fx[i, 0], x[i, 0].flip(-1))
+        assert flipped == torch.equal(fy[i], y[i].flip(-1))
