@@ -5,7 +5,8 @@
 
 Deformable-attention rows: forward + backward of the attention op alone, 4 levels at strides 8/16/32/64
 of a square image, 256 dims, 8 heads, 4 points; the decoder case (300 queries) and the encoder case (one
-query per token). Time is the minimum over interleaved repeats (robust on a shared machine); memory is
+query per token). Time is the minimum over interleaved repeats; ``*_cpu_s`` is the process CPU time of
+the same runs (with ``--threads 1`` it does not count time spent waiting for a shared core); memory is
 the peak CUDA allocation on GPU, and on CPU the bytes of the tensors autograd saves for the backward
 pass (the activation memory training must hold), counted once per storage.
 Detector row: training images/s of the demo-config detector on random 192-px images.
@@ -76,13 +77,15 @@ def bench_attention(img: int, n_queries: int | None, repeats: int, device: str) 
     if hf is not None:
         impls["hf"] = hf
     times = {k: float("inf") for k in impls}
+    cpu = {k: float("inf") for k in impls}
     for fn in impls.values():
         _step(fn, args)  # warm-up
     for _ in range(repeats):
         for k, fn in impls.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _step(fn, args)
             times[k] = min(times[k], time.perf_counter() - t0)
+            cpu[k] = min(cpu[k], time.process_time() - c0)
     mem = {}
     for k, fn in impls.items():
         if dev.type == "cuda":
@@ -98,9 +101,11 @@ def bench_attention(img: int, n_queries: int | None, repeats: int, device: str) 
            "saved_for_backward"}
     for k in impls:
         row[f"{k}_s"] = round(times[k], 4)
+        row[f"{k}_cpu_s"] = round(cpu[k], 4)
         row[f"{k}_mem_mb"] = round(mem[k] / 2**20, 1)
     if "hf" in impls:
         row["speedup_vs_hf"] = round(times["hf"] / times["ours"], 2)
+        row["cpu_speedup_vs_hf"] = round(cpu["hf"] / cpu["ours"], 2)
         row["mem_ratio_vs_hf"] = round(mem["ours"] / max(mem["hf"], 1), 2)
     return row
 
