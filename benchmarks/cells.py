@@ -100,10 +100,20 @@ def label_subset(targets: torch.Tensor, fraction: float, seed: int, stratify: bo
     if not stratify:
         return np.sort(rng.choice(n, k, replace=False))
     y = targets.numpy()
-    classes = np.unique(y)
-    per = {c: max(1, round(k * float((y == c).mean()))) for c in classes}
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), min(per[c], int((y == c).sum())),
-                                              replace=False) for c in classes]))
+    classes, counts = np.unique(y, return_counts=True)
+    if k < len(classes):
+        raise ValueError(f"label count {k} is smaller than the {len(classes)} classes")
+    # largest-remainder shares of k, at least one per class, never more than a class holds
+    share = k * counts / n
+    per = np.minimum(np.maximum(1, np.floor(share).astype(int)), counts)
+    for i in np.argsort(-(share - np.floor(share))):
+        if per.sum() >= k:
+            break
+        per[i] += per[i] < counts[i]
+    while per.sum() > k:
+        per[np.argmax(per)] -= 1
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), int(m), replace=False)
+                                   for c, m in zip(classes, per)]))
 
 
 def _fit_config(hp: dict[str, Any], n_train: int, seed: int, device: str | None) -> FitConfig:

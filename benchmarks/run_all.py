@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             for seed in cfg["seeds"]:
                 for bb, protocol in plan:
                     hp = dict(cfg.get(protocol, {}))
+                    extra = {"task_version": task.info["version"]} if "version" in task.info else {}
                     key = cell_key(task=spec, img=img, bb=bb.identity(), protocol=protocol, fraction=frac,
-                                   seed=seed, hp=hp, version=1)
+                                   seed=seed, hp=hp, version=1, **extra)
                     t0 = time.time()
                     job = functools.partial(run_cell, task, bb, protocol, frac, seed, hp, img, device=device)
                     res, hit = cached_cell(out / "cells", key, job)

@@ -1,5 +1,8 @@
 """Seeded image artifacts for the image-quality-control task (images in [0, 1], shape [H, W]).
 
+Severities are drawn so that every artifact is plainly visible at 64 px (`VERSION` names the set;
+it is part of the benchmark cache key).
+
 - ghosting: MR motion ghosts. Every n-th phase-encoding line of k-space gets a phase error phi,
   which adds a copy of the image shifted by H/n (or W/n) with amplitude sin(phi / 2) for n = 2.
 - noise: Rician noise, |x + n1 + i n2| with Gaussian n1, n2 of std sigma.
@@ -15,13 +18,14 @@ from collections.abc import Callable
 import numpy as np
 
 ARTIFACTS = ("clean", "ghosting", "noise", "bias", "ring")
+VERSION = 2
 
 
 def ghosting(img: np.ndarray, rng: np.random.Generator, period: int | None = None, phase: float | None = None,
              axis: int | None = None) -> np.ndarray:
     """Motion ghosting: phase error on every `period`-th k-space line along `axis`."""
     period = int(rng.integers(2, 5)) if period is None else period
-    phase = float(rng.uniform(0.5, 1.2)) if phase is None else phase
+    phase = float(rng.uniform(0.8, 1.6)) if phase is None else phase
     axis = int(rng.integers(0, 2)) if axis is None else axis
     k = np.fft.fft2(img)  # [H, W] complex
     lines = np.arange(img.shape[axis]) % period == 1
@@ -32,7 +36,7 @@ def ghosting(img: np.ndarray, rng: np.random.Generator, period: int | None = Non
 
 def noise(img: np.ndarray, rng: np.random.Generator, sigma: float | None = None) -> np.ndarray:
     """Rician noise of std `sigma` per channel."""
-    sigma = float(rng.uniform(0.05, 0.1)) if sigma is None else sigma
+    sigma = float(rng.uniform(0.08, 0.15)) if sigma is None else sigma
     re = img + rng.normal(0, sigma, img.shape)
     im = rng.normal(0, sigma, img.shape)
     return np.clip(np.sqrt(re**2 + im**2), 0.0, 1.0).astype(np.float32)
@@ -40,7 +44,7 @@ def noise(img: np.ndarray, rng: np.random.Generator, sigma: float | None = None)
 
 def bias(img: np.ndarray, rng: np.random.Generator, strength: float | None = None) -> np.ndarray:
     """Smooth multiplicative bias field exp(strength * p(u, v)), p a random quadratic in [-1, 1]."""
-    strength = float(rng.uniform(0.4, 0.7)) if strength is None else strength
+    strength = float(rng.uniform(0.6, 1.0)) if strength is None else strength
     h, w = img.shape
     v, u = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")  # [H, W]
     c = rng.normal(size=6)
@@ -52,8 +56,8 @@ def bias(img: np.ndarray, rng: np.random.Generator, strength: float | None = Non
 def ring(img: np.ndarray, rng: np.random.Generator, n_rings: int | None = None,
          amplitude: float | None = None) -> np.ndarray:
     """Concentric rings (alternating sign) of Gaussian profile around a point near the centre."""
-    n_rings = int(rng.integers(3, 7)) if n_rings is None else n_rings
-    amplitude = float(rng.uniform(0.08, 0.16)) if amplitude is None else amplitude
+    n_rings = int(rng.integers(4, 9)) if n_rings is None else n_rings
+    amplitude = float(rng.uniform(0.15, 0.25)) if amplitude is None else amplitude
     h, w = img.shape
     cy, cx = h / 2 + rng.uniform(-0.1, 0.1) * h, w / 2 + rng.uniform(-0.1, 0.1) * w
     yy, xx = np.mgrid[0:h, 0:w]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from benchmarks.tasks import TaskData
-from benchmarks.tasks.artifacts import ARTIFACTS, apply_artifact
+from benchmarks.tasks.artifacts import ARTIFACTS, VERSION, apply_artifact
 from medssl.data.datasets import split_by_group
 from medssl.data.imaging import Window, iter_slices, normalise, read_image, resize_square
 
@@ -103,4 +103,4 @@ def image_qc(img_size: int = 64, planes: int = 12, fractions: tuple[float, float
     grp = {k: [g for g, s in zip(groups, split) if s == k] for k in out_splits}
     return TaskData("image_qc", "classification", "pydicom/nibabel/nilearn slices + seeded artifacts",
                     len(artifacts), list(artifacts), out_splits, grp,
-                    {"planes_per_modality": modalities, "source_groups": len(set(groups))})
+                    {"planes_per_modality": modalities, "source_groups": len(set(groups)), "version": VERSION})

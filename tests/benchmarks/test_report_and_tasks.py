@@ -35,6 +35,9 @@ def test_label_subset_count_fraction_stratified():
     y = torch.tensor([0] * 30 + [1] * 10)
     idx = label_subset(y, 8, seed=0, stratify=True)
     assert len(idx) == 8 and (y[idx] == 1).sum() == 2
+    y5 = torch.arange(100) % 5
+    idx5 = label_subset(y5, 8, seed=1, stratify=True)
+    assert len(idx5) == 8 and set(y5[idx5].tolist()) == {0, 1, 2, 3, 4}
     assert len(label_subset(y, 0.5, 0, stratify=False)) == 20
     assert (label_subset(y, 1.0, 0, False) == np.arange(40)).all()
     np.testing.assert_array_equal(label_subset(y, 8, 3, True), label_subset(y, 8, 3, True))
