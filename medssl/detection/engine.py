@@ -213,8 +213,15 @@ def random_baseline(train: Dataset, val: Dataset, cfg: dict, seed: int = 0) -> t
     return summary, froc(boxes, scores, gts, hit=ev["hit"], iou_threshold=ev["iou_threshold"])
 
 
+def operating_threshold(curve: dict, fps_per_image: float) -> float:
+    """The lowest score threshold whose false positives per image stay within ``fps_per_image``."""
+    c = curve["curve"]
+    ok = np.isfinite(c["thresholds"]) & (c["fps_per_image"] <= fps_per_image + 1e-12)
+    return float(c["thresholds"][ok].min()) if ok.any() else 1.0
+
+
 def save_overlays(ds: Dataset, preds: list, out_dir: Path, n: int, score_threshold: float = 0.3) -> list[str]:
-    """PNG overlays (ground truth vs predictions) of the first ``n`` images with lesions."""
+    """PNG overlays (ground truth vs predictions scoring >= ``score_threshold``), images with lesions first."""
     from medssl.viz import save_detections
 
     written = []
@@ -224,7 +231,7 @@ def save_overlays(ds: Dataset, preds: list, out_dir: Path, n: int, score_thresho
         img = read_image(ds.file_of(idx))
         path = out_dir / f"{Path(ds.file_of(idx)).stem}.png"
         save_detections(path, img, gt_boxes=ds.gt_boxes_xyxy(idx), pred_boxes=boxes, pred_scores=scores,
-                        score_threshold=score_threshold, title=f"{path.stem} (scores >= {score_threshold})")
+                        score_threshold=score_threshold, title=f"{path.stem} (scores >= {score_threshold:.2f})")
         written.append(str(path))
     return written
 
@@ -264,6 +271,8 @@ def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | N
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     sc = cfg[stage]
     tc = cfg["train"]
+    if int(sc["epochs"]) < 1:
+        raise ValueError(f"{stage}.epochs must be >= 1, got {sc['epochs']}")
     torch.manual_seed(cfg["seed"])
     device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg["device"] == "auto" else cfg["device"]))
@@ -386,7 +395,8 @@ def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | N
         from medssl.viz import save_froc
 
         save_froc(sdir / "froc.png", best["curve"], title=f"{stage}: validation FROC (best epoch)")
-        result["overlays"] = save_overlays(val_ds, best["preds"], sdir / "overlays", cfg["eval"]["overlays"])
+        result["overlays"] = save_overlays(val_ds, best["preds"], sdir / "overlays", cfg["eval"]["overlays"],
+                                           operating_threshold(best["curve"], 0.3))
     (sdir / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
     return {**result, "curve": best.get("curve")}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +89,10 @@ def test_missing_dataset_message(tmp_path, capsys):
     assert recipe.main(["--dataset", "ddsm", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
                         "--stage", "teaching"]) == 2
     assert "run --stage cross_domain_mae first" in capsys.readouterr().err
+
+
+def test_operating_threshold():
+    curve = {"curve": {"thresholds": np.array([np.inf, 0.9, 0.5, 0.2]), "fps_per_image": np.array([0, 0.1, 0.3, 1.0]),
+                       "sensitivity": np.array([0, 0.5, 0.7, 0.9])}}
+    assert engine.operating_threshold(curve, 0.3) == 0.5
+    assert engine.operating_threshold(curve, 0.05) == 1.0  # nothing qualifies: show nothing
