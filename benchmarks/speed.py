@@ -72,7 +72,11 @@ def _build(impl: str, cfg: tuple):
 def worker(impl: str, config: str, steps: int, device: str) -> dict:
     """One implementation, one config, in this process: images/s, FLOPs per step, peak memory."""
     import torch
+    import transformers.models.vit_mae  # noqa: F401  (every worker imports all three implementations before
     from torch.utils.flop_counter import FlopCounterMode
+
+    import benchmarks.mae_peers  # noqa: F401  the baseline, so that import memory is not counted as peak)
+    import medssl.models.mae  # noqa: F401
 
     torch.manual_seed(0)
     base_rss = _rss_mb()

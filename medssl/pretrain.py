@@ -8,7 +8,6 @@ with 40 of warmup).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ from medssl.config import dump_config
 from medssl.data.shards import count_samples, expand_urls, make_loader
 from medssl.hub import load_mae_weights, save_backbone
 from medssl.models.mae import MaskedAutoencoder, create_mae
-from medssl.train.dist import DistInfo
+from medssl.models.vit import get_cfg
+from medssl.train.dist import DistInfo, barrier
 from medssl.train.engine import Engine, TrainConfig
 from medssl.train.optim import scaled_lr
 
@@ -109,6 +109,31 @@ def save_reconstruction_figure(mae: MaskedAutoencoder, imgs: torch.Tensor, mask_
     mae.train(was_training)
 
 
+def _architecture(mae: MaskedAutoencoder, cfg: dict[str, Any]) -> str | None:
+    """The registry name of the encoder, when the weights really are that architecture."""
+    name = cfg["model"]["name"]
+    arch = name[4:] if name.startswith("mae_") else name
+    c = get_cfg(arch)
+    same = (c.embed_dim, c.depth, c.patch_size) == (mae.config["embed_dim"], mae.config["depth"], mae.patch_size)
+    return arch if same else None
+
+
+def _fp32_model(engine: Engine, cfg: dict[str, Any]) -> MaskedAutoencoder:
+    """The model with fp32 weights: under DeepSpeed bf16 the module holds bf16 copies, the fp32 masters live in
+    the (partitioned) optimizer state, so they are gathered from the final ZeRO checkpoint."""
+    module = engine.module
+    if engine.ds_engine is None or next(module.parameters()).dtype == torch.float32:
+        return module
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(engine.ckpt_dir))
+    fp32 = create_mae(cfg["model"]["name"], **module.config)
+    missing = fp32.load_state_dict(state, strict=False).missing_keys
+    if set(missing) - {"pos_embed", "decoder_pos_embed"}:  # fixed embeddings are not optimizer state
+        raise RuntimeError(f"fp32 weights from {engine.ckpt_dir} lack {sorted(missing)}")
+    return fp32
+
+
 def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config: dict | None = None) -> Path:
     """Pretrain per `cfg`; returns the exported backbone folder."""
     d, t, o = cfg["data"], cfg["train"], cfg["output"]
@@ -156,14 +181,14 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
 
     losses = engine.fit(loader, forward, callbacks=[figure], on_checkpoint=corrupt_count)
     backbone = out / "backbone"
+    barrier(dist)  # every rank's part of the final checkpoint is on disk
     if engine.step < total:
         if dist.is_main:
             log.info("stopped at step %d of %d (train.stop_at); continue with --resume", engine.step, total)
         return backbone
     if dist.is_main:
-        save_backbone(engine.module, backbone, architecture=cfg["model"]["name"][4:], data=str(d["shards"]),
-                      steps=engine.step, epochs=t["epochs"], mean=d["mean"], std=d["std"],
-                      mask_ratio=ratio, final_loss=losses[-1] if losses else None,
-                      not_finite_losses=not all(math.isfinite(x) for x in losses))
+        save_backbone(_fp32_model(engine, cfg), backbone, architecture=_architecture(engine.module, cfg),
+                      data=str(d["shards"]), steps=engine.step, epochs=t["epochs"], mean=d["mean"], std=d["std"],
+                      mask_ratio=ratio, final_loss=losses[-1] if losses else None)
         log.info("backbone exported to %s", backbone)
     return backbone

@@ -11,10 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from medssl.utils import stable_seed
 
 log = logging.getLogger("medssl")
+MAX_CORRUPT_RUN = 10_000  # corrupt samples in a row (beyond the shuffle buffer) before giving up
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -124,6 +127,16 @@ def random_resized_crop(img: torch.Tensor, size: int, scale: tuple[float, float]
     return out
 
 
+class _LocalCounter:
+    """Stand-in for multiprocessing.Value in processes that cannot share one."""
+
+    def __init__(self, value: int = 0):
+        self.value = value
+
+    def get_lock(self):
+        return contextlib.nullcontext()
+
+
 class ShardStream(IterableDataset):
     """An endless, deterministic stream of augmented batches from WebDataset shards.
 
@@ -148,7 +161,29 @@ class ShardStream(IterableDataset):
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.seed, self.rank, self.world_size, self.resampled = seed, rank, world_size, resampled
         self.shuffle_buffer, self.start_step, self.min_size = shuffle_buffer, start_step, min_size
-        self.corrupt = 0  # per worker process; reported in the log
+        self._corrupt = multiprocessing.Value("q", 0)  # shared with forked DataLoader workers
+        self._opened = self._opened_at_raw = 0
+
+    @property
+    def corrupt(self) -> int:
+        """Corrupt samples skipped so far, over this process and its (forked) loader workers."""
+        return int(self._corrupt.value)
+
+    def _count_corrupt(self) -> None:
+        with self._corrupt.get_lock():
+            self._corrupt.value += 1
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers: count locally (a Value cannot be pickled)
+        state = dict(self.__dict__)
+        state["_corrupt"] = _LocalCounter(self.corrupt)
+        return state
+
+    def _check_not_starving(self, limit: int) -> None:
+        self._opened += 1
+        if self._opened - self._opened_at_raw > limit:
+            raise ValueError(f"no samples could be read from {self._opened - self._opened_at_raw} shard openings in a "
+                             f"row (shards: {self.urls[:3]}{' ...' if len(self.urls) > 3 else ''}): empty or "
+                             "unreadable tar files")
 
     def _shards(self, worker: int, workers: int) -> Iterator[str]:
         slot, slots = self.rank * workers + worker, self.world_size * workers
@@ -156,6 +191,7 @@ class ShardStream(IterableDataset):
             if self.resampled:
                 rng = random.Random(stable_seed(self.seed, 1, epoch, slot))
                 for _ in range(max(1, len(self.urls) // slots)):
+                    self._check_not_starving(2 * len(self.urls) + 2)
                     yield rng.choice(self.urls)
             else:
                 order = list(self.urls)
@@ -164,11 +200,13 @@ class ShardStream(IterableDataset):
                 if not mine and epoch == 0:
                     raise ValueError(f"{len(self.urls)} shards cannot feed {slots} readers (ranks x workers): "
                                      "use resampled=True or more shards")
-                yield from mine
+                for url in mine:
+                    self._check_not_starving(2 * len(mine))
+                    yield url
 
     def _samples(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         def on_error(exc: Exception) -> bool:
-            self.corrupt += 1
+            self._count_corrupt()
             log.warning("skipping unreadable shard data: %s", exc)
             return True
 
@@ -177,6 +215,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(stable_seed(self.seed, 2, self.rank, worker))
         buf: list[dict[str, Any]] = []
         for sample in raw:
+            self._opened_at_raw = self._opened
             if len(buf) < self.shuffle_buffer:
                 buf.append(sample)
                 continue
@@ -192,7 +231,7 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + self.start_step) % workers
         skip = max(0, -(-(self.start_step - worker) // workers)) * self.batch_size  # ceil((s - w) / W) batches
         batch: list[torch.Tensor] = []
-        index = 0
+        index, bad_run = 0, 0
         for sample in self._samples(worker, workers):
             key = sample.get("__key__", "?")
             try:
@@ -200,9 +239,14 @@ class ShardStream(IterableDataset):
                 if min(arr.shape) < self.min_size:
                     raise ValueError(f"image {arr.shape} is smaller than one patch ({self.min_size} px)")
             except Exception as exc:  # missing .npy, bad bytes, wrong shape
-                self.corrupt += 1
+                self._count_corrupt()
+                bad_run += 1
                 log.warning("skipping corrupt sample %s in %s: %s", key, sample.get("__url__", "?"), exc)
+                if bad_run > self.shuffle_buffer + MAX_CORRUPT_RUN:
+                    raise ValueError(f"{bad_run} corrupt samples in a row and none readable (last: {key} in "
+                                     f"{sample.get('__url__', '?')}: {exc})") from exc
                 continue
+            bad_run = 0
             index += 1
             if skip:
                 skip -= 1

@@ -144,7 +144,7 @@ class MaskedAutoencoder(nn.Module):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]  # [N, len_keep]
         x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-        mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
+        mask = torch.ones(n, length, device=x.device, dtype=torch.float32)  # fp32 even under bf16
         mask[:, :len_keep] = 0
         mask = torch.gather(mask, 1, ids_restore)  # back to the original patch order
         return x_masked, mask, ids_restore

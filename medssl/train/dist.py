@@ -77,13 +77,20 @@ def cleanup_distributed(info: DistInfo) -> None:
         torch_dist.destroy_process_group()
 
 
+def _all_reduce(value: float, info: DistInfo, op) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=info.device if info.backend != "none" else "cpu")
+    torch_dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     """Mean of a scalar over ranks (identity for one process)."""
-    if info.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device if info.backend != "none" else "cpu")
-    torch_dist.all_reduce(t)
-    return float(t.item() / info.world_size)
+    return value if info.world_size == 1 else _all_reduce(value, info, torch_dist.ReduceOp.SUM) / info.world_size
+
+
+def all_reduce_max(value: float, info: DistInfo) -> float:
+    """Max of a scalar over ranks (identity for one process)."""
+    return value if info.world_size == 1 else _all_reduce(value, info, torch_dist.ReduceOp.MAX)
 
 
 def barrier(info: DistInfo) -> None:

@@ -33,7 +33,7 @@ from medssl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from medssl.train.dist import DistInfo, all_reduce_mean, barrier
+from medssl.train.dist import DistInfo, all_reduce_max, all_reduce_mean, barrier
 from medssl.train.logging import ScalarLogger
 from medssl.train.optim import cosine_lr, param_groups, set_lr
 from medssl.utils import stable_seed
@@ -131,15 +131,19 @@ class Engine:
         if "optimizer" in cfg:
             raise ValueError("the DeepSpeed config must not define an optimizer: medssl passes a client-side "
                              "torch AdamW (a config optimizer JIT-compiles a fused Adam for minutes)")
-        cfg.setdefault("train_micro_batch_size_per_gpu", micro_batch_size or 1)
-        cfg.setdefault("gradient_accumulation_steps", self.cfg.grad_accum)
-        cfg.setdefault("gradient_clipping", self.cfg.clip_grad or 0.0)
+        wanted = {"train_micro_batch_size_per_gpu": micro_batch_size or 1,
+                  "gradient_accumulation_steps": self.cfg.grad_accum,
+                  "gradient_clipping": float(self.cfg.clip_grad or 0.0)}
+        for key, value in wanted.items():  # the run's config decides; a DeepSpeed json that disagrees is an error
+            if key in cfg and cfg[key] != "auto" and float(cfg[key]) != float(value):
+                raise ValueError(f"DeepSpeed config sets {key}={cfg[key]} but the run config asks for {value}: "
+                                 "set it in one place")
+            cfg[key] = value
         if self.cfg.precision == "bf16":
             cfg.setdefault("bf16", {"enabled": True})
+        if self.cfg.precision == "fp16" and not cfg.get("fp16", {}).get("enabled"):
+            raise ValueError("precision fp16 under DeepSpeed needs an enabled 'fp16' section in the DeepSpeed config")
         cfg.pop("train_batch_size", None)
-        if cfg["gradient_accumulation_steps"] != self.cfg.grad_accum:
-            raise ValueError(f"DeepSpeed config accumulates {cfg['gradient_accumulation_steps']} steps but the "
-                             f"run asks for {self.cfg.grad_accum}")
         if cfg.get("fp16", {}).get("enabled") and self.dist.device.type == "cpu":
             raise ValueError("fp16 with DeepSpeed's loss scaler does not update weights on CPU; use bf16 or fp32")
         self.ds_config = cfg
@@ -262,26 +266,30 @@ class Engine:
                 seen += batch_size(batch) if batch_size else len(batch)
                 step_losses.append(self._micro_step(forward, batch, sync=micro == cfg.grad_accum - 1))
             loss = sum(step_losses) / len(step_losses)
-            if not math.isfinite(loss):
+            # Decide on every rank alike: gradients are already all-reduced, so one rank's NaN is everyone's.
+            finite = all_reduce_max(0.0 if math.isfinite(loss) else 1.0, dist) == 0.0
+            grad_norm = None
+            if finite:
+                self.bad_steps = 0
+                if self.ds_engine is None:
+                    grad_norm = self._optimizer_step()
+            else:
                 self.bad_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.ds_engine is None:
+                    self.optimizer.zero_grad(set_to_none=True)
                 log.warning("non-finite loss at step %d, update skipped (%d in a row)", self.step, self.bad_steps)
                 if self.bad_steps >= cfg.max_bad_steps:
                     raise FloatingPointError(f"{self.bad_steps} non-finite losses in a row at step {self.step}: "
                                              "lower the lr, or use precision bf16/fp32 (MAE is fragile in fp16)")
-                if self.ds_engine is None:
-                    self.step += 1
-                    continue
-            else:
-                self.bad_steps = 0
-            grad_norm = self._optimizer_step() if self.ds_engine is None else None
             self.step += 1
-            losses.append(loss)
+            if finite:
+                losses.append(loss)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                 elapsed = time.perf_counter() - t0
                 ips = seen * dist.world_size / max(elapsed, 1e-9)
-                mean_loss = all_reduce_mean(sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]), dist)
+                recent = losses[-cfg.log_every:] or [float("nan")]
+                mean_loss = all_reduce_mean(sum(recent) / len(recent), dist)
                 scalars = {"loss": mean_loss, "lr": lr, "images_per_s": ips}
                 if grad_norm is not None:
                     scalars["grad_norm"] = grad_norm

@@ -84,3 +84,37 @@ def test_random_resized_crop_bounds():
     for _ in range(20):
         out = random_resized_crop(img, 8, (0.2, 1.0), (3 / 4, 4 / 3), True, g)
         assert out.shape == (1, 8, 8) and 0 <= out.min() and out.max() <= 1
+
+
+def test_empty_or_all_corrupt_shards_raise_instead_of_spinning(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with tarfile.open(empty / "lumid-000000.tar", "w"):
+        pass
+    with pytest.raises(ValueError, match="no samples could be read"):
+        next(iter(make_loader(empty, 8, 2)))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(bad / "lumid-000000.tar", "w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"s{i}.npy")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"junk!"))
+    stream = ShardStream(expand_urls(bad), 8, 2, shuffle_buffer=1)
+    with pytest.raises(ValueError, match="corrupt samples in a row"):
+        next(iter(stream))
+    assert stream.corrupt > 10_000
+
+
+def test_corrupt_count_is_shared_with_workers(tmp_path):
+    rng = np.random.default_rng(0)
+    write_array_shards((rng.integers(0, 255, (12, 12), dtype=np.uint8) for _ in range(6)), tmp_path, 3)
+    with tarfile.open(tmp_path / "lumid-000001.tar", "a") as tar:
+        info = tarfile.TarInfo("zz.npy")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    loader = make_loader(tmp_path, 8, 2, num_workers=2, shuffle_buffer=1)
+    it = iter(loader)
+    for _ in range(6):
+        next(it)
+    assert loader.dataset.corrupt >= 1

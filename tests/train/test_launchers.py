@@ -63,6 +63,11 @@ def test_deepspeed_two_processes_zero2_resume(toy_shards, tmp_path):
     base[4] = str(_port())
     _run([*base, *_args(toy_shards, out), "--resume"])
     assert [int(r["step"]) for r in _rows(out)] == [1, 2, 3, 4]
+    # exported from the fp32 master weights, not the bf16 copies DeepSpeed trains the module in
+    from safetensors.torch import load_file
+
+    w = load_file(str(out / "backbone" / "model.safetensors"))["blocks.0.attn.qkv.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
     vit = medssl.load_backbone(out / "backbone")
     assert vit.forward_features(torch.zeros(1, 1, 32, 32)).shape == (1, 17, 192)
 
