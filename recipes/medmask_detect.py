@@ -86,10 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetNotFoundError as e:
         print(e, file=sys.stderr)
         return 2
-    print("\nvalidation results (" + ("CPU demo data" if a.dataset == "demo" else a.dataset) + "):")
-    for name, summary in results.items():
-        if summary:
-            print(f"  {name:18s} R@0.3={summary['R@0.3']:.3f}  AP50={summary.get('AP50', float('nan')):.3f}")
+    where = "CPU demo data" if a.dataset == "demo" else a.dataset
+    test = results.pop("test", None)
+    for title, table in ((f"validation ({where}, best epoch)", results), (f"held-out test ({where})", test)):
+        if table:
+            print(f"\n{title}:")
+            for name, summary in table.items():
+                if summary:
+                    print(f"  {name:18s} R@0.3={summary['R@0.3']:.3f}  AP50={summary.get('AP50', float('nan')):.3f}")
     print(json.dumps({"summary": str(Path(cfg["out"]) / "summary.json")}))
     return 0
 

@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"weight_decay": 1e-4, "clip_max_norm": 0.1, "lr_linear_proj_mult": 0.1, "log_every": 50,
               "eval_every": 1},
     "eval": {"select": "R@0.3", "nms_iou": 0.1, "hit": "center", "iou_threshold": 0.5, "max_dets": 100,
-             "overlays": 4, "random_boxes_per_image": 10},
+             "overlays": 4, "random_boxes_per_image": 10, "test_split": "test"},
     "source_only": {**_STAGE_DEFAULTS, "lr_drop": 16},
     "cross_domain_mae": {**_STAGE_DEFAULTS, "epochs": 10, "lr": 2e-5, "lr_backbone": 2e-6, "mae_weight": 1.0,
                          "distill_weight": 1.0},
@@ -427,10 +427,37 @@ def run_stages(cfg: dict, stages: Iterable[str], init: str | Path | None = None)
         if res.get("curve") is not None:
             curves[stage] = res["curve"]
     save_froc(out / "froc_all.png", curves, title="validation FROC per stage vs random boxes")
+    test = heldout_results(cfg, splits["train"], {s: out / s / "best.pt" for s in stages})
     summary_file = out / "summary.json"
     previous = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    summary_file.write_text(json.dumps({**previous, **results}, indent=1, default=float))  # keep earlier stages
+    merged = {**previous, **results}  # keep earlier stages of the same run folder
+    if test:
+        merged["test"] = {**previous.get("test", {}), **test}
+        results["test"] = test
+    summary_file.write_text(json.dumps(merged, indent=1, default=float))
     return results
+
+
+def heldout_results(cfg: dict, train: Dataset, checkpoints: dict[str, Path]) -> dict[str, Any]:
+    """Each stage's best checkpoint and the random boxes on the held-out ``eval.test_split`` (if present)."""
+    from medssl.data.coco import DatasetNotFoundError
+
+    name = cfg["eval"]["test_split"]
+    if not name:
+        return {}
+    try:
+        test = build_dataset(cfg["data"]["dataset"], name, cfg["data"]["data_root"], _transforms(cfg, "none"))
+    except (DatasetNotFoundError, ValueError) as e:
+        print(f"no held-out evaluation: {str(e).splitlines()[0]}")
+        return {}
+    if not hasattr(test, "gt_boxes_xyxy") or not hasattr(test, "coco"):
+        return {}
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") else "cpu")
+    out: dict[str, Any] = {"random_boxes": random_baseline(train, test, cfg, seed=cfg["seed"])[0]}
+    for stage, ckpt in checkpoints.items():
+        model, _ = load_detector(ckpt, device)
+        out[stage] = evaluate(model, test, cfg, device)[0]
+    return out
 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[DeformableDETR, dict]:

@@ -40,7 +40,9 @@ def test_three_stages_end_to_end(tiny_root, tmp_path):
     torch.manual_seed(0)
     cfg = _cfg(tiny_root, tmp_path / "run")
     results = engine.run_stages(cfg, engine.STAGES)
-    assert set(results) == {"random_boxes", *engine.STAGES}
+    assert set(results) == {"random_boxes", "test", *engine.STAGES}
+    assert set(results["test"]) == {"random_boxes", *engine.STAGES}  # held-out split, each stage's best
+    assert results["test"]["teaching"]["num_images"] == 1
     for stage in engine.STAGES:
         assert 0.0 <= results[stage]["R@0.3"] <= 1.0 and "AP50" in results[stage]
         sdir = tmp_path / "run" / stage
