@@ -25,7 +25,7 @@ def micro(tmp_path_factory):
     cfg = {"name": "micro", "img_size": 32, "threads": 1, "device": "cpu",
            "backbones": [{"source": str(tmp / "bb"), "pretraining": "MAE", "data": "toy"}],
            "tasks": [{"name": "brain_tissue", "slab": 4, "gap": 2, "step": 4}, {"name": "image_qc", "planes": 1}],
-           "protocols": ["probe", "finetune"], "label_fractions": [4, 1.0], "seeds": [0],
+           "protocols": ["probe", "finetune"], "label_fractions": [5, 1.0], "seeds": [0],
            "probe": MICRO_HP, "finetune": MICRO_HP, "scratch": MICRO_HP}
     (tmp / "micro.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp / "results"
