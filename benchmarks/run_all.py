@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--protocols", nargs="+", choices=["probe", "finetune"])
     p.add_argument("--device", help="cpu / cuda (default: config, else cuda if available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables from the finished cells only (missing cells are listed, not run)")
     return p.parse_args(argv)
 
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg["resolved_rows"] = [b.__dict__ for b in backbones]
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     device = cfg.get("device") if cfg.get("device") not in (None, "auto") else None
-    rows, tasks_info, t_start = [], {}, time.time()
+    rows, tasks_info, t_start, missing = [], {}, time.time(), []
     for spec in task_specs:
         task = build_task(spec, img)
         tasks_info[task.name] = task.summary()
@@ -141,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                                    seed=seed, hp=hp, version=1, **extra)
                     t0 = time.time()
                     job = functools.partial(run_cell, task, bb, protocol, frac, seed, hp, img, device=device)
+                    if args.report_only and not (out / "cells" / f"{key}.json").is_file():
+                        missing.append(f"{task.name} {frac:g} seed {seed} {bb.label} {bb.pretraining} {protocol}")
+                        continue
                     res, hit = cached_cell(out / "cells", key, job)
                     role = "cnn" if bb.kind == "cnn" else "random" if bb.kind == "vit_random" else "pretrained"
                     rows.append({"task": task.name, "kind": task.kind, "fraction": frac, "seed": seed,
@@ -153,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"({'cached' if hit else f'{time.time() - t0:.0f}s'})", flush=True)
     header = (f"Config `{cfg_path.name}`, image size {img}, seeds {cfg['seeds']}, device "
               f"{device or ('cuda' if torch.cuda.is_available() else 'cpu')}, {time.time() - t_start:.0f} s.")
+    if missing:
+        header += f"\n\nPARTIAL TABLE: {len(missing)} cells not run yet: " + "; ".join(missing)
+        print(f"{len(missing)} cells missing (not run with --report-only)")
     (out / "tasks.json").write_text(json.dumps(tasks_info, indent=1, default=str))
     paths = write_all(rows, tasks_info, out, header)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
