@@ -73,3 +73,12 @@ def test_bad_backbone_and_task(tmp_path):
         run_all.main(["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError):
         run_all.main(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_report_only_lists_missing_cells(micro):
+    tmp, out = micro
+    assert run_all.main(["--config", str(tmp / "micro.yaml"), "--out", str(out), "--tasks", "brain_tissue",
+                         "--seeds", "0", "7", "--report-only"]) == 0
+    md = (out / "results.md").read_text()
+    assert "PARTIAL TABLE: 10 cells not run yet" in md and "seed 7" in md
+    assert len(list((out / "cells").glob("*.json"))) == 20  # nothing was trained
