@@ -7,7 +7,7 @@
 MAE training step (forward, backward, AdamW; batch 32; mask 0.75, norm_pix): medssl vs HuggingFace
 `ViTMAEForPreTraining` configured identically vs an MAE built from timm blocks the way the official code
 builds it. Each implementation runs in its own process (so that peak memory is its own), the rounds are
-interleaved, and the best round counts. Reports images/s, ratios, achieved FLOP/s as a fraction of the
+interleaved with the order rotated, and the best round counts. Reports images/s, ratios, achieved FLOP/s as a fraction of the
 machine's measured matmul FLOP/s, and peak memory (RSS growth on CPU, allocator peak on CUDA).
 """
 
@@ -114,9 +114,9 @@ def worker(impl: str, config: str, steps: int, device: str) -> dict:
 def bench_mae(configs: list[str], steps: int, rounds: int, device: str) -> list[dict]:
     """Interleaved rounds of every implementation, each in a fresh process; best round kept."""
     best: dict[tuple[str, str], dict] = {}
-    for _ in range(rounds):
+    for r in range(rounds):
         for config in configs:
-            for impl in IMPLS:
+            for impl in IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)]:  # rotate who runs first
                 cmd = [sys.executable, __file__, "--worker", impl, config, str(steps), device]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                       env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = matmul_flops(device)
         out["matmul_flops"] = peak
         configs = ["demo_cpu_tiny8_64"] if args.quick else list(CONFIGS)
-        rows = bench_mae(configs, steps=2 if args.quick else 3, rounds=1 if args.quick else 2, device=device)
+        rows = bench_mae(configs, steps=2 if args.quick else 4, rounds=1 if args.quick else 3, device=device)
         out["mae"] = rows
         print(f"\n## MAE training step, batch {BATCH} (measured matmul peak {peak / 1e9:.1f} GFLOP/s fp32)")
         print("\n".join(report_mae(rows, peak)))
