@@ -7,8 +7,9 @@
 MAE training step (forward, backward, AdamW; batch 32; mask 0.75, norm_pix): medssl vs HuggingFace
 `ViTMAEForPreTraining` configured identically vs an MAE built from timm blocks the way the official code
 builds it. Each implementation runs in its own process (so that peak memory is its own), the rounds are
-interleaved with the order rotated, and the best round counts. Reports images/s, ratios, achieved FLOP/s as a fraction of the
-machine's measured matmul FLOP/s, and peak memory (RSS growth on CPU, allocator peak on CUDA).
+interleaved with the order rotated, and the best round counts. Reports images/s, ratios, achieved FLOP/s
+as a fraction of the machine's measured matmul FLOP/s, and peak memory (RSS growth on CPU, allocator peak
+on CUDA).
 """
 
 from __future__ import annotations
