@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from medssl.train.optim import cosine_lr
+from medssl.train.optim import param_groups as make_param_groups
 
 
 @dataclass
@@ -183,10 +184,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, loss_fn: 
     else:
         val_data = val_set
     if param_groups is None:
-        params = [p for p in trained.parameters() if p.requires_grad]
-        param_groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-                        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-        param_groups = [g for g in param_groups if g["params"]]
+        param_groups = make_param_groups(trained, cfg.weight_decay)
     if not any(g["params"] for g in param_groups):
         raise ValueError("fit: the model has no trainable parameters")
     for g in param_groups:
