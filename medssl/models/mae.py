@@ -204,13 +204,6 @@ _DECODERS = {"base": (512, 8, 16), "large": (512, 8, 16), "huge": (512, 8, 16),
              "small": (256, 4, 8), "tiny": (128, 2, 4)}
 
 
-def list_maes() -> list[str]:
-    """Names accepted by `create_mae`: `mae_` + a registered ViT name."""
-    from medssl.models.vit import list_architectures
-
-    return [f"mae_{n}" for n in list_architectures()]
-
-
 def create_mae(name: str = "mae_vit_base_patch16", **overrides: Any) -> MaskedAutoencoder:
     """Build an MAE from a registered ViT: `create_mae("mae_vit_small_patch16", in_chans=1, img_size=224)`.
 

@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +38,6 @@ class BackboneCfg:
     std: tuple[float, ...] = GRAY_STD
     source: str = "random initialisation"
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form for config.json."""
-        return dataclasses.asdict(self)
 
 
 _SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
