@@ -44,6 +44,7 @@ from medssl.detection.medmask import (
 )
 from medssl.metrics.detection import detection_summary, froc, froc_preprocess, random_boxes
 from medssl.train.checkpoint import load_checkpoint, save_checkpoint
+from medssl.train.optim import make_adamw
 
 STAGES = ("source_only", "cross_domain_mae", "teaching")
 
@@ -305,7 +306,7 @@ def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | N
     use_dist = dist is not None and sc["distill_weight"] > 0 and stage != "source_only"
     extra = [m for m, on in ((mae, use_mae), (dist, use_dist)) if on]
     groups = param_groups_detr(model, extra, sc["lr"], sc["lr_backbone"], tc["lr_linear_proj_mult"])
-    opt = torch.optim.AdamW(groups, lr=sc["lr"], weight_decay=tc["weight_decay"])
+    opt = make_adamw(groups, lr=sc["lr"], weight_decay=tc["weight_decay"])
     params = [p for g in groups for p in g["params"]]
     crit = SetCriterion(model.cfg.num_classes).to(device)
     teacher, snapshot = None, None

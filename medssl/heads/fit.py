@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from medssl.train.optim import cosine_lr
+from medssl.train.optim import cosine_lr, make_adamw
 from medssl.train.optim import param_groups as make_param_groups
 
 
@@ -189,7 +189,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, loss_fn: 
         raise ValueError("fit: the model has no trainable parameters")
     for g in param_groups:
         g.setdefault("lr_scale", 1.0)
-    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas)
+    opt = make_adamw(param_groups, lr=cfg.lr, betas=cfg.betas)
     n = len(train_set)
     loader = _Batches(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                       generator=gen, num_workers=0 if cached else cfg.num_workers,

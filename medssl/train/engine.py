@@ -35,7 +35,7 @@ from medssl.train.checkpoint import (
 )
 from medssl.train.dist import DistInfo, all_reduce_max, all_reduce_mean, barrier
 from medssl.train.logging import ScalarLogger
-from medssl.train.optim import cosine_lr, param_groups, set_lr
+from medssl.train.optim import cosine_lr, make_adamw, param_groups, set_lr
 from medssl.utils import stable_seed
 
 log = logging.getLogger("medssl")
@@ -112,7 +112,7 @@ class Engine:
         groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
         for g in groups:
             g.pop("names", None)  # not needed by the optimizer; keeps checkpoints small
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = make_adamw(groups, lr=cfg.lr, betas=cfg.betas)
         self.scaler = None
         self.ds_engine = None
         if dist.backend == "deepspeed":
