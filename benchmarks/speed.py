@@ -6,10 +6,12 @@
 
 MAE training step (forward, backward, AdamW; batch 32; mask 0.75, norm_pix): medssl vs HuggingFace
 `ViTMAEForPreTraining` configured identically vs an MAE built from timm blocks the way the official code
-builds it. Each implementation runs in its own process (so that peak memory is its own), the rounds are
-interleaved with the order rotated, and the best round counts. Reports images/s, ratios, achieved FLOP/s
-as a fraction of the machine's measured matmul FLOP/s, and peak memory (RSS growth on CPU, allocator peak
-on CUDA).
+builds it, each with the AdamW its users get (medssl's Engine: fused where possible; HF Trainer's default
+`adamw_torch_fused`; the official script's `torch.optim.AdamW`). Speed: the three run in one process, their
+steps interleaved in rounds with the order rotated, so that a shared machine's drifts hit all alike; the
+per-round ratio is a paired comparison, reported as median [min, max]. Peak memory: each implementation in
+its own fresh process (RSS growth on CPU, allocator peak on CUDA). Also the achieved FLOP/s as a fraction of
+the machine's measured matmul FLOP/s.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ BATCH = 32
 
 
 def _rss_mb() -> float:
+    """Peak resident memory of this process in MB (VmHWM; `ru_maxrss` survives exec and so can carry the
+    parent's peak into a fresh worker)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -70,20 +80,28 @@ def _build(impl: str, cfg: tuple):
     return build_peer(impl, img, patch, chans, dim, depth, heads, ddim, ddepth, dheads, 0.75)
 
 
-def worker(impl: str, config: str, steps: int, device: str) -> dict:
-    """One implementation, one config, in this process: images/s, FLOPs per step, peak memory."""
+def _optimizer(impl: str, model):
+    """The AdamW each user gets: medssl's Engine, HF Trainer's default, the official MAE script's."""
     import torch
-    import transformers.models.vit_mae  # noqa: F401  (every worker imports all three implementations before
-    from torch.utils.flop_counter import FlopCounterMode
 
-    import benchmarks.mae_peers  # noqa: F401  the baseline, so that import memory is not counted as peak)
-    import medssl.models.mae  # noqa: F401
+    from medssl.train.optim import make_adamw, param_groups
+
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, 0.05)]
+    if impl == "medssl":
+        return make_adamw(groups, lr=1e-4, betas=(0.9, 0.95))
+    if impl == "hf":  # transformers' Trainer defaults to optim="adamw_torch_fused" with torch >= 2.8
+        return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))  # official main_pretrain.py
+
+
+def _stepper(impl: str, config: str, device: str):
+    """A model, its optimizer and a closure running one training step on a fixed batch."""
+    import torch
 
     torch.manual_seed(0)
-    base_rss = _rss_mb()
     cfg = CONFIGS[config]
     model = _build(impl, cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = _optimizer(impl, model)
     x = torch.randn(BATCH, cfg[2], cfg[0], cfg[0], device=device)
     use_bf16 = device == "cuda"
 
@@ -93,60 +111,99 @@ def worker(impl: str, config: str, steps: int, device: str) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as fc:
-        step()  # also the warm-up
-    flops = fc.get_total_flops()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+
+    return step
+
+
+def memory_worker(impl: str, config: str, device: str) -> dict:
+    """Peak memory of one implementation in this (fresh) process: RSS growth on CPU, allocator peak on CUDA."""
+    import torch
+    import transformers.models.vit_mae  # noqa: F401  (every worker imports all three implementations before
+
+    import benchmarks.mae_peers  # noqa: F401  the baseline, so that import memory is not counted as peak)
+    import medssl.models.mae  # noqa: F401
+
+    base_rss = _rss_mb()
+    step = _stepper(impl, config, device)
+    step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step()
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mb() - base_rss
-    return {"impl": impl, "config": config, "step_s": min(times), "images_per_s": BATCH / min(times),
-            "flops_per_step": flops, "peak_mem_mb": peak, "device": device}
+    return {"impl": impl, "config": config, "peak_mem_mb": peak}
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+
+def time_interleaved(config: str, rounds: int, steps: int, device: str) -> list[dict]:
+    """All implementations in one process, their steps interleaved round by round (order rotated).
+
+    Slow drifts of a shared machine (frequency, neighbours) then hit every implementation alike, and the
+    per-round ratio against medssl is a paired comparison: its median and spread are what is reported.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    steppers, flops = {}, {}
+    for impl in IMPLS:
+        steppers[impl] = _stepper(impl, config, device)
+        with FlopCounterMode(display=False) as fc:
+            steppers[impl]()  # also the warm-up
+        flops[impl] = fc.get_total_flops()
+        steppers[impl]()
+    per_round: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for r in range(rounds):
+        for impl in IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)]:
+            t = time.perf_counter()
+            for _ in range(steps):
+                steppers[impl]()
+            per_round[impl].append((time.perf_counter() - t) / steps)
+    rows = []
+    for impl in IMPLS:
+        ratios = [p / o for p, o in zip(per_round[impl], per_round["medssl"], strict=True)]  # >1: medssl faster
+        step_s = _median(per_round[impl])
+        rows.append({"impl": impl, "config": config, "step_s": step_s, "images_per_s": BATCH / step_s,
+                     "round_step_s": per_round[impl], "medssl_speedup_median": _median(ratios),
+                     "medssl_speedup_min": min(ratios), "medssl_speedup_max": max(ratios),
+                     "medssl_faster_rounds": sum(r > 1 for r in ratios), "rounds": rounds,
+                     "flops_per_step": flops[impl], "device": device})
+    return rows
 
 
 def bench_mae(configs: list[str], steps: int, rounds: int, device: str) -> list[dict]:
-    """Interleaved rounds of every implementation, each in a fresh process; best round kept."""
-    best: dict[tuple[str, str], dict] = {}
-    for r in range(rounds):
-        for config in configs:
-            for impl in IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)]:  # rotate who runs first
-                cmd = [sys.executable, __file__, "--worker", impl, config, str(steps), device]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
-                if proc.returncode != 0:
-                    print(f"[{impl} {config}] failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                    continue
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-                key = (impl, config)
-                if key not in best or row["step_s"] < best[key]["step_s"]:
-                    best[key] = {**row, "peak_mem_mb": min(row["peak_mem_mb"],
-                                                           best.get(key, row)["peak_mem_mb"])}
-    return list(best.values())
+    """Speed from interleaved in-process rounds; peak memory from one fresh process per implementation."""
+    rows = []
+    for config in configs:
+        timed = {r["impl"]: r for r in time_interleaved(config, rounds, steps, device)}
+        for impl in IMPLS:
+            cmd = [sys.executable, __file__, "--memory-worker", impl, config, device]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if proc.returncode != 0:
+                print(f"[{impl} {config}] memory worker failed: {proc.stderr.strip().splitlines()[-1:]}",
+                      file=sys.stderr)
+                mem = float("nan")
+            else:
+                mem = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+            rows.append({**timed[impl], "peak_mem_mb": mem})
+    return rows
 
 
 def report_mae(rows: list[dict], peak_flops: float) -> list[str]:
-    lines = ["| config | impl | images/s | vs medssl | FLOP/s achieved | of matmul peak | peak mem MB |",
-             "|---|---|---|---|---|---|---|"]
-    by = {(r["config"], r["impl"]): r for r in rows}
-    for config in CONFIGS:
-        ours = by.get((config, "medssl"))
-        for impl in IMPLS:
-            r = by.get((config, impl))
-            if r is None:
-                continue
-            ratio = ours["images_per_s"] / r["images_per_s"] if ours else float("nan")
-            achieved = r["flops_per_step"] / r["step_s"]
-            lines.append(f"| {config} | {impl} | {r['images_per_s']:.1f} | "
-                         f"{'1.00' if impl == 'medssl' else f'medssl {ratio:.2f}x'} | "
-                         f"{achieved / 1e9:.1f} G | {achieved / peak_flops:.0%} | {r['peak_mem_mb']:.0f} |")
+    lines = ["| config | impl | images/s (median round) | medssl speed-up: median [min, max] | rounds medssl "
+             "faster | FLOP/s achieved | of matmul peak | peak mem MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        achieved = r["flops_per_step"] / r["step_s"]
+        vs = ("" if r["impl"] == "medssl" else f"{r['medssl_speedup_median']:.2f}x "
+              f"[{r['medssl_speedup_min']:.2f}, {r['medssl_speedup_max']:.2f}]")
+        faster = "" if r["impl"] == "medssl" else f"{r['medssl_faster_rounds']}/{r['rounds']}"
+        lines.append(f"| {r['config']} | {r['impl']} | {r['images_per_s']:.1f} | {vs} | {faster} | "
+                     f"{achieved / 1e9:.1f} G | {achieved / peak_flops:.0%} | {r['peak_mem_mb']:.0f} |")
     return lines
 
 
@@ -156,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("mae", "data", "detection"), action="append")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, help="also write all rows to this JSON file")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per config (default 9)")
+    parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        impl, config, steps, device = args.worker
-        print(json.dumps(worker(impl, config, int(steps), device)))
+    if args.memory_worker:
+        impl, config, device = args.memory_worker
+        print(json.dumps(memory_worker(impl, config, device)))
         return 0
     import torch
 
@@ -173,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         peak = matmul_flops(device)
         out["matmul_flops"] = peak
         configs = ["demo_cpu_tiny8_64"] if args.quick else list(CONFIGS)
-        rows = bench_mae(configs, steps=2 if args.quick else 4, rounds=1 if args.quick else 3, device=device)
+        rounds = args.rounds or (3 if args.quick else 9)
+        rows = bench_mae(configs, steps=1 if args.quick else 2, rounds=rounds, device=device)
         out["mae"] = rows
         print(f"\n## MAE training step, batch {BATCH} (measured matmul peak {peak / 1e9:.1f} GFLOP/s fp32)")
         print("\n".join(report_mae(rows, peak)))
