@@ -71,32 +71,58 @@ def _load_weights(body: nn.Module, path: Path) -> None:
 class ViTPyramidBackbone(nn.Module):
     """A medssl ViT (``medssl.load_backbone`` source) with a simple feature pyramid (ViTDet style).
 
-    The last block's patch map (stride p) becomes three levels: stride p/2 (2x2 transposed conv),
-    p (identity) and 2p (2x2 max-pool); the detector adds its fourth level by a stride-2 conv.
+    The last block's patch map (stride p) becomes one map per requested stride, by default a ResNet's
+    C3-C5 strides (8, 16, 32), so that the detector sees the same number of tokens whatever the patch
+    size: a finer stride by a transposed conv (+ GroupNorm + GELU, half the width), the patch stride as
+    it is, a coarser one by max-pooling. The detector adds its fourth level by a stride-2 conv.
 
     Args:
         source: anything ``medssl.load_backbone`` accepts (backbone folder, checkpoint, registry name).
         in_chans: input channels.
         img_size: nominal image size (the position embedding is resampled for other sizes).
+        strides: output strides; each a power-of-two multiple or fraction of the patch size.
+        freeze: keep the ViT's weights fixed (in eval mode, no gradients); the pyramid still trains.
     """
 
-    def __init__(self, source: str = "vit_tiny_patch16", in_chans: int = 1, img_size: int = 224) -> None:
+    def __init__(self, source: str = "vit_tiny_patch16", in_chans: int = 1, img_size: int = 224,
+                 strides: tuple[int, ...] = (8, 16, 32), freeze: bool = False) -> None:
         super().__init__()
         import medssl
 
         self.vit = medssl.load_backbone(source, img_size=img_size, in_chans=in_chans, features_only=True,
                                         out_indices=(-1,))
+        self.frozen = bool(freeze)
+        if self.frozen:
+            self.vit.requires_grad_(False)
         d = self.vit.feature_info[0]["num_chs"]
         p = self.vit.feature_info[0]["reduction"]
-        self.up = nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, stride=2), nn.GroupNorm(1, d // 2), nn.GELU())
-        self.down = nn.MaxPool2d(2)
-        self.num_channels = [d // 2, d, d]
-        self.strides = [p // 2, p, 2 * p]
+        levels, chans = [], []
+        for s in strides:
+            f = max(s, p) // min(s, p)
+            if max(s, p) % min(s, p) or f & (f - 1):
+                raise ValueError(f"pyramid stride {s} is not a power-of-two multiple or fraction of patch size {p}")
+            if s < p:
+                levels.append(nn.Sequential(nn.ConvTranspose2d(d, d // 2, f, stride=f), nn.GroupNorm(1, d // 2),
+                                            nn.GELU()))
+                chans.append(d // 2)
+            else:
+                levels.append(nn.MaxPool2d(f) if f > 1 else nn.Identity())
+                chans.append(d)
+        self.levels = nn.ModuleList(levels)
+        self.num_channels = chans
+        self.strides = list(strides)
+
+    def train(self, mode: bool = True) -> ViTPyramidBackbone:
+        """As ``nn.Module.train``, but a frozen ViT stays in eval mode (no drop path)."""
+        super().train(mode)
+        if self.frozen:
+            self.vit.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``(N, C, H, W)`` -> three maps at strides p/2, p, 2p."""
+        """``(N, C, H, W)`` -> one map per stride (default 8, 16, 32)."""
         (fmap,) = self.vit(x)  # [N, D, H/p, W/p]
-        return [self.up(fmap), fmap, self.down(fmap)]
+        return [level(fmap) for level in self.levels]
 
 
 def build_backbone(kind: str, *, in_chans: int, name: str | None = None, weights: str | None = None,
@@ -109,12 +135,14 @@ def build_backbone(kind: str, *, in_chans: int, name: str | None = None, weights
         name: timm ResNet name, or the ViT source for ``load_backbone`` (folder, file or registry name).
         weights: local ResNet weights file.
         img_size: nominal ViT input size.
-        freeze: ResNet only: frozen BatchNorm + stem + layer1 (default: when ``weights`` are given).
+        freeze: ResNet: frozen BatchNorm + stem + layer1 (default: when ``weights`` are given);
+            ViT: the whole ViT frozen (default: not).
     """
     if kind == "resnet":
         return ResNetBackbone(name or "resnet50", in_chans=in_chans, weights=weights, freeze=freeze)
     if kind == "vit":
         if weights is not None:
             raise ValueError("backbone 'vit': give the checkpoint or folder as the name, not as weights")
-        return ViTPyramidBackbone(name or "vit_tiny_patch16", in_chans=in_chans, img_size=img_size)
+        return ViTPyramidBackbone(name or "vit_tiny_patch16", in_chans=in_chans, img_size=img_size,
+                                  freeze=bool(freeze))
     raise ValueError(f"backbone kind must be 'resnet' or 'vit', got {kind!r}")

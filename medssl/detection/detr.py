@@ -28,7 +28,7 @@ class DetrConfig:
     backbone: str = "resnet"  # "resnet" or "vit"
     backbone_name: str | None = None  # timm ResNet name, or a medssl.load_backbone source for "vit"
     backbone_weights: str | None = None  # local ResNet weights file
-    backbone_freeze: bool | None = None  # ResNet: frozen BN + stem + layer1; None: iff weights are given
+    backbone_freeze: bool | None = None  # ResNet: frozen BN + stem + layer1 (None: iff weights); ViT: all of it
     img_size: int = 224  # nominal ViT size
     hidden_dim: int = 256
     nheads: int = 8

@@ -64,6 +64,46 @@ def test_vit_backbone_plugs_in():
     assert [f.shape[-1] for f in out["features"]["backbone"]] == [8, 4, 2]  # strides 8, 16, 32
 
 
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_vit_pyramid_has_resnet_strides_for_any_patch_size(patch):
+    from medssl.detection.backbone import ViTPyramidBackbone
+
+    torch.manual_seed(0)
+    bb = ViTPyramidBackbone(f"vit_tiny_patch{patch}", in_chans=1, img_size=64)
+    x = torch.rand(2, 1, 64, 96)
+    maps = bb(x)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(8, 12), (4, 6), (2, 3)] and bb.strides == [8, 16, 32]
+    (fmap,) = bb.vit(x)  # [2, 192, 64 / p, 96 / p]
+    for m, s in zip(maps, bb.strides):
+        if s > patch:  # coarser levels: max over (s / p) x (s / p) blocks of the patch map, by hand
+            f = s // patch
+            want = fmap.reshape(2, 192, 64 // s, f, 96 // s, f).amax(dim=(3, 5))
+            torch.testing.assert_close(m, want)
+        elif s == patch:
+            torch.testing.assert_close(m, fmap)
+        else:
+            assert m.shape[1] == 96  # transposed conv to half the width
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViTPyramidBackbone("vit_tiny_patch16", in_chans=1, img_size=64, strides=(24,))
+
+
+def test_frozen_vit_backbone_keeps_its_weights():
+    torch.manual_seed(0)
+    model = build_detector(demo_detector_config(backbone="vit", backbone_name="vit_tiny_patch16", img_size=64,
+                                                num_queries=4, backbone_freeze=True))  # stride 8 = a trained up-conv
+    vit, pyramid = model.backbone.vit, model.backbone.levels
+    assert not any(p.requires_grad for p in vit.parameters()) and any(p.requires_grad for p in pyramid.parameters())
+    model.train()
+    assert not vit.training and model.backbone.training
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, mask = _batch()
+    out = model(x, mask)
+    (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="unknown detector config keys"):
         build_detector({"hidden": 64})
