@@ -238,3 +238,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo mammography set written to {out}: images {counts}, lesions {n_lesions}, "
           f"{record['seconds']} s")
     return 0
+
+
+def ensure_demo(root: str | Path) -> Path:
+    """Generate the demo set under ``root`` (= DATA_ROOT) with the default options unless it is complete.
+
+    Returns ``root/demo``. A set is complete once its ``_info.json`` is written (the last step).
+    """
+    out = Path(root) / "demo"
+    if not (out / "_info.json").is_file():
+        print(f"generating the synthetic mammography demo set under {root} (once)")
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        run(parser.parse_args(["--out", str(root)]))
+    return out

@@ -45,14 +45,6 @@ def _predict_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _ensure_demo(root: Path) -> None:
-    if not (root / "demo" / "_info.json").is_file():
-        from data_tools import make_demo
-
-        print(f"generating the synthetic mammography demo set under {root} (once)")
-        make_demo.main(["mammo", "--out", str(root)])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: train stages (default) or ``predict``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -68,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             *([f"out={a.out}"] if a.out else []), *a.set]
     cfg = load_config(engine.DEFAULTS, path, sets)
     if a.dataset == "demo":
-        _ensure_demo(Path(cfg["data"]["data_root"]))
+        from data_tools.demo_mammo import ensure_demo
+
+        ensure_demo(cfg["data"]["data_root"])
         if cfg["data"]["embeddings"] is None:  # the demo's expert embeddings live beside its images
             cfg["data"]["embeddings"] = str(Path(cfg["data"]["data_root"]) / "demo" / "embeddings")
     stages = list(engine.STAGES) if a.stage == "all" else [a.stage]

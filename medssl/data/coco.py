@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -244,6 +245,20 @@ class CocoDetection(Dataset):
     def file_of(self, i: int) -> Path:
         """Path of the i-th image (its stem names the expert embedding ``<stem>_embedding.npy``)."""
         return self.img_dir / self.images[i]["file_name"]
+
+    def subset(self, indices: Sequence[int]) -> CocoDetection:
+        """The same dataset restricted to images ``indices`` (e.g. a labelled fraction), COCO dict included."""
+        idx = sorted({int(i) for i in indices})
+        if not idx or idx[0] < 0 or idx[-1] >= len(self.images):
+            raise ValueError(f"{self.ann_file}: subset indices must be within 0..{len(self.images) - 1}, "
+                             f"got {len(idx)} indices")
+        sub = copy.copy(self)
+        sub.images = [self.images[i] for i in idx]
+        ids = {im["id"] for im in sub.images}
+        sub._anns = {k: v for k, v in self._anns.items() if k in ids}
+        sub.coco = {**self.coco, "images": sub.images,
+                    "annotations": [a for a in self.coco["annotations"] if a["image_id"] in ids]}
+        return sub
 
     def gt_boxes_xyxy(self, i: int) -> np.ndarray:
         """Ground-truth boxes of the i-th image, ``(M, 4)`` xyxy in original pixels (for FROC)."""

@@ -61,6 +61,20 @@ def test_sample_targets_by_hand(tmp_path):
     assert ds.file_of(0).name == "b.png"
 
 
+def test_subset_keeps_its_images_and_their_boxes_only(tmp_path):
+    root = _write(tmp_path)
+    ds = C.CocoDetection(root / "annotations/instances_train.json", root / "images/train")
+    sub = ds.subset([1])  # image id 7 (a.png) with its two boxes
+    assert len(sub) == 1 and sub.file_of(0).name == "a.png" and len(ds) == 2  # the original is untouched
+    np.testing.assert_allclose(sub.gt_boxes_xyxy(0), [[10, 5, 30, 15], [0, 20, 6, 40]])
+    assert [im["id"] for im in sub.coco["images"]] == [7] and len(sub.coco["annotations"]) == 2
+    assert int(sub[0][1]["image_id"]) == 7
+    normal = ds.subset([0])
+    assert normal.gt_boxes_xyxy(0).shape == (0, 4) and normal.coco["annotations"] == []
+    with pytest.raises(ValueError, match="subset indices"):
+        ds.subset([2])
+
+
 def test_flip_resize_and_channels(tmp_path):
     root = _write(tmp_path)
     tf = C.make_transforms("weak", max_size=30, sizes=[20], flip_p=1.0, in_chans=3, mean=(0.0,), std=(1.0,))
