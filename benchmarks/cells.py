@@ -222,6 +222,59 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
             "params_trained": sum(p.numel() for p in trained.parameters() if p.requires_grad)}
 
 
+def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, seed: int, hp: dict[str, Any],
+                       work: Path, device: str | None = None) -> dict[str, Any]:
+    """Train the MedMask detector with the row's backbone on a label subset; score the held-out test split.
+
+    CNN rows train a timm ResNet from scratch (`bb.source`, e.g. resnet18); ViT rows put the row's ViT
+    (pretrained or its random-init twin, written to `work/init_backbone`) under the simple feature pyramid.
+    "finetune" trains the whole detector; "probe" freezes the ViT (its pyramid, the transformer and the heads
+    train).
+    """
+    import shutil
+    import time
+
+    from benchmarks.tasks.lesions import detection_config
+    from medssl.detection.engine import heldout_results, train_stage
+
+    if bb.kind == "cnn" and protocol != "scratch":
+        raise ValueError(f"CNN baselines train from scratch only, not {protocol!r}")
+    if bb.kind != "cnn" and protocol not in ("finetune", "probe"):
+        raise ValueError(f"unknown protocol {protocol!r} for a ViT detector backbone (use finetune or probe)")
+    splits = dict(task.datasets())
+    keep = label_subset(task.has_lesion(), fraction, seed, stratify=True)
+    splits["train"] = splits["train"].subset(keep)
+    work = Path(work)
+    size = int(task.config["data"]["max_size"])
+    if bb.kind == "cnn":
+        backbone = {"backbone": "resnet", "backbone_name": bb.source, "backbone_weights": None,
+                    "backbone_freeze": False}
+    else:
+        from medssl import save_backbone
+
+        torch.manual_seed(seed)  # the random-init twin depends on the seed
+        folder = work / "init_backbone"
+        save_backbone(load_vit(bb, size), folder, source=bb.source if bb.kind == "vit" else "random init")
+        backbone = {"backbone": "vit", "backbone_name": str(folder), "img_size": size,
+                    "backbone_freeze": protocol == "probe"}
+    cfg = detection_config(task, backbone, hp, seed, len(keep), device, work)
+    t0, init, res = time.time(), None, {}
+    for stage in task.stages:
+        res = train_stage(stage, cfg, work, init=init, splits=splits)
+        init = res["checkpoint"]
+    test = heldout_results(cfg, splits["train"], {task.stages[-1]: Path(init)})
+    if task.stages[-1] not in test:
+        raise RuntimeError(f"{task.name}: no held-out split {cfg['eval']['test_split']!r} to score")
+    summary = test[task.stages[-1]]
+    metrics = {k.lower(): float(v) for k, v in summary.items()}
+    result = {"metrics": metrics, "val_score": float(res["best"][cfg["eval"]["select"]]),
+              "best_epoch": res["best_epoch"], "epochs": cfg[task.stages[0]]["epochs"], "n_train": len(keep),
+              "seconds": round(time.time() - t0, 1), "stages": task.stages,
+              "random_boxes_test": {k.lower(): float(v) for k, v in test["random_boxes"].items()}}
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are large; the cell's JSON keeps the result
+    return result
+
+
 def cell_key(**parts: Any) -> str:
     """Stable hash of everything that determines a cell's result."""
     blob = json.dumps(parts, sort_keys=True, default=str)

@@ -27,7 +27,16 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.cells import Backbone, cached_cell, cell_key, load_vit, run_cell, vit_arch, vit_label  # noqa: E402
+from benchmarks.cells import (  # noqa: E402
+    Backbone,
+    cached_cell,
+    cell_key,
+    load_vit,
+    run_cell,
+    run_detection_cell,
+    vit_arch,
+    vit_label,
+)
 from benchmarks.report import write_all  # noqa: E402
 from benchmarks.tasks import build_task  # noqa: E402
 from medssl.config import read_yaml  # noqa: E402
@@ -127,22 +136,32 @@ def main(argv: list[str] | None = None) -> int:
     device = cfg.get("device") if cfg.get("device") not in (None, "auto") else None
     rows, tasks_info, t_start, missing = [], {}, time.time(), []
     for spec in task_specs:
+        spec = dict(spec)
+        per_task = {k: spec.pop(k) for k in ("label_fractions", "seeds", "protocols") if k in spec}
         task = build_task(spec, img)
         tasks_info[task.name] = task.summary()
-        cnn = Backbone("cnn", "unet" if task.kind == "segmentation" else "resnet18", "none (from scratch)", "-",
-                       "U-Net" if task.kind == "segmentation" else "ResNet-18")
-        plan = [(bb, p) for bb in backbones for p in cfg["protocols"]]
+        det = task.kind == "detection"
+        cnn_name = "unet" if task.kind == "segmentation" else str(cfg.get("detection", {}).get("cnn", "resnet18")
+                                                                  if det else "resnet18")
+        cnn = Backbone("cnn", cnn_name, "none (from scratch)", "-",
+                       "U-Net" if cnn_name == "unet" else cnn_name.replace("resnet", "ResNet-"))
+        protocols = per_task.get("protocols", cfg["protocols"])
+        plan = [(bb, p) for bb in backbones for p in protocols]
         if cfg.get("baselines", True):
             plan.insert(0, (cnn, "scratch"))
-        for frac in cfg["label_fractions"]:
-            for seed in cfg["seeds"]:
+        for frac in per_task.get("label_fractions", cfg["label_fractions"]):
+            for seed in per_task.get("seeds", cfg["seeds"]):
                 for bb, protocol in plan:
-                    hp = dict(cfg.get(protocol, {}))
+                    hp = dict(cfg.get("detection" if det else protocol, {}))
                     extra = {"task_version": task.info["version"]} if "version" in task.info else {}
                     key = cell_key(task=spec, img=img, bb=bb.identity(), protocol=protocol, fraction=frac,
                                    seed=seed, hp=hp, version=1, **extra)
                     t0 = time.time()
-                    job = functools.partial(run_cell, task, bb, protocol, frac, seed, hp, img, device=device)
+                    if det:
+                        job = functools.partial(run_detection_cell, task, bb, protocol, frac, seed, hp,
+                                                out / "work" / key, device=device)
+                    else:
+                        job = functools.partial(run_cell, task, bb, protocol, frac, seed, hp, img, device=device)
                     if args.report_only and not (out / "cells" / f"{key}.json").is_file():
                         missing.append(f"{task.name} {frac:g} seed {seed} {bb.label} {bb.pretraining} {protocol}")
                         continue
@@ -152,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "row": f"{bb.pretraining} | {bb.data} | {bb.label}", "protocol": protocol,
                                  "pretraining": bb.pretraining, "data": bb.data, "backbone": bb.label,
                                  "role": role, "key": key, **res})
-                    main_metric = res["metrics"].get("dice", res["metrics"].get("auc"))
+                    m = res["metrics"]
+                    main_metric = m.get("dice", m.get("auc", m.get("r@0.3", float("nan"))))
                     print(f"[{time.time() - t_start:6.0f}s] {task.name} frac={frac:g} seed={seed} "
                           f"{bb.label:10s} {bb.pretraining[:18]:18s} {protocol:8s} -> {main_metric:.3f} "
                           f"({'cached' if hit else f'{time.time() - t0:.0f}s'})", flush=True)

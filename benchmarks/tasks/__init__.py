@@ -3,6 +3,8 @@
 Built-in tasks (all offline, on real images shipped by installed packages):
 - `brain_tissue`: background / grey / white matter on 2-D slices of nilearn's MNI152 T1 template.
 - `image_qc`: clean vs. one of four seeded artifacts on real CT / MR / X-ray / US slices.
+- `lesion_detection`: lesion boxes on the MedMask demo set (synthetic mammograms), through the MedMask
+  recipe; a `DetectionTask` (datasets, not tensors), scored with FROC R@0.3 and AP50.
 Tasks from YAML (`kind: classification` with a folder or CSV, `kind: segmentation` with a CSV) go
 through `medssl.data.datasets`.
 """
@@ -58,9 +60,13 @@ def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
         from benchmarks.tasks.qc import image_qc
 
         return image_qc(img_size=img_size, **opts)
+    if name == "lesion_detection":
+        from benchmarks.tasks.lesions import lesion_detection
+
+        return lesion_detection(img_size=img_size, **opts)
     if spec.get("kind") in ("classification", "segmentation"):
         from benchmarks.tasks.custom import custom_task
 
         return custom_task(spec, img_size)
-    raise ValueError(f"unknown task {spec!r}: use brain_tissue, image_qc, or a dict with kind "
+    raise ValueError(f"unknown task {spec!r}: use brain_tissue, image_qc, lesion_detection, or a dict with kind "
                      "classification/segmentation (see benchmarks/configs/custom_example.yaml)")
