@@ -9,7 +9,8 @@ MAE training step (forward, backward, AdamW; batch 32; mask 0.75, norm_pix): med
 builds it, each with the AdamW its users get (medssl's Engine: fused where possible; HF Trainer's default
 `adamw_torch_fused`; the official script's `torch.optim.AdamW`). Speed: the three run in one process, their
 steps interleaved in rounds with the order rotated, so that a shared machine's drifts hit all alike; the
-per-round ratio is a paired comparison, reported as median [min, max]. Peak memory: each implementation in
+per-round ratio is a paired comparison, reported as its median with a bootstrap 95% confidence interval
+(an interval that holds 1.0 means no measurable difference at this noise level). Peak memory: each implementation in
 its own fresh process (RSS growth on CPU, allocator peak on CUDA). Also the achieved FLOP/s as a fraction of
 the machine's measured matmul FLOP/s.
 """
@@ -141,6 +142,19 @@ def _median(xs: list[float]) -> float:
     return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
+def bootstrap_ci(values: list[float], stat=None, n: int = 2000, level: float = 0.95, seed: int = 0
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of `stat` (default: the median) over `values`."""
+    import random
+
+    stat = stat or _median
+    rng = random.Random(seed)
+    draws = sorted(stat([rng.choice(values) for _ in values]) for _ in range(n))
+    lo = draws[int((1 - level) / 2 * n)]
+    hi = draws[min(n - 1, int((1 + level) / 2 * n))]
+    return lo, hi
+
+
 def time_interleaved(config: str, rounds: int, steps: int, device: str) -> list[dict]:
     """All implementations in one process, their steps interleaved round by round (order rotated).
 
@@ -167,8 +181,10 @@ def time_interleaved(config: str, rounds: int, steps: int, device: str) -> list[
     for impl in IMPLS:
         ratios = [p / o for p, o in zip(per_round[impl], per_round["medssl"], strict=True)]  # >1: medssl faster
         step_s = _median(per_round[impl])
+        lo, hi = bootstrap_ci(ratios)
         rows.append({"impl": impl, "config": config, "step_s": step_s, "images_per_s": BATCH / step_s,
                      "round_step_s": per_round[impl], "medssl_speedup_median": _median(ratios),
+                     "medssl_speedup_ci95": [lo, hi],
                      "medssl_speedup_min": min(ratios), "medssl_speedup_max": max(ratios),
                      "medssl_faster_rounds": sum(r > 1 for r in ratios), "rounds": rounds,
                      "flops_per_step": flops[impl], "device": device})
@@ -195,12 +211,12 @@ def bench_mae(configs: list[str], steps: int, rounds: int, device: str) -> list[
 
 
 def report_mae(rows: list[dict], peak_flops: float) -> list[str]:
-    lines = ["| config | impl | images/s (median round) | medssl speed-up: median [min, max] | rounds medssl "
+    lines = ["| config | impl | images/s (median round) | medssl speed-up: median [95% CI] | rounds medssl "
              "faster | FLOP/s achieved | of matmul peak | peak mem MB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         achieved = r["flops_per_step"] / r["step_s"]
-        vs = ("" if r["impl"] == "medssl" else f"{r['medssl_speedup_median']:.2f}x "
-              f"[{r['medssl_speedup_min']:.2f}, {r['medssl_speedup_max']:.2f}]")
+        lo, hi = r["medssl_speedup_ci95"]
+        vs = "" if r["impl"] == "medssl" else f"{r['medssl_speedup_median']:.3f}x [{lo:.3f}, {hi:.3f}]"
         faster = "" if r["impl"] == "medssl" else f"{r['medssl_faster_rounds']}/{r['rounds']}"
         lines.append(f"| {r['config']} | {r['impl']} | {r['images_per_s']:.1f} | {vs} | {faster} | "
                      f"{achieved / 1e9:.1f} G | {achieved / peak_flops:.0%} | {r['peak_mem_mb']:.0f} |")
@@ -213,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("mae", "data", "detection"), action="append")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, help="also write all rows to this JSON file")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per config (default 9)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per config (default 15)")
     parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = matmul_flops(device)
         out["matmul_flops"] = peak
         configs = ["demo_cpu_tiny8_64"] if args.quick else list(CONFIGS)
-        rounds = args.rounds or (3 if args.quick else 9)
+        rounds = args.rounds or (3 if args.quick else 15)
         rows = bench_mae(configs, steps=1 if args.quick else 2, rounds=rounds, device=device)
         out["mae"] = rows
         print(f"\n## MAE training step, batch {BATCH} (measured matmul peak {peak / 1e9:.1f} GFLOP/s fp32)")
