@@ -58,8 +58,12 @@ class DetectionTask:
 
     def summary(self) -> dict[str, Any]:
         """Counts per split and the task facts, for the resolved config and the report."""
+        from medssl.data.coco import build_dataset
+
         ds = self.datasets()
         samples = {k: len(v) for k, v in ds.items() if k != "target"}
+        d = self.config["data"]
+        samples["test"] = len(build_dataset(d["dataset"], self.config["eval"]["test_split"], d["data_root"]))
         return {"kind": self.kind, "data": self.data, "classes": self.class_names, "samples": samples,
                 "stages": self.stages, **self.info}
 

@@ -65,4 +65,4 @@ def test_detection_rows_in_the_table(mammo, tmp_path):
         assert 0.0 <= c["metrics"]["r@0.3"] <= 1.0 and 0.0 <= c["metrics"]["ap50"] <= 1.0
     assert not (out / "work").exists() or not any((out / "work").iterdir())  # checkpoints cleaned up
     tasks = json.loads((out / "tasks.json").read_text())
-    assert tasks["lesion_detection"]["samples"] == {"train": 6, "val": 3}
+    assert tasks["lesion_detection"]["samples"] == {"train": 6, "val": 3, "test": 3}
