@@ -71,21 +71,21 @@ def _load_weights(body: nn.Module, path: Path) -> None:
 class ViTPyramidBackbone(nn.Module):
     """A medssl ViT (``medssl.load_backbone`` source) with a simple feature pyramid (ViTDet style).
 
-    The last block's patch map (stride p) becomes one map per requested stride, by default a ResNet's
-    C3-C5 strides (8, 16, 32), so that the detector sees the same number of tokens whatever the patch
-    size: a finer stride by a transposed conv (+ GroupNorm + GELU, half the width), the patch stride as
-    it is, a coarser one by max-pooling. The detector adds its fourth level by a stride-2 conv.
+    The last block's patch map (stride p) becomes three maps. When p is a power of two they sit at a
+    ResNet's C3-C5 strides (8, 16, 32), so the detector sees the same number of tokens whatever the patch
+    size; otherwise (e.g. p = 14) at ViTDet's p/2, p, 2p. A finer stride comes from a transposed conv
+    (+ GroupNorm + GELU, half the width), the patch stride as it is, a coarser one from max-pooling. The
+    detector adds its fourth level by a stride-2 conv.
 
     Args:
         source: anything ``medssl.load_backbone`` accepts (backbone folder, checkpoint, registry name).
         in_chans: input channels.
         img_size: nominal image size (the position embedding is resampled for other sizes).
-        strides: output strides; each a power-of-two multiple or fraction of the patch size.
         freeze: keep the ViT's weights fixed (in eval mode, no gradients); the pyramid still trains.
     """
 
     def __init__(self, source: str = "vit_tiny_patch16", in_chans: int = 1, img_size: int = 224,
-                 strides: tuple[int, ...] = (8, 16, 32), freeze: bool = False) -> None:
+                 freeze: bool = False) -> None:
         super().__init__()
         import medssl
 
@@ -96,21 +96,21 @@ class ViTPyramidBackbone(nn.Module):
             self.vit.requires_grad_(False)
         d = self.vit.feature_info[0]["num_chs"]
         p = self.vit.feature_info[0]["reduction"]
+        power_of_two = p & (p - 1) == 0
+        scales = [8 / p, 16 / p, 32 / p] if power_of_two else [0.5, 1.0, 2.0]  # output stride / patch stride
         levels, chans = [], []
-        for s in strides:
-            f = max(s, p) // min(s, p)
-            if max(s, p) % min(s, p) or f & (f - 1):
-                raise ValueError(f"pyramid stride {s} is not a power-of-two multiple or fraction of patch size {p}")
-            if s < p:
+        for scale in scales:
+            if scale < 1:
+                f = round(1 / scale)
                 levels.append(nn.Sequential(nn.ConvTranspose2d(d, d // 2, f, stride=f), nn.GroupNorm(1, d // 2),
                                             nn.GELU()))
                 chans.append(d // 2)
             else:
-                levels.append(nn.MaxPool2d(f) if f > 1 else nn.Identity())
+                levels.append(nn.MaxPool2d(round(scale)) if scale > 1 else nn.Identity())
                 chans.append(d)
         self.levels = nn.ModuleList(levels)
         self.num_channels = chans
-        self.strides = list(strides)
+        self.strides = [p * scale for scale in scales]
 
     def train(self, mode: bool = True) -> ViTPyramidBackbone:
         """As ``nn.Module.train``, but a frozen ViT stays in eval mode (no drop path)."""
@@ -120,7 +120,7 @@ class ViTPyramidBackbone(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``(N, C, H, W)`` -> one map per stride (default 8, 16, 32)."""
+        """``(N, C, H, W)`` -> three maps (strides 8, 16, 32, or p/2, p, 2p)."""
         (fmap,) = self.vit(x)  # [N, D, H/p, W/p]
         return [level(fmap) for level in self.levels]
 

@@ -202,6 +202,8 @@ class Engine:
             state = load_checkpoint(path)
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:  # the kernel choice is this run's, not the checkpoint's
+                group["fused"] = self.optimizer.defaults.get("fused")
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])

@@ -43,7 +43,8 @@ def make_adamw(groups: list[dict] | Iterable[nn.Parameter], lr: float, betas: tu
     The fused kernel applies the same update as the default one in a single pass over the parameters
     (about 3x faster per step on CPU for a ViT-S MAE); anything else falls back to the default.
     """
-    groups = list(groups)
+    # materialise generators (e.g. {"params": model.parameters()}): the check below must not use them up
+    groups = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in groups]
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)

@@ -64,27 +64,32 @@ def test_vit_backbone_plugs_in():
     assert [f.shape[-1] for f in out["features"]["backbone"]] == [8, 4, 2]  # strides 8, 16, 32
 
 
-@pytest.mark.parametrize("patch", [4, 8, 16])
-def test_vit_pyramid_has_resnet_strides_for_any_patch_size(patch):
+@pytest.mark.parametrize("patch", [4, 8, 14, 16])
+def test_vit_pyramid_strides_by_hand(patch, tmp_path):
+    import medssl
     from medssl.detection.backbone import ViTPyramidBackbone
+    from medssl.models.vit import build_vit
 
     torch.manual_seed(0)
-    bb = ViTPyramidBackbone(f"vit_tiny_patch{patch}", in_chans=1, img_size=64)
-    x = torch.rand(2, 1, 64, 96)
+    h, w = (64, 96) if patch != 14 else (56, 112)
+    medssl.save_backbone(build_vit(32, 2, 2, patch, h, 1), tmp_path / "vit")  # a small ViT of that patch size
+    bb = ViTPyramidBackbone(str(tmp_path / "vit"), in_chans=1, img_size=h)
+    want_strides = [8, 16, 32] if patch != 14 else [7, 14, 28]  # ResNet strides, or p/2, p, 2p for p = 14
+    assert bb.strides == want_strides
+    x = torch.rand(2, 1, h, w)
     maps = bb(x)
-    assert [tuple(m.shape[-2:]) for m in maps] == [(8, 12), (4, 6), (2, 3)] and bb.strides == [8, 16, 32]
-    (fmap,) = bb.vit(x)  # [2, 192, 64 / p, 96 / p]
-    for m, s in zip(maps, bb.strides):
+    assert [tuple(m.shape[-2:]) for m in maps] == [(h // s, w // s) for s in want_strides]
+    (fmap,) = bb.vit(x)  # [2, D, h / p, w / p]
+    d = fmap.shape[1]
+    for m, s in zip(maps, want_strides):
         if s > patch:  # coarser levels: max over (s / p) x (s / p) blocks of the patch map, by hand
             f = s // patch
-            want = fmap.reshape(2, 192, 64 // s, f, 96 // s, f).amax(dim=(3, 5))
+            want = fmap.reshape(2, d, h // s, f, w // s, f).amax(dim=(3, 5))
             torch.testing.assert_close(m, want)
         elif s == patch:
             torch.testing.assert_close(m, fmap)
         else:
-            assert m.shape[1] == 96  # transposed conv to half the width
-    with pytest.raises(ValueError, match="power-of-two"):
-        ViTPyramidBackbone("vit_tiny_patch16", in_chans=1, img_size=64, strides=(24,))
+            assert m.shape[1] == d // 2  # transposed conv to half the width
 
 
 def test_frozen_vit_backbone_keeps_its_weights():

@@ -64,3 +64,11 @@ def test_make_adamw_is_fused_on_cpu_and_matches_the_reference_update():
 def test_make_adamw_falls_back_when_a_parameter_cannot_be_fused():
     p = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     assert not make_adamw([p], lr=1e-3).defaults["fused"]
+    q = nn.Parameter(torch.zeros(3, device="meta"))  # a device without the fused kernel
+    assert not make_adamw([q], lr=1e-3).defaults["fused"]
+
+
+def test_make_adamw_keeps_parameters_given_as_generators():
+    model = nn.Linear(3, 2)
+    opt = make_adamw([{"params": model.parameters(), "weight_decay": 0.0}], lr=1e-3)
+    assert [p.shape for p in opt.param_groups[0]["params"]] == [(2, 3), (2,)]
