@@ -245,7 +245,8 @@ def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, 
     keep = label_subset(task.has_lesion(), fraction, seed, stratify=True)
     splits["train"] = splits["train"].subset(keep)
     work = Path(work)
-    size = int(task.config["data"]["max_size"])
+    shutil.rmtree(work, ignore_errors=True)  # never score a checkpoint left by an interrupted run
+    size, chans = int(task.config["data"]["max_size"]), int(task.config["data"]["in_chans"])
     if bb.kind == "cnn":
         backbone = {"backbone": "resnet", "backbone_name": bb.source, "backbone_weights": None,
                     "backbone_freeze": False}
@@ -254,25 +255,26 @@ def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, 
 
         torch.manual_seed(seed)  # the random-init twin depends on the seed
         folder = work / "init_backbone"
-        save_backbone(load_vit(bb, size), folder, source=bb.source if bb.kind == "vit" else "random init")
+        save_backbone(load_vit(bb, size, chans), folder, source=bb.source if bb.kind == "vit" else "random init")
         backbone = {"backbone": "vit", "backbone_name": str(folder), "img_size": size,
                     "backbone_freeze": protocol == "probe"}
-    cfg = detection_config(task, backbone, hp, seed, len(keep), device, work)
+    cfg = detection_config(task, backbone, hp, seed, len(splits["train"]), device, work)
     t0, init, res = time.time(), None, {}
-    for stage in task.stages:
-        res = train_stage(stage, cfg, work, init=init, splits=splits)
-        init = res["checkpoint"]
-    test = heldout_results(cfg, splits["train"], {task.stages[-1]: Path(init)})
+    try:
+        for stage in task.stages:
+            res = train_stage(stage, cfg, work, init=init, splits=splits)
+            init = res["checkpoint"]
+        test = heldout_results(cfg, splits["train"], {task.stages[-1]: Path(init)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints are large; the cell's JSON keeps the result
     if task.stages[-1] not in test:
         raise RuntimeError(f"{task.name}: no held-out split {cfg['eval']['test_split']!r} to score")
-    summary = test[task.stages[-1]]
-    metrics = {k.lower(): float(v) for k, v in summary.items()}
-    result = {"metrics": metrics, "val_score": float(res["best"][cfg["eval"]["select"]]),
-              "best_epoch": res["best_epoch"], "epochs": cfg[task.stages[0]]["epochs"], "n_train": len(keep),
-              "seconds": round(time.time() - t0, 1), "stages": task.stages,
-              "random_boxes_test": {k.lower(): float(v) for k, v in test["random_boxes"].items()}}
-    shutil.rmtree(work, ignore_errors=True)  # checkpoints are large; the cell's JSON keeps the result
-    return result
+    metrics = {k.lower(): float(v) for k, v in test[task.stages[-1]].items()}
+    best = res.get("best") or {}  # no best epoch when every validation score was NaN
+    return {"metrics": metrics, "val_score": float(best.get(cfg["eval"]["select"], math.nan)),
+            "best_epoch": res["best_epoch"], "epochs": cfg[task.stages[0]]["epochs"],
+            "n_train": len(splits["train"]), "seconds": round(time.time() - t0, 1), "stages": task.stages,
+            "random_boxes_test": {k.lower(): float(v) for k, v in test["random_boxes"].items()}}
 
 
 def cell_key(**parts: Any) -> str:

@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in task_specs:
         spec = dict(spec)
         per_task = {k: spec.pop(k) for k in ("label_fractions", "seeds", "protocols") if k in spec}
+        for key, flag in (("label_fractions", args.fractions), ("seeds", args.seeds), ("protocols", args.protocols)):
+            if flag:  # the command line wins over a task's own list
+                per_task.pop(key, None)
         task = build_task(spec, img)
         tasks_info[task.name] = task.summary()
         det = task.kind == "detection"

@@ -11,6 +11,8 @@ whether an image holds a lesion.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,8 @@ def lesion_detection(img_size: int, data_root: str | None = None, config: str | 
     path = Path(config) if config else ROOT / "recipes" / "configs" / "medmask_demo.yaml"
     if not path.is_absolute() and not path.is_file():  # relative to the project, from anywhere
         path = ROOT / path
-    overrides = ["data.dataset=demo", f"data.data_root={root}", f"data.max_size={max_size}",
+    overrides = ["data.dataset=demo", f"data.data_root={root}", "data.target_split=target",
+                 f"data.max_size={max_size}",
                  f"data.sizes=[{', '.join(str(s) for s in (sizes or [max_size]))}]",
                  f"data.embeddings={demo / 'embeddings'}",
                  *(f"{k}={v}" for k, v in (set or {}).items())]
@@ -101,9 +104,13 @@ def lesion_detection(img_size: int, data_root: str | None = None, config: str | 
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"lesion_detection: unknown stages {bad}; use {STAGES}")
+    demo_args = json.loads((demo / "_info.json").read_text()).get("args", {})
+    # everything that decides a cell's result beyond its row / seed / schedule: part of the cell cache key
+    version = hashlib.sha1(json.dumps({"config": cfg, "stages": stages, "demo": demo_args}, sort_keys=True,
+                                      default=str).encode()).hexdigest()[:12]
     return DetectionTask(name="lesion_detection", data="synthetic mammograms (MedMask demo set)", config=cfg,
                          stages=stages, info={"config": str(path), "max_size": max_size,
-                                              "scored_on": cfg["eval"]["test_split"]})
+                                              "scored_on": cfg["eval"]["test_split"], "version": version})
 
 
 def detection_config(task: DetectionTask, backbone: dict[str, Any], hp: dict[str, Any], seed: int,
