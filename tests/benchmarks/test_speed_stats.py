@@ -1,22 +1,27 @@
-"""speed.py's statistics: the median and the bootstrap interval of paired ratios."""
+"""speed.py's statistics: the median and its distribution-free confidence interval."""
 
-import random
+import math
 
-from benchmarks.speed import _median, bootstrap_ci
+from benchmarks.speed import _median, median_ci
 
 
 def test_median_by_hand():
     assert _median([3.0, 1.0, 2.0]) == 2.0 and _median([4.0, 1.0, 3.0, 2.0]) == 2.5
 
 
-def test_bootstrap_interval_brackets_the_median_and_shrinks_with_rounds():
-    assert bootstrap_ci([1.0] * 7) == (1.0, 1.0)  # no spread, no uncertainty
-    rng = random.Random(1)
-    few = [1.05 + rng.gauss(0, 0.1) for _ in range(8)]
-    many = [1.05 + rng.gauss(0, 0.1) for _ in range(200)]
-    lo_f, hi_f = bootstrap_ci(few)
-    lo_m, hi_m = bootstrap_ci(many)
-    assert lo_f <= _median(few) <= hi_f and lo_m <= _median(many) <= hi_m
-    assert hi_m - lo_m < hi_f - lo_f
-    assert lo_m > 1.0  # 200 rounds around 1.05 +- 0.1: the interval excludes parity
-    assert bootstrap_ci([1.0, 2.0, 3.0], stat=max, n=500)[1] == 3.0
+def _coverage(n: int, j: int) -> float:
+    """P(x_(j) <= median <= x_(n+1-j)) = 1 - 2 P(Binomial(n, 1/2) <= j - 1), by hand."""
+    return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
+
+
+def test_median_ci_uses_the_textbook_ranks():
+    assert median_ci([1.0] * 5) is None  # too few values for a 95% interval
+    # n = 6: only (min, max) reaches 95% (coverage 1 - 2/64 = 0.969)
+    assert median_ci([6.0, 1.0, 5.0, 2.0, 4.0, 3.0]) == (1.0, 6.0)
+    # n = 15: ranks 4 and 12 (coverage 0.965; ranks 5 and 11 would give 0.882)
+    values = [float(v) for v in range(1, 16)]
+    assert median_ci(values) == (4.0, 12.0)
+    assert _coverage(15, 4) >= 0.95 > _coverage(15, 5)
+    # n = 100: ranks 40 and 61
+    assert median_ci([float(v) for v in range(1, 101)]) == (40.0, 61.0)
+    assert _coverage(100, 40) >= 0.95 > _coverage(100, 41)
