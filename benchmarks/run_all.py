@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         task = build_task(spec, img)
         tasks_info[task.name] = task.summary()
         det = task.kind == "detection"
-        cnn_name = "unet" if task.kind == "segmentation" else str(cfg.get("detection", {}).get("cnn", "resnet18")
-                                                                  if det else "resnet18")
+        cnn_name = {"segmentation": "unet",
+                    "detection": str(cfg.get("detection", {}).get("cnn", "resnet18"))}.get(task.kind, "resnet18")
         cnn = Backbone("cnn", cnn_name, "none (from scratch)", "-",
                        "U-Net" if cnn_name == "unet" else cnn_name.replace("resnet", "ResNet-"))
         protocols = per_task.get("protocols", cfg["protocols"])

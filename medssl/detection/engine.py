@@ -117,6 +117,13 @@ def build_splits(cfg: dict) -> dict[str, Dataset]:
                                     _transforms(cfg, "weak_strong"))}
 
 
+def _device(cfg: dict) -> torch.device:
+    """The run's device: ``cfg["device"]``, where ``auto`` means CUDA when present, else CPU."""
+    if cfg["device"] == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg["device"])
+
+
 def _to(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device) for k, v in t.items()} for t in targets]
 
@@ -275,8 +282,7 @@ def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | N
     if int(sc["epochs"]) < 1:
         raise ValueError(f"{stage}.epochs must be >= 1, got {sc['epochs']}")
     torch.manual_seed(cfg["seed"])
-    device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    device = _device(cfg)
     splits = splits or build_splits(cfg)
     train_ds, val_ds, tgt_ds = splits["train"], splits["val"], splits["target"]
     store = None
@@ -453,7 +459,7 @@ def heldout_results(cfg: dict, train: Dataset, checkpoints: dict[str, Path]) -> 
         return {}
     if not hasattr(test, "gt_boxes_xyxy") or not hasattr(test, "coco"):
         return {}
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") else "cpu")
+    device = _device(cfg)
     out: dict[str, Any] = {"random_boxes": random_baseline(train, test, cfg, seed=cfg["seed"])[0]}
     for stage, ckpt in checkpoints.items():
         model, _ = load_detector(ckpt, device)
