@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -40,10 +39,10 @@ from medssl.models.vit import (
     infer_num_heads,
     list_architectures,
 )
+from medssl.train.checkpoint import load_checkpoint, load_exact, strip_prefixes
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT = "medssl-backbone"
-_PREFIXES = ("module.", "_orig_mod.", "encoder.", "backbone.", "model.")
 
 
 def list_backbones() -> list[str]:
@@ -52,17 +51,6 @@ def list_backbones() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _torch_load(path: Path) -> Any:
-    # argparse.Namespace is what the official MAE stores as 'args': a plain attribute bag, allowed.
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError and friends
-        raise ValueError(f"{path}: cannot be loaded safely with weights_only=True ({exc}). medssl never "
-                         "unpickles arbitrary objects: re-save the state dict from a trusted environment "
-                         "(torch.save(ckpt['model'], ...) or safetensors).") from exc
-
-
 def _deepspeed_model_file(folder: Path) -> Path | None:
     latest = folder / "latest"
     if latest.is_file():
@@ -93,8 +81,8 @@ def _read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise FileNotFoundError(f"{path}: no such file or folder, and not a registered architecture "
                                 f"(known: {', '.join(list_backbones())})")
     if path.suffix == ".safetensors":
-        return load_file(str(path)), {}, f"safetensors file {path}"
-    obj = _torch_load(path)
+        return load_checkpoint(path), {}, f"safetensors file {path}"
+    obj = load_checkpoint(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
     cfg = dict(obj.get("model_config") or {})
@@ -106,17 +94,6 @@ def _read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     if not state:
         raise ValueError(f"{path}: holds no tensors that look like model weights")
     return state, cfg, f"checkpoint {path}"
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
 
 
 def _arch_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -162,7 +139,7 @@ def filter_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, 
     embedding to the model's grid (bicubic, cls untouched), adapts the input channels, and moves `norm` to
     `fc_norm` when the model pools with fc_norm. Returns (state dict, keys allowed to stay missing).
     """
-    state = _strip_prefixes(dict(state))
+    state = strip_prefixes(dict(state))
     out: dict[str, torch.Tensor] = {}
     allowed_missing: set[str] = set()
     own = model.state_dict()
@@ -236,33 +213,12 @@ def load_backbone(source: str | os.PathLike, *, img_size: int | tuple[int, int] 
     dyn = features_only if dynamic_img_size is None else dynamic_img_size
     if dyn:
         kw["dynamic_img_size"] = True
-    name = str(source)
-    if not Path(name).exists() and name in list_backbones():
-        cfg = get_cfg(name)
-        arch = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                    patch_size=cfg.patch_size, img_size=(cfg.img_size, cfg.img_size), in_chans=cfg.in_chans,
-                    mlp_ratio=cfg.mlp_ratio)
-        state, meta, where = None, {"architecture": name, "source": "random initialisation"}, name
-    else:
-        state, meta, where = _read_source(source)
-        arch = _arch_from_state(_strip_prefixes(state), meta, where)
-    target_img = img_size if img_size is not None else arch["img_size"]
-    target_chans = in_chans if in_chans is not None else arch["in_chans"]
-    model = build_vit(arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"], target_img,
-                      target_chans, arch["mlp_ratio"], attn_impl, **kw)
+    state, meta, where = _source(source)
+    arch = _arch_from_state(strip_prefixes(state), meta, where) if state is not None else meta["arch"]
+    model = build_backbone_model({**arch, "meta": meta, "where": where}, img_size=img_size, in_chans=in_chans,
+                                 attn_impl=attn_impl, **kw)
     if state is not None:
-        filtered, allowed = filter_state_dict(state, model, arch)
-        result = model.load_state_dict(filtered, strict=False)
-        missing, unexpected = set(result.missing_keys) - allowed, set(result.unexpected_keys)
-        if missing or unexpected:
-            raise ValueError(f"{where}: weights do not fit the ViT ({arch['embed_dim']} wide, {arch['depth']} "
-                             f"blocks): missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
-    tgt = (target_img, target_img) if isinstance(target_img, int) else tuple(target_img)
-    model.medssl_cfg = {**{k: v for k, v in meta.items() if k not in ("img_size", "in_chans")},
-                        **{k: v for k, v in arch.items() if k not in ("img_size", "in_chans")},
-                        "img_size": list(tgt), "in_chans": target_chans,
-                        "mean": meta.get("mean") or _default_norm(target_chans)[0],
-                        "std": meta.get("std") or _default_norm(target_chans)[1], "loaded_from": where}
+        _load_vit_state(model, state, arch, where)
     if features_only:
         depth = arch["depth"]
         idx = tuple(out_indices) if out_indices is not None else tuple(
@@ -271,6 +227,76 @@ def load_backbone(source: str | os.PathLike, *, img_size: int | tuple[int, int] 
         feats.medssl_cfg = model.medssl_cfg
         return feats
     return model
+
+
+def _source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], str]:
+    """(state dict or None for a registered name, metadata, description) of a backbone source."""
+    name = str(source)
+    if not Path(name).exists() and name in list_backbones():
+        cfg = get_cfg(name)
+        arch = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                    patch_size=cfg.patch_size, img_size=(cfg.img_size, cfg.img_size), in_chans=cfg.in_chans,
+                    mlp_ratio=cfg.mlp_ratio)
+        return None, {"architecture": name, "source": "random initialisation", "arch": arch}, name
+    return _read_source(source)
+
+
+def backbone_record(source: str | os.PathLike) -> dict[str, Any]:
+    """The architecture record of a backbone source (no model is built): enough for `build_backbone_model`.
+
+    A detector or classifier stores this record in its checkpoint, so that it can be rebuilt on a machine
+    where the source no longer exists; the weights then come from the checkpoint itself.
+    """
+    state, meta, where = _source(source)
+    arch = _arch_from_state(strip_prefixes(state), meta, where) if state is not None else meta["arch"]
+    keep = {k: v for k, v in meta.items() if k in ("architecture", "mean", "std", "provenance", "source")}
+    return {**arch, "img_size": list(arch["img_size"]), "meta": keep, "where": where}
+
+
+def build_backbone_model(record: dict[str, Any], *, img_size: int | tuple[int, int] | None = None,
+                         in_chans: int | None = None, attn_impl: str | None = None, **kw: Any) -> nn.Module:
+    """A randomly initialised timm ViT from an architecture record (`backbone_record`); reads no file.
+
+    Args:
+        record: embed_dim, depth, num_heads, patch_size, img_size, in_chans, mlp_ratio (+ optional meta).
+        img_size / in_chans: the input the model is built for (default: the record's).
+        kw: timm VisionTransformer keywords (num_classes, global_pool, drop_path_rate, dynamic_img_size).
+    """
+    target_img = img_size if img_size is not None else record["img_size"]
+    if isinstance(target_img, list):
+        target_img = tuple(target_img)
+    target_chans = in_chans if in_chans is not None else record["in_chans"]
+    model = build_vit(record["embed_dim"], record["depth"], record["num_heads"], record["patch_size"], target_img,
+                      target_chans, record["mlp_ratio"], attn_impl, **kw)
+    meta = record.get("meta", {})
+    tgt = (target_img, target_img) if isinstance(target_img, int) else tuple(target_img)
+    arch = {k: v for k, v in record.items() if k not in ("img_size", "in_chans", "meta", "where")}
+    model.medssl_cfg = {**{k: v for k, v in meta.items() if k not in ("img_size", "in_chans", "arch")}, **arch,
+                        "img_size": list(tgt), "in_chans": target_chans,
+                        "mean": meta.get("mean") or _default_norm(target_chans)[0],
+                        "std": meta.get("std") or _default_norm(target_chans)[1],
+                        "loaded_from": record.get("where", "architecture record")}
+    return model
+
+
+def _load_vit_state(model: VisionTransformer, state: dict[str, torch.Tensor], arch: dict[str, Any], where: str
+                    ) -> None:
+    filtered, allowed = filter_state_dict(state, model, arch)
+    load_exact(model, filtered, f"{where} ({arch['embed_dim']} wide, {arch['depth']} blocks)", allowed)
+
+
+def load_backbone_weights(model: nn.Module, source: str | os.PathLike) -> str:
+    """Load a backbone source's weights into an already built ViT (or `ViTFeatures`): the explicit init step.
+
+    Position embedding resampled, channels adapted, exact key check, as in `load_backbone`. A registered
+    name means random initialisation: nothing is loaded. Returns the source's description.
+    """
+    state, meta, where = _source(source)
+    if state is None:
+        return where
+    vit = model.vit if isinstance(model, ViTFeatures) else model
+    _load_vit_state(vit, state, _arch_from_state(strip_prefixes(state), meta, where), where)
+    return where
 
 
 def _default_norm(in_chans: int) -> tuple[list[float], list[float]]:
@@ -336,7 +362,7 @@ def load_mae_weights(mae: MaskedAutoencoder, source: str | os.PathLike) -> dict[
     for the MAE's own grid rather than read. Returns {"loaded": [...], "fresh": [...]}.
     """
     state, meta, where = _read_source(source)
-    state = _strip_prefixes(state)
+    state = strip_prefixes(state)
     own = mae.state_dict()
     fixed = {"pos_embed", "decoder_pos_embed"}
     loaded, fresh, bad = [], [], []

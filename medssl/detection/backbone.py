@@ -11,30 +11,27 @@ __all__ = ["ResNetBackbone", "ViTPyramidBackbone", "build_backbone"]
 
 
 class ResNetBackbone(nn.Module):
-    """timm ResNet (C3, C4, C5) with frozen BatchNorm and frozen stem + layer1, as in Deformable DETR.
+    """timm ResNet (C3, C4, C5), optionally with frozen BatchNorm and frozen stem + layer1 (Deformable DETR).
 
-    Freezing is for pretrained weights (the reference's case). A backbone trained from scratch (no
-    ``weights``) keeps live BatchNorm and a trainable stem by default: frozen random statistics and
-    frozen random filters would only freeze noise (a deliberate difference from the reference).
+    Construction reads no file; pretrained weights are loaded by the explicit init step `load_pretrained`.
+    Freezing is for pretrained weights (the reference's case): a backbone trained from scratch keeps live
+    BatchNorm and a trainable stem (frozen random filters would only freeze noise; a deliberate difference
+    from the reference). `build_backbone` freezes by default exactly when weights are configured.
 
     Args:
         name: timm ResNet name (``resnet50`` in the reference; ``resnet18``/``resnet10t`` for small runs).
         in_chans: input channels.
-        weights: optional local state-dict file (``.pth``/``.safetensors``); nothing is downloaded.
-        freeze: freeze BatchNorm, stem and layer1; default: only when ``weights`` are given.
+        freeze: freeze BatchNorm, stem and layer1.
     """
 
-    def __init__(self, name: str = "resnet50", in_chans: int = 3, weights: str | Path | None = None,
-                 freeze: bool | None = None) -> None:
+    def __init__(self, name: str = "resnet50", in_chans: int = 3, freeze: bool = False) -> None:
         super().__init__()
         import timm
         from timm.layers import freeze_batch_norm_2d
 
         body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2, 3, 4),
                                  in_chans=in_chans)
-        if weights is not None:
-            _load_weights(body, Path(weights))
-        self.frozen = weights is not None if freeze is None else freeze
+        self.frozen = bool(freeze)
         self.body = freeze_batch_norm_2d(body) if self.frozen else body
         for pname, p in self.body.named_parameters():
             if self.frozen and pname.startswith(("conv1.", "bn1.", "layer1.")):
@@ -42,30 +39,21 @@ class ResNetBackbone(nn.Module):
         self.num_channels = list(body.feature_info.channels())
         self.strides = list(body.feature_info.reduction())
 
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load a local ResNet state dict (``.pth``/``.safetensors``; classifier keys dropped), exact keys."""
+        from medssl.train.checkpoint import load_checkpoint, load_exact, strip_prefixes
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone weights file not found: {path}")
+        state = load_checkpoint(path)
+        state = state.get("model", state.get("state_dict", state))
+        state = {k: v for k, v in strip_prefixes(state, ("module.",)).items() if not k.startswith("fc.")}
+        load_exact(self.body, state, str(path))
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``(N, C, H, W)`` -> [C3 (N, 512, H/8, W/8), C4 (H/16), C5 (H/32)] for ResNet-50."""
         return self.body(x)
-
-
-def _load_weights(body: nn.Module, path: Path) -> None:
-    """Load a local ResNet state dict into a timm features_only model, asserting the key sets."""
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = body.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{path}: weights do not fit the backbone: {e}") from e
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the backbone: missing {missing[:5]}..., "
-                         f"unexpected {unexpected[:5]}...")
 
 
 class ViTPyramidBackbone(nn.Module):
@@ -77,20 +65,23 @@ class ViTPyramidBackbone(nn.Module):
     (+ GroupNorm + GELU, half the width), the patch stride as it is, a coarser one from max-pooling. The
     detector adds its fourth level by a stride-2 conv.
 
+    Construction needs only the ViT's architecture record (``medssl.hub.backbone_record``) and reads no
+    file; the pretrained weights come in through the explicit init step `load_pretrained`.
+
     Args:
-        source: anything ``medssl.load_backbone`` accepts (backbone folder, checkpoint, registry name).
+        record: architecture record of the ViT (a registered name's or a backbone source's).
         in_chans: input channels.
         img_size: nominal image size (the position embedding is resampled for other sizes).
         freeze: keep the ViT's weights fixed (in eval mode, no gradients); the pyramid still trains.
     """
 
-    def __init__(self, source: str = "vit_tiny_patch16", in_chans: int = 1, img_size: int = 224,
-                 freeze: bool = False) -> None:
+    def __init__(self, record: dict, in_chans: int = 1, img_size: int = 224, freeze: bool = False) -> None:
         super().__init__()
-        import medssl
+        from medssl.hub import ViTFeatures, build_backbone_model
 
-        self.vit = medssl.load_backbone(source, img_size=img_size, in_chans=in_chans, features_only=True,
-                                        out_indices=(-1,))
+        self.record = record
+        vit = build_backbone_model(record, img_size=img_size, in_chans=in_chans, dynamic_img_size=True)
+        self.vit = ViTFeatures(vit, (-1,))
         self.frozen = bool(freeze)
         if self.frozen:
             self.vit.requires_grad_(False)
@@ -112,6 +103,12 @@ class ViTPyramidBackbone(nn.Module):
         self.num_channels = chans
         self.strides = [p * scale for scale in scales]
 
+    def load_pretrained(self, source: str | Path) -> None:
+        """Load the ViT's weights from a ``medssl.load_backbone`` source (a registered name loads nothing)."""
+        from medssl.hub import load_backbone_weights
+
+        load_backbone_weights(self.vit, source)
+
     def train(self, mode: bool = True) -> ViTPyramidBackbone:
         """As ``nn.Module.train``, but a frozen ViT stays in eval mode (no drop path)."""
         super().train(mode)
@@ -126,23 +123,28 @@ class ViTPyramidBackbone(nn.Module):
 
 
 def build_backbone(kind: str, *, in_chans: int, name: str | None = None, weights: str | None = None,
-                   img_size: int = 224, freeze: bool | None = None) -> nn.Module:
-    """Backbone by kind: ``"resnet"`` (timm name, optional local weights) or ``"vit"`` (medssl source).
+                   img_size: int = 224, freeze: bool | None = None, record: dict | None = None) -> nn.Module:
+    """Backbone by kind, built without pretrained weights (load them with its ``load_pretrained``).
 
     Args:
         kind: ``"resnet"`` or ``"vit"``.
         in_chans: input channels.
-        name: timm ResNet name, or the ViT source for ``load_backbone`` (folder, file or registry name).
-        weights: local ResNet weights file.
+        name: timm ResNet name, or the ViT source (folder, file or registry name).
+        weights: local ResNet weights file (only decides the default freezing here).
         img_size: nominal ViT input size.
         freeze: ResNet: frozen BatchNorm + stem + layer1 (default: when ``weights`` are given);
             ViT: the whole ViT frozen (default: not).
+        record: the ViT's architecture record; default: read from ``name`` (its architecture only).
     """
     if kind == "resnet":
-        return ResNetBackbone(name or "resnet50", in_chans=in_chans, weights=weights, freeze=freeze)
+        frozen = weights is not None if freeze is None else freeze
+        return ResNetBackbone(name or "resnet50", in_chans=in_chans, freeze=frozen)
     if kind == "vit":
         if weights is not None:
             raise ValueError("backbone 'vit': give the checkpoint or folder as the name, not as weights")
-        return ViTPyramidBackbone(name or "vit_tiny_patch16", in_chans=in_chans, img_size=img_size,
-                                  freeze=bool(freeze))
+        if record is None:
+            from medssl.hub import backbone_record
+
+            record = backbone_record(name or "vit_tiny_patch16")
+        return ViTPyramidBackbone(record, in_chans=in_chans, img_size=img_size, freeze=bool(freeze))
     raise ValueError(f"backbone kind must be 'resnet' or 'vit', got {kind!r}")

@@ -29,6 +29,7 @@ class DetrConfig:
     backbone_name: str | None = None  # timm ResNet name, or a medssl.load_backbone source for "vit"
     backbone_weights: str | None = None  # local ResNet weights file
     backbone_freeze: bool | None = None  # ResNet: frozen BN + stem + layer1 (None: iff weights); ViT: all of it
+    backbone_arch: dict | None = None  # ViT architecture record (filled from backbone_name when the model is built)
     img_size: int = 224  # nominal ViT size
     hidden_dim: int = 256
     nheads: int = 8
@@ -93,7 +94,9 @@ class DeformableDETR(nn.Module):
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone, in_chans=cfg.in_chans, name=cfg.backbone_name,
                                        weights=cfg.backbone_weights, img_size=cfg.img_size,
-                                       freeze=cfg.backbone_freeze)
+                                       freeze=cfg.backbone_freeze, record=cfg.backbone_arch)
+        if cfg.backbone == "vit":  # the config alone now rebuilds this model, wherever the source went
+            cfg.backbone_arch = self.backbone.record
         chans = self.backbone.num_channels
         if cfg.num_feature_levels < len(chans):
             raise ValueError(f"num_feature_levels ({cfg.num_feature_levels}) < backbone levels ({len(chans)})")
@@ -134,6 +137,19 @@ class DeformableDETR(nn.Module):
             self.transformer.enc_bbox_embed = self.bbox_embed[-1]
             for box in self.bbox_embed:
                 nn.init.constant_(box.layers[-1].bias[2:], 0.0)
+
+    def load_pretrained(self) -> str | None:
+        """The explicit init step: load the configured pretrained backbone weights (ResNet ``backbone_weights``,
+        or the ViT source ``backbone_name``). Call it once before training from scratch; a checkpoint of this
+        detector holds every weight, so rebuilding from one never calls this. Returns what was loaded."""
+        c = self.cfg
+        if c.backbone == "resnet" and c.backbone_weights:
+            self.backbone.load_pretrained(c.backbone_weights)
+            return str(c.backbone_weights)
+        if c.backbone == "vit" and c.backbone_name:
+            self.backbone.load_pretrained(c.backbone_name)
+            return str(c.backbone_name)
+        return None
 
     def multiscale(self, images: torch.Tensor, mask: torch.Tensor | None = None
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:

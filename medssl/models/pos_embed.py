@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def sincos_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -37,18 +36,17 @@ def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int],
                        num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Bicubic resampling of a [1, prefix + gh*gw, D] position embedding to another grid.
+    """Resample a [1, prefix + gh*gw, D] position embedding to another grid with timm's own routine.
 
-    Prefix (cls) tokens are kept untouched; align_corners=False; non-square grids work.
+    Goes through `timm.layers.resample_abs_pos_embed` (bicubic, antialiased when shrinking, prefix/cls
+    tokens untouched, non-square grids), so a checkpoint loaded at another size gives the same weights in
+    medssl as in timm.
     """
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    if grid.shape[1] != old_grid[0] * old_grid[1]:
-        raise ValueError(f"pos_embed has {grid.shape[1]} grid tokens, expected {old_grid[0]}x{old_grid[1]}")
-    dim = grid.shape[-1]
-    orig_dtype = grid.dtype
-    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()  # [1, D, gh, gw]
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(orig_dtype)
-    return torch.cat([prefix, grid], dim=1)
+    from timm.layers import resample_abs_pos_embed
+
+    grid_tokens = pos_embed.shape[1] - num_prefix_tokens
+    if grid_tokens != old_grid[0] * old_grid[1]:
+        raise ValueError(f"pos_embed has {grid_tokens} grid tokens, expected {old_grid[0]}x{old_grid[1]}")
+    return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=num_prefix_tokens)

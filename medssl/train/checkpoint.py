@@ -1,7 +1,14 @@
-"""Atomic, safe-to-load training checkpoints: temp file + rename, `torch.load(weights_only=True)`."""
+"""The one checkpoint reader and writer of medssl.
+
+Writing is atomic (temp file + rename). Reading never unpickles anything but tensors and plain containers
+(`torch.load(weights_only=True)`, or safetensors); `strip_prefixes` removes wrapper prefixes and
+`load_exact` loads a state dict and reports the exact missing / unexpected keys. `medssl.hub`,
+`medssl.train` and `medssl.detection` all read weights through these functions.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
@@ -30,14 +37,58 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True` (tensors and plain containers only)."""
+    """Load a checkpoint file: safetensors, or `torch.load(weights_only=True)` (tensors and plain containers).
+
+    `argparse.Namespace` (what the official MAE stores as 'args') is the one class allowed besides those.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a loadable medssl checkpoint ({exc})") from exc
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError and friends
+        raise ValueError(f"{path}: cannot be loaded safely with weights_only=True ({exc}). medssl never "
+                         "unpickles arbitrary objects: re-save the state dict from a trusted environment "
+                         "(torch.save(ckpt['model'], ...) or safetensors).") from exc
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "encoder.", "backbone.", "model.")
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = WRAPPER_PREFIXES
+                   ) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (DDP `module.`, `torch.compile`, ...) shared by every key, repeatedly."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
+               allowed_missing: set[str] | frozenset[str] = frozenset()) -> None:
+    """`module.load_state_dict(state, strict=False)`, then assert the exact key sets (and shapes).
+
+    Raises:
+        ValueError: naming `where`, the missing keys (beyond `allowed_missing`), the unexpected keys, or the
+            shape mismatch.
+    """
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{where}: weights do not fit {type(module).__name__}: {exc}") from exc
+    missing, unexpected = set(result.missing_keys) - set(allowed_missing), set(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(f"{where}: weights do not fit {type(module).__name__}: missing keys {sorted(missing)}, "
+                         f"unexpected keys {sorted(unexpected)}")
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:

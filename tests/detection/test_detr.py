@@ -73,7 +73,9 @@ def test_vit_pyramid_strides_by_hand(patch, tmp_path):
     torch.manual_seed(0)
     h, w = (64, 96) if patch != 14 else (56, 112)
     medssl.save_backbone(build_vit(32, 2, 2, patch, h, 1), tmp_path / "vit")  # a small ViT of that patch size
-    bb = ViTPyramidBackbone(str(tmp_path / "vit"), in_chans=1, img_size=h)
+    from medssl.hub import backbone_record
+
+    bb = ViTPyramidBackbone(backbone_record(tmp_path / "vit"), in_chans=1, img_size=h)
     want_strides = [8, 16, 32] if patch != 14 else [7, 14, 28]  # ResNet strides, or p/2, p, 2p for p = 14
     assert bb.strides == want_strides
     x = torch.rand(2, 1, h, w)
@@ -137,6 +139,8 @@ def test_saved_medssl_backbone_plugs_into_the_detector(tmp_path):
     medssl.save_backbone(vit, tmp_path / "backbone", data="unit test")
     model = build_detector(demo_detector_config(backbone="vit", backbone_name=str(tmp_path / "backbone"),
                                                 img_size=64, num_queries=4))
+    assert not torch.equal(model.backbone.vit.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert model.load_pretrained() == str(tmp_path / "backbone")  # the explicit init step
     torch.testing.assert_close(model.backbone.vit.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     x, mask = _batch()
     assert model(x, mask)["pred_boxes"].shape == (2, 4, 4)
@@ -149,11 +153,12 @@ def test_resnet_local_weights_load_and_freeze(tmp_path):
 
     src = timm.create_model("resnet10t", pretrained=False, in_chans=1)
     torch.save({"state_dict": src.state_dict()}, tmp_path / "r10t.pth")  # classifier keys are dropped
-    bb = ResNetBackbone("resnet10t", in_chans=1, weights=tmp_path / "r10t.pth")
+    bb = ResNetBackbone("resnet10t", in_chans=1, freeze=True)
+    bb.load_pretrained(tmp_path / "r10t.pth")
     torch.testing.assert_close(bb.body.layer4[0].conv1.weight, src.layer4[0].conv1.weight)
     assert bb.frozen and not any(p.requires_grad for n, p in bb.body.named_parameters() if n.startswith("layer1."))
     torch.save({"fc.weight": torch.zeros(3), "layer4.0.conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="do not fit"):
-        ResNetBackbone("resnet10t", in_chans=1, weights=tmp_path / "bad.pth")
+        bb.load_pretrained(tmp_path / "bad.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        ResNetBackbone("resnet10t", in_chans=1, weights=tmp_path / "missing.pth")
+        bb.load_pretrained(tmp_path / "missing.pth")
