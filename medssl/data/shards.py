@@ -1,8 +1,11 @@
 """The MAE pretraining loader over LUMID WebDataset shards (`key.npy` 2-D image + `key.json`).
 
-The stream is deterministic given (seed, rank, worker): shard order, shuffle buffer and every sample's
-augmentation come from seeded generators, so a run resumed at step `s` sees exactly the batches an
-uninterrupted run would (`start_step`). Corrupt samples are skipped and counted, never fatal.
+The stream is a pure function of (seed, rank, worker) and addressable by position: each reader's shards per
+epoch, the shuffle (a seeded permutation of each block of `shuffle_buffer` consecutive samples, restarted at
+every block) and each sample's augmentation (seeded by its position) are fixed in advance, so `start_step`
+seeks straight to the resume point through the per-shard sample counts of `_info.json` and reads at most one
+block: resuming costs the same at any step and yields exactly the batches an uninterrupted run would.
+A corrupt sample keeps its position and is replaced by the next readable one (counted, never fatal).
 
 Example:
     >>> loader = make_loader("shards/lumid-{000000..000009}.tar", img_size=224, batch_size=64)  # doctest: +SKIP
@@ -13,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import math
 import multiprocessing
 import os
 import random
+import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from medssl.utils import stable_seed
 
 log = logging.getLogger("medssl")
-MAX_CORRUPT_RUN = 10_000  # corrupt samples in a row (beyond the shuffle buffer) before giving up
+MAX_CORRUPT_RUN = 10_000  # corrupt samples in a row before giving up
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -57,25 +62,111 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
-def count_samples(urls: Sequence[str]) -> int | None:
-    """Sample count from the shards' `_info.json` files when every shard is listed there, else None."""
-    total, seen = 0, set()
+def _listed_sizes(urls: Sequence[str]) -> list[int | None]:
+    """Per-shard sample counts from the `_info.json` next to each shard (None where it is not listed)."""
     infos: dict[str, dict[str, int]] = {}
+    out: list[int | None] = []
     for u in urls:
         folder = os.path.dirname(u)
         if folder not in infos:
-            f = Path(folder) / "_info.json"
             try:
-                info = json.loads(f.read_text())
+                info = json.loads((Path(folder) / "_info.json").read_text())
                 infos[folder] = {s["url"]: int(s["num_samples"]) for s in info.get("shards", [])}
             except (OSError, ValueError, KeyError, TypeError):
                 infos[folder] = {}
-        name = os.path.basename(u)
-        if name not in infos[folder] or u in seen:
-            return None
-        seen.add(u)
-        total += infos[folder][name]
-    return total
+        out.append(infos[folder].get(os.path.basename(u)))
+    return out
+
+
+def count_samples(urls: Sequence[str]) -> int | None:
+    """Sample count from the shards' `_info.json` files when every shard is listed there (once), else None."""
+    sizes = _listed_sizes(urls)
+    if len(set(urls)) != len(urls) or any(n is None for n in sizes):
+        return None
+    return sum(n for n in sizes if n is not None)
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    """A tar reader: random access for local files (skipped members are seeked over), a stream otherwise."""
+    if _is_remote(url):
+        return tarfile.open(fileobj=wds.gopen(url), mode="r|*")
+    return tarfile.open(url, mode="r:*")
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """`dir/key.ext.more` -> (`dir/key`, `ext.more`): members sharing a key form one sample (as in WebDataset)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _scan_size(url: str) -> int:
+    """Samples in a local shard, from its tar headers alone; 0 (with a warning) when it cannot be read."""
+    keys, last = 0, None
+    try:
+        with _open_tar(url) as tar:
+            for m in tar:
+                key = _sample_key(m.name)[0]
+                if m.isfile() and key != last:
+                    keys, last = keys + 1, key
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        log.warning("shard %s cannot be read (%s): it counts as empty", url, exc)
+        return 0
+    return keys
+
+
+def shard_sizes(urls: Sequence[str]) -> list[int]:
+    """Samples per shard: from `_info.json`, else counted from a local shard's tar headers.
+
+    Raises:
+        ValueError: a remote shard is not listed in an `_info.json` (its size would need a full read).
+    """
+    sizes = _listed_sizes(urls)
+    for i, (u, n) in enumerate(zip(urls, sizes)):
+        if n is None:
+            if _is_remote(u):
+                raise ValueError(f"shard {u} is not listed in an _info.json beside it: the loader needs every "
+                                 "shard's sample count to seek (data_tools.build_shards writes _info.json)")
+            sizes[i] = _scan_size(u)
+    return [int(n or 0) for n in sizes]
+
+
+def read_shard(url: str, start: int, stop: int) -> Iterator[dict[str, Any] | None]:
+    """Samples `start` .. `stop - 1` of one shard, exactly `stop - start` items.
+
+    Members before `start` are skipped unread (local shards seek over them); only each sample's `.npy`
+    member is read. Where the shard ends early or breaks, the missing samples come as None.
+    """
+    got, index, key, sample = 0, -1, None, None
+    try:
+        with _open_tar(url) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = _sample_key(m.name)
+                if k != key:
+                    if sample is not None:
+                        yield sample
+                        got, sample = got + 1, None
+                    index, key = index + 1, k
+                    if index >= stop:
+                        break
+                    if index >= start:
+                        sample = {"__key__": k, "__url__": url}
+                if sample is not None and ext == "npy":
+                    member = tar.extractfile(m)
+                    sample["npy"] = member.read() if member is not None else b""
+            if sample is not None:
+                yield sample
+                got += 1
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        log.warning("shard %s breaks after %d samples: %s", url, start + got, exc)
+    for _ in range(stop - start - got):  # shorter than listed: keep every later position where it belongs
+        yield None
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -140,10 +231,14 @@ class _LocalCounter:
 class ShardStream(IterableDataset):
     """An endless, deterministic stream of augmented batches from WebDataset shards.
 
-    Each (rank, worker) reads its share of the shards (or, with `resampled`, draws shards with
-    replacement), shuffles samples in a buffer, decodes `.npy`, crops/flips/normalises, and yields batches
-    of `batch_size`. With DataLoader workers, global batch `j * W + w` comes from worker `w`;
-    `start_step` skips the batches already trained on (decoded, not augmented) so that resuming is exact.
+    Reader `slot = rank * W + worker` (W DataLoader workers) reads, in epoch `e`, its share of the shards
+    (`resampled`: shards drawn with replacement) one after the other; its samples are cut into blocks of
+    `shuffle_buffer` and each block is permuted by a generator seeded with (seed, slot, e, block). The
+    reader's batch `k` holds its stream positions `k * B .. k * B + B - 1`, each augmented with a generator
+    seeded by its position, and global batch `j * W + w` comes from worker `w`. So a batch is a function of
+    the positions alone: `start_step` seeks to the first position to read with the shard sizes (`_info.json`)
+    and reads from the start of its block, never the samples before. A corrupt sample keeps its position
+    and is replaced by the next readable sample of the stream (re-augmented with its own position's crop).
     """
 
     def __init__(self, urls: Sequence[str], img_size: int, batch_size: int, *, in_chans: int = 1,
@@ -152,6 +247,9 @@ class ShardStream(IterableDataset):
                  hflip: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
                  shuffle_buffer: int = 1000, start_step: int = 0, min_size: int = 1):
         super().__init__()
+        if batch_size < 1 or shuffle_buffer < 1 or start_step < 0:
+            raise ValueError(f"batch_size and shuffle_buffer must be >= 1 and start_step >= 0, got {batch_size}, "
+                             f"{shuffle_buffer}, {start_step}")
         self.urls, self.img_size, self.batch_size = list(urls), img_size, batch_size
         self.in_chans = in_chans
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -161,8 +259,11 @@ class ShardStream(IterableDataset):
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.seed, self.rank, self.world_size, self.resampled = seed, rank, world_size, resampled
         self.shuffle_buffer, self.start_step, self.min_size = shuffle_buffer, start_step, min_size
+        self.sizes = dict(zip(self.urls, shard_sizes(self.urls)))  # url -> samples
+        if not any(self.sizes.values()):
+            raise ValueError(f"no samples could be read from {len(self.urls)} shard(s) ({self.urls[:3]}"
+                             f"{' ...' if len(self.urls) > 3 else ''}): empty or unreadable tar files")
         self._corrupt = multiprocessing.Value("q", 0)  # shared with forked DataLoader workers
-        self._opened = self._opened_at_raw = 0
 
     @property
     def corrupt(self) -> int:
@@ -178,50 +279,68 @@ class ShardStream(IterableDataset):
         state["_corrupt"] = _LocalCounter(self.corrupt)
         return state
 
-    def _check_not_starving(self, limit: int) -> None:
-        self._opened += 1
-        if self._opened - self._opened_at_raw > limit:
-            raise ValueError(f"no samples could be read from {self._opened - self._opened_at_raw} shard openings in a "
-                             f"row (shards: {self.urls[:3]}{' ...' if len(self.urls) > 3 else ''}): empty or "
-                             "unreadable tar files")
+    def epoch_shards(self, slot: int, slots: int, epoch: int) -> list[str]:
+        """The shards reader `slot` of `slots` reads in `epoch`, in order."""
+        if self.resampled:
+            rng = random.Random(stable_seed(self.seed, 1, epoch, slot))
+            return [rng.choice(self.urls) for _ in range(max(1, len(self.urls) // slots))]
+        order = list(self.urls)
+        random.Random(stable_seed(self.seed, 0, epoch)).shuffle(order)
+        return order[slot::slots]
 
-    def _shards(self, worker: int, workers: int) -> Iterator[str]:
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        for epoch in range(10**9):
-            if self.resampled:
-                rng = random.Random(stable_seed(self.seed, 1, epoch, slot))
-                for _ in range(max(1, len(self.urls) // slots)):
-                    self._check_not_starving(2 * len(self.urls) + 2)
-                    yield rng.choice(self.urls)
-            else:
-                order = list(self.urls)
-                random.Random(self.seed * 1000003 + epoch).shuffle(order)
-                mine = order[slot::slots]
-                if not mine and epoch == 0:
-                    raise ValueError(f"{len(self.urls)} shards cannot feed {slots} readers (ranks x workers): "
-                                     "use resampled=True or more shards")
-                for url in mine:
-                    self._check_not_starving(2 * len(mine))
-                    yield url
+    def _epoch_samples(self, shards: Sequence[str], start: int) -> Iterator[dict[str, Any] | None]:
+        """The epoch's samples (its shards one after the other) from epoch position `start` on."""
+        for url in shards:
+            n = self.sizes[url]
+            if start < n:
+                yield from read_shard(url, start, n)
+            start = max(0, start - n)
 
-    def _samples(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        def on_error(exc: Exception) -> bool:
-            self._count_corrupt()
-            log.warning("skipping unreadable shard data: %s", exc)
-            return True
+    def positions(self, slot: int, slots: int, start: int = 0) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """(position, raw sample or None) of reader `slot`'s stream from position `start` on, forever.
 
-        pipeline = wds.tarfile_to_samples(handler=on_error)
-        raw = pipeline({"url": u} for u in self._shards(worker, workers))
-        rng = random.Random(stable_seed(self.seed, 2, self.rank, worker))
-        buf: list[dict[str, Any]] = []
-        for sample in raw:
-            self._opened_at_raw = self._opened
-            if len(buf) < self.shuffle_buffer:
-                buf.append(sample)
+        Only the block holding `start` is read before it: epochs and shards are skipped by their sizes.
+        """
+        if not self.resampled and len(self.urls) < slots:
+            raise ValueError(f"{len(self.urls)} shards cannot feed {slots} readers (ranks x workers): "
+                             "use resampled=True or more shards")
+        block, pos = self.shuffle_buffer, 0  # pos: stream position where the epoch starts
+        for epoch in itertools.count():
+            shards = self.epoch_shards(slot, slots, epoch)
+            n = sum(self.sizes[u] for u in shards)
+            if pos + n <= start:
+                pos += n
                 continue
-            i = rng.randrange(len(buf))
-            buf[i], sample = sample, buf[i]
-            yield sample
+            first = max(0, start - pos) // block
+            samples = self._epoch_samples(shards, first * block)
+            for b in range(first, -(-n // block)):
+                chunk = list(itertools.islice(samples, block))  # the block's samples, in shard order
+                order = list(range(len(chunk)))
+                random.Random(stable_seed(self.seed, 2, slot, epoch, b)).shuffle(order)
+                for i, j in enumerate(order):
+                    if pos + b * block + i >= start:
+                        yield pos + b * block + i, chunk[j]
+            pos += n
+
+    def _decode(self, sample: dict[str, Any] | None) -> tuple[np.ndarray | None, str]:
+        """(2-D image, "") or (None, why) for a sample that cannot be used (counted as corrupt)."""
+        try:
+            if sample is None:
+                raise ValueError("missing: its shard is shorter than _info.json lists or broke")
+            arr = decode_npy(sample["npy"])
+            if min(arr.shape) < self.min_size:
+                raise ValueError(f"image {arr.shape} is smaller than one patch ({self.min_size} px)")
+            return arr, ""
+        except Exception as exc:  # missing .npy, bad bytes, wrong shape
+            self._count_corrupt()
+            where = f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}" if sample else "a sample"
+            log.warning("skipping corrupt sample %s: %s", where, exc)
+            return None, f"{where}: {exc}"
+
+    def _augment(self, arr: np.ndarray, slot: int, pos: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(stable_seed(self.seed, 3, slot, pos))
+        img = random_resized_crop(to_unit_tensor(arr), self.img_size, self.scale, self.ratio, self.hflip, g)
+        return (img.expand(self.in_chans, -1, -1) - self.mean) / self.std  # [C, S, S]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
@@ -229,35 +348,30 @@ class ShardStream(IterableDataset):
         # The DataLoader always starts with its worker 0; after `start_step` batches the next one belongs to
         # logical worker start_step % W, so rotate the roles to keep the stream identical.
         worker = ((info.id if info else 0) + self.start_step) % workers
-        skip = max(0, -(-(self.start_step - worker) // workers)) * self.batch_size  # ceil((s - w) / W) batches
-        batch: list[torch.Tensor] = []
-        index, bad_run = 0, 0
-        for sample in self._samples(worker, workers):
-            key = sample.get("__key__", "?")
-            try:
-                arr = decode_npy(sample["npy"])
-                if min(arr.shape) < self.min_size:
-                    raise ValueError(f"image {arr.shape} is smaller than one patch ({self.min_size} px)")
-            except Exception as exc:  # missing .npy, bad bytes, wrong shape
-                self._count_corrupt()
-                bad_run += 1
-                log.warning("skipping corrupt sample %s in %s: %s", key, sample.get("__url__", "?"), exc)
-                if bad_run > self.shuffle_buffer + MAX_CORRUPT_RUN:
-                    raise ValueError(f"{bad_run} corrupt samples in a row and none readable (last: {key} in "
-                                     f"{sample.get('__url__', '?')}: {exc})") from exc
-                continue
-            bad_run = 0
-            index += 1
-            if skip:
-                skip -= 1
-                continue
-            g = torch.Generator().manual_seed(stable_seed(self.seed, 3, self.rank, worker, index))
-            img = random_resized_crop(to_unit_tensor(arr), self.img_size, self.scale, self.ratio, self.hflip, g)
-            img = img.expand(self.in_chans, -1, -1)
-            batch.append((img - self.mean) / self.std)
-            if len(batch) == self.batch_size:
-                yield torch.stack(batch)  # [B, C, S, S]
-                batch = []
+        first = max(0, -(-(self.start_step - worker) // workers))  # this worker's first batch: ceil((s - w) / W)
+        slot, slots, bs = self.rank * workers + worker, self.world_size * workers, self.batch_size
+        stream = self.positions(slot, slots, first * bs)
+        window: list[tuple[int, np.ndarray | None, str]] = []  # decoded positions from the batch's first on
+
+        def fill(n: int) -> None:
+            while len(window) < n:
+                pos, sample = next(stream)
+                window.append((pos, *self._decode(sample)))
+
+        while True:
+            fill(bs)
+            batch = []
+            for i in range(bs):
+                j = i
+                while window[j][1] is None:  # corrupt: the next readable sample takes its place
+                    j += 1
+                    if j - i > MAX_CORRUPT_RUN:
+                        raise ValueError(f"{j - i} corrupt samples in a row and none readable "
+                                         f"(last: {window[j - 1][2]})")
+                    fill(j + 1)
+                batch.append(self._augment(window[j][1], slot, window[i][0]))
+            del window[:bs]
+            yield torch.stack(batch)  # [B, C, S, S]
 
 
 def make_loader(urls: str | Sequence[str], img_size: int, batch_size: int, *, num_workers: int = 0,
@@ -266,6 +380,7 @@ def make_loader(urls: str | Sequence[str], img_size: int, batch_size: int, *, nu
     """DataLoader over the shard stream; yields normalised [B, C, img_size, img_size] float batches forever.
 
     `resampled` defaults to True when several processes or workers read, so that no reader runs dry.
+    `start_step` (batches this rank has already taken) seeks without reading the samples before it.
     """
     shard_list = expand_urls(urls)
     if resampled is None:

@@ -1,13 +1,17 @@
 import io
+import itertools
 import json
+import random
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from medssl.data.shard_writer import write_array_shards
+from medssl.data import shards as shards_mod
+from medssl.data.shard_writer import shard_keys, write_array_shards, write_info
 from medssl.data.shards import ShardStream, count_samples, expand_urls, make_loader, random_resized_crop
+from medssl.utils import stable_seed
 
 
 @pytest.fixture()
@@ -46,11 +50,48 @@ def test_start_step_resumes_the_exact_stream(shards, workers):
         assert torch.equal(next(it), ref[start])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_late_resume_seeks_without_reading_earlier_samples(shards, workers, monkeypatch):
+    """Batches 300.. (30 epochs in) after a resume equal the uninterrupted run's; at most one block is read."""
+    full = iter(make_loader(shards, 16, 3, num_workers=workers, shuffle_buffer=7))
+    ref = [next(full) for _ in range(304)]
+    start = 301
+    if workers == 0:  # count the samples the resumed stream reads from the shards
+        reads = []
+        real = shards_mod.read_shard
+        monkeypatch.setattr(shards_mod, "read_shard",
+                            lambda url, a, b: (reads.append(s) or s for s in real(url, a, b)))
+    it = iter(make_loader(shards, 16, 3, num_workers=workers, shuffle_buffer=7, start_step=start))
+    for k in range(start, 304):
+        assert torch.equal(next(it), ref[k])
+    if workers == 0:  # 3 batches of 3 from a block of 7: at most 6 samples before the resume point, + 9 used
+        assert len(reads) <= 7 + 9
+
+
+def test_stream_positions_by_hand(shards):
+    """A reader's stream is its epoch's shards in order, cut into blocks of `shuffle_buffer`, each permuted."""
+    stream = ShardStream(expand_urls(shards), 16, 1, shuffle_buffer=7, rank=1, world_size=2, seed=5)
+    got = [(p, s["__key__"]) for p, s in itertools.islice(stream.positions(1, 2), 45)]
+    keys = {u: shard_keys(u) for u in stream.urls}
+    expect, pos = [], 0
+    for epoch in range(3):
+        epoch_keys = [k for u in stream.epoch_shards(1, 2, epoch) for k in keys[u]]  # 2 shards of 10
+        for b in range(0, len(epoch_keys), 7):
+            block = epoch_keys[b:b + 7]
+            order = list(range(len(block)))
+            random.Random(stable_seed(5, 2, 1, epoch, b // 7)).shuffle(order)
+            expect += [(pos + b + i, block[j]) for i, j in enumerate(order)]
+        pos += len(epoch_keys)
+    assert got == expect[:45]
+    assert list(itertools.islice(stream.positions(1, 2, 33), 12)) == \
+        list(itertools.islice(stream.positions(1, 2), 33, 45))
+
+
 def test_ranks_read_disjoint_shards(shards):
     seen = []
     for rank in (0, 1):
         stream = ShardStream(expand_urls(shards), 16, 1, rank=rank, world_size=2, shuffle_buffer=1)
-        seen.append({s["__url__"] for s, _ in zip(stream._samples(0, 1), range(20))})
+        seen.append({s["__url__"] for _, s in itertools.islice(stream.positions(rank, 2), 20)})
     assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 4
 
 
@@ -73,9 +114,15 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
         member(tar, "s9.npy", buf3.getvalue())  # 3-D: wrong shape
     stream = ShardStream(expand_urls(tmp_path), 8, 2, shuffle_buffer=1)
     it = iter(stream)
-    batches = [next(it) for _ in range(3)]  # 6 good samples = two passes over the shard
+    batches = [next(it) for _ in range(4)]  # positions 0-7: s0 s1 s2 s3 s4 s5 s9 | s0 (one block per sample)
     assert all(b.shape == (2, 1, 8, 8) for b in batches)
-    assert stream.corrupt >= 3  # every bad sample of the first pass was counted
+    assert stream.corrupt == 4  # s1, s3, s5, s9 counted once each
+    # a corrupt position takes the next readable sample, cropped with its own position's generator
+    good = torch.full((1, 20, 20), 7 / 255)
+    for k, pos in ((0, 1), (1, 3), (2, 5), (3, 6)):
+        g = torch.Generator().manual_seed(stable_seed(0, 3, 0, pos))
+        ref = (random_resized_crop(good, 8, (0.2, 1.0), (3 / 4, 4 / 3), True, g) - 0.5) / 0.25
+        assert torch.allclose(batches[k][pos % 2], ref)
 
 
 def test_random_resized_crop_bounds():
@@ -113,6 +160,7 @@ def test_corrupt_count_is_shared_with_workers(tmp_path):
         info = tarfile.TarInfo("zz.npy")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
+    write_info(tmp_path)  # list the added sample
     loader = make_loader(tmp_path, 8, 2, num_workers=2, shuffle_buffer=1)
     it = iter(loader)
     for _ in range(6):
