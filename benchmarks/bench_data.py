@@ -10,6 +10,11 @@ pydicom-data's CT, MR, CR and US images, compressed and uncompressed), in one pr
 - `shards_raw`: plain tar + `np.load` of the same shards (the I/O and decode part alone);
 - `dicom_on_the_fly`: `medssl.data.imaging` read + modality LUT / window + resize per sample, the
   work the shard builder does once, redone for every sample.
+
+    python -m benchmarks.bench_data --resume
+
+times the loader's first batch after resuming at step 0, S and 100 x S (`start_step`) on synthetic
+shards: resuming seeks by the shards' sizes, so the three should be about the same.
 """
 
 from __future__ import annotations
@@ -106,11 +111,43 @@ def run(quick: bool = True) -> list[dict[str, Any]]:
     return rows
 
 
+def resume_times(steps: tuple[int, ...] = (0, 100, 10_000), workers: int = 0, repeats: int = 3
+                 ) -> list[dict[str, Any]]:
+    """Seconds to the first batch when resuming at each of `steps` (median of `repeats`); one row per step.
+
+    Shards: 40 x 100 synthetic 64 x 64 uint16 images, batch 32, shuffle blocks of 500 (125 batches an
+    epoch, so step 10 000 is 80 epochs in).
+    """
+    from medssl.data.shard_writer import write_array_shards
+    from medssl.data.shards import make_loader
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        write_array_shards((rng.integers(0, 65535, (64, 64), dtype=np.uint16) for _ in range(4000)), tmp, 100)
+        for step in steps:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                next(iter(make_loader(tmp, 64, 32, num_workers=workers, shuffle_buffer=500, start_step=step)))
+                times.append(time.perf_counter() - t0)
+            rows.append({"name": "resume", "start_step": step, "workers": workers,
+                         "first_batch_s": float(np.median(times)), "samples_before": step * 32})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="time to the first batch at a late start_step")
     args = parser.parse_args(argv)
+    if args.resume:
+        for workers in (0, 2):
+            for row in resume_times(workers=workers):
+                print(f"resume at step {row['start_step']:>6} ({row['samples_before']:>7} samples before, "
+                      f"{workers} workers): first batch in {row['first_batch_s']:.3f} s")
+        return 0
     for row in run(quick=args.quick):
         print(f"{row['name']:>18}: {row['samples_per_s']:9.1f} samples/s  "
               f"({row['speedup_vs_dicom']:.1f}x on-the-fly DICOM, n={row['n']}, {row['files']} files)")
