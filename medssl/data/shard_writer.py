@@ -158,12 +158,18 @@ def read_sample(path: str | os.PathLike, key: str) -> tuple[np.ndarray, dict[str
         return np.load(io.BytesIO(npy.read()), allow_pickle=False), json.loads(meta.read())
 
 
-def write_info(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """(Re)write `_info.json` from the finished shards in `out_dir` and return it."""
+def write_info(out_dir: str | os.PathLike, counts: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """(Re)write `_info.json` from the finished shards in `out_dir` and return it.
+
+    Args:
+        out_dir: the shard folder.
+        counts: samples per shard name when already known (skips reading every shard's member list).
+    """
     out = Path(out_dir)
     shards = []
     for path in finished_shards(out):
-        shards.append({"url": path.name, "num_samples": len(shard_keys(path))})
+        n = counts[path.name] if counts is not None and path.name in counts else len(shard_keys(path))
+        shards.append({"url": path.name, "num_samples": n})
     info = {
         "name": "lumid",
         "splits": {"train": {"name": "train", "filenames": [s["url"] for s in shards],

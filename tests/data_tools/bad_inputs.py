@@ -82,11 +82,11 @@ def make_bad(folder: Path, kind: str) -> Path:
     return path
 
 
-def crash_on_marked_files(unit, cfg):  # noqa: ANN001 - mirrors build_shards.process_unit
+def crash_on_marked_files(unit, cfg):  # noqa: ANN001 - mirrors shards_build.worker.process_unit
     """`process_unit`, except that the worker process dies (like a codec segfault) on files named crash*."""
     import os
 
-    from data_tools.build_shards import process_unit
+    from data_tools.shards_build.worker import process_unit
 
     if any(os.path.basename(p).startswith("crash") for p in unit.paths):
         os._exit(139)

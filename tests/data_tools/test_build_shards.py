@@ -19,6 +19,8 @@ from bad_inputs import EXPECTED, make_bad  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from data_tools import build_shards as bs  # noqa: E402
+from data_tools.shards_build import worker  # noqa: E402
+from data_tools.shards_build.plan import scan_one  # noqa: E402
 from medssl.data import imaging as im  # noqa: E402
 from medssl.data.shard_writer import ShardWriter, finished_shards  # noqa: E402
 
@@ -118,10 +120,12 @@ def test_each_bad_input_kind_is_recorded_with_its_reason(built, tmp_path):
         rec = by_input[str(root / "bad" / make_bad(tmp_path, kind).name)]
         assert rec["status"] == status and reason in rec["reason"], (kind, rec)
         assert "\n" not in rec["reason"]
-    series = [r for r in manifest(out) if r["kind"] == "series"]
-    bad = [r for r in series if "badseries" in r["input"][0]]
-    assert len(bad) == 1 and bad[0]["status"] == "failed"
-    assert "inconsistent slice sizes in series (100x128, 128x128)" in bad[0]["reason"]
+    # the slice of another size is left out of its series; the other 7 slices are written
+    odd = by_input[str(root / "badseries" / "IM0007")]
+    assert odd["status"] == "failed" and odd["reason"] == "slice size 100x128 differs from the series' 128x128"
+    bad = [r for r in manifest(out) if r["kind"] == "series" and "badseries" in r["input"][0]]
+    assert len(bad) == 1 and bad[0]["status"] == "written" and odd["part_of"] == bad[0]["unit"]
+    assert bad[0]["input"] == [str(root / "badseries" / f"IM{k:04d}") for k in range(6, -1, -1)]
     assert by_input[str(root / "bad" / "readme.txt")]["status"] == "skipped"
     stats = json.loads((out / "stats.json").read_text())
     assert stats["inputs"]["failed"] == 1 + sum(s == "failed" for _, s in EXPECTED.values())
@@ -138,8 +142,8 @@ def test_duplicates_written_once(built):
 
 def test_series_volume_sliced_in_two_planes(built):
     root, out = built
-    rec = next(r for r in manifest(out) if r["kind"] == "series" and r["status"] == "written")
-    assert len(rec["input"]) == 10
+    rec = next(r for r in manifest(out) if r["kind"] == "series" and f"{root}/series/" in r["input"][0])
+    assert rec["status"] == "written" and len(rec["input"]) == 10 and "split" not in rec
     # axis 0: slices 0, 4, 8; axis 1: 128 rows every 4 -> 32 planes (10 slices x 5 mm resampled to square px)
     axes = {k.split("_")[2][:2] for k in rec["keys"]}
     assert axes == {"a0", "a1"} and len(rec["keys"]) == 2 * (3 + 32)
@@ -341,9 +345,9 @@ def test_a_worker_that_dies_does_not_stop_the_job(tmp_path):
         src = "MR_small.dcm" if name.startswith("z") else "CT_small.dcm"
         shutil.copy(get_testdata_file(src), tmp_path / name)
     cfg = bs.Config(size=32, salt="x")
-    units = bs.plan_units(bs.discover([{"name": "t", "path": str(tmp_path)}]),
-                          [bs._scan_one(f) for f in bs.discover([{"name": "t", "path": str(tmp_path)}])], cfg)
-    results = list(bs._results(units, cfg, workers=2, fn=crash_on_marked_files))
+    files = bs.discover([{"name": "t", "path": str(tmp_path)}])
+    units = bs.plan_units(files, [scan_one(f) for f in files], cfg)
+    results = list(worker.results(units, cfg, workers=2, fn=crash_on_marked_files))
     assert [Path(u.paths[0]).name for u, _ in results] == ["a_CT_small.dcm", "crash_me.dcm", "z_MR_small.dcm"]
     statuses = [r["status"] for _, r in results]
     assert statuses == ["written", "failed", "written"]
