@@ -82,6 +82,28 @@ def make_bad(folder: Path, kind: str) -> Path:
     return path
 
 
+def write_series(folder: Path, n: int, bad_rows: int | None = None) -> list[Path]:
+    """A CT series of `n` slices of pydicom's real CT_small.dcm (pixels + 3k, z = 5k mm), files IM0000...;
+    the last slice cut to `bad_rows` rows when given. Returns the files in slice order."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True)
+    series_uid = pydicom.uid.generate_uid()
+    for k in range(n):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        arr = ds.pixel_array.astype(np.int16) + 3 * k
+        if bad_rows is not None and k == n - 1:
+            arr = arr[:bad_rows]
+        ds.Rows = arr.shape[0]
+        ds.PixelData = arr.tobytes()
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 5.0 * k], [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber, ds.SeriesInstanceUID = k + 1, series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / f"IM{k:04d}")  # no suffix, as archives often store them
+    return [folder / f"IM{k:04d}" for k in range(n)]
+
+
 def crash_on_marked_files(unit, cfg):  # noqa: ANN001 - mirrors shards_build.worker.process_unit
     """`process_unit`, except that the worker process dies (like a codec segfault) on files named crash*."""
     import os

@@ -15,7 +15,7 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
 
-from bad_inputs import EXPECTED, make_bad  # noqa: E402
+from bad_inputs import EXPECTED, make_bad, write_series  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from data_tools import build_shards as bs  # noqa: E402
@@ -29,22 +29,6 @@ PHI = {"PatientName": "Doe^Jane^Secretname", "PatientID": "PID-998877", "Accessi
        "ReferringPhysicianName": "Dr^Who^Secret"}
 ARGS = ["--size", "32", "--workers", "0", "--samples-per-shard", "16", "--axes", "0,1", "--every", "4",
         "--ct-windows", "wide=-1000:1000,soft=40/400", "--salt", "s3cret", "--no-progress"]
-
-
-def _series(folder: Path, n: int, bad_rows: int | None = None) -> None:
-    folder.mkdir(parents=True)
-    series_uid = pydicom.uid.generate_uid()
-    for k in range(n):
-        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-        arr = ds.pixel_array.astype(np.int16) + 3 * k
-        if bad_rows is not None and k == n - 1:
-            arr = arr[:bad_rows]
-        ds.Rows = arr.shape[0]
-        ds.PixelData = arr.tobytes()
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 5.0 * k], [1, 0, 0, 0, 1, 0]
-        ds.InstanceNumber, ds.SeriesInstanceUID = k + 1, series_uid
-        ds.SOPInstanceUID = pydicom.uid.generate_uid()
-        ds.save_as(folder / f"IM{k:04d}")  # no suffix, as archives often store them
 
 
 def _phi_file(path: Path) -> Path:
@@ -71,8 +55,8 @@ def make_collection(root: Path) -> Path:
     shutil.copy(Path(data_path) / "anatomical.nii", good / "anatomical.nii")
     Image.fromarray(np.tile(np.arange(80, dtype=np.uint8) * 3, (64, 1))).save(good / "gradient.png")
     _phi_file(good / "phi" / "phi.dcm")
-    _series(root / "series", 10)
-    _series(root / "badseries", 8, bad_rows=100)
+    write_series(root / "series", 10)
+    write_series(root / "badseries", 8, bad_rows=100)
     for kind in EXPECTED:
         make_bad(root / "bad", kind)
     (root / "bad" / "readme.txt").write_text("not an image")
