@@ -4,6 +4,10 @@
     python -m data_tools.coco_tools from-csv findings.csv --out DATA_ROOT/DATASET \\
         --image-col image_id --width-col width --height-col height \\
         --box-cols xmin,ymin,xmax,ymax --box-format xyxy --category-col label --split-col split
+    python -m data_tools.coco_tools from-cbis-ddsm|from-inbreast|from-vindr SRC --out DATA_ROOT/DATASET
+
+``from-<release>`` converts a public mammography download (DICOM + the release's annotations) with its
+images: see :mod:`data_tools.mammo_releases`.
 
 Seed layout: ``annotations/instances_{train,val}.json`` (or ``instances_full.json`` for the training
 set, as RSNA-BSD1K) and ``images/{train,val,test}/``; ``instances_<split>.json`` describes the images of
@@ -278,7 +282,7 @@ def from_csv(csv_path: str | Path, out_dir: str | Path, *, image_col: str, width
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``validate`` / ``from-csv``)."""
+    """Command-line entry point (``validate`` / ``from-csv`` / ``from-<release>``)."""
     p = argparse.ArgumentParser(prog="python -m data_tools.coco_tools", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -299,7 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--file-col", help="column with the image file name (default: <image id><ext>)")
     c.add_argument("--ext", default=".png")
     c.add_argument("--delimiter", default=",")
+    from data_tools import mammo_releases
+
+    for release in mammo_releases.RELEASES:
+        r = sub.add_parser(f"from-{release}", help=f"convert a {release} download (DICOM) to this layout, "
+                                                   f"images included (see data_tools/mammo_releases.py)")
+        mammo_releases.add_arguments(r, release)
     args = p.parse_args(argv)
+    if args.cmd.removeprefix("from-") in mammo_releases.RELEASES:
+        return mammo_releases.run(args.cmd.removeprefix("from-"), args)
     if args.cmd == "validate":
         report = validate(args.dataset, check_files=not args.no_files)
         for name, s in report.summary.items():
