@@ -349,7 +349,11 @@ def _categories(text: str) -> list[str]:
 
 def vindr_cases(src: str | Path, opts: Options) -> list[Case]:
     """Cases of VinDr-Mammo: ``finding_annotations.csv`` (one row per finding, or a 'No Finding' row) and
-    ``images/<study_id>/<image_id>.dicom``; the study is the patient, ``split`` is training / test."""
+    ``images/<study_id>/<image_id>.dicom``; the study is the patient, ``split`` is training / test.
+
+    A finding listed as both Mass and Suspicious Calcification gives one finding of each kind (the same box
+    twice under ``--kinds both``). Findings of other categories (asymmetry, distortion, ...) are ignored.
+    """
     src = Path(src)
     table = _find_one(src, "finding_annotations.csv")
     rows = _read_table(table)
@@ -576,6 +580,8 @@ def convert(release: str, src: str | Path, out: str | Path, opts: Options, *, pr
     if not src.is_dir():
         raise FileNotFoundError(f"release folder not found: {src}")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("images/*/.*.tmp"):  # a PNG being written when a run was killed
+        stale.unlink()
     _check_options(out, json.loads(json.dumps({"release": release, **asdict(opts)})))
     cases = READERS[release](src, opts)
     splits = assign_splits(cases, opts)

@@ -255,7 +255,10 @@ def test_resume_after_kill(cbis, tmp_path):
     for p in (out / "images").rglob("*.png"):
         if p.stem not in kept:
             p.unlink()
+    stale = out / "images" / "train" / ".P_00009_LEFT_CC.png.tmp"  # the PNG being written at the kill
+    stale.write_bytes(b"half a png")
     assert _convert("cbis-ddsm", cbis, out) == 0
+    assert not stale.exists()
     assert {s: _coco(out, s) for s in ("train", "val", "test")} == first
     assert keep_png.stat().st_mtime_ns == stamp  # not redone
     assert len(_manifest(out)) == len(lines)
