@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for release in mammo_releases.RELEASES:
         r = sub.add_parser(f"from-{release}", help=f"convert a {release} download (DICOM) to this layout, "
-                                                   f"images included (see data_tools/mammo_releases.py)")
+                                                   f"images included (see data_tools/mammo_releases/)")
         mammo_releases.add_arguments(r, release)
     args = p.parse_args(argv)
     if args.cmd.removeprefix("from-") in mammo_releases.RELEASES:
