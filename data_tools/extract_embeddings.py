@@ -1,53 +1,73 @@
 """Expert (VFM) embeddings for MedMask's contrastive distillation, one ``<stem>_embedding.npy`` per image.
 
-    python -m data_tools.extract_embeddings --model SOURCE --images DIR --out DIR [--grid 4]
+    python -m data_tools.extract_embeddings --model SOURCE --images DIR --out DIR [--grid 4] [--workers 4]
+    torchrun --nproc_per_node 4 -m data_tools.extract_embeddings --model SOURCE --images DIR --out DIR
 
-``SOURCE`` is anything ``medssl.load_backbone`` accepts (a backbone folder, a checkpoint file, or a
-registry name = random init, seeded by ``--seed``). Each file holds float32 ``(Q, D)`` with
-L2-normalised rows: the cls token followed by the patch tokens average-pooled to ``grid x grid``
-(``--grid 0``: every patch token). ``--model biomedparse:CKPT`` asks for BiomedParse (101 x 512 in the
-MedMask paper): it needs the BiomedParse package and a local checkpoint.
+``SOURCE`` is one of
+
+- anything ``medssl.load_backbone`` accepts: a backbone folder (e.g. the ``backbone/`` an MAE pretraining run
+  writes, so the expert can be an MAE pretrained on the task's own unlabelled images), a checkpoint file, or
+  a registry name (random init seeded by ``--seed``: an ablation, not an expert). Each file holds float32
+  ``(Q, D)``, L2-normalised rows: the cls token followed by the patch tokens average-pooled to
+  ``grid x grid`` (``Q = 1 + grid**2``; ``--grid 0``: every patch token);
+- ``open_clip:DIR``: a local open_clip model folder (``open_clip_config.json`` + weights, the layout of
+  open_clip's hub models, BiomedCLIP included). Only the image tower is built; each file holds its
+  L2-normalised image embedding, float32 ``(1, embed_dim)``. Needs ``pip install open-clip-torch``.
+
+BiomedParse (the MedMask paper's expert, ``(101, 512)``) is not driven from here: run MedMask's
+``generate_embedings.py`` in BiomedParse's own environment; its ``<stem>_embedding.npy`` files are read as
+they are. Nothing is downloaded.
+
+At scale: images are read, resized and batched by ``--workers`` loader processes; files already written are
+skipped (each is written atomically; ``--overwrite`` recomputes them, and an image newer than its
+embedding is always redone); an unreadable image is recorded and skipped; under ``torchrun`` each
+rank embeds every ``WORLD_SIZE``-th file on its own device. ``OUT/manifest.jsonl`` lists every image
+(``written`` / ``exists`` / ``skipped`` + reason) and ``OUT/_expert.json`` the expert, so that a resumed run
+cannot mix two experts in one folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from medssl.data.coco import IMAGE_EXTS, read_image
 
+log = logging.getLogger("medssl")
+EXPERT_FILE, MANIFEST = "_expert.json", "manifest.jsonl"
 
-def load_expert(source: str, *, img_size: int, seed: int = 0) -> torch.nn.Module:
-    """A ViT expert with one input channel at ``img_size`` from ``source`` (see the module docstring)."""
-    if source.lower().startswith("biomedparse"):
-        ckpt = source.split(":", 1)[1] if ":" in source else ""
-        if importlib.util.find_spec("biomedparse") is None and importlib.util.find_spec("modeling") is None:
-            raise ImportError("BiomedParse is not installed (https://github.com/microsoft/BiomedParse); "
-                              "install it and pass --model biomedparse:/path/to/biomedparse_v1.pt, or use "
-                              "a medssl/timm backbone as the expert")
-        if not ckpt or not Path(ckpt).is_file():
-            raise FileNotFoundError(f"BiomedParse checkpoint not found: {ckpt!r} "
-                                    "(pass biomedparse:/local/file.pt; "
-                                    "nothing is downloaded)")
-        raise NotImplementedError("BiomedParse is installed, but medssl does not drive it: run MedMask's "
-                                  "generate_embedings.py with it; its <stem>_embedding.npy files are "
-                                  "read as is")
-    from medssl.hub import load_backbone
 
-    torch.manual_seed(seed)  # a registry name is a random init: make it reproducible
-    return load_backbone(source, img_size=img_size, in_chans=1).eval()
+@dataclass
+class Expert:
+    """An embedding function with its input size.
+
+    Attributes:
+        img_size: square input size in pixels.
+        embed: grey images ``[B, 1, S, S]`` in [0, 1] -> L2-normalised rows ``[B, Q, D]``.
+        device: where ``embed`` wants its input.
+    """
+
+    img_size: int
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
 
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, images: torch.Tensor, grid: int) -> torch.Tensor:
-    """``images`` [B, 1, S, S] -> L2-normalised tokens [B, Q, D] (cls + grid x grid pooled patches)."""
+    """``images`` [B, 1, S, S] (normalised) -> L2-normalised tokens [B, Q, D] (cls + grid x grid pooled patches)."""
     tokens = model.forward_features(images)  # [B, P + L, D]
     n_prefix = int(getattr(model, "num_prefix_tokens", 1))
     patches = tokens[:, n_prefix:]  # [B, L, D]
@@ -59,60 +79,246 @@ def embed(model: torch.nn.Module, images: torch.Tensor, grid: int) -> torch.Tens
     return F.normalize(out.float(), dim=-1)
 
 
-def extract_embeddings(source: str, files: Sequence[str | Path], out_dir: str | Path, *, grid: int = 4,
-                       img_size: int = 224, seed: int = 0, batch_size: int = 16) -> list[Path]:
-    """Write ``out_dir/<stem>_embedding.npy`` for each image file; returns the paths written.
+def _backbone_expert(source: str, img_size: int, grid: int, seed: int, device: torch.device) -> Expert:
+    from medssl.hub import load_backbone
 
-    Images are read as grey [0, 1] (``medssl.data.coco.read_image``), resized to ``img_size`` square
-    and normalised with the backbone's own mean / std (``model.medssl_cfg``). Stems must be unique.
+    torch.manual_seed(seed)  # a registry name is a random init: make it reproducible
+    model = load_backbone(source, img_size=img_size, in_chans=1).eval().to(device)
+    cfg = getattr(model, "medssl_cfg", {})
+    mean, std = float(np.mean(cfg.get("mean", [0.5]))), float(np.mean(cfg.get("std", [0.25])))
+    return Expert(img_size, lambda x: embed(model, (x - mean) / std, grid), device)  # [B, Q, D]
+
+
+def _open_clip_expert(folder: str, device: torch.device) -> Expert:
+    """The image tower of a local open_clip model folder (``open_clip_config.json`` + one weights file)."""
+    from medssl.train.checkpoint import load_checkpoint, load_exact, strip_prefixes
+
+    root = Path(folder)
+    config = root / "open_clip_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"open_clip:{folder}: no open_clip_config.json there (expected a local open_clip "
+                                "model folder: open_clip_config.json + open_clip_pytorch_model.bin or "
+                                "*.safetensors; nothing is downloaded)")
+    weights = sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")) + sorted(root.glob("*.pt*"))
+    if not weights:
+        raise FileNotFoundError(f"open_clip:{folder}: no weights file (*.safetensors, *.bin, *.pt, *.pth)")
+    try:
+        from open_clip.model import _build_vision_tower  # the tower CLIP / CustomTextCLIP build as `.visual`
+    except ImportError as exc:
+        raise ImportError("--model open_clip:... needs open_clip: pip install open-clip-torch") from exc
+    full = json.loads(config.read_text())
+    cfg, pre = full.get("model_cfg", full), full.get("preprocess_cfg", {})
+    visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
+    state = load_checkpoint(weights[0])
+    state = strip_prefixes(state.get("state_dict", state), ("module.",))
+    load_exact(visual, {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")},
+               f"{weights[0]} (image tower)")
+    visual = visual.eval().to(device)
+    size = visual.image_size if hasattr(visual, "image_size") else cfg["vision_cfg"].get("image_size", 224)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        feats = visual((x.expand(-1, 3, -1, -1) - mean) / std)  # [B, 3, S, S] -> [B, embed_dim]
+        return F.normalize(feats.float(), dim=-1)[:, None]  # [B, 1, embed_dim]
+
+    return Expert(size, run, device)
+
+
+def load_expert(source: str, *, img_size: int = 224, grid: int = 4, seed: int = 0,
+                device: str | torch.device = "cpu") -> Expert:
+    """The expert named by ``source`` (see the module docstring) on ``device``."""
+    device = torch.device(device)
+    scheme = source.split(":", 1)[0].lower() if ":" in source else ""
+    if scheme == "open_clip":
+        return _open_clip_expert(source.split(":", 1)[1], device)
+    if scheme == "biomedparse":
+        raise ValueError("BiomedParse is not run by medssl: generate its (101, 512) <stem>_embedding.npy files with "
+                         "MedMask's generate_embedings.py in BiomedParse's environment; MedMask reads them as they "
+                         "are (see the README, expert embeddings)")
+    return _backbone_expert(source, img_size, grid, seed, device)
+
+
+class _Images(Dataset):
+    """Image ``i`` read as grey [1, S, S] in [0, 1], or the reason it cannot be."""
+
+    def __init__(self, files: Sequence[Path], size: int):
+        self.files, self.size = list(files), size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            img = torch.from_numpy(read_image(self.files[i]))[None, None]  # [1, 1, H, W]
+            if min(img.shape[-2:]) < 2 or not bool(img.isfinite().all()):
+                raise ValueError(f"image of shape {tuple(img.shape[-2:])} is empty or not finite")
+        except Exception as exc:  # unreadable, truncated, wrong format
+            return i, None, f"{type(exc).__name__}: {exc}"
+        x = F.interpolate(img, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return i, x[0], ""  # [1, S, S]
+
+
+def _atomic_write(path: Path, data: bytes | np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        if isinstance(data, np.ndarray):
+            np.save(f, data, allow_pickle=False)
+        else:
+            f.write(data)
+    os.replace(tmp, path)
+
+
+def _check_expert(out: Path, record: dict[str, Any], overwrite: bool) -> None:
+    """Record the expert in ``out``; refuse a folder that holds another expert's embeddings (unless overwriting)."""
+    f = out / EXPERT_FILE
+    if f.is_file() and not overwrite:
+        old = json.loads(f.read_text())
+        if old != record:
+            raise ValueError(f"{out} holds embeddings of another expert ({old}), not {record}: use another --out "
+                             "or --overwrite")
+    else:
+        _atomic_write(f, json.dumps(record, indent=1).encode())
+
+
+def _part(out: Path, rank: int) -> Path:
+    return out / f".manifest-rank{rank}.jsonl"
+
+
+def merge_manifests(out_dir: str | Path, world_size: int, wait_s: float | None = None) -> list[dict[str, Any]]:
+    """Merge the ranks' manifest parts into ``out_dir/manifest.jsonl`` (sorted by image) and remove them.
+
+    Args:
+        out_dir: the embeddings folder.
+        world_size: ranks whose parts must be there.
+        wait_s: wait up to this long for missing parts (None: forever, polling every second).
     """
+    out = Path(out_dir)
+    parts = [_part(out, r) for r in range(world_size)]
+    t0 = time.monotonic()
+    while not all(p.is_file() for p in parts):
+        if wait_s is not None and time.monotonic() - t0 > wait_s:
+            raise FileNotFoundError(f"manifest parts missing: {[str(p) for p in parts if not p.is_file()]}")
+        time.sleep(1.0)
+    rows = [json.loads(line) for p in parts for line in p.read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: r["image"])
+    _atomic_write(out / MANIFEST, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    for p in out.glob(".manifest-rank*.jsonl"):
+        p.unlink()
+    return rows
+
+
+def extract_embeddings(source: str, files: Sequence[str | Path], out_dir: str | Path, *, grid: int = 4,
+                       img_size: int = 224, seed: int = 0, batch_size: int = 16, num_workers: int = 0,
+                       device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                       progress: bool = True, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Write ``out_dir/<stem>_embedding.npy`` for this rank's share of ``files``; returns its manifest rows.
+
+    Images are read as grey [0, 1] (``medssl.data.coco.read_image``) and resized to the expert's square
+    input (backbone experts: ``img_size``). Rank ``r`` of ``world_size`` takes ``files[r::world_size]``,
+    writes its rows to a manifest part, and with one rank merges it into ``manifest.jsonl`` at once
+    (several ranks: ``merge_manifests`` on rank 0). Stems must be unique. An embedding newer than its
+    image is kept (``exists``) unless ``overwrite``; one older than its image is recomputed.
+
+    Each row: ``{"image", "embedding", "status": "written" | "exists" | "skipped", "reason", "shape", "rank"}``.
+    """
+    from tqdm import tqdm
+
     files = [Path(f) for f in files]
     stems = [f.stem for f in files]
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
         raise ValueError(f"image stems must be unique (embeddings are named by stem); duplicates: {dup}")
-    model = load_expert(source, img_size=img_size, seed=seed)
-    cfg = getattr(model, "medssl_cfg", {})
-    mean, std = float(np.mean(cfg.get("mean", [0.5]))), float(np.mean(cfg.get("std", [0.25])))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        ims = [torch.from_numpy(read_image(f))[None, None] for f in chunk]  # each [1, 1, H, W]
-        x = torch.cat([F.interpolate(im, size=(img_size, img_size), mode="bilinear", antialias=True,
-                                     align_corners=False) for im in ims])  # [B, 1, S, S]
-        emb = embed(model, (x - mean) / std, grid).numpy().astype(np.float32)  # [B, Q, D]
-        for f, e in zip(chunk, emb):
-            path = out_dir / f"{f.stem}_embedding.npy"
-            np.save(path, e)
-            written.append(path)
-    return written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_expert(out, {"source": source, "grid": grid, "img_size": img_size, "seed": seed}, overwrite)
+    mine = files[rank::world_size]
+    target = [out / f"{f.stem}_embedding.npy" for f in mine]
+    rows: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i, (f, t) in enumerate(zip(mine, target)):
+        if not overwrite and t.is_file() and t.stat().st_mtime_ns >= f.stat().st_mtime_ns:
+            rows[i] = {"image": str(f), "embedding": str(t), "status": "exists", "reason": "", "rank": rank}
+        else:
+            todo.append(i)
+    if todo:
+        expert = load_expert(source, img_size=img_size, grid=grid, seed=seed, device=device)
+        loader = DataLoader(_Images([mine[i] for i in todo], expert.img_size), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=list)
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="img",
+                   desc=f"embeddings (rank {rank}/{world_size})" if world_size > 1 else "embeddings")
+        for items in loader:
+            good = [(todo[j], x) for j, x, _ in items if x is not None]
+            for j, x, why in items:
+                if x is None:
+                    rows[todo[j]] = {"image": str(mine[todo[j]]), "embedding": None, "status": "skipped",
+                                     "reason": why, "rank": rank}
+                    log.warning("skipping %s: %s", mine[todo[j]], why)
+            if good:
+                x = torch.stack([x for _, x in good]).to(expert.device)  # [B, 1, S, S]
+                emb = expert.embed(x).cpu().numpy().astype(np.float32)  # [B, Q, D]
+                for (i, _), e in zip(good, emb):
+                    _atomic_write(target[i], e)
+                    rows[i] = {"image": str(mine[i]), "embedding": str(target[i]), "status": "written",
+                               "reason": "", "shape": list(e.shape), "rank": rank}
+            bar.update(len(items))
+        bar.close()
+    result = [rows[i] for i in range(len(mine))]
+    _atomic_write(_part(out, rank), "".join(json.dumps(r) + "\n" for r in result).encode())
+    if world_size == 1:
+        merge_manifests(out, 1, wait_s=0)
+    return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m data_tools.extract_embeddings", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="backbone folder / checkpoint / registry name, or biomedparse:CKPT")
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder for <stem>_embedding.npy")
-    p.add_argument("--grid", type=int, default=4, help="pool patch tokens to GRID x GRID; 0 keeps all")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    args = p.parse_args(argv)
-    folder = Path(args.images)
+def find_images(folder: str | Path) -> list[Path]:
+    """Image files (``medssl.data.coco.IMAGE_EXTS``) under ``folder``, recursively, sorted."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images: folder not found: {folder}")
     files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise FileNotFoundError(f"--images: no images ({', '.join(IMAGE_EXTS)}) under {folder}")
-    written = extract_embeddings(args.model, files, args.out, grid=args.grid, img_size=args.img_size,
-                                 seed=args.seed, batch_size=args.batch_size)
-    shape = np.load(written[0]).shape
-    print(f"wrote {len(written)} embeddings of shape {shape} to {args.out}")
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (plain python or torchrun)."""
+    from medssl.train.dist import barrier, cleanup_distributed, setup_distributed
+
+    p = argparse.ArgumentParser(prog="python -m data_tools.extract_embeddings", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="backbone folder / checkpoint / registry name, or open_clip:DIR")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder for <stem>_embedding.npy and manifest.jsonl")
+    p.add_argument("--grid", type=int, default=4, help="backbones: pool patch tokens to GRID x GRID; 0 keeps all")
+    p.add_argument("--img-size", type=int, default=224, help="backbones: input size (open_clip uses its own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="image reading processes per rank")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU) | cpu | cuda")
+    p.add_argument("--overwrite", action="store_true", help="recompute files already written (another expert)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    files = find_images(args.images)
+    dist = setup_distributed(device=args.device)
+    try:
+        _part(Path(args.out), dist.rank).unlink(missing_ok=True)  # a killed run's part must not be merged
+        barrier(dist)
+        rows = extract_embeddings(args.model, files, args.out, grid=args.grid, img_size=args.img_size,
+                                  seed=args.seed, batch_size=args.batch_size, num_workers=args.workers,
+                                  device=dist.device, rank=dist.rank, world_size=dist.world_size,
+                                  progress=not args.no_progress and dist.is_main, overwrite=args.overwrite)
+        if dist.world_size > 1 and dist.is_main:
+            rows = merge_manifests(args.out, dist.world_size)  # waits for the other ranks' parts (no timeout)
+    finally:
+        cleanup_distributed(dist)
+    if dist.is_main:
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("written", "exists", "skipped")}
+        shape = next((f" of shape {tuple(r['shape'])}" for r in rows if r["status"] == "written"), "")
+        print(f"{len(rows)} images: {counts['written']} embeddings written{shape}, {counts['exists']} already "
+              f"there, {counts['skipped']} skipped (reasons in {Path(args.out) / MANIFEST})")
     return 0
 
 
