@@ -4,6 +4,7 @@ and the small table / folder helpers the readers share."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections import defaultdict
@@ -92,6 +93,7 @@ def norm_label(text: str) -> str:
 
 
 def dicoms_under(dirs: Iterable[Path]) -> list[Path]:
+    """Every .dcm / .dicom file below the folders, sorted."""
     return sorted({p for d in dirs for p in d.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ".dicom")})
 
 
@@ -105,6 +107,7 @@ def folder_index(src: Path) -> dict[str, list[Path]]:
 
 
 def find_one(src: Path, name: str) -> Path:
+    """The first file called `name` below `src` (release tables sit at different depths); FileNotFoundError."""
     hits = sorted(src.rglob(name))
     if not hits:
         raise FileNotFoundError(f"{name} not found under {src}")
@@ -112,18 +115,22 @@ def find_one(src: Path, name: str) -> Path:
 
 
 def read_table(path: Path, delimiter: str = ",") -> list[dict[str, str]]:
-    """Rows of a CSV with stripped column names (release tables carry stray spaces)."""
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    """Rows of a CSV with stripped column names and values (release tables carry stray spaces); UTF-8 with
+    or without a byte-order mark, else Latin-1."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        text = path.read_text(encoding="latin-1")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
 
 
 def require_columns(rows: list[dict[str, str]], cols: Sequence[str], path: Path) -> None:
+    """ValueError naming the table and the missing columns (or that it has no rows)."""
     have = list(rows[0]) if rows else []
     missing = [c for c in cols if c not in have]
     if not rows or missing:
         raise ValueError(f"{path}: {'no rows' if not rows else f'columns {missing} not found; it has {have}'}")
-
 
 
 # ------------------------------------------------------------------------------------------- splits

@@ -24,6 +24,7 @@ from medssl.data import imaging
 CBIS_TABLES = {"mass": "mass_case_description_{}_set.csv", "calcification": "calc_case_description_{}_set.csv"}
 CBIS_COLUMNS = ("patient_id", "left or right breast", "image view", "abnormality id", "pathology",
                 "image file path", "cropped image file path", "ROI mask file path")
+MAX_ASPECT_CHANGE = 0.05  # a mask of another size is scaled to the mammogram only if its aspect is within 5%
 
 
 def _cbis_files(src: Path, index: dict[str, list[Path]], csv_path: str) -> tuple[list[Path], str]:
@@ -87,7 +88,8 @@ def roi_boxes(files: Sequence[str], height: int, width: int, speck_fraction: flo
     """Boxes (x0, y0, x1, y1, image pixels) of the connected components of an abnormality's ROI mask.
 
     The mask is told from the cropped image by its values (two levels), whatever the CSV called it; a
-    mask of another size than the mammogram has its boxes scaled to it. Components smaller than
+    mask of another size than the mammogram has its boxes scaled to it (if its aspect ratio is within 5%,
+    else `Skip`). Components smaller than
     `speck_fraction` of the largest are dropped. Raises `Skip` when no mask is found.
     """
     from scipy import ndimage
@@ -114,6 +116,8 @@ def roi_boxes(files: Sequence[str], height: int, width: int, speck_fraction: flo
         notes.append(f"{len(masks)} two-valued ROI files: used {Path(f).name}")
     mh, mw = mask.shape
     sy, sx = height / mh, width / mw
+    if abs(sy / sx - 1.0) > MAX_ASPECT_CHANGE:  # not the same picture resampled: the boxes would be wrong
+        raise Skip(f"ROI mask {Path(f).name} is {mh}x{mw}, another shape than the {height}x{width} image")
     if (mh, mw) != (height, width):
         notes.append(f"mask {mh}x{mw} scaled to the image {height}x{width}")
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))  # 8-connected components

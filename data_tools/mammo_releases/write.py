@@ -17,6 +17,7 @@ from medssl.data import imaging
 
 OPTIONS_FILE = "convert_options.json"
 
+
 def write_png16(path: Path, img01: np.ndarray) -> None:
     """16-bit PNG written to a temporary name, then moved into place."""
     from PIL import Image
@@ -119,8 +120,8 @@ def write_coco(out: Path, records: Sequence[dict[str, Any]], opts: Options, rele
                              "area": box[2] * box[3], "iscrowd": 0})
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         write_json(out / "annotations" / f"instances_{split}.json",
-                    {"info": {"description": f"converted from {release} by data_tools.mammo_releases"},
-                     "images": images, "annotations": anns, "categories": cats})
+                   {"info": {"description": f"converted from {release} by data_tools.mammo_releases"},
+                    "images": images, "annotations": anns, "categories": cats})
         counts[split] = {"images": len(images), "annotations": len(anns)}
     return counts
 

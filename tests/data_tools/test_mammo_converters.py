@@ -171,6 +171,8 @@ def cbis(tmp_path_factory) -> Path:
     bad.write_bytes(bad.read_bytes()[:400])  # truncated
     case("mass", "train", "P_00009", "LEFT", "CC", [(1, "MALIGNANT")])
     _tcia(src, "Mass-Training_P_00009_LEFT_CC_1", "cropped images", {"1-1.dcm": _crop()})
+    # a mask of another shape than the mammogram (not a resampled copy): skipped, not stretched
+    case("mass", "train", "P_00011", "LEFT", "CC", [(1, "MALIGNANT")], masks={1: _mask((H, 20), (8, 16, 8, 16))})
     # the same image as P_00001 LEFT CC in the calcification table (its own copy of the mammogram)
     case("calcification", "train", "P_00001", "LEFT", "CC", [(1, "MALIGNANT")], masks={
         1: _mask((H, W), (38, 46, 50, 60))})
@@ -208,7 +210,8 @@ def test_cbis_ddsm_boxes_splits_intensities(cbis, tmp_path):
         "P_00007_LEFT_CC"]["reason"]
     assert man["P_00008_LEFT_CC"]["status"] == "skipped" and "truncated" in man["P_00008_LEFT_CC"]["reason"]
     assert man["P_00009_LEFT_CC"]["status"] == "skipped" and "no ROI mask" in man["P_00009_LEFT_CC"]["reason"]
-    # splits by patient: 7 training patients (P_00001-4, 7-9) -> round(0.25 * 7) = 2 to val; 5, 6 in test
+    assert "another shape than the 48x64 image" in man["P_00011_LEFT_CC"]["reason"]
+    # splits by patient: 8 training patients (P_00001-4, 7-9, 11) -> round(0.25 * 8) = 2 to val; 5, 6 in test
     split_of: dict[str, set] = {}
     for r in man.values():
         split_of.setdefault(r["patient"], set()).add(r["split"])
