@@ -94,7 +94,7 @@ def _open_tar(url: str) -> tarfile.TarFile:
     """A tar reader: random access for local files (skipped members are seeked over), a stream otherwise."""
     if _is_remote(url):
         return tarfile.open(fileobj=wds.gopen(url), mode="r|*")
-    return tarfile.open(url, mode="r:*")
+    return tarfile.open(url, mode="r:" if url.endswith(".tar") else "r:*")
 
 
 def _sample_key(name: str) -> tuple[str, str]:
@@ -264,6 +264,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"no samples could be read from {len(self.urls)} shard(s) ({self.urls[:3]}"
                              f"{' ...' if len(self.urls) > 3 else ''}): empty or unreadable tar files")
         self._corrupt = multiprocessing.Value("q", 0)  # shared with forked DataLoader workers
+        self._logged = 0  # corrupt samples this process has seen (for sparse logging)
 
     @property
     def corrupt(self) -> int:
@@ -333,8 +334,10 @@ class ShardStream(IterableDataset):
             return arr, ""
         except Exception as exc:  # missing .npy, bad bytes, wrong shape
             self._count_corrupt()
+            self._logged += 1
             where = f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}" if sample else "a sample"
-            log.warning("skipping corrupt sample %s: %s", where, exc)
+            if self._logged <= 20 or self._logged % 1000 == 0:  # the first ones, then every 1000th
+                log.warning("skipping corrupt sample %s (%d in this reader so far): %s", where, self._logged, exc)
             return None, f"{where}: {exc}"
 
     def _augment(self, arr: np.ndarray, slot: int, pos: int) -> torch.Tensor:

@@ -50,10 +50,11 @@ def test_start_step_resumes_the_exact_stream(shards, workers):
         assert torch.equal(next(it), ref[start])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_late_resume_seeks_without_reading_earlier_samples(shards, workers, monkeypatch):
-    """Batches 300.. (30 epochs in) after a resume equal the uninterrupted run's; at most one block is read."""
-    full = iter(make_loader(shards, 16, 3, num_workers=workers, shuffle_buffer=7))
+@pytest.mark.parametrize("workers, rank, world, resampled", [(0, 0, 1, False), (2, 0, 1, False), (2, 1, 2, True)])
+def test_late_resume_seeks_without_reading_earlier_samples(shards, workers, rank, world, resampled, monkeypatch):
+    """Batches 301.. (20+ epochs in) after a resume equal the uninterrupted run's; at most one block is read."""
+    kw = dict(num_workers=workers, shuffle_buffer=7, rank=rank, world_size=world, resampled=resampled)
+    full = iter(make_loader(shards, 16, 3, **kw))
     ref = [next(full) for _ in range(304)]
     start = 301
     if workers == 0:  # count the samples the resumed stream reads from the shards
@@ -61,7 +62,7 @@ def test_late_resume_seeks_without_reading_earlier_samples(shards, workers, monk
         real = shards_mod.read_shard
         monkeypatch.setattr(shards_mod, "read_shard",
                             lambda url, a, b: (reads.append(s) or s for s in real(url, a, b)))
-    it = iter(make_loader(shards, 16, 3, num_workers=workers, shuffle_buffer=7, start_step=start))
+    it = iter(make_loader(shards, 16, 3, start_step=start, **kw))
     for k in range(start, 304):
         assert torch.equal(next(it), ref[k])
     if workers == 0:  # 3 batches of 3 from a block of 7: at most 6 samples before the resume point, + 9 used
