@@ -34,7 +34,7 @@ from data_tools.mammo_releases.cases import KINDS, Case, Finding, Options, Skip,
 from data_tools.mammo_releases.cbis_ddsm import cbis_ddsm_cases, roi_boxes
 from data_tools.mammo_releases.inbreast import inbreast_cases, inbreast_rois
 from data_tools.mammo_releases.vindr import vindr_cases
-from data_tools.mammo_releases.write import check_options, convert_case, trim_partial_line, write_coco
+from data_tools.mammo_releases.write import check_options, convert_case, trim_partial_line, write_coco, write_registry
 from data_tools.shards_build.report import MANIFEST, read_manifest
 
 __all__ = ["RELEASES", "Case", "Finding", "Options", "Skip", "add_arguments", "assign_splits", "cbis_ddsm_cases",
@@ -87,11 +87,11 @@ def convert(release: str, src: str | Path, out: str | Path, opts: Options, *, pr
             bar.update(1)
     records = [r for r in read_manifest(out) if r["case"] in splits]
     counts = write_coco(out, records, opts, release)
+    write_registry(out)
     report = validate(out)
     return {"counts": counts, "converted": sum(r["status"] == "converted" for r in records),
             "skipped": Counter(r["reason"] for r in records if r["status"] == "skipped"),
             "validate": report}
-
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -141,4 +141,10 @@ def run(release: str, args: argparse.Namespace) -> int:
     for e in report.errors:
         print(f"error: {e}")
     print(f"validate: {'OK' if report.ok else 'FAILED'} ({len(report.errors)} errors, {len(report.warnings)} warnings)")
+    if report.ok:
+        from medssl.data.coco import registered_datasets
+
+        out = Path(args.out)
+        extra = "" if out.name in registered_datasets() else f" --set data.registry={out / 'registry.yaml'}"
+        print(f"train: python recipes/medmask_detect.py --dataset {out.name} --data-root {out.parent}{extra}")
     return 0 if report.ok else 1

@@ -126,6 +126,18 @@ def write_coco(out: Path, records: Sequence[dict[str, Any]], opts: Options, rele
     return counts
 
 
+def write_registry(out: Path) -> Path:
+    """``out/registry.yaml``: the dataset under the name of its folder, for ``--set data.registry=FILE``
+    (``ddsm`` and ``inbreast`` are registered already; any other name needs it)."""
+    import yaml
+
+    splits = {s: {"ann": f"annotations/instances_{s}.json", "images": f"images/{s}"} for s in SPLITS}
+    path, tmp = out / "registry.yaml", out / ".registry.yaml.tmp"
+    tmp.write_text(yaml.safe_dump({"datasets": {out.name: splits}}, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
 def check_options(out: Path, saved: dict[str, Any]) -> None:
     """Refuse to resume into `out` with other options (splits and boxes would no longer agree)."""
     path = out / OPTIONS_FILE

@@ -385,6 +385,11 @@ def test_vindr_boxes_birads_monochrome1_voi_lut(vindr, tmp_path):
     assert "normal" in man["i2"]["reason"]
     assert man["i5"]["reason"].startswith("DICOM not found")
     assert man["i6"]["reason"] == "annotations are for 50x64, the DICOM is 48x64"
+    # a name the registry does not know: the written registry.yaml makes it a dataset for the recipe
+    from medssl.data.coco import dataset_paths, load_registry
+
+    assert load_registry(out / "registry.yaml") == ["vindr"]
+    assert dataset_paths("vindr", "test", tmp_path) == (out / "annotations/instances_test.json", out / "images/test")
     # MONOCHROME1: the window, then inverted
     split, im, _ = got["i1"]
     np.testing.assert_allclose(_png(out / "images" / split / im["file_name"]), 65535 - _windowed(_ramp()), atol=1)
