@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from dataclasses import asdict
@@ -135,7 +136,10 @@ def run(release: str, args: argparse.Namespace) -> int:
         print(f"instances_{split}.json: {n['images']} images, {n['annotations']} boxes")
     print(f"{summary['converted']} converted, {sum(summary['skipped'].values())} skipped "
           f"(reasons in {Path(args.out) / MANIFEST})")
-    for reason, n in summary["skipped"].most_common(10):
+    kinds: Counter[str] = Counter()
+    for reason, n in summary["skipped"].items():  # grouped with names, numbers and references blanked
+        kinds[re.sub(r"\d+", "N", re.sub(r"'[^']*'|\([^)]*\)|/\S+", "...", reason))] += n
+    for reason, n in kinds.most_common(10):
         print(f"  {n:5d}  {reason}")
     report = summary["validate"]
     for e in report.errors:
