@@ -259,8 +259,8 @@ class ShardStream(IterableDataset):
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.seed, self.rank, self.world_size, self.resampled = seed, rank, world_size, resampled
         self.shuffle_buffer, self.start_step, self.min_size = shuffle_buffer, start_step, min_size
-        self.sizes = dict(zip(self.urls, shard_sizes(self.urls)))  # url -> samples
-        if not any(self.sizes.values()):
+        self.sizes = np.asarray(shard_sizes(self.urls), dtype=np.int64)  # [num_shards] samples per shard
+        if not self.sizes.any():
             raise ValueError(f"no samples could be read from {len(self.urls)} shard(s) ({self.urls[:3]}"
                              f"{' ...' if len(self.urls) > 3 else ''}): empty or unreadable tar files")
         self._corrupt = multiprocessing.Value("q", 0)  # shared with forked DataLoader workers
@@ -280,21 +280,19 @@ class ShardStream(IterableDataset):
         state["_corrupt"] = _LocalCounter(self.corrupt)
         return state
 
-    def epoch_shards(self, slot: int, slots: int, epoch: int) -> list[str]:
-        """The shards reader `slot` of `slots` reads in `epoch`, in order."""
+    def epoch_shards(self, slot: int, slots: int, epoch: int) -> np.ndarray:
+        """Indices into `urls` of the shards reader `slot` of `slots` reads in `epoch`, in order."""
         if self.resampled:
-            rng = random.Random(stable_seed(self.seed, 1, epoch, slot))
-            return [rng.choice(self.urls) for _ in range(max(1, len(self.urls) // slots))]
-        order = list(self.urls)
-        random.Random(stable_seed(self.seed, 0, epoch)).shuffle(order)
-        return order[slot::slots]
+            rng = np.random.default_rng(stable_seed(self.seed, 1, epoch, slot))
+            return rng.integers(0, len(self.urls), max(1, len(self.urls) // slots))
+        return np.random.default_rng(stable_seed(self.seed, 0, epoch)).permutation(len(self.urls))[slot::slots]
 
-    def _epoch_samples(self, shards: Sequence[str], start: int) -> Iterator[dict[str, Any] | None]:
+    def _epoch_samples(self, shards: np.ndarray, start: int) -> Iterator[dict[str, Any] | None]:
         """The epoch's samples (its shards one after the other) from epoch position `start` on."""
-        for url in shards:
-            n = self.sizes[url]
+        for i in shards:
+            n = int(self.sizes[i])
             if start < n:
-                yield from read_shard(url, start, n)
+                yield from read_shard(self.urls[i], start, n)
             start = max(0, start - n)
 
     def positions(self, slot: int, slots: int, start: int = 0) -> Iterator[tuple[int, dict[str, Any] | None]]:
@@ -308,7 +306,7 @@ class ShardStream(IterableDataset):
         block, pos = self.shuffle_buffer, 0  # pos: stream position where the epoch starts
         for epoch in itertools.count():
             shards = self.epoch_shards(slot, slots, epoch)
-            n = sum(self.sizes[u] for u in shards)
+            n = int(self.sizes[shards].sum())
             if pos + n <= start:
                 pos += n
                 continue

@@ -73,10 +73,10 @@ def test_stream_positions_by_hand(shards):
     """A reader's stream is its epoch's shards in order, cut into blocks of `shuffle_buffer`, each permuted."""
     stream = ShardStream(expand_urls(shards), 16, 1, shuffle_buffer=7, rank=1, world_size=2, seed=5)
     got = [(p, s["__key__"]) for p, s in itertools.islice(stream.positions(1, 2), 45)]
-    keys = {u: shard_keys(u) for u in stream.urls}
+    keys = [shard_keys(u) for u in stream.urls]
     expect, pos = [], 0
     for epoch in range(3):
-        epoch_keys = [k for u in stream.epoch_shards(1, 2, epoch) for k in keys[u]]  # 2 shards of 10
+        epoch_keys = [k for i in stream.epoch_shards(1, 2, epoch) for k in keys[i]]  # 2 shards of 10
         for b in range(0, len(epoch_keys), 7):
             block = epoch_keys[b:b + 7]
             order = list(range(len(block)))
