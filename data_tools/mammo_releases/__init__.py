@@ -26,12 +26,12 @@ import json
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from data_tools.coco_tools import validate
-from data_tools.mammo_releases.cases import KINDS, Case, Finding, Options, Skip, assign_splits, norm_label
+from data_tools.mammo_releases.cases import KINDS, Case, Finding, Options, Skip, assign_splits
 from data_tools.mammo_releases.cbis_ddsm import cbis_ddsm_cases, roi_boxes
 from data_tools.mammo_releases.inbreast import inbreast_cases, inbreast_rois
 from data_tools.mammo_releases.vindr import vindr_cases
@@ -64,6 +64,8 @@ def convert(release: str, src: str | Path, out: str | Path, opts: Options, *, pr
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("images/*/.*.tmp"):  # a PNG being written when a run was killed
         stale.unlink()
+    if opts.positive is None:
+        opts = replace(opts, positive=DEFAULT_POSITIVE[release])
     check_options(out, json.loads(json.dumps({"release": release, **asdict(opts)})))
     cases = READERS[release](src, opts)
     splits = assign_splits(cases, opts)
@@ -122,7 +124,7 @@ def add_arguments(p: argparse.ArgumentParser, release: str) -> None:
 def run(release: str, args: argparse.Namespace) -> int:
     """Run one converter from parsed arguments; prints the counts and the validation; 0 when valid."""
     kinds = KINDS if args.kinds == "both" else (args.kinds,)
-    positive = tuple(norm_label(s) for s in args.positive.split(",") if s.strip())
+    positive = tuple(s for s in args.positive.split(",") if s.strip())
     try:
         opts = Options(kinds=kinds, positive=positive, keep_negatives=not args.drop_negatives,
                        include_normals=args.include_normals, val_fraction=args.val_fraction,

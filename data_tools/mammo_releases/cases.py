@@ -62,7 +62,7 @@ class Options:
     """What becomes a box, which images are kept, how splits are drawn and images written."""
 
     kinds: tuple[str, ...] = ("mass",)
-    positive: tuple[str, ...] = ()
+    positive: tuple[str, ...] | None = None  # None: the release's default (MedMask's malignant lesions)
     keep_negatives: bool = True
     include_normals: bool = False
     val_fraction: float = 0.1
@@ -83,6 +83,15 @@ class Options:
             raise ValueError(f"max_size must be >= 8 pixels, got {self.max_size}")
         if self.min_box < 0:
             raise ValueError(f"min_box must be >= 0, got {self.min_box}")
+        if self.positive is not None:
+            self.positive = tuple(norm_label(p) for p in self.positive)
+
+    def is_positive(self, label: str) -> bool:
+        """Whether a finding graded `label` (already `norm_label`-ed) becomes a box."""
+        if self.positive is None:
+            raise ValueError("Options.positive is None: convert() fills in the release's default; "
+                             "pass the labels when calling a reader directly")
+        return label in self.positive
 
 
 def norm_label(text: str) -> str:

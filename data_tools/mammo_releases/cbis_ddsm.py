@@ -72,7 +72,7 @@ def cbis_ddsm_cases(src: str | Path, opts: Options) -> list[Case]:
                 for col in ("ROI mask file path", "cropped image file path"):
                     rois += _cbis_files(src, index, row[col])[0]
                 label = norm_label(row["pathology"])
-                case.findings.append(Finding(kind, label, label in opts.positive,
+                case.findings.append(Finding(kind, label, opts.is_positive(label),
                                              roi_files=sorted({str(p) for p in rois}),
                                              ref=f"{kind} abnormality {row['abnormality id']} ({path.name}:{line})"))
     return [cases[k] for k in sorted(cases)]

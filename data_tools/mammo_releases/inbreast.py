@@ -81,7 +81,7 @@ def inbreast_cases(src: str | Path, opts: Options) -> list[Case]:
                 other[name or "unnamed"] += 1
                 continue
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            case.findings.append(Finding(kind, birads[image_id], birads[image_id] in opts.positive,
+            case.findings.append(Finding(kind, birads[image_id], opts.is_positive(birads[image_id]),
                                          box=(min(xs), min(ys), max(xs), max(ys)), ref=f"ROI {name!r}"))
         if other:
             case.notes.append(f"ROIs not used: {dict(other)}")

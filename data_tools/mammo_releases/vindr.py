@@ -64,6 +64,6 @@ def vindr_cases(src: str | Path, opts: Options) -> list[Case]:
             continue
         label = norm_label(row["finding_birads"])
         for kind in dict.fromkeys(kinds):
-            case.findings.append(Finding(kind, label, label in opts.positive, box=tuple(box),  # type: ignore[arg-type]
+            case.findings.append(Finding(kind, label, opts.is_positive(label), box=tuple(box),  # type: ignore[arg-type]
                                          ref=f"{table.name}:{line}"))
     return [cases[k] for k in sorted(cases)]

@@ -410,6 +410,20 @@ def test_vindr_max_size_scales_boxes(vindr, tmp_path):
     assert got["i3"][2] == [("mass", [0.0, 0.0, 32.0, 24.0]), ("calcification", [0.0, 0.0, 32.0, 24.0])]
 
 
+def test_positive_set_through_the_python_api(vindr, tmp_path):
+    from data_tools.mammo_releases import Options, convert
+
+    out = tmp_path / "v3"
+    summary = convert("vindr", vindr, out, Options(positive=("BI-RADS 3",), val_fraction=0.0), progress=False)
+    got = _by_file(out)
+    assert summary["validate"].ok and summary["converted"] == 3  # i1, i3, i4
+    assert got["i3"][2] == got["i4"][2] == [("mass", [0.0, 0.0, 8.0, 8.0])]  # the BI-RADS 3 masses (1,1)-(5,5), grown
+    assert got["i1"][2] == []  # BI-RADS 4 is not in this positive set
+    default = tmp_path / "vd"
+    convert("vindr", vindr, default, Options(), progress=False)
+    assert json.loads((default / "convert_options.json").read_text())["positive"] == ["4", "4a", "4b", "4c", "5", "6"]
+
+
 # ------------------------------------------------------------------------------------ recipe end to end
 def test_medmask_recipe_trains_on_converted_cbis(cbis, tmp_path):
     import importlib.util
