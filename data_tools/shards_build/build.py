@@ -39,10 +39,12 @@ def part_dir(out: str | os.PathLike, index: int, parts: int) -> Path:
 def plan(specs: Sequence[dict[str, Any]], cfg: Config, workers: int = 0,
          part: tuple[int, int] | None = None) -> tuple[list[dict[str, Any]], list[Unit], str]:
     """Files, the units to build (only those of `part` = (I, N) when given) and a fingerprint of the
-    whole plan (every part of one build must plan the same units)."""
+    whole plan (every part of one build must plan the same units; it does not depend on where the
+    sources are mounted)."""
     files = discover(specs)
     units = plan_units(files, scan(files, workers), cfg)
-    fingerprint = hashlib.sha256("\n".join(sorted(u.uid for u in units)).encode()).hexdigest()[:16]
+    keys = sorted(f"{u.kind}:{u.status}:{u.part_key}" for u in units)
+    fingerprint = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
     if part is not None:
         units = [u for u in units if part_of(u, part[1]) == part[0]]
     return files, units, fingerprint

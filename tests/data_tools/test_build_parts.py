@@ -14,6 +14,7 @@ from test_build_shards import ARGS, all_samples, make_collection, manifest  # no
 
 from data_tools import build_shards as bs  # noqa: E402
 from data_tools.shards_build.build import part_dir, plan  # noqa: E402
+from data_tools.shards_build.merge import check_parts  # noqa: E402
 from data_tools.shards_build.plan import parse_part, part_of  # noqa: E402
 from medssl.data.shard_writer import ShardWriter, finished_shards  # noqa: E402
 
@@ -95,3 +96,19 @@ def test_part_option_errors(tmp_path, capsys):
     assert "--part: expected I/N" in capsys.readouterr().err
     assert bs.main(["merge", str(tmp_path)]) == 1
     assert "no part folders" in capsys.readouterr().err
+
+
+def test_merge_refuses_parts_of_other_inputs_options_or_splits(tmp_path):
+    for i, (plan_id, config) in enumerate([("a", "{}"), ("b", "{}"), ("a", '{"size": 48}')]):
+        folder = part_dir(tmp_path, i, 3)
+        folder.mkdir(parents=True)
+        (folder / "_part_done.json").write_text(json.dumps({"part": i, "parts": 3, "plan": plan_id}))
+        (folder / "build_config.json").write_text(config)
+    (tmp_path / "manifest.jsonl").write_text("")  # a whole build in the same folder
+    assert check_parts(tmp_path) == (3, [
+        f"{tmp_path} holds a whole (unsplit) build: merge into the folder given to --out of the parts",
+        "the parts planned different inputs (files added or removed between part runs?): "
+        "re-run the parts on the same inputs",
+        "the parts were built with different options or salts"])
+    part_dir(tmp_path, 0, 4).mkdir()
+    assert check_parts(tmp_path) == (0, [f"parts of different splits in {tmp_path}: N = 3, 4; keep one"])
