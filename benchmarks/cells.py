@@ -235,7 +235,8 @@ def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, 
     import time
 
     from benchmarks.tasks.lesions import detection_config
-    from medssl.detection.engine import heldout_results, train_stage
+    from medssl.detection.evaluation import heldout_results
+    from medssl.detection.stages import train_stage
 
     if bb.kind == "cnn" and protocol != "scratch":
         raise ValueError(f"CNN baselines train from scratch only, not {protocol!r}")

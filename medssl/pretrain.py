@@ -21,6 +21,7 @@ from medssl.models.vit import get_cfg
 from medssl.train.dist import DistInfo, barrier
 from medssl.train.engine import Engine, TrainConfig
 from medssl.train.optim import scaled_lr
+from medssl.train.task import Task
 
 log = logging.getLogger("medssl")
 
@@ -54,6 +55,18 @@ def build_model(cfg: dict[str, Any]) -> MaskedAutoencoder:
         log.info("initialised from %s: %d tensors loaded, fresh: %s", m["init"], len(report["loaded"]),
                  report["fresh"] or "none")
     return model
+
+
+class MAETask(Task):
+    """MAE pretraining as a task: the loss of `MaskedAutoencoder(images, mask_ratio)`."""
+
+    def __init__(self, model: MaskedAutoencoder, mask_ratio: float) -> None:
+        super().__init__(model)
+        self.mask_ratio = mask_ratio
+
+    def losses(self, model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss, _, _ = model(batch, mask_ratio=self.mask_ratio)
+        return {"loss": loss}
 
 
 def plan_steps(cfg: dict[str, Any], num_samples: int | None, world_size: int) -> tuple[int, int, int]:
@@ -154,7 +167,8 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
                        clip_grad=t["clip_grad"], precision=t["precision"], log_every=o["log_every"],
                        ckpt_every=o["ckpt_every"], keep_checkpoints=o["keep_checkpoints"], seed=t["seed"],
                        stop_at=t["stop_at"])
-    engine = Engine(model, tcfg, out, dist, ds_config=ds_config, micro_batch_size=t["batch_size"])
+    ratio = cfg["model"]["mask_ratio"]
+    engine = Engine(MAETask(model, ratio), tcfg, out, dist, ds_config=ds_config, micro_batch_size=t["batch_size"])
     start = engine.resume() if resume else 0
     if dist.is_main:
         dump_config(cfg, out / "config.yaml")
@@ -165,12 +179,6 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
                          start_step=start * t["accum_iter"], in_chans=d["in_chans"], mean=d["mean"], std=d["std"],
                          scale=tuple(d["scale"]), hflip=d["hflip"], shuffle_buffer=d["shuffle_buffer"],
                          min_size=patch)
-    ratio = cfg["model"]["mask_ratio"]
-
-    def forward(net: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-        loss, _, _ = net(imgs, mask_ratio=ratio)
-        return loss
-
     def figure(eng: Engine, step: int, imgs: torch.Tensor) -> None:
         every = o["figure_every"]
         if dist.is_main and every and (step % every == 0 or step == total):
@@ -179,7 +187,10 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
     def corrupt_count() -> dict[str, Any]:
         return {"corrupt_samples_main_process": int(loader.dataset.corrupt)}
 
-    losses = engine.fit(loader, forward, callbacks=[figure], on_checkpoint=corrupt_count)
+    losses = engine.fit(loader, callbacks=[figure], on_checkpoint=corrupt_count)
+    if dist.is_main and engine.data_wait_fraction is not None:
+        log.info("waiting for data: %.1f%% of the step time over the last logged steps (metrics.csv: data_wait)",
+                 100 * engine.data_wait_fraction)
     backbone = out / "backbone"
     barrier(dist)  # every rank's part of the final checkpoint is on disk
     if engine.step < total:

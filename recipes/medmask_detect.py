@@ -3,10 +3,14 @@
     python recipes/medmask_detect.py --dataset demo                       # synthetic set, CPU, ~10 min
     python recipes/medmask_detect.py --dataset ddsm --data-root DATA --stage all
     python recipes/medmask_detect.py --dataset ddsm --data-root DATA --stage teaching   # from cross_domain_mae
+    python recipes/medmask_detect.py --dataset ddsm --data-root DATA --resume   # continue a killed run
+    torchrun --nproc_per_node 4 recipes/medmask_detect.py --dataset ddsm --data-root DATA
+    deepspeed --num_accelerators 4 recipes/medmask_detect.py --deepspeed \
+        --deepspeed_config recipes/configs/ds_zero2.json --dataset ddsm --data-root DATA
     python recipes/medmask_detect.py predict --checkpoint runs/medmask/teaching/best.pt IMAGES_OR_DIRS...
 
 Config: recipes/configs/medmask_<dataset>.yaml if present, else medmask_default.yaml; `--set a.b=value`
-overrides any key. All logic lives in medssl.detection.engine.
+overrides any key (data.batch_size is per rank). All logic lives in medssl.detection.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from pathlib import Path
 
 from medssl.config import dump_config, load_config
 from medssl.data.coco import DatasetNotFoundError
-from medssl.detection import engine
+from medssl.detection.config import DEFAULTS, STAGES
+from medssl.detection.predict import predict_files
+from medssl.detection.stages import run_stages
+from medssl.train.dist import barrier
+from medssl.train.launch import add_launcher_args, launched
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -27,11 +35,12 @@ def _train_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ddsm", help="registered dataset: ddsm, inbreast, rsna-bsd1k, demo, ...")
     p.add_argument("--data-root", default=None, help="DATA_ROOT holding <dataset>/annotations and images")
-    p.add_argument("--stage", default="all", choices=[*engine.STAGES, "all"])
+    p.add_argument("--stage", default="all", choices=[*STAGES, "all"])
     p.add_argument("--config", default=None, help="YAML config (default: by dataset)")
     p.add_argument("--init", default=None, help="checkpoint to start the (first) stage from")
     p.add_argument("--out", default=None, help="run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    add_launcher_args(p, "continue the run in --out: finished stages are kept, the interrupted one resumes")
     return p.parse_args(argv)
 
 
@@ -50,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
         a = _predict_args(argv[1:])
-        res = engine.predict_files(a.checkpoint, a.images, a.out, a.score_threshold, a.device)
+        res = predict_files(a.checkpoint, a.images, a.out, a.score_threshold, a.device)
         print(f"{len(res)} images -> {Path(a.out) / 'predictions.json'} and overlays in {a.out}")
         return 0
     a = _train_args(argv)
@@ -58,29 +67,37 @@ def main(argv: list[str] | None = None) -> int:
                             CONFIGS / "medmask_default.yaml")
     sets = [f"data.dataset={a.dataset}", *([f"data.data_root={a.data_root}"] if a.data_root else []),
             *([f"out={a.out}"] if a.out else []), *a.set]
-    cfg = load_config(engine.DEFAULTS, path, sets)
-    if a.dataset == "demo":
-        from data_tools.demo_mammo import ensure_demo
-
-        ensure_demo(cfg["data"]["data_root"])
-        if cfg["data"]["embeddings"] is None:  # the demo's expert embeddings live beside its images
-            cfg["data"]["embeddings"] = str(Path(cfg["data"]["data_root"]) / "demo" / "embeddings")
-    stages = list(engine.STAGES) if a.stage == "all" else [a.stage]
+    cfg = load_config(DEFAULTS, path, sets)
+    if a.dataset == "demo" and cfg["data"]["embeddings"] is None:  # the demo's expert embeddings beside its images
+        cfg["data"]["embeddings"] = str(Path(cfg["data"]["data_root"]) / "demo" / "embeddings")
+    stages = list(STAGES) if a.stage == "all" else [a.stage]
     init = a.init
     if init is None and stages[0] != "source_only":
-        prev = engine.STAGES[engine.STAGES.index(stages[0]) - 1]
+        prev = STAGES[STAGES.index(stages[0]) - 1]
         init = Path(cfg["out"]) / prev / "best.pt"
         if not init.is_file():
             print(f"stage {stages[0]} starts from the previous stage's best checkpoint, {init}, which does not "
                   f"exist: run --stage {prev} first or pass --init CKPT", file=sys.stderr)
             return 2
-    dump_config(cfg, Path(cfg["out"]) / "config.yaml")
-    try:
-        results = engine.run_stages(cfg, stages, init=init)
-    except DatasetNotFoundError as e:
-        print(e, file=sys.stderr)
-        return 2
-    where = "CPU demo data" if a.dataset == "demo" else a.dataset
+    with launched(a, cfg["device"]) as (dist, ds_config):
+        if dist.is_main:
+            if a.dataset == "demo":
+                from data_tools.demo_mammo import ensure_demo
+
+                ensure_demo(cfg["data"]["data_root"])  # made once, by rank 0
+            dump_config(cfg, Path(cfg["out"]) / "config.yaml")
+        barrier(dist)
+        try:
+            results = run_stages(cfg, stages, init=init, dist=dist, ds_config=ds_config, resume=a.resume)
+        except DatasetNotFoundError as e:
+            print(e, file=sys.stderr)
+            return 2
+        if dist.is_main:
+            _print_tables(results, "CPU demo data" if a.dataset == "demo" else a.dataset, cfg)
+    return 0
+
+
+def _print_tables(results: dict, where: str, cfg: dict) -> None:
     test = results.pop("test", None)
     for title, table in ((f"validation ({where}, best epoch)", results), (f"held-out test ({where})", test)):
         if table:
@@ -89,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                 if summary:
                     print(f"  {name:18s} R@0.3={summary['R@0.3']:.3f}  AP50={summary.get('AP50', float('nan')):.3f}")
     print(json.dumps({"summary": str(Path(cfg["out"]) / "summary.json")}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,37 +10,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from medssl.config import load_config
 from medssl.pretrain import DEFAULTS, run
-from medssl.train.dist import cleanup_distributed, setup_distributed
-from medssl.train.logging import setup_logging
+from medssl.train.launch import add_launcher_args, launched
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (recipes/configs/*.yaml); defaults are the paper scale")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output.dir")
-    parser.add_argument("--deepspeed", action="store_true", help="train with DeepSpeed (ZeRO)")
-    parser.add_argument("--deepspeed_config", help="DeepSpeed JSON config (ZeRO stage, bf16)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_launcher_args(parser, "continue from the newest checkpoint in output.dir")
     args = parser.parse_args(argv)
-    setup_logging()
     cfg = load_config(DEFAULTS, args.config, args.overrides)
-    ds_config = None
-    if args.deepspeed_config:
-        if not args.deepspeed:
-            parser.error("--deepspeed_config needs --deepspeed")
-        with open(args.deepspeed_config) as f:
-            ds_config = json.load(f)
-    dist = setup_distributed(use_deepspeed=args.deepspeed, device=cfg["train"]["device"])
-    try:
+    with launched(args, cfg["train"]["device"]) as (dist, ds_config):
         run(cfg, dist, resume=args.resume, ds_config=ds_config)
-    finally:
-        cleanup_distributed(dist)
     return 0
 
 

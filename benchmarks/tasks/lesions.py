@@ -1,7 +1,7 @@
 """Lesion detection on the MedMask demo set (synthetic mammograms), trained through the MedMask recipe.
 
 The detector, its data pipeline, its stages and its scoring (FROC R@0.3 on the held-out test split, COCO
-AP50) are those of `recipes/medmask_detect.py` (`medssl.detection.engine`), read from the recipe's config
+AP50) are those of `recipes/medmask_detect.py` (`medssl.detection.stages`), read from the recipe's config
 (`recipes/configs/medmask_demo.yaml` by default) with the task's overrides. A table row only changes the
 detector's backbone: the CNN baseline (a ResNet from scratch) or a ViT (random init or pretrained) under a
 simple feature pyramid. Label fractions are drawn from the labelled training images, stratified by
@@ -30,7 +30,7 @@ class DetectionTask:
     Attributes:
         name: task id.
         data: what the images are.
-        config: resolved MedMask run config (`medssl.detection.engine.DEFAULTS` + the recipe's YAML + overrides).
+        config: resolved MedMask run config (`medssl.detection.config.DEFAULTS` + the recipe's YAML + overrides).
         stages: MedMask stages each cell trains, in order (the last one is scored).
         info: facts for the report.
     """
@@ -48,7 +48,7 @@ class DetectionTask:
     def datasets(self) -> dict[str, Any]:
         """train / val / target datasets of the recipe (built on first use)."""
         if self._splits is None:
-            from medssl.detection.engine import build_splits
+            from medssl.detection.data import build_splits
 
             self._splits = build_splits(self.config)
         return self._splits
@@ -87,7 +87,7 @@ def lesion_detection(img_size: int, data_root: str | None = None, config: str | 
     del img_size
     from data_tools.demo_mammo import ensure_demo
     from medssl.config import load_config
-    from medssl.detection.engine import DEFAULTS, STAGES
+    from medssl.detection.config import DEFAULTS, STAGES
 
     root = Path(data_root) if data_root else ROOT / "demo_data" / "mammo"
     demo = ensure_demo(root)

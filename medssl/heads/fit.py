@@ -1,9 +1,10 @@
-"""A compact supervised train / evaluate loop shared by the transfer recipes and the benchmarks.
+"""Supervised heads (classification, segmentation: probe, fine-tune, scratch) as a task of the one engine.
 
-AdamW, per-iteration linear warmup + half-cycle cosine, optional bf16 autocast, seeded, and the
-weights of the best validation epoch restored at the end ("early best on val"). Heads marked
-`cacheable` (frozen-encoder probes with `features()` and `head`) are trained on features computed
-once, which makes probes cheap on CPU.
+`SupervisedTask` is the task; `train_supervised` runs it on `medssl.train.Engine` under any launcher, with
+checkpoints and exact `--resume` when given a run folder; `fit` is the in-process form the benchmarks use.
+AdamW, per-iteration linear warmup + half-cycle cosine, the run's precision, seeded, and the weights of the
+best validation epoch restored at the end ("early best on val"). Heads marked `cacheable` (frozen-encoder
+probes with `features()` and `head`) are trained on features computed once, which makes probes cheap on CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +23,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from medssl.train.optim import cosine_lr, make_adamw
+from medssl.data.epochs import EpochBatches
+from medssl.train.checkpoint import save_checkpoint
+from medssl.train.dist import DistInfo, resolve_device
+from medssl.train.engine import Engine, TrainConfig
 from medssl.train.optim import param_groups as make_param_groups
+from medssl.train.task import Task
 
 
 @dataclass
@@ -72,6 +78,7 @@ class FitResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    engine: Any = None  # the Engine that trained (world size, global batch, images/s, data wait)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -80,14 +87,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def _device(cfg: FitConfig) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 class _Batches:
@@ -131,7 +130,7 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 64, device: str |
     model.eval()
     outs, tgts = [], []
     for x, y in _Batches(data, batch_size):
-        with _autocast(dev, bf16):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
             outs.append(model(x.to(dev)).float().cpu())
         tgts.append(y)
     return torch.cat(outs), torch.cat(tgts)
@@ -147,96 +146,148 @@ def _cache_features(model: nn.Module, data: Dataset, batch_size: int, dev: torch
     return TensorDataset(torch.cat(feats), torch.cat(tgts))
 
 
-def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, loss_fn: Callable[..., torch.Tensor],
-        score_fn: Callable[[torch.Tensor, torch.Tensor], float], cfg: FitConfig,
-        param_groups: list[dict] | None = None, sampler: Sampler | None = None,
-        augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        log: Callable[[str], None] | None = None) -> FitResult:
-    """Train `model` and keep the weights of the best validation score (higher is better).
+class SupervisedTask(Task):
+    """(input, target) batches -> `loss_fn(model(x), y)`; evaluation = `score_fn` on the whole validation set.
+
+    Args:
+        model: the trained module (a probe's head when features are cached).
+        loss_fn: loss(outputs, targets) -> scalar.
+        score_fn: score(outputs, targets) -> float, higher is better.
+        val_data: validation dataset (None: no evaluation, the last weights are kept).
+        batch_size: evaluation batch.
+        augment: batch transform (inputs, targets) -> (inputs, targets), training only.
+        groups: AdamW groups (default: no decay on 1-D parameters).
+        best_path: where rank 0 writes the best weights (`save_checkpoint`), if anywhere.
+        best_extra: entries stored beside the weights in `best_path` (architecture record, classes, ...).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor],
+                 score_fn: Callable[[torch.Tensor, torch.Tensor], float], val_data: Dataset | None, batch_size: int,
+                 augment: Callable | None = None, groups: list[dict] | None = None, best_path: Path | None = None,
+                 best_extra: dict[str, Any] | None = None) -> None:
+        super().__init__(model)
+        self.loss_fn, self.score_fn, self.val_data, self.bs = loss_fn, score_fn, val_data, batch_size
+        self.augment, self.groups = augment, groups
+        self.best_path, self.best_extra = best_path, best_extra or {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch
+        if self.augment is not None:
+            x, y = self.augment(x, y)
+        loss = self.loss_fn(model(x), y)
+        return {"loss": loss}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        groups = self.groups if self.groups is not None else make_param_groups(self.model, weight_decay)
+        if not any(g["params"] for g in groups):
+            raise ValueError("fit: the model has no trainable parameters")
+        return groups
+
+    def evaluate(self, engine: Engine, epoch: int) -> dict[str, float] | None:
+        if self.val_data is None:
+            return None
+        out, tgt = predict(self.model, self.val_data, self.bs, engine.dist.device, engine.cfg.precision == "bf16")
+        return {"score": float(self.score_fn(out, tgt.cpu()))}
+
+    def on_best(self, engine: Engine, epoch: int, metrics: dict[str, float]) -> None:
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        if self.best_path is not None and engine.dist.is_main:
+            save_checkpoint(self.best_path, {"model": self.best_state, "epoch": epoch, "metrics": dict(metrics),
+                                             **self.best_extra})
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"best_state": self.best_state}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.best_state = state.get("best_state")
+
+
+def train_supervised(model: nn.Module, train_set: Dataset, val_set: Dataset | None,
+                     loss_fn: Callable[..., torch.Tensor], score_fn: Callable[[torch.Tensor, torch.Tensor], float],
+                     cfg: FitConfig, param_groups: list[dict] | None = None, sampler: Sampler | None = None,
+                     augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     dist: DistInfo | None = None, out_dir: str | Path | None = None, resume: bool = False,
+                     precision: str | None = None, ds_config: dict | None = None,
+                     best_extra: dict[str, Any] | None = None) -> FitResult:
+    """Train `model` on the engine and keep the weights of the best validation score (higher is better).
 
     Args:
         model: the network; a `cacheable` probe trains its `head` on precomputed `features()`.
-        train_set: dataset of (input [C, H, W], target) pairs.
+        train_set: dataset of (input [C, H, W], target) pairs; each rank reads its own share.
         val_set: dataset for model selection; None keeps the last epoch.
         loss_fn: loss(outputs, targets) -> scalar.
         score_fn: score(outputs, targets) -> float on the whole validation set, higher is better.
-        cfg: schedule and optimiser settings.
+        cfg: schedule and optimiser settings (`batch_size` per rank).
         param_groups: AdamW groups (e.g. `layer_decay_groups`); entries may carry `lr_scale`.
-            Default: all trainable parameters, no weight decay on 1-D parameters.
-        sampler: e.g. `balanced_sampler` (replaces shuffling).
-        augment: batch transform (inputs, targets) -> (inputs, targets), training only; not applied
-            to cached probe features.
-        log: callable for one line per evaluation.
+        sampler: a `WeightedRandomSampler` (e.g. `balanced_sampler`): draws with replacement by its weights.
+        augment: batch transform, training only; not applied to cached probe features.
+        dist: launcher (default: one process on `cfg.device`).
+        out_dir: run folder for checkpoints, `metrics.csv` and `best.pt` (None: nothing written).
+        resume: continue from the newest checkpoint in `out_dir`.
+        precision: engine precision (default: bf16 if `cfg.bf16` else fp32).
+        ds_config: DeepSpeed config when `dist` is DeepSpeed.
+        best_extra: entries stored beside the best weights in `out_dir/best.pt`.
 
     Returns:
         FitResult; `model` holds the best weights on return.
     """
     t0 = time.time()
     gen = seed_everything(cfg.seed)
-    dev = _device(cfg)
-    model.to(dev)
+    dist = dist or DistInfo(device=resolve_device(cfg.device))
+    model.to(dist.device)
     cached = bool(getattr(model, "cacheable", False))
     trained = model.head if cached else model
     if cached:
-        train_set = _cache_features(model, train_set, cfg.batch_size, dev)
-        val_data = _cache_features(model, val_set, cfg.batch_size, dev) if val_set is not None else None
+        train_set = _cache_features(model, train_set, cfg.batch_size, dist.device)
+        val_set = _cache_features(model, val_set, cfg.batch_size, dist.device) if val_set is not None else None
         augment = None
-    else:
-        val_data = val_set
-    if param_groups is None:
-        param_groups = make_param_groups(trained, cfg.weight_decay)
-    if not any(g["params"] for g in param_groups):
-        raise ValueError("fit: the model has no trainable parameters")
-    for g in param_groups:
-        g.setdefault("lr_scale", 1.0)
-    opt = make_adamw(param_groups, lr=cfg.lr, betas=cfg.betas)
-    n = len(train_set)
-    loader = _Batches(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                      generator=gen, num_workers=0 if cached else cfg.num_workers,
-                      drop_last=n > cfg.batch_size and n % cfg.batch_size == 1)  # no BatchNorm on 1 sample
-    steps_per_epoch = max(1, len(loader))
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    best = FitResult(best_score=-math.inf, best_epoch=-1)
-    best_state: dict[str, Any] | None = None
-    step = 0
-    for epoch in range(cfg.epochs):
-        trained.train()
-        running = 0.0
-        for x, y in loader:
-            x, y = x.to(dev), y.to(dev)
-            if augment is not None:
-                x, y = augment(x, y)
-            lr = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            with _autocast(dev, cfg.bf16):
-                loss = loss_fn(trained(x), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fit: loss became {loss.item()} at epoch {epoch}, step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], cfg.grad_clip)
-            opt.step()
-            running += loss.item()
-            step += 1
-        last = epoch == cfg.epochs - 1
-        if val_data is None or ((epoch + 1) % cfg.eval_every and not last):
-            continue
-        out, tgt = predict(trained, val_data, cfg.batch_size, dev, cfg.bf16)
-        score = float(score_fn(out, tgt.cpu()))
-        best.history.append({"epoch": epoch, "loss": running / steps_per_epoch, "val": score})
-        if log:
-            log(f"epoch {epoch}: loss {running / steps_per_epoch:.4f} val {score:.4f}")
-        if score > best.best_score or best_state is None:
-            best.best_score, best.best_epoch = score, epoch
-            best_state = copy.deepcopy(trained.state_dict())
-    if best_state is not None:
-        trained.load_state_dict(best_state)
-    else:
-        best.best_epoch = cfg.epochs - 1
-    best.seconds = time.time() - t0
-    return best
+    weights = num = None
+    if sampler is not None:
+        weights, num = getattr(sampler, "weights", None), getattr(sampler, "num_samples", None)
+        if weights is None:
+            raise ValueError("fit: sampler must be a WeightedRandomSampler (weights and num_samples)")
+    per_rank = math.ceil((num or len(train_set)) / dist.world_size)
+    data = EpochBatches(train_set, cfg.batch_size, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
+                        rank=dist.rank, world_size=dist.world_size, shuffle=True,
+                        drop_last=per_rank > cfg.batch_size and per_rank % cfg.batch_size == 1,  # no BN on 1 sample
+                        workers=0 if cached else cfg.num_workers, weights=weights, num_samples=num)
+    spe = len(data)
+    out = Path(out_dir) if out_dir is not None else None
+    task = SupervisedTask(trained, loss_fn, score_fn, val_set, cfg.batch_size, augment, param_groups,
+                          best_path=out / "best.pt" if out is not None else None, best_extra=best_extra)
+    tc = TrainConfig(total_steps=cfg.epochs * spe, lr=cfg.lr, warmup_steps=int(cfg.warmup_epochs * spe),
+                     min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                     clip_grad=cfg.grad_clip, precision=precision or ("bf16" if cfg.bf16 else "fp32"),
+                     log_every=max(1, spe), ckpt_every=0, seed=cfg.seed, steps_per_epoch=spe,
+                     eval_every=cfg.eval_every, select="score" if val_set is not None else None, max_bad_steps=1)
+    engine = Engine(task, tc, out, dist, ds_config=ds_config, micro_batch_size=cfg.batch_size)
+    if resume:
+        engine.resume()
+    engine.fit(data)
+    if task.best_state is not None:
+        trained.load_state_dict(task.best_state)
+    history = [{"epoch": h["epoch"], "loss": h.get("loss", float("nan")), "val": h["val"]["score"]}
+               for h in engine.history if "val" in h]
+    best_epoch = engine.best["epoch"] if engine.best["epoch"] is not None else cfg.epochs - 1
+    return FitResult(best_score=engine.best["score"], best_epoch=best_epoch, history=history,
+                     seconds=time.time() - t0, engine=engine)
+
+
+def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, loss_fn: Callable[..., torch.Tensor],
+        score_fn: Callable[[torch.Tensor, torch.Tensor], float], cfg: FitConfig,
+        param_groups: list[dict] | None = None, sampler: Sampler | None = None,
+        augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        log: Callable[[str], None] | None = None) -> FitResult:
+    """In-process `train_supervised` (one device, no files): what the benchmarks call.
+
+    `log`, if given, receives one line per evaluation.
+    """
+    res = train_supervised(model, train_set, val_set, loss_fn, score_fn, cfg, param_groups, sampler, augment)
+    if log:
+        for h in res.history:
+            log(f"epoch {h['epoch']}: loss {h['loss']:.4f} val {h['val']:.4f}")
+    return res
 
 
 def random_hflip(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

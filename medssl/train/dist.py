@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -34,6 +35,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def resolve_device(spec: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """The one device rule: None / ``auto`` -> this rank's CUDA device when CUDA is present, else the CPU;
+    ``cuda`` -> this rank's CUDA device; an explicit ``cuda:k`` or ``cpu`` as given."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec in (None, "auto"):
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(spec)
+
+
 def setup_distributed(use_deepspeed: bool = False, device: str | None = None) -> DistInfo:
     """Initialise the process group the launcher asks for.
 
@@ -42,12 +55,11 @@ def setup_distributed(use_deepspeed: bool = False, device: str | None = None) ->
     - `torchrun` (WORLD_SIZE > 1 in the environment): torch.distributed (gloo on CPU, nccl on CUDA) + DDP.
     - otherwise a single process.
     """
-    want_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-    if want_cuda:
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    backend = "nccl" if want_cuda else "gloo"
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if use_deepspeed:
         defaults = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=str(_free_port()))
@@ -91,6 +103,15 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
 def all_reduce_max(value: float, info: DistInfo) -> float:
     """Max of a scalar over ranks (identity for one process)."""
     return value if info.world_size == 1 else _all_reduce(value, info, torch_dist.ReduceOp.MAX)
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank (`[obj]` for one process)."""
+    if info.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

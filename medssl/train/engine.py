@@ -1,10 +1,16 @@
-"""One training loop for plain python, torchrun (DDP) and DeepSpeed.
+"""The one training loop of medssl, for plain python, torchrun (DDP) and DeepSpeed.
 
-The engine takes a model, an iterator of batches and a forward function returning the loss; it knows no
-task. It owns the optimizer (AdamW, client-side, so DeepSpeed compiles nothing), the per-iteration lr
-schedule, gradient accumulation and clipping, mixed precision, logging, atomic checkpoints and exact
-resume (model, optimizer, schedule step, scaler, RNG; the RNG is also re-derived from (seed, rank, step)
-at every step so that a resumed run draws the same masks as an uninterrupted one).
+The engine trains a `medssl.train.Task` (MAE pretraining, a classification / segmentation head, a MedMask
+stage) on its data; it knows no task. It owns the optimizer (AdamW, client-side, so DeepSpeed compiles
+nothing), the per-iteration lr schedule (warmup + cosine, or a step drop), epochs and their hooks, gradient
+accumulation and clipping, mixed precision, the non-finite-step rule all ranks agree on, evaluation and the
+best-so-far, logging (CSV / TensorBoard, a progress bar, the share of step time spent waiting for data),
+atomic checkpoints and exact resume (model, optimizer, schedule step, scaler, RNG, the task's extra state,
+the data position, best-so-far and history; the RNG is also re-derived from (seed, rank, step) at every step
+so that a resumed run draws the same masks as an uninterrupted one).
+
+Data is either an `EpochBatches`-like object (`batches(epoch, start)`, `len` = micro-batches per epoch), which
+the engine seeks on resume, or a plain iterable that already starts at the resume point (the MAE stream).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ from medssl.train.checkpoint import (
 from medssl.train.dist import DistInfo, all_reduce_max, all_reduce_mean, barrier
 from medssl.train.logging import ScalarLogger
 from medssl.train.optim import cosine_lr, make_adamw, param_groups, set_lr
+from medssl.train.task import Task
 from medssl.utils import stable_seed
 
 log = logging.getLogger("medssl")
@@ -63,14 +70,32 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+SCHEDULES = ("cosine", "step")
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation settings (the lr is the absolute peak, already scaled by the batch)."""
+    """Optimisation settings (the lr is the absolute peak, already scaled by the batch).
+
+    Attributes:
+        total_steps: optimizer steps of the whole run.
+        lr: peak lr (each group's ``lr_scale`` multiplies it).
+        warmup_steps / min_lr: linear warmup, then (schedule ``cosine``) half-cycle cosine down to min_lr.
+        schedule: ``cosine`` (MAE, fine-tuning) or ``step`` (constant, x0.1 from ``lr_drop_step``: DETR).
+        steps_per_epoch: optimizer steps per epoch (None: the run is one epoch); epochs drive the hooks,
+            evaluation and the per-epoch checkpoint.
+        eval_every: evaluate every this many epochs (and after the last).
+        select: metric to keep the best by (higher is better); None: no best tracking.
+        ckpt_every: also checkpoint every this many steps (epochs always end with one); 0: epochs only.
+        stop_at: leave after this step (checkpointed), as a time-boxed job; resume later.
+    """
 
     total_steps: int
     lr: float
     warmup_steps: int = 0
     min_lr: float = 0.0
+    schedule: str = "cosine"
+    lr_drop_step: int | None = None
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_accum: int = 1
@@ -81,45 +106,99 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     max_bad_steps: int = 20
-    stop_at: int | None = None  # leave after this step (checkpointed), as a time-boxed job; resume later
+    stop_at: int | None = None
+    steps_per_epoch: int | None = None
+    eval_every: int = 1
+    select: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.total_steps < 1 or self.grad_accum < 1:
-            raise ValueError("total_steps and grad_accum must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.total_steps < 1 or self.grad_accum < 1 or self.eval_every < 1:
+            raise ValueError("total_steps, grad_accum and eval_every must be >= 1")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         self.betas = tuple(self.betas)
+
+    @property
+    def epoch_steps(self) -> int:
+        """Optimizer steps per epoch (the whole run when no epochs are set)."""
+        return self.steps_per_epoch or self.total_steps
+
+    def lr_at(self, step: int) -> float:
+        """The scheduled peak lr at `step`."""
+        if self.schedule == "step":
+            warm = self.lr * step / self.warmup_steps if step < self.warmup_steps else self.lr
+            return warm * (0.1 if self.lr_drop_step is not None and step >= self.lr_drop_step else 1.0)
+        return cosine_lr(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr)
 
 
 Callback = Callable[["Engine", int, Any], None]
 
 
-class Engine:
-    """Wraps a model for training under the launcher described by `dist`."""
+class _ForwardTask(Task):
+    """A bare model + `forward(model, batch) -> loss` as a task (the MAE stream's original interface)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, out_dir: str | os.PathLike, dist: DistInfo,
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, Any], torch.Tensor],
+                 batch_size: Callable[[Any], int] | None = None) -> None:
+        super().__init__(model)
+        self.forward, self._bs = forward, batch_size
+
+    def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return {"loss": self.forward(model, batch)}
+
+    def batch_size(self, batch: Any) -> int:
+        return self._bs(batch) if self._bs else super().batch_size(batch)
+
+
+class Engine:
+    """Trains a task's model under the launcher described by `dist`.
+
+    Args:
+        task: a `Task`, or a bare `nn.Module` (then `fit` takes a `forward(model, batch) -> loss`).
+        cfg: `TrainConfig`.
+        out_dir: run folder (checkpoints in `out_dir/checkpoints`, `metrics.csv`); None: no files at all.
+        dist: from `setup_distributed`.
+        ds_config: DeepSpeed JSON config (backend deepspeed).
+        micro_batch_size: per-rank micro-batch (DeepSpeed wants it).
+        groups: AdamW groups (default: the task's `param_groups`).
+    """
+
+    def __init__(self, task: Task | nn.Module, cfg: TrainConfig, out_dir: str | os.PathLike | None, dist: DistInfo,
                  ds_config: dict | None = None, micro_batch_size: int | None = None,
                  groups: list[dict] | None = None):
-        self.cfg, self.dist, self.out_dir = cfg, dist, Path(out_dir)
+        self.task = task if isinstance(task, Task) else None
+        model = task.model if isinstance(task, Task) else task
+        self.cfg, self.dist = cfg, dist
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         chosen = resolve_precision(cfg.precision, dist.device)
         if chosen != cfg.precision and dist.is_main:
             log.info("precision auto -> %s on %s", chosen, dist.device)
         cfg.precision = chosen
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.ckpt_dir = self.out_dir / "checkpoints" if self.out_dir is not None else None
         self.step = 0
         self.bad_steps = 0
+        self.best: dict[str, Any] = {"score": -math.inf, "epoch": None, "metrics": None}
+        self.history: list[dict[str, Any]] = []
+        self.data_wait_fraction: float | None = None
         self.model = model.to(dist.device)
-        groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
-        for g in groups:
-            g.pop("names", None)  # not needed by the optimizer; keeps checkpoints small
-        self.optimizer = make_adamw(groups, lr=cfg.lr, betas=cfg.betas)
+        if groups is None:
+            groups = self.task.param_groups(cfg.weight_decay) if self.task else param_groups(model, cfg.weight_decay)
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]  # names: not for the optimizer
+        if not any(len(list(g["params"])) for g in groups):
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = make_adamw(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.scaler = None
         self.ds_engine = None
         if dist.backend == "deepspeed":
             self._init_deepspeed(ds_config or {}, micro_batch_size)
         elif dist.backend == "ddp":
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            unused = bool(self.task and self.task.find_unused_parameters)
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                             find_unused_parameters=unused)
         if cfg.precision == "fp16" and self.ds_engine is None:
             self.scaler = torch.amp.GradScaler(dist.device.type)
 
@@ -166,17 +245,32 @@ class Engine:
             return torch.bfloat16
         return torch.float32
 
-    def _autocast(self):
+    def autocast(self):
+        """The run's mixed-precision context (also for evaluation): bf16 / fp16 autocast, or nothing."""
         if self.ds_engine is not None or self.cfg.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
+    @property
+    def global_batch(self) -> int | None:
+        """Samples per optimizer step over all ranks (per-rank micro-batch x ranks x accumulation)."""
+        return None if self._micro_batch is None else self._micro_batch * self.dist.world_size * self.cfg.grad_accum
+
+    _micro_batch: int | None = None
+
     # ------------------------------------------------------------------------------------ checkpoints
+    def _client_state(self, extra: dict[str, Any] | None) -> dict[str, Any]:
+        return {"step": self.step, "train_config": dataclasses.asdict(self.cfg), **(extra or {}),
+                "model_config": dict(getattr(self.module, "config", {}) or {}),
+                "best": {k: v for k, v in self.best.items()}, "history": list(self.history),
+                "task_state": self.task.extra_state() if self.task else {}}
+
     def save(self, extra: dict[str, Any] | None = None) -> None:
         """Checkpoint the full training state (every rank must call; rank 0 writes for plain/DDP)."""
-        client = {"step": self.step, "train_config": dataclasses.asdict(self.cfg), **(extra or {}),
-                  "model_config": dict(getattr(self.module, "config", {}) or {})}
+        if self.ckpt_dir is None:
+            return
+        client = self._client_state(extra)
         if self.ds_engine is not None:
             self.ds_engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{self.step:08d}", client_state=client)
             return
@@ -188,44 +282,58 @@ class Engine:
             prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         barrier(self.dist)
 
+    def has_checkpoint(self) -> bool:
+        """Whether `out_dir/checkpoints` holds a checkpoint to resume from."""
+        if self.ckpt_dir is None:
+            return False
+        if self.ds_engine is not None:
+            return (self.ckpt_dir / "latest").is_file()
+        return latest_checkpoint(self.ckpt_dir) is not None
+
     def resume(self) -> int:
         """Continue from the newest checkpoint in `out_dir/checkpoints` if there is one; returns the step."""
+        if not self.has_checkpoint():
+            return 0
         if self.ds_engine is not None:
-            if not (self.ckpt_dir / "latest").is_file():
-                return 0
             _, client = self.ds_engine.load_checkpoint(str(self.ckpt_dir))
-            self.step = int(client["step"])
         else:
-            path = latest_checkpoint(self.ckpt_dir)
-            if path is None:
-                return 0
-            state = load_checkpoint(path)
-            self.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            client = load_checkpoint(latest_checkpoint(self.ckpt_dir))
+            self.module.load_state_dict(client["model"])
+            self.optimizer.load_state_dict(client["optimizer"])
             for group in self.optimizer.param_groups:  # the kernel choice is this run's, not the checkpoint's
                 group["fused"] = self.optimizer.defaults.get("fused")
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-            self.step = int(state["step"])
+            if self.scaler is not None and client.get("scaler"):
+                self.scaler.load_state_dict(client["scaler"])
+            set_rng_state(client["rng"])
+        self.step = int(client["step"])
+        self.best = dict(client.get("best") or self.best)
+        self.history = list(client.get("history") or [])
+        if self.task is not None:
+            self.task.load_extra_state(client.get("task_state") or {})
         if self.dist.is_main:
             log.info("resumed from %s at step %d", self.ckpt_dir, self.step)
         return self.step
 
     # ------------------------------------------------------------------------------------ training
-    def _micro_step(self, forward: Callable[[nn.Module, Any], torch.Tensor], batch: Any, sync: bool) -> float:
+    def _losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        out = self.task.losses(self.model, batch)
+        if "loss" not in out:
+            out = {"loss": sum(out.values()), **out}
+        return out
+
+    def _micro_step(self, batch: Any, sync: bool) -> dict[str, float]:
         if self.ds_engine is not None:
-            loss = forward(self.model, batch)
-            self.ds_engine.backward(loss)
+            out = self._losses(batch)
+            self.ds_engine.backward(out["loss"])
             self.ds_engine.step()
-            return loss.item()
-        no_sync = self.model.no_sync if (self.dist.backend == "ddp" and not sync) else contextlib.nullcontext
-        with no_sync():
-            with self._autocast():
-                loss = forward(self.model, batch)
-            scaled = loss / self.cfg.grad_accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        return loss.item()
+        else:
+            no_sync = self.model.no_sync if (self.dist.backend == "ddp" and not sync) else contextlib.nullcontext
+            with no_sync():
+                with self.autocast():
+                    out = self._losses(batch)
+                scaled = out["loss"] / self.cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return {k: float(v.detach()) for k, v in out.items()}
 
     def _optimizer_step(self) -> float | None:
         if self.scaler is not None:
@@ -241,33 +349,78 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def fit(self, batches: Iterable[Any], forward: Callable[[nn.Module, Any], torch.Tensor],
+    def _evaluate(self, epoch: int) -> dict[str, Any] | None:
+        was_training = self.module.training
+        self.module.eval()
+        with torch.no_grad(), self.autocast():
+            metrics = self.task.evaluate(self, epoch) if self.task else None
+        self.module.train(was_training)
+        if metrics and self.cfg.select:
+            if self.cfg.select not in metrics:
+                raise KeyError(f"evaluation gave {sorted(metrics)}, not the selection metric {self.cfg.select!r}")
+            score = float(metrics[self.cfg.select])
+            if score > self.best["score"] or self.best["epoch"] is None:
+                self.best = {"score": score, "epoch": epoch, "metrics": dict(metrics)}
+                self.task.on_best(self, epoch, metrics)
+        return metrics
+
+    def fit(self, data: Any, forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
             callbacks: Sequence[Callback] = (), batch_size: Callable[[Any], int] | None = None,
             on_checkpoint: Callable[[], dict[str, Any]] | None = None) -> list[float]:
-        """Train from `self.step` to `cfg.total_steps`; returns the per-step mean losses of this call.
+        """Train from `self.step` to `cfg.total_steps` (or `stop_at`); returns the per-step mean losses of this call.
 
-        `batches` must already start at the resume point (the data stream's `start_step`).
+        Args:
+            data: an object with `batches(epoch, start)` and `len()` micro-batches per epoch (sought on resume),
+                or an iterable that already starts at the resume point (a stream).
+            forward: with a bare model: `forward(model, batch) -> loss`.
+            callbacks: `cb(engine, step, batch)` after every step.
+            batch_size: samples of a batch (default: the task's `batch_size`).
+            on_checkpoint: extra entries for every checkpoint.
         """
-        cfg, dist = self.cfg, self.dist
-        logger = ScalarLogger(self.out_dir, enabled=dist.is_main, resume_step=self.step)
+        if self.task is None:
+            if forward is None:
+                raise ValueError("Engine.fit needs a forward function when the engine wraps a bare model")
+            self.task = _ForwardTask(self.module, forward, batch_size)
+        task, cfg, dist = self.task, self.cfg, self.dist
+        seekable = hasattr(data, "batches")
+        spe = cfg.epoch_steps
+        if seekable and len(data) < spe * cfg.grad_accum:
+            raise ValueError(f"the data gives {len(data)} micro-batches per epoch, fewer than steps_per_epoch "
+                             f"{spe} x grad_accum {cfg.grad_accum}")
+        logger = ScalarLogger(self.out_dir, enabled=dist.is_main, resume_step=self.step) if self.out_dir else None
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not dist.is_main, dynamic_ncols=True,
-                   desc="train")
-        it = iter(batches)
+                   desc="train", mininterval=2.0)
+        stream = None if seekable else iter(data)
+        it = None
         losses: list[float] = []
-        t0, seen = time.perf_counter(), 0
+        t0, seen, waited = time.perf_counter(), 0, 0.0
+        epoch_t0, epoch_seen, epoch_sums, epoch_count = time.perf_counter(), 0, {}, 0
         self.model.train()
         end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at else cfg.total_steps
         while self.step < end:
-            lr = cosine_lr(self.step, cfg.total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
+            epoch, in_epoch = divmod(self.step, spe)
+            if it is None or in_epoch == 0:
+                if in_epoch == 0:
+                    task.on_epoch_start(self, epoch)
+                    self.model.train()
+                it = data.batches(epoch, in_epoch * cfg.grad_accum) if seekable else stream
+            lr = cfg.lr_at(self.step)
             set_lr(self.optimizer, lr)
-            step_losses = []
+            step_out: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 torch.manual_seed(stable_seed(cfg.seed, dist.rank, self.step, micro))
+                tw = time.perf_counter()
                 batch = next(it)
-                batch = batch.to(dist.device, self.input_dtype, non_blocking=True) if torch.is_tensor(batch) else batch
-                seen += batch_size(batch) if batch_size else len(batch)
-                step_losses.append(self._micro_step(forward, batch, sync=micro == cfg.grad_accum - 1))
-            loss = sum(step_losses) / len(step_losses)
+                waited += time.perf_counter() - tw
+                batch = task.prepare(batch, dist.device, self.input_dtype)
+                torch.manual_seed(stable_seed(cfg.seed, dist.rank, self.step, micro, 1))
+                n = task.batch_size(batch)
+                seen += n
+                epoch_seen += n
+                self._micro_batch = self._micro_batch or n
+                for k, v in self._micro_step(batch, sync=micro == cfg.grad_accum - 1).items():
+                    step_out[k] = step_out.get(k, 0.0) + v / cfg.grad_accum
+            loss = step_out["loss"]
             # Decide on every rank alike: gradients are already all-reduced, so one rank's NaN is everyone's.
             finite = all_reduce_max(0.0 if math.isfinite(loss) else 1.0, dist) == 0.0
             grad_norm = None
@@ -284,24 +437,61 @@ class Engine:
                     raise FloatingPointError(f"{self.bad_steps} non-finite losses in a row at step {self.step}: "
                                              "lower the lr, or use precision bf16/fp32 (MAE is fragile in fp16)")
             self.step += 1
+            task.after_step(self)
             if finite:
                 losses.append(loss)
+                for k, v in step_out.items():
+                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v
+                epoch_count += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                 elapsed = time.perf_counter() - t0
                 ips = seen * dist.world_size / max(elapsed, 1e-9)
                 recent = losses[-cfg.log_every:] or [float("nan")]
                 mean_loss = all_reduce_mean(sum(recent) / len(recent), dist)
-                scalars = {"loss": mean_loss, "lr": lr, "images_per_s": ips}
+                self.data_wait_fraction = waited / max(elapsed, 1e-9)
+                scalars = {"loss": mean_loss, "lr": lr, "images_per_s": ips, "data_wait": self.data_wait_fraction}
+                scalars.update({k: v for k, v in step_out.items() if k != "loss"})
                 if grad_norm is not None:
                     scalars["grad_norm"] = grad_norm
-                logger.log(self.step, **scalars)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-                t0, seen = time.perf_counter(), 0
+                if logger:
+                    logger.log(self.step, **scalars)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
+                                wait=f"{self.data_wait_fraction:.0%}")
+                t0, seen, waited = time.perf_counter(), 0, 0.0
             for cb in callbacks:
                 cb(self, self.step, batch)
-            if self.step % cfg.ckpt_every == 0 or self.step == end:
+            epoch_end = self.step % spe == 0 or self.step == cfg.total_steps
+            if epoch_end and cfg.steps_per_epoch is not None:
+                seconds = time.perf_counter() - epoch_t0
+                record: dict[str, Any] = {"epoch": epoch, "seconds": round(seconds, 2),
+                                          "images_per_s": round(epoch_seen * dist.world_size / max(seconds, 1e-9), 2),
+                                          **{f"loss_{k}" if k != "loss" else k: round(v / max(epoch_count, 1), 5)
+                                             for k, v in epoch_sums.items()}}
+                record.update(task.epoch_record(self, epoch))
+                last = self.step == cfg.total_steps
+                if (epoch + 1) % cfg.eval_every == 0 or last:
+                    metrics = self._evaluate(epoch)
+                    if metrics:
+                        record["val"] = metrics
+                self.history.append(record)
+                if dist.is_main:
+                    log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "epoch"})
+                epoch_t0, epoch_seen, epoch_sums, epoch_count = time.perf_counter(), 0, {}, 0
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == end or (
+                    epoch_end and cfg.steps_per_epoch is not None):
                 self.save(on_checkpoint() if on_checkpoint else None)
         bar.close()
-        logger.close()
+        if logger:
+            logger.close()
         return losses
+
+
+def run_facts(engine: Engine) -> dict[str, Any]:
+    """What a run's `metrics.json` records about how it trained: world size, global batch, steps per epoch,
+    precision, images/s (mean over epochs) and the share of step time spent waiting for data."""
+    ips = [h["images_per_s"] for h in engine.history if "images_per_s" in h]
+    return {"world_size": engine.dist.world_size, "global_batch": engine.global_batch,
+            "steps_per_epoch": engine.cfg.epoch_steps, "precision": engine.cfg.precision,
+            "images_per_s": round(sum(ips) / len(ips), 2) if ips else None,
+            "data_wait_fraction": None if engine.data_wait_fraction is None else round(engine.data_wait_fraction, 4)}

@@ -47,6 +47,7 @@ class ScalarLogger:
             self._tb = None
 
     def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open(mode, newline="") as f:
             w = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
             if mode == "w":

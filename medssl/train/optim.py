@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,20 @@ def param_groups(model: nn.Module, weight_decay: float, no_weight_decay: Iterabl
                            "lr_scale": scale}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def lr_scale_groups(model: nn.Module, rules: Sequence[tuple[str, Callable[[str], bool], float]],
+                    weight_decay: float) -> list[dict]:
+    """Groups by name: each trainable parameter joins the first rule `(group name, test(name), lr_scale)` it
+    passes, else the group "rest" at scale 1; every group decays by `weight_decay` (the DETR recipe)."""
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key, scale = next(((g, s) for g, test, s in rules if test(name)), ("rest", 1.0))
+        groups.setdefault(key, {"params": [], "name": key, "lr_scale": scale, "weight_decay": weight_decay})
+        groups[key]["params"].append(p)
     return list(groups.values())
 
 

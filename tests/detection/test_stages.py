@@ -11,39 +11,27 @@ import torch
 
 from medssl.config import load_config
 from medssl.data.coco import DatasetNotFoundError
-from medssl.detection import engine
-
-TINY = ["model.backbone_name=resnet10t", "model.hidden_dim=64", "model.nheads=2", "model.enc_layers=1",
-        "model.dec_layers=1", "model.dim_feedforward=64", "model.num_queries=8", "data.max_size=64",
-        "data.sizes=[64]", "data.batch_size=2", "mae.layers=1", "distill.proj_dim=16",
-        "source_only.epochs=1", "cross_domain_mae.epochs=1", "teaching.epochs=2", "teaching.retrain_every=1",
-        "teaching.score_threshold=0.0", "teaching.mae_epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    from data_tools import make_demo
-
-    root = tmp_path_factory.mktemp("mammo")
-    make_demo.main(["mammo", "--out", str(root), "--train", "4", "--val", "3", "--test", "1", "--target", "3",
-                    "--height", "64", "--width", "64", "--abnormal-frac", "0.7", "--embed-size", "32",
-                    "--embed-grid", "2"])
-    return root
+from medssl.detection import stages
+from medssl.detection.config import DEFAULTS, STAGES
+from medssl.detection.data import build_splits
+from medssl.detection.evaluation import operating_threshold
+from medssl.detection.predict import predict_files
+from tests.detection.conftest import TINY
 
 
 def _cfg(root: Path, out: Path, *extra: str) -> dict:
     sets = [f"data.data_root={root}", f"data.embeddings={root / 'demo' / 'embeddings'}", f"out={out}", *TINY, *extra]
-    return load_config(engine.DEFAULTS, Path("recipes/configs/medmask_demo.yaml"), sets)
+    return load_config(DEFAULTS, Path("recipes/configs/medmask_demo.yaml"), sets)
 
 
 def test_three_stages_end_to_end(tiny_root, tmp_path):
     torch.manual_seed(0)
     cfg = _cfg(tiny_root, tmp_path / "run")
-    results = engine.run_stages(cfg, engine.STAGES)
-    assert set(results) == {"random_boxes", "test", *engine.STAGES}
-    assert set(results["test"]) == {"random_boxes", *engine.STAGES}  # held-out split, each stage's best
+    results = stages.run_stages(cfg, STAGES)
+    assert set(results) == {"random_boxes", "test", *STAGES}
+    assert set(results["test"]) == {"random_boxes", *STAGES}  # held-out split, each stage's best
     assert results["test"]["teaching"]["num_images"] == 1
-    for stage in engine.STAGES:
+    for stage in STAGES:
         assert 0.0 <= results[stage]["R@0.3"] <= 1.0 and "AP50" in results[stage]
         sdir = tmp_path / "run" / stage
         assert (sdir / "froc.png").is_file() and list((sdir / "overlays").glob("*.png"))
@@ -55,7 +43,7 @@ def test_three_stages_end_to_end(tiny_root, tmp_path):
     assert "loss_distill" in metrics["history"][0]
     assert (tmp_path / "run" / "froc_all.png").is_file()
     # predict on a folder: JSON + overlays
-    preds = engine.predict_files(tmp_path / "run" / "teaching" / "best.pt", [tiny_root / "demo" / "images" / "test"],
+    preds = predict_files(tmp_path / "run" / "teaching" / "best.pt", [tiny_root / "demo" / "images" / "test"],
                                  tmp_path / "pred")
     assert len(preds) == 1 and (tmp_path / "pred" / "predictions.json").is_file()
     assert len(list((tmp_path / "pred").glob("*_pred.png"))) == 1
@@ -70,9 +58,9 @@ def test_missing_embedding_is_an_error_or_counted(tiny_root, tmp_path):
             (emb / f.name).write_bytes(f.read_bytes())
     cfg = _cfg(tiny_root, tmp_path / "run", f"data.embeddings={emb}")
     with pytest.raises(FileNotFoundError, match="train_00000_embedding.npy"):
-        engine.train_stage("cross_domain_mae", cfg, tmp_path / "run")
+        stages.train_stage("cross_domain_mae", cfg, tmp_path / "run")
     cfg = _cfg(tiny_root, tmp_path / "run", f"data.embeddings={emb}", "data.skip_missing_embeddings=true")
-    res = engine.train_stage("cross_domain_mae", cfg, tmp_path / "run")
+    res = stages.train_stage("cross_domain_mae", cfg, tmp_path / "run")
     assert res["history"][0]["missing_embeddings"] == 1  # that image trained without the term, counted
     assert "loss_distill" in res["history"][0]
 
@@ -87,7 +75,7 @@ def test_missing_dataset_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "instances_train.json" in err and "--dataset demo" in err
     with pytest.raises(DatasetNotFoundError):
-        engine.build_splits(load_config(engine.DEFAULTS, None, [f"data.data_root={tmp_path}"]))
+        build_splits(load_config(DEFAULTS, None, [f"data.data_root={tmp_path}"]))
     assert recipe.main(["--dataset", "ddsm", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
                         "--stage", "teaching"]) == 2
     assert "run --stage cross_domain_mae first" in capsys.readouterr().err
@@ -96,5 +84,5 @@ def test_missing_dataset_message(tmp_path, capsys):
 def test_operating_threshold():
     curve = {"curve": {"thresholds": np.array([np.inf, 0.9, 0.5, 0.2]), "fps_per_image": np.array([0, 0.1, 0.3, 1.0]),
                        "sensitivity": np.array([0, 0.5, 0.7, 0.9])}}
-    assert engine.operating_threshold(curve, 0.3) == 0.5
-    assert engine.operating_threshold(curve, 0.05) == 1.0  # nothing qualifies: show nothing
+    assert operating_threshold(curve, 0.3) == 0.5
+    assert operating_threshold(curve, 0.05) == 1.0  # nothing qualifies: show nothing

@@ -1,0 +1,46 @@
+"""The MedMask run config: stages and defaults (the reference's values; recipes/configs/*.yaml override them)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from medssl.detection.detr import DetrConfig
+
+__all__ = ["DEFAULTS", "STAGES", "detr_config"]
+
+STAGES = ("source_only", "cross_domain_mae", "teaching")
+
+_STAGE_DEFAULTS = {"epochs": 20, "lr": 2e-4, "lr_backbone": 2e-5, "lr_drop": None, "mae_weight": 0.0,
+                   "mae_epochs": 0, "distill_weight": 0.0, "ema_alpha": 0.9996, "score_threshold": 0.3,
+                   "nms_iou": 0.7, "retrain_every": 0, "source_weight": 1.0}
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",
+    "out": "runs/medmask",
+    "data": {"dataset": "ddsm", "data_root": "data", "train_split": "train", "val_split": "val",
+             "target_dataset": None, "target_split": "train", "max_size": 800, "sizes": None,
+             "in_chans": 1, "mean": [0.5], "std": [0.25], "batch_size": 2, "workers": 2,
+             "embeddings": None, "skip_missing_embeddings": False, "registry": None},
+    "model": asdict(DetrConfig()),
+    "mae": {"mask_ratio": 0.8, "layers": 2},
+    "distill": {"proj_dim": 128, "temperature": 0.1, "mode": "infonce", "margin": 0.2},
+    # batch_size above is per rank: the global batch is batch_size x ranks x grad_accum.
+    # ckpt_every: also checkpoint every this many steps (every epoch ends with one anyway; 0: epochs only)
+    "train": {"weight_decay": 1e-4, "clip_max_norm": 0.1, "lr_linear_proj_mult": 0.1, "log_every": 50,
+              "eval_every": 1, "precision": "auto", "grad_accum": 1, "ckpt_every": 0, "keep_checkpoints": 2},
+    "eval": {"select": "R@0.3", "nms_iou": 0.1, "hit": "center", "iou_threshold": 0.5, "max_dets": 100,
+             "overlays": 4, "random_boxes_per_image": 10, "test_split": "test"},
+    "source_only": {**_STAGE_DEFAULTS, "lr_drop": 16},
+    "cross_domain_mae": {**_STAGE_DEFAULTS, "epochs": 10, "lr": 2e-5, "lr_backbone": 2e-6, "mae_weight": 1.0,
+                         "distill_weight": 1.0},
+    "teaching": {**_STAGE_DEFAULTS, "epochs": 10, "lr": 2e-5, "lr_backbone": 2e-6, "mae_weight": 1.0,
+                 "mae_epochs": 2, "distill_weight": 1.0, "retrain_every": 4},
+}
+
+
+def detr_config(cfg: dict) -> DetrConfig:
+    """The detector config of a run (``model`` section; ``in_chans`` follows ``data.in_chans``)."""
+    m = {**cfg["model"], "in_chans": cfg["data"]["in_chans"]}
+    return DetrConfig.from_dict(m)

@@ -1,0 +1,77 @@
+"""Detectors from their checkpoints alone, and lesion detection on image files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medssl.data.coco import read_image
+from medssl.detection.config import DEFAULTS
+from medssl.detection.data import transforms
+from medssl.detection.detr import DeformableDETR, DetrConfig, build_detector, postprocess
+from medssl.metrics.detection import froc_preprocess
+from medssl.train.checkpoint import load_checkpoint, load_exact
+from medssl.train.dist import resolve_device
+
+__all__ = ["load_detector", "predict_files"]
+
+
+def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[DeformableDETR, dict]:
+    """Detector and its data config from a stage checkpoint, and nothing else.
+
+    The checkpoint holds the detector's config (with the ViT backbone's architecture record) and every
+    weight, so this works wherever the backbone the detector was trained from is gone.
+    """
+    ck = load_checkpoint(checkpoint)
+    if "detector" not in ck or "model" not in ck:
+        raise ValueError(f"{checkpoint}: not a medssl detector checkpoint (no 'detector'/'model' entries)")
+    known = {f.name for f in fields(DetrConfig)}
+    model = build_detector({k: v for k, v in ck["detector"].items() if k in known})
+    load_exact(model, ck["model"], str(checkpoint))
+    return model.to(resolve_device(device)).eval(), ck.get("data", {})
+
+
+@torch.no_grad()
+def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
+                  score_threshold: float = 0.3, device: str = "cpu") -> list[dict[str, Any]]:
+    """Detect lesions in image files or folders; writes ``predictions.json`` and one overlay PNG each.
+
+    Returns:
+        per image ``{"file", "boxes" (xyxy pixels), "scores"}`` (after FROC NMS, all scores kept).
+    """
+    from medssl.data.coco import IMAGE_EXTS
+    from medssl.viz import save_detections
+
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"input image or folder not found: {item}")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {[str(i) for i in inputs]}")
+    dev = resolve_device(device)
+    model, data = load_detector(checkpoint, dev)
+    cfg = {"data": {**DEFAULTS["data"], **data}, "eval": DEFAULTS["eval"]}
+    tf = transforms(cfg, "none")
+    out_dir = Path(out_dir)
+    results = []
+    for f in files:
+        raw = read_image(f)  # [H, W] in [0, 1]
+        img, _ = tf(torch.from_numpy(raw)[None], {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
+        out = model(img[None].to(dev))
+        (det,) = postprocess(out, torch.tensor([raw.shape]), cfg["eval"]["max_dets"])
+        b, s = froc_preprocess(det["boxes"].cpu(), det["scores"].cpu(), iou_threshold=cfg["eval"]["nms_iou"])
+        save_detections(out_dir / f"{f.stem}_pred.png", raw, pred_boxes=b, pred_scores=s,
+                        score_threshold=score_threshold, title=f"{f.name} (scores >= {score_threshold})")
+        results.append({"file": str(f), "boxes": b.round(1).tolist(), "scores": s.round(4).tolist()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "predictions.json").write_text(json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,420 @@
+"""MedMask training stages as tasks of the one engine (`medssl.train.Engine`).
+
+Stages, each starting from the previous stage's best checkpoint (chosen by validation R@0.3):
+
+* ``source_only``: supervised detection on the labelled images.
+* ``cross_domain_mae``: detection loss on labelled images + feature-MAE loss on unlabelled target
+  images + expert contrastive distillation (when an embeddings folder is configured).
+* ``teaching``: MRT-style EMA teacher; pseudo-labels from weak views (score threshold, class-agnostic
+  NMS) supervise the student on strong views of the same images, alongside the labelled loss; feature
+  MAE for the first ``mae_epochs``; every ``retrain_every`` epochs the student's non-decoder weights
+  go back to their values at the start of the stage (selective retraining; the teacher keeps what it
+  learnt). The teacher is the model evaluated and saved.
+
+Every stage runs under python, torchrun or DeepSpeed (each rank reads its own share of the labelled and of
+the unlabelled images; validation is gathered over the whole split), writes an atomic checkpoint at least
+every epoch in ``<out>/<stage>/checkpoints`` and resumes exactly; ``best.pt`` / ``last.pt`` hold the
+detector's config and every weight, so they work without the backbone they were trained from.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from medssl.data.epochs import PairedBatches
+from medssl.detection.config import DEFAULTS, STAGES, detr_config
+from medssl.detection.criterion import SetCriterion
+from medssl.detection.data import build_splits, epoch_batches, to_device
+from medssl.detection.detr import DeformableDETR, build_detector
+from medssl.detection.evaluation import (
+    evaluate,
+    heldout_results,
+    operating_threshold,
+    random_baseline,
+    save_overlays,
+)
+from medssl.detection.medmask import (
+    EmbeddingStore,
+    ExpertDistiller,
+    FeatureMAE,
+    ema_update,
+    non_decoder_names,
+    pseudo_labels,
+    reset_non_decoder,
+)
+from medssl.detection.predict import load_detector
+from medssl.train.checkpoint import load_checkpoint, save_checkpoint
+from medssl.train.dist import DistInfo, barrier, resolve_device
+from medssl.train.engine import Engine, TrainConfig, run_facts
+from medssl.train.optim import lr_scale_groups
+from medssl.train.task import Task
+
+__all__ = ["DEFAULTS", "STAGES", "StageModel", "StageTask", "build_medmask", "run_stages", "train_stage"]
+
+log = logging.getLogger("medssl")
+
+
+def build_medmask(cfg: dict, embed_dim: int | None) -> tuple[DeformableDETR, FeatureMAE, ExpertDistiller | None]:
+    """Detector, feature-MAE decoder and (if the expert width is known) distiller, randomly initialised."""
+    model = build_detector(detr_config(cfg))
+    mc = model.cfg
+    c5 = model.backbone.num_channels[-1]
+    mae = FeatureMAE(mc.hidden_dim, c5, level=len(model.backbone.num_channels) - 1,
+                     n_levels=mc.num_feature_levels, n_heads=mc.nheads, n_points=mc.dec_n_points,
+                     num_layers=cfg["mae"]["layers"], dim_feedforward=mc.dim_feedforward,
+                     mask_ratio=cfg["mae"]["mask_ratio"], attn_impl=mc.attn_impl)
+    dist = None
+    if embed_dim is not None:
+        dc = cfg["distill"]
+        dist = ExpertDistiller(mc.hidden_dim, embed_dim, dc["proj_dim"], dc["temperature"], dc["mode"], dc["margin"])
+    return model, mae, dist
+
+
+class StageModel(nn.Module):
+    """The modules one stage trains (detector, feature MAE, distiller; the EMA teacher rides along, frozen).
+
+    ``forward(batch)`` is the stage's loss dict, so that DDP / DeepSpeed see one module and one forward pass.
+    A batch is ``(images, mask, targets, embeddings)`` for ``source_only``, else a pair of that and the
+    unlabelled target batch ``((weak, strong), mask, targets, embeddings)``.
+    """
+
+    def __init__(self, stage: str, sc: dict, detector: DeformableDETR, mae: FeatureMAE | None,
+                 distiller: ExpertDistiller | None, teacher: DeformableDETR | None) -> None:
+        super().__init__()
+        self.stage, self.sc = stage, sc
+        self.detector, self.mae, self.distiller, self.teacher = detector, mae, distiller, teacher
+        self.crit = SetCriterion(detector.cfg.num_classes)
+        self.epoch = 0  # set by the task at every epoch start (the feature MAE stops after mae_epochs)
+
+    def train(self, mode: bool = True) -> StageModel:
+        """As `nn.Module.train`, but the EMA teacher stays in eval mode (it only ever predicts)."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        sc, stage = self.sc, self.stage
+        labelled, target = (batch, None) if stage == "source_only" else batch
+        images, mask, targets, emb = labelled
+        losses: dict[str, torch.Tensor] = {}
+        out = self.detector(images, mask)
+        losses["det"] = sc["source_weight"] * sum(self.crit(out, targets).values())
+        if self.distiller is not None and stage == "cross_domain_mae":
+            losses["distill"] = sc["distill_weight"] * self.distiller(out["hs"], emb)
+        if target is not None:
+            (weak, strong), tmask, _, temb = target
+            if stage == "teaching":
+                with torch.no_grad():
+                    pl = pseudo_labels(self.teacher(weak, tmask), sc["score_threshold"], sc["nms_iou"])
+                sout = self.detector(strong, tmask)
+                losses["pseudo"] = sum(self.crit(sout, pl).values())
+                if self.distiller is not None:
+                    losses["distill"] = sc["distill_weight"] * self.distiller(sout["hs"], temb)
+            if self.mae is not None and (stage != "teaching" or self.epoch < sc["mae_epochs"]):
+                mout = self.detector(weak if stage == "teaching" else strong, tmask, mask_ratio=self.mae.mask_ratio)
+                losses["mae"] = sc["mae_weight"] * self.mae(mout["features"], mout["features"]["token_masks"])
+        total = sum(losses.values())
+        if stage == "teaching":
+            losses["n_pseudo"] = torch.tensor(float(sum(len(p["labels"]) for p in pl)))  # logged, not minimised
+        return {"loss": total, **losses}
+
+
+def _expert(cfg: dict, sc: dict, train: Dataset) -> tuple[EmbeddingStore | None, int | None]:
+    """The embeddings store and the expert's width (read from the first training embedding found)."""
+    if not (sc["distill_weight"] > 0 and cfg["data"]["embeddings"]):
+        return None, None
+    store = EmbeddingStore(cfg["data"]["embeddings"], cfg["data"]["skip_missing_embeddings"])
+    probe = next((e for e in (store.load(train.file_of(i)) for i in range(len(train))) if e is not None), None)
+    store.missing = 0
+    return store, None if probe is None else probe.shape[-1]
+
+
+class StageTask(Task):
+    """One MedMask stage: losses, the EMA teacher, selective retraining, validation FROC and `best.pt`.
+
+    Args:
+        stage: a name from `STAGES`.
+        cfg: resolved run config.
+        splits: datasets from `build_splits`.
+        sdir: the stage's folder (``best.pt`` goes there).
+        init: the checkpoint this stage starts from (None: the configured pretrained backbone only).
+        load_init: load the weights now (False when resuming: the checkpoint holds them).
+    """
+
+    find_unused_parameters = True  # the feature MAE sits out the later teaching epochs
+
+    def __init__(self, stage: str, cfg: dict, splits: dict[str, Dataset], sdir: Path,
+                 init: str | Path | None = None, load_init: bool = True) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        sc = cfg[stage]
+        if int(sc["epochs"]) < 1:
+            raise ValueError(f"{stage}.epochs must be >= 1, got {sc['epochs']}")
+        self.stage, self.cfg, self.sc, self.splits, self.sdir = stage, cfg, sc, splits, sdir
+        self.store, embed_dim = _expert(cfg, sc, splits["train"])
+        torch.manual_seed(cfg["seed"])  # the same fresh modules in every process and every restart
+        detector, mae, distiller = build_medmask(cfg, embed_dim)
+        if load_init:
+            self._initialise(detector, mae, distiller, init)
+        use_mae = sc["mae_weight"] > 0 and stage != "source_only"
+        use_dist = distiller is not None and sc["distill_weight"] > 0 and stage != "source_only"
+        teacher = None
+        self.snapshot: dict[str, torch.Tensor] = {}
+        if stage == "teaching":
+            teacher = copy.deepcopy(detector).eval().requires_grad_(False)
+            keep = set(non_decoder_names(detector))
+            self.snapshot = {n: p.detach().clone() for n, p in detector.named_parameters() if n in keep}
+        super().__init__(StageModel(stage, sc, detector, mae if use_mae else None,
+                                    distiller if use_dist else None, teacher))
+        self.mae, self.distiller = mae, distiller  # saved in best.pt even when this stage does not train them
+        self.missing: dict[str, int] = {}
+        self.best_eval: tuple[dict, list] | None = None
+
+    def _initialise(self, detector: DeformableDETR, mae: FeatureMAE, distiller: ExpertDistiller | None,
+                    init: str | Path | None) -> None:
+        if init is None:
+            loaded = detector.load_pretrained()  # the explicit init step: pretrained backbone weights, once
+            if loaded:
+                log.info("[%s] backbone initialised from %s", self.stage, loaded)
+            return
+        ck = load_checkpoint(init)
+        detector.load_state_dict(ck["model"])
+        if "mae" in ck:
+            mae.load_state_dict(ck["mae"])
+        if distiller is not None and ck.get("distiller") is not None:
+            try:
+                distiller.load_state_dict(ck["distiller"])
+            except RuntimeError:
+                log.warning("[%s] distiller weights in %s do not fit; starting it afresh", self.stage, init)
+
+    def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return model(batch)  # StageModel.forward, through the DDP / DeepSpeed wrapper
+
+    # ------------------------------------------------------------------------------------- batches
+    def _embeddings(self, ds: Dataset, targets: list[dict], device: torch.device) -> list[torch.Tensor | None]:
+        if self.store is None:
+            return [None] * len(targets)
+        before = self.store.missing
+        out = [self.store.load(ds.file_of(int(t["index"]))) for t in targets]
+        key = str(self.model.epoch)
+        self.missing[key] = self.missing.get(key, 0) + self.store.missing - before
+        return [None if e is None else e.to(device) for e in out]
+
+    def prepare(self, batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        m = self.model
+        if self.stage == "source_only":
+            labelled, target = batch, None
+        else:
+            labelled, target = batch
+        images, mask, targets = labelled
+        emb = self._embeddings(self.splits["train"], targets, device) if (
+            m.distiller is not None and self.stage == "cross_domain_mae") else [None] * len(targets)
+        labelled = (images.to(device, dtype), mask.to(device), to_device(targets, device), emb)
+        if target is None:
+            return labelled
+        views, tmask, ttargets = target
+        temb = self._embeddings(self.splits["target"], ttargets, device) if (
+            m.distiller is not None and self.stage == "teaching") else [None] * len(ttargets)
+        return labelled, (tuple(v.to(device, dtype) for v in views), tmask.to(device), ttargets, temb)
+
+    def batch_size(self, batch: Any) -> int:
+        return len((batch if self.stage == "source_only" else batch[0])[0])
+
+    # ------------------------------------------------------------------------------------- hooks
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The reference Deformable DETR groups: backbone at ``lr_backbone``, sampling offsets and reference
+        point projections at ``lr * lr_linear_proj_mult``, everything else (and the MedMask modules) at ``lr``."""
+        sc, tc = self.sc, self.cfg["train"]
+        rules = [("backbone", lambda n: n.startswith("detector.backbone."), sc["lr_backbone"] / sc["lr"]),
+                 ("proj", lambda n: "sampling_offsets" in n or "reference_points" in n, tc["lr_linear_proj_mult"])]
+        return lr_scale_groups(self.model, rules, weight_decay)
+
+    def on_epoch_start(self, engine: Engine, epoch: int) -> None:
+        self.model.epoch = epoch
+        every = self.sc["retrain_every"]
+        if self.stage == "teaching" and every and epoch and epoch % every == 0:
+            n = reset_non_decoder(self.model.detector, self.snapshot)
+            log.info("[%s] epoch %d: selective retraining reset %d non-decoder tensors of the student",
+                     self.stage, epoch, n)
+
+    def after_step(self, engine: Engine) -> None:
+        if self.model.teacher is not None:
+            ema_update(self.model.teacher, self.model.detector, self.sc["ema_alpha"])
+
+    @property
+    def eval_model(self) -> DeformableDETR:
+        """The model this stage evaluates and saves: the teacher in ``teaching``, else the detector."""
+        return self.model.teacher if self.model.teacher is not None else self.model.detector
+
+    def evaluate(self, engine: Engine, epoch: int) -> dict[str, float]:
+        summary, curve, preds = evaluate(self.eval_model, self.splits["val"], self.cfg, engine.dist.device,
+                                         engine.dist)
+        self._last = (curve, preds)
+        return summary
+
+    def on_best(self, engine: Engine, epoch: int, metrics: dict[str, float]) -> None:
+        self.best_eval = self._last
+        if engine.dist.is_main:
+            self.save(self.sdir / "best.pt", epoch, metrics)
+
+    def epoch_record(self, engine: Engine, epoch: int) -> dict[str, Any]:
+        n = self.missing.get(str(epoch), 0)
+        return {"missing_embeddings": n} if n else {}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "missing": dict(self.missing)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.snapshot = state.get("snapshot", self.snapshot)
+        self.missing = dict(state.get("missing", {}))
+
+    def save(self, path: Path, epoch: int, metrics: dict) -> None:
+        """A self-contained stage checkpoint: detector config (with the backbone's record) and every weight."""
+        model = self.eval_model
+        save_checkpoint(path, {"model": {k: v.float() if v.is_floating_point() else v
+                                         for k, v in model.state_dict().items()},
+                               "mae": self.mae.state_dict(),
+                               "distiller": None if self.distiller is None else self.distiller.state_dict(),
+                               "detector": asdict(model.cfg), "data": dict(self.cfg["data"]), "stage": self.stage,
+                               "epoch": epoch, "metrics": {k: float(v) for k, v in metrics.items()}})
+
+
+# ----------------------------------------------------------------------------------------- running
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _stage_done(sdir: Path) -> bool:
+    f = sdir / "metrics.json"
+    return f.is_file() and (sdir / "best.pt").is_file() and json.loads(f.read_text()).get("complete", False)
+
+
+def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | None = None,
+                splits: dict[str, Dataset] | None = None, dist: DistInfo | None = None,
+                ds_config: dict | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train one MedMask stage; writes ``out_dir/<stage>/{best.pt,last.pt,metrics.json,froc.png,checkpoints/}``.
+
+    Args:
+        stage: one of ``source_only``, ``cross_domain_mae``, ``teaching``.
+        cfg: resolved run config (see ``DEFAULTS``).
+        out_dir: run folder.
+        init: checkpoint to start from (the previous stage's best), or None.
+        splits: datasets from :func:`build_splits` (built if None).
+        dist: launcher (default: one process on ``cfg["device"]``).
+        ds_config: DeepSpeed config (under the DeepSpeed launcher).
+        resume: continue from the stage's newest checkpoint, if it has one (else start afresh).
+
+    Returns:
+        ``{"best": summary of the best epoch, "best_epoch": int, "checkpoint": path, "history": [...], ...}``.
+    """
+    dist = dist or DistInfo(device=resolve_device(cfg["device"]))
+    splits = splits or build_splits(cfg)
+    sdir = Path(out_dir) / stage
+    ckpts = sdir / "checkpoints"
+    if not resume and ckpts.is_dir() and dist.is_main:
+        shutil.rmtree(ckpts)  # a fresh run of this stage: the old one's checkpoints must not be resumed
+    barrier(dist)
+    resuming = resume and ckpts.is_dir() and any(ckpts.iterdir())
+    task = StageTask(stage, cfg, splits, sdir, init, load_init=not resuming)
+    sc, tc, d = task.sc, cfg["train"], cfg["data"]
+    data = epoch_batches(splits["train"], cfg, cfg["seed"], dist.rank, dist.world_size)
+    if stage != "source_only":
+        data = PairedBatches(data, epoch_batches(splits["target"], cfg, cfg["seed"] + 1, dist.rank, dist.world_size))
+    spe = max(1, len(data) // tc["grad_accum"])
+    tcfg = TrainConfig(total_steps=sc["epochs"] * spe, lr=sc["lr"], schedule="step",
+                       lr_drop_step=None if sc["lr_drop"] is None else sc["lr_drop"] * spe,
+                       weight_decay=tc["weight_decay"], betas=(0.9, 0.999), grad_accum=tc["grad_accum"],
+                       clip_grad=tc["clip_max_norm"] or None, precision=tc["precision"],
+                       log_every=tc["log_every"] or spe, ckpt_every=tc["ckpt_every"],
+                       keep_checkpoints=tc["keep_checkpoints"], seed=cfg["seed"], steps_per_epoch=spe,
+                       eval_every=tc["eval_every"], select=cfg["eval"]["select"], max_bad_steps=1)
+    engine = Engine(task, tcfg, sdir, dist, ds_config=ds_config, micro_batch_size=d["batch_size"])
+    if resuming:
+        engine.resume()
+    if dist.is_main:
+        log.info("[%s] %d epochs x %d steps, global batch %d x %d ranks x %d accumulation, from step %d", stage,
+                 sc["epochs"], spe, d["batch_size"], dist.world_size, tc["grad_accum"], engine.step)
+    engine.fit(data)
+    best_ckpt = sdir / "best.pt"
+    result = {"stage": stage, "best_epoch": engine.best["epoch"], "best": engine.best["metrics"],
+              "checkpoint": str(best_ckpt), "history": engine.history, **run_facts(engine)}
+    curve = None
+    if dist.is_main:
+        task.save(sdir / "last.pt", sc["epochs"] - 1, engine.history[-1].get("val", {}) if engine.history else {})
+    if best_ckpt.is_file():
+        if task.best_eval is None:  # resumed after the best epoch: score the saved best again
+            model, _ = load_detector(best_ckpt, dist.device)
+            _, *task.best_eval = evaluate(model, splits["val"], cfg, dist.device, dist)
+        curve, preds = task.best_eval
+        if dist.is_main:
+            from medssl.viz import save_froc
+
+            save_froc(sdir / "froc.png", curve, title=f"{stage}: validation FROC (best epoch)")
+            result["overlays"] = save_overlays(splits["val"], preds, sdir / "overlays", cfg["eval"]["overlays"],
+                                               operating_threshold(curve, 0.3))
+    if dist.is_main:
+        _write_json(sdir / "metrics.json", {**result, "complete": True})
+    barrier(dist)
+    return {**result, "curve": curve}
+
+
+def run_stages(cfg: dict, stages: Iterable[str], init: str | Path | None = None, dist: DistInfo | None = None,
+               ds_config: dict | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run several stages in order, each from the previous one's best checkpoint, plus the random-box
+    baseline on the same validation images; writes ``out/summary.json`` and ``out/froc_all.png``.
+
+    With ``resume``, finished stages are kept (their best checkpoint feeds the next) and the stage that was
+    interrupted continues from its newest checkpoint.
+    """
+    from medssl.viz import save_froc
+
+    dist = dist or DistInfo(device=resolve_device(cfg["device"]))
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    splits = build_splits(cfg)
+    base_summary, base_curve = random_baseline(splits["train"], splits["val"], cfg, seed=cfg["seed"])
+    results: dict[str, Any] = {"random_boxes": base_summary}
+    curves = {"random boxes": base_curve}
+    for stage in stages:
+        sdir = out / stage
+        if resume and _stage_done(sdir):
+            if dist.is_main:
+                log.info("[%s] finished earlier: kept (%s)", stage, sdir / "best.pt")
+            res = json.loads((sdir / "metrics.json").read_text())
+            model, _ = load_detector(sdir / "best.pt", dist.device)
+            res["curve"] = evaluate(model, splits["val"], cfg, dist.device, dist)[1]
+        else:
+            res = train_stage(stage, cfg, out, init=init, splits=splits, dist=dist, ds_config=ds_config,
+                              resume=resume)
+        results[stage] = res["best"]
+        init = res["checkpoint"]
+        if res.get("curve") is not None:
+            curves[stage] = res["curve"]
+    if dist.is_main:
+        save_froc(out / "froc_all.png", curves, title="validation FROC per stage vs random boxes")
+    test = heldout_results(cfg, splits["train"], {s: out / s / "best.pt" for s in stages}, dist)
+    if test:
+        results["test"] = test
+    if dist.is_main:
+        summary_file = out / "summary.json"
+        previous = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        merged = {**previous, **{k: v for k, v in results.items() if k != "test"}}  # keep earlier stages
+        if test:
+            merged["test"] = {**previous.get("test", {}), **test}
+        _write_json(summary_file, merged)
+    return results

@@ -1,0 +1,83 @@
+"""Transfer models built from a plain record, so that a checkpoint alone rebuilds them anywhere.
+
+A record names the head (`classify` / `segment`), its protocol and options, and holds the backbone's
+architecture record (`medssl.hub.backbone_record`). `build_head(record)` builds the model without reading any
+file; `init_head(model, record)` is the explicit init step that loads the pretrained backbone weights once, at
+the start of training; `save_head` / `load_head` write and read a checkpoint holding the record and every
+weight, so that `load_head` works after the backbone's source is gone.
+
+Example:
+    >>> rec = head_record("classify", "finetune", "vit_tiny_patch16", num_classes=2, img_size=64)
+    >>> model = build_head(rec)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from medssl.heads.classify import FineTuneClassifier, LinearProbe
+from medssl.heads.segment import DenseProbe, ViTSegmenter
+from medssl.hub import backbone_record, build_backbone_model, load_backbone_weights
+from medssl.train.checkpoint import load_checkpoint, load_exact, save_checkpoint
+
+__all__ = ["build_head", "head_record", "init_head", "load_head", "save_head"]
+
+PROTOCOLS = {"classify": ("probe", "finetune"), "segment": ("probe", "frozen", "finetune")}
+
+
+def head_record(kind: str, protocol: str, backbone: str | os.PathLike, num_classes: int, img_size: int,
+                in_chans: int = 1, **options: Any) -> dict[str, Any]:
+    """The record of a transfer model: head kind, protocol, options and the backbone's architecture.
+
+    Args:
+        kind: "classify" or "segment".
+        protocol: classify: probe | finetune; segment: probe | frozen | finetune.
+        backbone: a `medssl.load_backbone` source (its architecture is read; its weights are not).
+        options: head options (classify: pool, probe_blocks, drop_path; segment: blocks, decoder_dim, drop_path).
+    """
+    if kind not in PROTOCOLS:
+        raise ValueError(f"head kind must be one of {sorted(PROTOCOLS)}, got {kind!r}")
+    if protocol not in PROTOCOLS[kind]:
+        raise ValueError(f"model.protocol for {kind} must be one of {PROTOCOLS[kind]}, got {protocol!r}")
+    return {"kind": kind, "protocol": protocol, "num_classes": int(num_classes), "img_size": int(img_size),
+            "in_chans": int(in_chans), "backbone_source": str(backbone), "backbone": backbone_record(backbone),
+            "options": dict(options)}
+
+
+def build_head(record: dict[str, Any]) -> nn.Module:
+    """The transfer model of a record, randomly initialised (reads no file)."""
+    o = record["options"]
+    vit = build_backbone_model(record["backbone"], img_size=record["img_size"], in_chans=record["in_chans"])
+    n, protocol = record["num_classes"], record["protocol"]
+    if record["kind"] == "classify":
+        if protocol == "probe":
+            return LinearProbe(vit, n, pool=o.get("pool", "cls"), num_blocks=o.get("probe_blocks", 1))
+        return FineTuneClassifier(vit, n, drop_path_rate=o.get("drop_path"), pool=o.get("pool", "mean"))
+    if protocol == "probe":
+        return DenseProbe(vit, n, num_blocks=o.get("blocks", 4))
+    return ViTSegmenter(vit, n, blocks=o.get("blocks", 4), decoder_dim=o.get("decoder_dim", 128),
+                        freeze_backbone=protocol == "frozen", drop_path_rate=o.get("drop_path"))
+
+
+def init_head(model: nn.Module, record: dict[str, Any]) -> str:
+    """The explicit init step: load the pretrained backbone weights named by the record into `model.backbone`."""
+    return load_backbone_weights(model.backbone, record["backbone_source"])
+
+
+def save_head(path: str | os.PathLike, model: nn.Module, record: dict[str, Any], **extra: Any) -> Path:
+    """A self-contained checkpoint: the record and every weight (plus `extra`, e.g. classes, metrics)."""
+    return save_checkpoint(path, {"model": model.state_dict(), "record": record, **extra})
+
+
+def load_head(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a transfer model from its checkpoint alone; returns (model in eval mode, checkpoint dict)."""
+    ck = load_checkpoint(path)
+    if "record" not in ck or "model" not in ck:
+        raise ValueError(f"{path}: not a medssl transfer checkpoint (no 'record' / 'model' entries)")
+    model = build_head(ck["record"])
+    load_exact(model, ck["model"], str(path))
+    return model.eval(), ck

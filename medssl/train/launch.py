@@ -1,0 +1,45 @@
+"""The command-line side of the launchers, shared by every recipe.
+
+Each recipe runs unchanged under `python`, `torchrun --nproc_per_node N` and
+`deepspeed --num_accelerators N ... --deepspeed --deepspeed_config ds.json`; `add_launcher_args` adds
+`--resume`, `--deepspeed`, `--deepspeed_config` and the `--local_rank` the DeepSpeed launcher appends, and
+`launched` sets up (and finally tears down) the process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Iterator
+
+from medssl.train.dist import DistInfo, cleanup_distributed, setup_distributed
+from medssl.train.logging import setup_logging
+
+__all__ = ["add_launcher_args", "launched"]
+
+
+def add_launcher_args(parser: argparse.ArgumentParser, resume_help: str = "continue from the newest checkpoint"
+                      ) -> None:
+    """Add --resume, --deepspeed, --deepspeed_config and the launcher's --local_rank to `parser`."""
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument("--deepspeed", action="store_true", help="train with DeepSpeed (ZeRO)")
+    parser.add_argument("--deepspeed_config", help="DeepSpeed JSON config (ZeRO stage, bf16)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+@contextlib.contextmanager
+def launched(args: argparse.Namespace, device: str | None) -> Iterator[tuple[DistInfo, dict | None]]:
+    """(DistInfo, DeepSpeed config or None) for the launcher that started this process; cleans up at exit."""
+    setup_logging()
+    ds_config = None
+    if args.deepspeed_config:
+        if not args.deepspeed:
+            raise SystemExit("--deepspeed_config needs --deepspeed")
+        with open(args.deepspeed_config) as f:
+            ds_config = json.load(f)
+    dist = setup_distributed(use_deepspeed=args.deepspeed, device=device)
+    try:
+        yield dist, ds_config
+    finally:
+        cleanup_distributed(dist)
