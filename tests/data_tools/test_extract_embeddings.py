@@ -113,12 +113,20 @@ def test_bad_images_are_recorded_and_skipped(tmp_path, capsys):
     assert "2 embeddings written of shape (17, 192), 0 already there, 2 skipped" in capsys.readouterr().out
 
 
-def test_open_clip_folder_expert(tmp_path):
+VISION_TOWERS = {  # open_clip's own ViT, and a timm trunk + linear head (the layout of BiomedCLIP's image tower)
+    "native": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "timm": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+             "timm_proj": "linear", "image_size": 224},
+}
+
+
+@pytest.mark.parametrize("tower", sorted(VISION_TOWERS))
+def test_open_clip_folder_expert(tmp_path, tower):
     """A randomly initialised open_clip model saved locally; reference: open_clip's own loader + encode_image."""
     open_clip = pytest.importorskip("open_clip")
-    cfg = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                           "head_width": 16},
+    cfg = {"embed_dim": 24, "vision_cfg": VISION_TOWERS[tower],
            "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
+    size = VISION_TOWERS[tower]["image_size"]
     pre = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]}
     torch.manual_seed(0)
     folder = tmp_path / "clip"
@@ -133,7 +141,7 @@ def test_open_clip_folder_expert(tmp_path):
         e = np.load(row["embedding"])
         assert Path(row["embedding"]).name == f"{f.stem}_embedding.npy" and e.shape == (1, 24)
         with torch.no_grad():
-            ref = ref_model.encode_image((_grey(f, 32).expand(-1, 3, -1, -1) - mean) / std, normalize=True)
+            ref = ref_model.encode_image((_grey(f, size).expand(-1, 3, -1, -1) - mean) / std, normalize=True)
         np.testing.assert_allclose(e, ref.numpy(), atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
