@@ -121,7 +121,7 @@ def roi_boxes(files: Sequence[str], height: int, width: int, speck_fraction: flo
     if (mh, mw) != (height, width):
         notes.append(f"mask {mh}x{mw} scaled to the image {height}x{width}")
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))  # 8-connected components
-    sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))  # [n]
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]  # [n] pixels per component
     keep = sizes >= speck_fraction * sizes.max()
     if (~keep).any():
         notes.append(f"{int((~keep).sum())} speck component(s) dropped")
