@@ -16,6 +16,8 @@ Two paths compute the same function:
 from __future__ import annotations
 
 import math
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,61 +81,151 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor,
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()  # [N, Lq, M*D]
 
 
-def _corner_indices_weights(spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
-                            attention_weights: torch.Tensor, n_tokens: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices into the flattened value table and weights of the 4 bilinear corners.
-
-    Returns:
-        (index, weight), both ``(N, Lq, heads, L*P*4)``; index is into a ``(N*heads*S, D)`` table
-        ordered (n, head, token); corners outside the map get weight 0 (zero padding) and a clamped,
-        valid index.
-    """
-    n, _, m, n_levels, n_points, _ = sampling_locations.shape
-    dev = sampling_locations.device
-    shapes = spatial_shapes.to(dev)
-    h_lvl = shapes[:, 0].view(-1, 1, 1)  # [L, 1, 1]
-    w_lvl = shapes[:, 1].view(-1, 1, 1)
+def _level_constants(spatial_shapes: torch.Tensor, n_points: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Width, height and first token of each level, repeated per point: three ``(L*P,)`` long tensors."""
+    shapes = spatial_shapes.to(device)
     starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])  # [L]
-    # align_corners=False: pixel centre i sits at (i + 0.5) / size
-    x = sampling_locations[..., 0] * w_lvl.squeeze(-1).to(sampling_locations.dtype) - 0.5  # [N, Lq, M, L, P]
-    y = sampling_locations[..., 1] * h_lvl.squeeze(-1).to(sampling_locations.dtype) - 0.5
-    x0 = x.detach().floor()
-    y0 = y.detach().floor()
-    fx = (x - x0).unsqueeze(-1)  # gradients reach the locations through the fractions
-    fy = (y - y0).unsqueeze(-1)
-    step = torch.arange(2, device=dev)  # [2] the two neighbours along each axis
-    xc = x0.long().unsqueeze(-1) + step  # [N, Lq, M, L, P, 2]
-    yc = y0.long().unsqueeze(-1) + step
-    vx = (xc >= 0) & (xc < w_lvl)  # separable validity: zero padding outside the map
-    vy = (yc >= 0) & (yc < h_lvl)
-    wx = torch.cat([1 - fx, fx], -1) * vx  # [N, Lq, M, L, P, 2]
-    wy = torch.cat([1 - fy, fy], -1) * vy * attention_weights.unsqueeze(-1)
-    weight = wy.unsqueeze(-1) * wx.unsqueeze(-2)  # [N, Lq, M, L, P, 2(y), 2(x)]
-    head_base = (torch.arange(n, device=dev).view(n, 1, 1, 1, 1, 1) * m
-                 + torch.arange(m, device=dev).view(1, 1, m, 1, 1, 1)) * n_tokens  # [N, 1, M, 1, 1, 1]
-    rows = head_base + starts.view(-1, 1, 1) + yc.clamp(min=0).minimum(h_lvl - 1) * w_lvl  # [.., P, 2]
-    index = rows.unsqueeze(-1) + xc.clamp(min=0).minimum(w_lvl - 1).unsqueeze(-2)  # [N, Lq, M, L, P, 2, 2]
-    if n * m * n_tokens < 2**31:
-        index = index.int()
-    return index.flatten(3), weight.flatten(3)
+    return (shapes[:, 1].repeat_interleave(n_points), shapes[:, 0].repeat_interleave(n_points),
+            starts.repeat_interleave(n_points))
+
+
+class _Corners(NamedTuple):
+    """The 4 bilinear corners of every sampling point, planar ``(B, L*P)`` tensors with B = N*Lq*heads.
+
+    ``index`` is ``(B, 4, L*P)`` (corners (y0, x0), (y0, x1), (y1, x0), (y1, x1)): rows of
+    ``value.view(N*S*heads, D)``, clamped into the map where a corner lies outside it (its weight is then 0);
+    int32 when the table allows it. ``wx``/``wy`` are the linear weights of the low and high neighbour along
+    x / y (0 outside the map); ``vx``/``vy`` whether that neighbour is inside the map (the derivative of its
+    weight with respect to the pixel coordinate is -v for the low and +v for the high neighbour).
+    """
+
+    index: torch.Tensor
+    wx: tuple[torch.Tensor, torch.Tensor]
+    wy: tuple[torch.Tensor, torch.Tensor]
+    vx: tuple[torch.Tensor, torch.Tensor]
+    vy: tuple[torch.Tensor, torch.Tensor]
+
+
+def _corners(spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor, n_tokens: int) -> _Corners:
+    """Bilinear corners (zero padding, ``align_corners=False``) of ``(N, Lq, M, L, P, 2)`` locations.
+
+    Every operation runs on contiguous ``(B, L*P)`` planes with ``(L*P,)`` per-level constants, so that
+    the elementwise kernels get long inner loops (7-D broadcasts with size-2 inner dims are several
+    times slower on CPU).
+    """
+    n, lq, m, n_levels, n_points, _ = sampling_locations.shape
+    dev, dtype = sampling_locations.device, sampling_locations.dtype
+    b = n * lq * m
+    width, height, start = _level_constants(spatial_shapes, n_points, dev)  # [L*P] each
+    itype = torch.int32 if n * m * n_tokens < 2**31 else torch.int64
+    loc = sampling_locations.reshape(b, n_levels * n_points, 2)  # [B, L*P, 2]
+    x = loc[..., 0] * width.to(dtype) - 0.5  # [B, L*P] pixel coordinates, pixel centre i at i + 0.5
+    y = loc[..., 1] * height.to(dtype) - 0.5
+    x0f, y0f = x.floor(), y.floor()
+    fx, fy = x - x0f, y - y0f
+    x0, y0 = x0f.to(itype), y0f.to(itype)
+    x1, y1 = x0 + 1, y0 + 1
+    vx = ((x0 >= 0) & (x0 < width), (x1 >= 0) & (x1 < width))
+    vy = ((y0 >= 0) & (y0 < height), (y1 >= 0) & (y1 < height))
+    wx = ((1 - fx) * vx[0], fx * vx[1])
+    wy = ((1 - fy) * vy[0], fy * vy[1])
+    # row of (n, token, head) in value.view(N*S*M, D) is (n*S + token)*M + head
+    nh = torch.arange(b, device=dev, dtype=itype).view(n, lq, m)  # [N, Lq, M]
+    base = ((nh // (lq * m)) * n_tokens * m + nh % m).view(b, 1)  # [B, 1]
+    wmax, hmax = (width - 1).to(itype), (height - 1).to(itype)
+    cols = [c.clamp(min=0).minimum(wmax) for c in (x0, x1)]
+    rows = [(start.to(itype) + r.clamp(min=0).minimum(hmax) * width.to(itype)) * m + base for r in (y0, y1)]
+    index = torch.stack([rows[0] + cols[0] * m, rows[0] + cols[1] * m,
+                         rows[1] + cols[0] * m, rows[1] + cols[1] * m], 1)  # [B, 4, L*P]
+    return _Corners(index, wx, wy, vx, vy)
+
+
+def _corner_weights(c: _Corners, attn: torch.Tensor) -> torch.Tensor:
+    """Bilinear x attention weight of each corner, ``(B, 4, L*P)`` in the order of ``c.index``."""
+    wy0, wy1 = c.wy[0] * attn, c.wy[1] * attn  # [B, L*P]
+    return torch.stack([wy0 * c.wx[0], wy0 * c.wx[1], wy1 * c.wx[0], wy1 * c.wx[1]], 1)
+
+
+def _csr(index: torch.Tensor, n_cols: int, values: torch.Tensor) -> torch.Tensor:
+    """A ``(B, n_cols)`` CSR matrix with the ``K`` entries of each row of the ``(B, K)`` ``index``."""
+    n_rows, k = index.shape
+    crow = torch.arange(0, n_rows * k + 1, k, device=index.device, dtype=index.dtype)  # [B + 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, index.reshape(-1), values.reshape(-1), (n_rows, n_cols))
+
+
+class _FusedDeformAttn(torch.autograd.Function):
+    """Gather-sum forward, fused backward that recomputes the corners instead of saving them.
+
+    Forward: one ``embedding_bag`` whose bags are the (query, head) pairs and whose entries are the 4
+    corners of every level and point, weighted by bilinear x attention weights. Backward: the per-corner
+    dot products ``grad_out . value`` in one ``sparse.sampled_addmm``, from which the attention and
+    location gradients follow elementwise, and the value gradient as the transposed gather: corners
+    sorted by value row, then one ``embedding_bag`` over ``grad_out``. Only the inputs are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
+                attention_weights: torch.Tensor) -> torch.Tensor:
+        n, s, m, d = value.shape
+        lq = sampling_locations.shape[1]
+        value = value.contiguous()
+        c = _corners(spatial_shapes, sampling_locations, s)
+        attn = attention_weights.reshape(n * lq * m, -1)  # [B, L*P]
+        bags = c.index.view(n * lq * m, -1)  # [B, 4*L*P]
+        out = F.embedding_bag(bags, value.view(n * s * m, d), mode="sum",
+                              per_sample_weights=_corner_weights(c, attn).view_as(bags))  # [B, D]
+        ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
+        return out.view(n, lq, m * d)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        value, spatial_shapes, loc, attention_weights = ctx.saved_tensors
+        n, s, m, d = value.shape
+        _, lq, _, n_levels, n_points, _ = loc.shape
+        rows, b = n * s * m, n * lq * m
+        g = grad_out.reshape(b, d).to(value.dtype)  # [B, D]
+        c = _corners(spatial_shapes, loc, s)
+        attn = attention_weights.reshape(b, -1)  # [B, L*P]
+        bags = c.index.view(b, -1)  # [B, K]
+        grad_value = grad_loc = grad_attn = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            pattern = _csr(bags, rows, g.new_empty(bags.numel()))
+            dots = torch.sparse.sampled_addmm(pattern, g, value.view(rows, d).t(), beta=0).values()  # g . value
+            d00, d01, d10, d11 = dots.view(b, 4, -1).unbind(1)  # [B, L*P] per corner
+            along_x = (c.wy[0] * d00 + c.wy[1] * d10, c.wy[0] * d01 + c.wy[1] * d11)  # by x neighbour
+            along_y = (c.wx[0] * d00 + c.wx[1] * d01, c.wx[0] * d10 + c.wx[1] * d11)  # by y neighbour
+            grad_attn = (c.wx[0] * along_x[0] + c.wx[1] * along_x[1]).view_as(attention_weights)
+            width, height, _ = _level_constants(spatial_shapes, n_points, loc.device)
+            gx = (c.vx[1] * along_x[1] - c.vx[0] * along_x[0]) * attn * width  # [B, L*P]
+            gy = (c.vy[1] * along_y[1] - c.vy[0] * along_y[0]) * attn * height
+            grad_loc = torch.stack([gx, gy], -1).view_as(loc)
+        if ctx.needs_input_grad[0]:
+            weight = _corner_weights(c, attn).view(-1)  # [B*K]
+            order, perm = bags.view(-1).sort()  # corners grouped by value row
+            counts = torch.bincount(order, minlength=rows)  # [N*S*M]
+            offsets = torch.zeros_like(counts)
+            torch.cumsum(counts[:-1], 0, out=offsets[1:])
+            bag_of = torch.div(perm, bags.shape[1], rounding_mode="floor")  # [B*K] the bag each came from
+            grad_value = F.embedding_bag(bag_of, g, offsets, mode="sum",
+                                         per_sample_weights=weight.index_select(0, perm)).view(n, s, m, d)
+        return grad_value, None, grad_loc, grad_attn
 
 
 def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor,
                          sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """Multi-scale deformable attention in one ``embedding_bag`` over all levels and points.
+    """Multi-scale deformable attention as one gather over all levels, points and corners.
 
-    Same arguments and result as :func:`ms_deform_attn_reference`.
+    Same arguments and result as :func:`ms_deform_attn_reference`; saves only its inputs for backward.
+    Computes in float32 for lower-precision inputs (bf16 / fp16) and returns their dtype.
     """
     _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
-    n, s, m, d = value.shape
-    lq = sampling_locations.shape[1]
-    index, weight = _corner_indices_weights(spatial_shapes, sampling_locations, attention_weights, s)
-    table = value.transpose(1, 2).reshape(n * m * s, d)  # [N*M*S, D]
-    k = index.shape[-1]
-    out = F.embedding_bag(index.reshape(-1, k), table, mode="sum",
-                          per_sample_weights=weight.reshape(-1, k).to(table.dtype))  # [N*Lq*M, D]
-    return out.view(n, lq, m * d)  # [N, Lq, M*D]
+    dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
+    out = _FusedDeformAttn.apply(value.to(dtype), spatial_shapes, sampling_locations.to(dtype),
+                                 attention_weights.to(dtype))
+    return out.to(value.dtype)
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
