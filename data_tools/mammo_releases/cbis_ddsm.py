@@ -24,7 +24,9 @@ from medssl.data import imaging
 CBIS_TABLES = {"mass": "mass_case_description_{}_set.csv", "calcification": "calc_case_description_{}_set.csv"}
 CBIS_COLUMNS = ("patient_id", "left or right breast", "image view", "abnormality id", "pathology",
                 "image file path", "cropped image file path", "ROI mask file path")
-MAX_ASPECT_CHANGE = 0.05  # a mask of another size is scaled to the mammogram only if its aspect is within 5%
+# A mask of another size is scaled to the mammogram only if its aspect ratio is within 5%: the reported
+# mismatches keep it (fjeg/ddsm_tools#5: Mass-Test_P_00145_LEFT_CC mask 4386x1789, image 5041x2056).
+MAX_ASPECT_CHANGE = 0.05
 
 
 def _cbis_files(src: Path, index: dict[str, list[Path]], csv_path: str) -> tuple[list[Path], str]:
