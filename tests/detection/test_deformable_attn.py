@@ -12,7 +12,10 @@ from medssl.detection.deformable_attn import (
     ms_deform_attn,
     ms_deform_attn_fused,
     ms_deform_attn_reference,
+    resolve_impl,
 )
+
+CPU_PATHS = [ms_deform_attn_reference, ms_deform_attn_fused]
 
 
 def _bilinear_loop(value, shapes, loc, attn):
@@ -52,9 +55,10 @@ def _inputs(dtype, n=2, lq=5, m=2, d=3, p=3, seed=0, shapes=((5, 4), (3, 2), (1,
     return value, shapes_t, loc, attn
 
 
-@pytest.mark.parametrize("fn", [ms_deform_attn_reference, ms_deform_attn_fused])
-def test_matches_per_point_loop_float64(fn):
-    value, shapes, loc, attn = _inputs(torch.float64)
+@pytest.mark.parametrize("fn", CPU_PATHS)
+@pytest.mark.parametrize("shapes", [((5, 4), (3, 2), (1, 1)), ((7, 5), (3, 3))])
+def test_matches_per_point_loop_float64(fn, shapes):
+    value, shapes, loc, attn = _inputs(torch.float64, shapes=shapes)
     expected = _bilinear_loop(value, shapes, loc, attn)
     torch.testing.assert_close(fn(value, shapes, loc, attn), expected)
 
@@ -70,14 +74,37 @@ def test_exact_pixel_centre_reads_that_pixel():
     assert ms_deform_attn(value, shapes, loc, attn).item() == pytest.approx(0.5 * 4)
 
 
-def test_gradcheck_fused_float64():
-    value, shapes, loc, attn = _inputs(torch.float64, n=1, lq=3, m=2, d=2, p=2, shapes=((3, 3), (2, 1)))
+@pytest.mark.parametrize("fn", CPU_PATHS)
+def test_gradcheck_float64(fn):
+    value, shapes, loc, attn = _inputs(torch.float64, n=2, lq=3, m=2, d=2, p=2, shapes=((3, 3), (2, 1)))
     # keep points off integer pixel coordinates, where bilinear sampling is not differentiable
     loc = (loc * 0.9 + 0.013).requires_grad_()
     value.requires_grad_()
     attn.requires_grad_()
-    assert torch.autograd.gradcheck(lambda v, lc, a: ms_deform_attn_fused(v, shapes, lc, a),
-                                    (value, loc, attn))
+    assert torch.autograd.gradcheck(lambda v, lc, a: fn(v, shapes, lc, a), (value, loc, attn))
+
+
+def test_fused_saves_only_its_inputs():
+    """The fused backward recomputes the corners: nothing but the four inputs is kept for it."""
+    value, shapes, loc, attn = (t.requires_grad_() if t.is_floating_point() else t for t in _inputs(torch.float32))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        ms_deform_attn_fused(value, shapes, loc, attn)
+    assert set(saved) == {t.untyped_storage().data_ptr() for t in (value, shapes, loc, attn)}
+
+
+def test_fused_lower_precision_inputs_computed_in_float32():
+    value, shapes, loc, attn = _inputs(torch.float32)
+    expected = ms_deform_attn_reference(value, shapes, loc, attn)
+    out = ms_deform_attn_fused(value.bfloat16(), shapes, loc.bfloat16(), attn.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_auto_takes_fused_on_cpu():
+    assert resolve_impl("auto", torch.device("cpu")) == "fused"
+    assert resolve_impl("reference", torch.device("cpu")) == "reference"
 
 
 def test_fused_matches_reference_float32_with_grads():
