@@ -1,14 +1,19 @@
 """Speed of multi-scale deformable attention (ours vs HuggingFace's pure-PyTorch form) and of the detector.
 
-    python benchmarks/bench_detection.py            # full Deformable DETR sizes (800-px image)
-    python benchmarks/bench_detection.py --quick    # small sizes, seconds
+    python benchmarks/bench_detection.py                       # sweep 128/192/256/512/800 px, both cases
+    python benchmarks/bench_detection.py --quick               # 128 and 256 px, fewer rounds
+    python benchmarks/bench_detection.py --sizes 800 --rounds 9 --threads 1
 
 Deformable-attention rows: forward + backward of the attention op alone, 4 levels at strides 8/16/32/64
 of a square image, 256 dims, 8 heads, 4 points; the decoder case (300 queries) and the encoder case (one
-query per token). Time is the minimum over interleaved repeats; ``*_cpu_s`` is the process CPU time of
-the same runs (with ``--threads 1`` it does not count time spent waiting for a shared core); memory is
-the peak CUDA allocation on GPU, and on CPU the bytes of the tensors autograd saves for the backward
-pass (the activation memory training must hold), counted once per storage.
+query per token). Implementations (``ours`` is ``ms_deform_attn(impl="auto")``: the fused PyTorch path on
+CPU, the Triton kernels on CUDA; ``reference`` our per-level ``grid_sample`` form; ``hf`` transformers'
+``MultiScaleDeformableAttention``; on CUDA also ``fused`` and, when its extension is installed, the
+official CUDA op ``MultiScaleDeformableAttention``) run in one process, interleaved round by round with
+the order rotated; the per-round time ratio hf / ours is a paired comparison, reported as its median
+with a distribution-free 95% CI (from 6 rounds), for wall time and for process CPU time (which does not
+count time spent waiting for a shared core). Memory: on CPU the bytes autograd saves for the backward
+pass (counted once per storage); on CUDA the allocator's peak during forward + backward.
 Detector row: training images/s of the demo-config detector on random 192-px images.
 """
 
@@ -16,12 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from medssl.detection.deformable_attn import ms_deform_attn_fused, ms_deform_attn_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.speed import _median, median_ci  # noqa: E402
+from medssl.detection.deformable_attn import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+
+SIZES = (128, 192, 256, 512, 800)
+CASES = {"decoder": 300, "encoder": None}  # queries; None: one per token
 
 
 def _hf_attention() -> Callable | None:
@@ -40,7 +53,47 @@ def _hf_attention() -> Callable | None:
     return hf
 
 
-def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+def _official_cuda_op() -> Callable | None:
+    """The official Deformable DETR CUDA op (``MultiScaleDeformableAttention`` extension), or None."""
+    try:
+        import MultiScaleDeformableAttention as msda  # built from the Deformable DETR repository's ops/
+    except ImportError:
+        return None
+
+    class _Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value, shapes, starts, loc, attn):
+            ctx.save_for_backward(value, shapes, starts, loc, attn)
+            return msda.ms_deform_attn_forward(value, shapes, starts, loc, attn, 64)
+
+        @staticmethod
+        def backward(ctx, grad):
+            value, shapes, starts, loc, attn = ctx.saved_tensors
+            gv, gl, ga = msda.ms_deform_attn_backward(value, shapes, starts, loc, attn, grad.contiguous(), 64)
+            return gv, None, None, gl, ga
+
+    def official(value, shapes, loc, attn):
+        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+        return _Op.apply(value, shapes, starts, loc, attn)
+
+    return official
+
+
+def implementations(device: torch.device) -> dict[str, Callable]:
+    """The implementations compared on ``device`` (peers that are not installed are left out)."""
+    impls: dict[str, Callable] = {"ours": ms_deform_attn, "reference": ms_deform_attn_reference}
+    if device.type == "cuda":
+        impls["fused"] = lambda *a: ms_deform_attn(*a, impl="fused")
+        official = _official_cuda_op()
+        if official is not None:
+            impls["official_cuda"] = official
+    hf = _hf_attention()
+    if hf is not None:
+        impls["hf"] = hf
+    return impls
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     """Bytes of distinct storages saved for backward while running ``fn``."""
     seen: dict[int, int] = {}
 
@@ -61,31 +114,35 @@ def _step(fn: Callable, args: tuple) -> None:
         torch.cuda.synchronize()
 
 
-def bench_attention(img: int, n_queries: int | None, repeats: int, device: str) -> dict:
-    """Time and memory of forward+backward for ours, the reference form and HuggingFace's."""
-    dev = torch.device(device)
-    shapes = torch.tensor([[-(-img // s), -(-img // s)] for s in (8, 16, 32, 64)], device=dev)
+def attention_inputs(img: int, n_queries: int | None, device: torch.device) -> tuple:
+    """value, spatial_shapes, locations, attention weights of a square ``img`` image (4 levels, 8 x 32)."""
+    shapes = torch.tensor([[-(-img // s), -(-img // s)] for s in (8, 16, 32, 64)], device=device)
     s = int((shapes[:, 0] * shapes[:, 1]).sum())
     lq = s if n_queries is None else n_queries
     g = torch.Generator().manual_seed(0)
-    value = torch.randn(1, s, 8, 32, generator=g).to(dev).requires_grad_()
-    loc = torch.rand(1, lq, 8, 4, 4, 2, generator=g).to(dev).requires_grad_()
-    attn = torch.rand(1, lq, 8, 4, 4, generator=g).softmax(-1).to(dev).requires_grad_()
-    args = (value, shapes, loc, attn)
-    impls = {"ours": ms_deform_attn_fused, "reference": ms_deform_attn_reference}
-    hf = _hf_attention()
-    if hf is not None:
-        impls["hf"] = hf
-    times = {k: float("inf") for k in impls}
-    cpu = {k: float("inf") for k in impls}
+    value = torch.randn(1, s, 8, 32, generator=g).to(device).requires_grad_()
+    loc = torch.rand(1, lq, 8, 4, 4, 2, generator=g).to(device).requires_grad_()
+    attn = torch.rand(1, lq, 8, 4, 4, generator=g).softmax(-1).to(device).requires_grad_()
+    return value, shapes, loc, attn
+
+
+def bench_attention(img: int, case: str, rounds: int, device: str) -> dict:
+    """Paired, interleaved timing and memory of forward + backward for every implementation."""
+    dev = torch.device(device)
+    args = attention_inputs(img, CASES[case], dev)
+    impls = implementations(dev)
+    names = list(impls)
+    rounds = -(-rounds // len(names)) * len(names)  # every implementation leads equally often
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for fn in impls.values():
-        _step(fn, args)  # warm-up
-    for _ in range(repeats):
-        for k, fn in impls.items():
+        _step(fn, args)  # warm-up (and Triton compilation)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
             t0, c0 = time.perf_counter(), time.process_time()
-            _step(fn, args)
-            times[k] = min(times[k], time.perf_counter() - t0)
-            cpu[k] = min(cpu[k], time.process_time() - c0)
+            _step(impls[k], args)
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     mem = {}
     for k, fn in impls.items():
         if dev.type == "cuda":
@@ -94,19 +151,21 @@ def bench_attention(img: int, n_queries: int | None, repeats: int, device: str) 
             _step(fn, args)
             mem[k] = torch.cuda.max_memory_allocated() - base
         else:
-            mem[k] = _saved_bytes(lambda fn=fn: fn(*args))
-    row = {"bench": "ms_deform_attn_fwd_bwd", "case": "encoder" if n_queries is None else "decoder",
-           "img": img, "queries": lq, "tokens": s, "device": device,
-           "threads": torch.get_num_threads(), "memory_kind": "cuda_peak" if dev.type == "cuda" else
-           "saved_for_backward"}
-    for k in impls:
-        row[f"{k}_s"] = round(times[k], 4)
-        row[f"{k}_cpu_s"] = round(cpu[k], 4)
-        row[f"{k}_mem_mb"] = round(mem[k] / 2**20, 1)
-    if "hf" in impls:
-        row["speedup_vs_hf"] = round(times["hf"] / times["ours"], 2)
-        row["cpu_speedup_vs_hf"] = round(cpu["hf"] / cpu["ours"], 2)
-        row["mem_ratio_vs_hf"] = round(mem["ours"] / max(mem["hf"], 1), 2)
+            mem[k] = saved_bytes(lambda fn=fn: fn(*args))
+    row = {"bench": "ms_deform_attn_fwd_bwd", "case": case, "img": img, "queries": args[2].shape[1],
+           "tokens": args[0].shape[1], "device": device, "threads": torch.get_num_threads(), "rounds": rounds,
+           "memory_kind": "cuda_peak" if dev.type == "cuda" else "saved_for_backward"}
+    for k in names:
+        row[f"{k}_s"] = _median(wall[k])
+        row[f"{k}_cpu_s"] = _median(cpu[k])
+        row[f"{k}_mem_mb"] = mem[k] / 2**20
+    for peer in [k for k in names if k != "ours"]:
+        for kind, times in (("time", wall), ("cpu", cpu)):
+            ratios = [p / o for p, o in zip(times[peer], times["ours"], strict=True)]  # > 1: ours faster
+            row[f"{kind}_speedup_vs_{peer}"] = _median(ratios)
+            row[f"{kind}_speedup_vs_{peer}_ci95"] = median_ci(ratios)
+            row[f"{kind}_faster_rounds_vs_{peer}"] = sum(x > 1 for x in ratios)
+        row[f"mem_ratio_vs_{peer}"] = mem["ours"] / max(mem[peer], 1)
     return row
 
 
@@ -123,7 +182,7 @@ def bench_detector(repeats: int, device: str) -> dict:
     imgs = torch.rand(2, 1, 192, 192, device=device)
     targets = [{"labels": torch.zeros(2, dtype=torch.long, device=device),
                 "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.5, 0.2, 0.1]], device=device)}] * 2
-    best = float("inf")
+    times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         out = model(imgs)
@@ -132,26 +191,65 @@ def bench_detector(repeats: int, device: str) -> dict:
         loss.backward()
         opt.step()
         if i:
-            best = min(best, time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
     return {"bench": "detector_train", "config": "demo", "img": 192, "batch": 2, "device": device,
-            "threads": torch.get_num_threads(), "images_per_s": round(2 / best, 2)}
+            "threads": torch.get_num_threads(), "images_per_s": 2 / _median(times)}
 
 
-def run(quick: bool) -> list[dict]:
-    """Run all detection benchmarks; ``quick`` uses a 256-px image and fewer repeats."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    img, repeats = (256, 2) if quick else (800, 3)
-    rows = [bench_attention(img, 300, repeats, device), bench_attention(img, None, repeats, device)]
+def run(quick: bool, sizes: tuple[int, ...] | None = None, rounds: int | None = None,
+        device: str | None = None) -> list[dict]:
+    """The deformable-attention sweep (every size, both cases) and the detector row."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = sizes or ((128, 256) if quick else SIZES)
+    rounds = rounds or (3 if quick else 9)
+    rows = []
+    for img in sizes:
+        for case in CASES:
+            rows.append(bench_attention(img, case, rounds, device))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     rows.append(bench_detector(1 if quick else 3, device))
     return rows
+
+
+def _ci_text(row: dict, key: str) -> str:
+    ci = row.get(f"{key}_ci95")
+    return f"{row[key]:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def report(rows: list[dict]) -> list[str]:
+    """Markdown table of the sweep (ours vs HF: time, CPU time, memory) and the detector line."""
+    attn = [r for r in rows if r["bench"] == "ms_deform_attn_fwd_bwd" and "hf_s" in r]
+    lines = []
+    if attn:
+        mem_kind = "peak CUDA memory" if attn[0]["memory_kind"] == "cuda_peak" else "memory saved for backward"
+        lines += ["| image | case (queries) | ours | HF | speed-up vs HF, wall: median [95% CI] | rounds ours "
+                  f"faster | speed-up, CPU time | {mem_kind}, ours vs HF |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in attn:
+            lines.append(f"| {r['img']} px | {r['case']} ({r['queries']:,}) | {r['ours_s'] * 1e3:.1f} ms | "
+                         f"{r['hf_s'] * 1e3:.1f} ms | {_ci_text(r, 'time_speedup_vs_hf')} | "
+                         f"{r['time_faster_rounds_vs_hf']}/{r['rounds']} | {_ci_text(r, 'cpu_speedup_vs_hf')} | "
+                         f"{r['ours_mem_mb']:.1f} vs {r['hf_mem_mb']:.1f} MB ({r['mem_ratio_vs_hf']:.2f}x) |")
+        others = sorted({k[len("time_speedup_vs_"):] for r in attn for k in r
+                         if k.startswith("time_speedup_vs_") and not k.endswith("_ci95")} - {"hf"})
+        for peer in others:
+            ratios = ", ".join(f"{r['img']}/{r['case'][:3]} {r[f'time_speedup_vs_{peer}']:.2f}x" for r in attn)
+            lines.append(f"\nSpeed-up of ours vs `{peer}` (median, wall): {ratios}.")
+    for r in rows:
+        if r["bench"] == "detector_train":
+            lines.append(f"\nDetector training, demo config ({r['img']} px, batch {r['batch']}, {r['device']}, "
+                         f"{r['threads']} threads): {r['images_per_s']:.2f} images/s.")
+    return lines
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help=f"image sizes (default {SIZES})")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per size and case")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for r in run(args.quick):
-        print(json.dumps(r))
+    result = run(args.quick, tuple(args.sizes) if args.sizes else None, args.rounds)
+    print("\n".join(report(result)))

@@ -3,6 +3,8 @@
     python benchmarks/speed.py            # MAE step, data path, deformable attention + detector
     python benchmarks/speed.py --quick    # fewer repeats, CPU demo config only for the MAE step
     python benchmarks/speed.py --only mae
+    python benchmarks/speed.py --only detection --json benchmarks/results/speed.json   # then:
+    python benchmarks/render_readme.py benchmarks/results/speed.json                   # README speed figures
 
 MAE training step (forward, backward, AdamW; batch 32; mask 0.75, norm_pix): medssl vs HuggingFace
 `ViTMAEForPreTraining` configured identically vs an MAE built from timm blocks the way the official code
@@ -14,6 +16,12 @@ interval (order statistics; from 6 rounds on): an interval that holds 1.0 means 
 this noise level. The same for forward + backward alone (the model without the optimizer). Peak memory:
 each implementation in its own fresh process (RSS growth on CPU, allocator peak on CUDA). Also the achieved
 FLOP/s as a fraction of the machine's measured matmul FLOP/s.
+
+Every result file records the date, the machine (CPU model and the flags that decide its speed: avx2,
+avx512f, avx512_bf16, amx_bf16), torch and the git commit, so that a figure says where it came from.
+bf16: on a CPU that computes it natively (AVX512-BF16 or AMX) or on CUDA, ``--bf16 auto`` (default) also
+times the MAE step under bf16 autocast for all three implementations; elsewhere it records that the
+machine has no native bf16 and skips it (``--bf16 on`` forces it, e.g. to check the code path).
 """
 
 from __future__ import annotations
@@ -97,8 +105,9 @@ def _optimizer(impl: str, model):
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))  # official main_pretrain.py
 
 
-def _stepper(impl: str, config: str, device: str):
-    """A model, its optimizer and a closure running one training step on a fixed batch."""
+def _stepper(impl: str, config: str, device: str, bf16: bool = False):
+    """A model, its optimizer and a closure running one training step on a fixed batch (bf16 autocast if
+    ``bf16``; on CUDA always, as before)."""
     import torch
 
     torch.manual_seed(0)
@@ -106,7 +115,7 @@ def _stepper(impl: str, config: str, device: str):
     model = _build(impl, cfg).to(device)
     opt = _optimizer(impl, model)
     x = torch.randn(BATCH, cfg[2], cfg[0], cfg[0], device=device)
-    use_bf16 = device == "cuda"
+    use_bf16 = bf16 or device == "cuda"
 
     def step() -> float:
         """One step; returns the seconds of forward + backward (the model's share, without the optimizer)."""
@@ -144,6 +153,49 @@ def memory_worker(impl: str, config: str, device: str) -> dict:
     return {"impl": impl, "config": config, "peak_mem_mb": peak}
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The speed-deciding flags of this CPU among avx2, avx512f, avx512_bf16, amx_bf16 (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in ("avx2", "avx512f", *BF16_FLAGS) if f in flags]
+
+
+def machine_info(device: str) -> dict:
+    """Date, machine, versions and commit that a result file carries."""
+    import torch
+
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    flags = cpu_flags()
+
+    def git(*a: str) -> str:
+        proc = subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
+            "cpu": model, "cpus": os.cpu_count(), "cpu_flags": flags,
+            "native_bf16": device == "cuda" or any(f in flags for f in BF16_FLAGS),
+            "torch": torch.__version__, "triton": triton_version, "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "threads": torch.get_num_threads(), "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+
+
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     mid = len(xs) // 2
@@ -170,7 +222,7 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] |
     return xs[j - 1], xs[n - j]
 
 
-def time_interleaved(config: str, rounds: int, steps: int, device: str) -> list[dict]:
+def time_interleaved(config: str, rounds: int, steps: int, device: str, bf16: bool = False) -> list[dict]:
     """All implementations in one process, their steps interleaved round by round (order rotated).
 
     Slow drifts of a shared machine (frequency, neighbours) then hit every implementation alike, and the
@@ -180,7 +232,7 @@ def time_interleaved(config: str, rounds: int, steps: int, device: str) -> list[
 
     steppers, flops = {}, {}
     for impl in IMPLS:
-        steppers[impl] = _stepper(impl, config, device)
+        steppers[impl] = _stepper(impl, config, device, bf16)
         with FlopCounterMode(display=False) as fc:
             steppers[impl]()  # also the warm-up
         flops[impl] = fc.get_total_flops()
@@ -204,7 +256,8 @@ def time_interleaved(config: str, rounds: int, steps: int, device: str) -> list[
                      "medssl_speedup_median": _median(ratios), "medssl_speedup_ci95": median_ci(ratios),
                      "medssl_faster_rounds": sum(r > 1 for r in ratios), "rounds": rounds,
                      "model_speedup_median": _median(fb_ratios), "model_speedup_ci95": median_ci(fb_ratios),
-                     "flops_per_step": flops[impl], "device": device})
+                     "flops_per_step": flops[impl], "device": device,
+                     "precision": "bf16" if bf16 or device == "cuda" else "fp32"})
     return rows
 
 
@@ -246,13 +299,32 @@ def report_mae(rows: list[dict], peak_flops: float) -> list[str]:
     return lines
 
 
+def bf16_plan(mode: str, info: dict) -> tuple[bool, str]:
+    """Whether to time bf16 (``mode`` auto / on / off) on this machine, and the sentence that says why."""
+    where = "CUDA" if info["device"] == "cuda" else f"CPU flags: {', '.join(info['cpu_flags']) or 'none found'}"
+    if mode == "off":
+        return False, "bf16 comparison not requested (--bf16 off)"
+    if mode == "on" and not info["native_bf16"]:
+        return True, f"bf16 forced on a machine without native bf16 ({where}): expect it slower than fp32"
+    if info["native_bf16"]:
+        return True, f"native bf16 ({where}): bf16 autocast timed beside fp32"
+    return False, (f"no native bf16 on this machine ({where}; needs avx512_bf16 or amx_bf16): "
+                   "bf16 comparison skipped")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=("mae", "data", "detection"), action="append")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, help="also write all rows to this JSON file")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per config (default 15)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per config (default: MAE 15, detection 9; --quick 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="image sizes of the deformable-attention sweep (default 128 192 256 512 800)")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="time the MAE step in bf16 autocast too: auto = where the machine has native bf16")
     parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -261,21 +333,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     only = set(args.only or ("mae", "data", "detection"))
-    out: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                             "threads": torch.get_num_threads(), "device": device}}
-    print(f"# medssl speed ({device}, {os.cpu_count()} CPUs, torch {torch.__version__})")
+    info = machine_info(device)
+    out: dict = {"machine": info, "command": " ".join(["python", "benchmarks/speed.py", *(argv or sys.argv[1:])])}
+    print(f"# medssl speed ({device}, {info['cpu']}, {info['cpus']} CPUs, flags {info['cpu_flags']}, "
+          f"torch {info['torch']}, commit {info['commit']}{' + changes' if info['dirty'] else ''})")
     if "mae" in only:
         peak = matmul_flops(device)
         out["matmul_flops"] = peak
         configs = ["demo_cpu_tiny8_64"] if args.quick else list(CONFIGS)
         rounds = args.rounds or (3 if args.quick else 15)
         rounds = -(-rounds // len(IMPLS)) * len(IMPLS)  # every implementation leads equally often
-        rows = bench_mae(configs, steps=1 if args.quick else 2, rounds=rounds, device=device)
+        steps = 1 if args.quick else 2
+        rows = bench_mae(configs, steps=steps, rounds=rounds, device=device)
         out["mae"] = rows
         print(f"\n## MAE training step, batch {BATCH} (measured matmul peak {peak / 1e9:.1f} GFLOP/s fp32)")
         print("\n".join(report_mae(rows, peak)))
+        run_bf16, why = bf16_plan(args.bf16, info)
+        out["bf16"] = {"timed": run_bf16 and device == "cpu", "note": why}
+        print(f"\n{why}")
+        if run_bf16 and device == "cpu":  # on CUDA the rows above are bf16 already
+            bf_rows = [r for c in configs for r in time_interleaved(c, rounds, steps, device, bf16=True)]
+            for r in bf_rows:
+                r["peak_mem_mb"] = float("nan")  # memory is measured for fp32 only
+                fp32 = next(x for x in rows if x["impl"] == r["impl"] and x["config"] == r["config"])
+                r["bf16_speedup_over_fp32"] = fp32["step_s"] / r["step_s"]
+            out["mae_bf16"] = bf_rows
+            print("\n## MAE training step, bf16 autocast\n" + "\n".join(report_mae(bf_rows, peak)))
     if "data" in only:
         from benchmarks import bench_data
 
@@ -284,11 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     if "detection" in only:
         from benchmarks import bench_detection
 
-        out["detection"] = bench_detection.run(args.quick)
-        print("\n## Deformable attention and detector\n" + "\n".join(json.dumps(r) for r in out["detection"]))
+        sizes = tuple(args.sizes) if args.sizes else None
+        out["detection"] = bench_detection.run(args.quick, sizes, args.rounds, device)
+        print("\n## Deformable attention and detector\n" + "\n".join(bench_detection.report(out["detection"])))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, args.json)
     return 0
 
 

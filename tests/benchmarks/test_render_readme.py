@@ -1,0 +1,51 @@
+"""README speed figures rendered from a results file; bf16 skipped where the CPU has no native bf16."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.render_readme import BEGIN, END, main, render, replace_section
+from benchmarks.speed import bf16_plan
+
+MACHINE = {"date": "2026-12-02 06:00 UTC", "cpu": "Test CPU", "cpus": 2, "cpu_flags": ["avx2"], "native_bf16": False,
+           "torch": "2.14.1", "threads": 2, "commit": "abc1234", "dirty": False, "gpu": None, "device": "cpu"}
+ROW = {"bench": "ms_deform_attn_fwd_bwd", "case": "encoder", "img": 800, "queries": 13294, "tokens": 13294,
+       "device": "cpu", "threads": 2, "rounds": 9, "memory_kind": "saved_for_backward",
+       "ours_s": 1.5, "hf_s": 3.0, "ours_mem_mb": 34.0, "hf_mem_mb": 240.0, "time_speedup_vs_hf": 2.0,
+       "time_speedup_vs_hf_ci95": [1.5, 2.5], "time_faster_rounds_vs_hf": 9, "cpu_speedup_vs_hf": 2.25,
+       "cpu_speedup_vs_hf_ci95": [2.0, 2.5], "mem_ratio_vs_hf": 34.0 / 240.0}
+
+
+def test_render_states_machine_and_every_figure():
+    text = render({"machine": MACHINE, "command": "python benchmarks/speed.py --only detection",
+                   "detection": [ROW]}, "res.json")
+    assert "Test CPU, 2 CPUs, flags avx2 (native bf16: no)" in text and "commit abc1234" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 800 px"))
+    assert row == ("| 800 px | encoder (13,294) | 1500.0 ms | 3000.0 ms | 2.00x [1.50, 2.50] | 9/9 | "
+                   "2.25x [2.00, 2.50] | 34.0 vs 240.0 MB (0.14x) |")
+
+
+def test_replace_section_keeps_the_rest(tmp_path):
+    text = f"intro\n{BEGIN}\nold figures\n{END}\nafter\n"
+    assert replace_section(text, "new\n") == f"intro\n{BEGIN}\nnew\n{END}\nafter\n"
+    with pytest.raises(ValueError, match="speed:begin"):
+        replace_section("no markers", "x")
+    readme, res = tmp_path / "README.md", tmp_path / "speed.json"
+    readme.write_text(text)
+    res.write_text(json.dumps({"machine": MACHINE, "detection": [ROW]}))
+    assert main([str(res), "--readme", str(readme)]) == 0
+    out = readme.read_text()
+    assert out.startswith(f"intro\n{BEGIN}\nMeasured 2026-12-02") and out.endswith(f"{END}\nafter\n")
+    assert "2.00x [1.50, 2.50]" in out and "old figures" not in out
+    res.write_text("{not json")
+    assert main([str(res), "--readme", str(readme)]) == 2 and readme.read_text() == out
+
+
+def test_bf16_plan_skips_without_native_bf16():
+    run, why = bf16_plan("auto", MACHINE)
+    assert not run and "no native bf16" in why and "avx2" in why
+    run, why = bf16_plan("auto", {**MACHINE, "cpu_flags": ["avx2", "amx_bf16"], "native_bf16": True})
+    assert run and "native bf16" in why
+    assert bf16_plan("on", MACHINE)[0] and not bf16_plan("off", MACHINE)[0]
