@@ -66,6 +66,7 @@ def _run(cfg: dict, dist, ds_config: dict | None, resume: bool) -> int:
     split = np.array(split_by_group([r.group for r in records], d["fractions"], d["split_seed"]))
     record = head_record("classify", m["protocol"], m["backbone"], len(classes), d["img_size"], d["in_chans"],
                          pool=m["pool"], probe_blocks=m["probe_blocks"], drop_path=m["drop_path"])
+    torch.manual_seed(t["seed"])  # the fresh head: the same in every process and every restart
     model = build_head(record)
     resuming = resume and any((out / "checkpoints").glob("*"))
     if not resuming:

@@ -129,9 +129,10 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 64, device: str |
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     outs, tgts = [], []
+    dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed bf16
     for x, y in _Batches(data, batch_size):
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-            outs.append(model(x.to(dev)).float().cpu())
+            outs.append(model(x.to(dev, dtype)).float().cpu())
         tgts.append(y)
     return torch.cat(outs), torch.cat(tgts)
 
@@ -160,6 +161,8 @@ class SupervisedTask(Task):
         best_path: where rank 0 writes the best weights (`save_checkpoint`), if anywhere.
         best_extra: entries stored beside the weights in `best_path` (architecture record, classes, ...).
     """
+
+    find_unused_parameters = True  # heads read some blocks only (the ViT's own final norm, later blocks)
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor],
                  score_fn: Callable[[torch.Tensor, torch.Tensor], float], val_data: Dataset | None, batch_size: int,
