@@ -212,7 +212,7 @@ class _FusedDeformAttn(torch.autograd.Function):
         attn = attention_weights.reshape(n * lq, -1)  # [N*Lq, M*L*P]
         grad_value = grad_loc = grad_attn = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            pattern = _csr(c.index, rows, g.new_empty(c.index.numel()))
+            pattern = _csr(c.index, rows, g.new_zeros(c.index.numel()))
             dots = torch.sparse.sampled_addmm(pattern, g, value.view(rows, d).t(), beta=0).values()  # g . value
             d00, d01, d10, d11 = dots.view(n * lq, m, 4, -1).unbind(2)  # [N*Lq, M, L*P] per corner
             d00, d01, d10, d11 = (t.reshape(n * lq, -1) for t in (d00, d01, d10, d11))  # [N*Lq, M*L*P]
