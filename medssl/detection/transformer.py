@@ -165,8 +165,8 @@ def proposal_pos_embed(proposals: torch.Tensor, num_pos_feats: int, temperature:
     """Sine embedding of logit-space boxes ``(N, Q, 4)`` -> ``(N, Q, 4*num_pos_feats)``."""
     dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
     dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-    pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t  # [N, Q, 4, F]
-    return torch.stack([pos[..., 0::2].sin(), pos[..., 1::2].cos()], -1).flatten(2)
+    pos = proposals.float().sigmoid()[..., None] * (2 * math.pi) / dim_t  # [N, Q, 4, F]
+    return torch.stack([pos[..., 0::2].sin(), pos[..., 1::2].cos()], -1).flatten(2).to(proposals.dtype)
 
 
 class DeformableTransformer(nn.Module):

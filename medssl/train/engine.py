@@ -228,6 +228,10 @@ class Engine:
         self.ds_config = cfg
         self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
                                                                     config=cfg)
+        if cfg.get("bf16", {}).get("enabled"):  # DeepSpeed casts the parameters only: buffers (BatchNorm) follow
+            for buf in self.model.buffers():
+                if buf.is_floating_point():
+                    buf.data = buf.data.to(torch.bfloat16)
         self.model = self.ds_engine
 
     @property
