@@ -3,7 +3,9 @@
 One table per task and label fraction, one row per (backbone, protocol), mean +- std over seeds.
 The best mean of each metric column is bold. The last column says whether a pretrained row beats
 BOTH baselines on the task's main metric (the from-scratch CNN and the best random-init ViT row
-with the same labels): only then has pretraining earned its place.
+with the same labels): only then has pretraining earned its place. Each table names the commit(s)
+its cells were computed at (a cell's `commit`, see benchmarks/cells.py; "+dirty": with uncommitted
+changes to the code that computes it), and so does the CSV's `commits` column.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,20 @@ def fraction_label(f: float, n_train: int | None = None) -> str:
     return f"{int(f)} labelled" if f > 1 else f"{100 * f:g} %" + (f" ({n_train})" if n_train else "")
 
 
+def commit_label(commit: str | None) -> str:
+    """Short form of a cell's commit: 12 hex digits (+dirty), 'unknown' outside git, 'unrecorded' if absent."""
+    if not commit:
+        return "unrecorded"
+    head, sep, tail = commit.partition("+")
+    return commit if head == "unknown" else head[:12] + sep + tail
+
+
+def commits_summary(agg: list[dict[str, Any]]) -> str:
+    """'`abc` (3 cells), `def+dirty` (1 cell)': the commits of the cells behind aggregated rows."""
+    counts = sum((Counter(a["commit_counts"]) for a in agg), Counter())
+    return ", ".join(f"`{c}` ({n} cell{'s' * (n != 1)})" for c, n in sorted(counts.items()))
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group per-seed rows by (task, fraction, backbone row, protocol); mean, std and n over seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -42,6 +58,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                "pretraining": rs[0]["pretraining"], "data": rs[0]["data"], "backbone": rs[0]["backbone"],
                "role": rs[0]["role"], "seeds": len(rs), "n_train": rs[0]["n_train"],
                "seconds": float(np.mean([r["seconds"] for r in rs]))}
+        agg["commit_counts"] = dict(sorted(Counter(commit_label(r.get("commit")) for r in rs).items()))
+        agg["commits"] = " ".join(agg["commit_counts"])
         for key, _ in METRICS[kind]:
             vals = np.array([r["metrics"].get(key, math.nan) for r in rs], dtype=float)
             agg[key] = float(np.mean(vals))
@@ -87,7 +105,8 @@ def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]) -> str
                           key=lambda a: (order[a["role"]], a["row"], a["protocol"]))
             cols = METRICS[kind]
             best = {k: max((r[k] for r in rows if not math.isnan(r[k])), default=math.nan) for k, _ in cols}
-            lines.append(f"Labels: {fraction_label(frac, rows[0]['n_train'])}, seeds: {rows[0]['seeds']}")
+            lines.append(f"Labels: {fraction_label(frac, rows[0]['n_train'])}, seeds: {rows[0]['seeds']}; "
+                         f"computed at commit {commits_summary(rows)}")
             lines.append("")
             head = ["Pre-training", "Data", "Backbone", "Protocol"] + [n for _, n in cols] + ["Beats both baselines"]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -105,7 +124,7 @@ def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]) -> str
 def write_csv(agg: list[dict[str, Any]], path: Path) -> None:
     """All aggregated rows as CSV (metric columns of every task kind)."""
     keys = ["task", "kind", "fraction", "n_train", "pretraining", "data", "backbone", "protocol", "role",
-            "seeds", "seconds", "verdict"]
+            "seeds", "seconds", "verdict", "commits"]
     metric_keys = [k for kind in METRICS.values() for k, _ in kind]
     keys += [m for k in metric_keys for m in (k, k + "_std")]
     with open(path, "w", newline="") as fh:
@@ -155,8 +174,9 @@ def write_all(rows: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], fold
     """Write results.md / results.csv / results.json and the charts; return their paths."""
     agg = aggregate(rows)
     md = markdown(agg, tasks)
+    header = (header + "\n\n" if header else "") + f"Cells computed at commit {commits_summary(agg)}."
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.md").write_text((header + "\n\n" if header else "") + md + "\n")
+    (folder / "results.md").write_text(header + "\n\n" + md + "\n")
     write_csv(agg, folder / "results.csv")
     (folder / "results.json").write_text(json.dumps({"tasks": tasks, "aggregated": agg, "cells": rows},
                                                     indent=1, default=float))

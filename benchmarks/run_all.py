@@ -6,8 +6,11 @@
 
 Every table carries the rows a user would otherwise pick, trained the same way on the same splits:
 a from-scratch CNN (timm ResNet-18 / small U-Net) and each ViT architecture at random init. Results
-go to one folder: results.md / .csv / .json, one bar chart per task, config.resolved.yaml, tasks.json
-and cells/ (one JSON per finished cell: a re-run skips them, so an interrupted run resumes).
+go to one folder: results.md / .csv / .json, one bar chart per task, config.resolved.yaml, tasks.json,
+code.json (per task: the fingerprinted source files, their fingerprint and commit) and cells/ (one JSON
+per finished cell: a re-run skips them, so an interrupted run resumes). A cell's key includes the
+fingerprint of the code that computes it (benchmarks/cells.py), so editing a model, head, task or the
+training loop recomputes the cells it affects; each cell records the commit it came from.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import yaml  # noqa: E402
 from benchmarks.cells import (  # noqa: E402
     Backbone,
     cached_cell,
+    cell_code,
     cell_key,
     load_vit,
     run_cell,
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg["resolved_rows"] = [b.__dict__ for b in backbones]
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     device = cfg.get("device") if cfg.get("device") not in (None, "auto") else None
-    rows, tasks_info, t_start, missing = [], {}, time.time(), []
+    rows, tasks_info, code_info, t_start, missing = [], {}, {}, time.time(), []
     for spec in task_specs:
         spec = dict(spec)
         per_task = {k: spec.pop(k) for k in ("label_fractions", "seeds", "protocols") if k in spec}
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 per_task.pop(key, None)
         task = build_task(spec, img)
         tasks_info[task.name] = task.summary()
+        code = cell_code(task.kind, spec)  # the files that compute this task's cells, hashed once per run
+        code_info[task.name] = code
         det = task.kind == "detection"
         cnn_name = {"segmentation": "unet",
                     "detection": str(cfg.get("detection", {}).get("cnn", "resnet18"))}.get(task.kind, "resnet18")
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     hp = dict(cfg.get("detection" if det else protocol, {}))
                     extra = {"task_version": task.info["version"]} if "version" in task.info else {}
                     key = cell_key(task=spec, img=img, bb=bb.identity(), protocol=protocol, fraction=frac,
-                                   seed=seed, hp=hp, version=1, **extra)
+                                   seed=seed, hp=hp, code=code["fingerprint"], **extra)
                     t0 = time.time()
                     if det:
                         job = functools.partial(run_detection_cell, task, bb, protocol, frac, seed, hp,
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                     if args.report_only and not (out / "cells" / f"{key}.json").is_file():
                         missing.append(f"{task.name} {frac:g} seed {seed} {bb.label} {bb.pretraining} {protocol}")
                         continue
-                    res, hit = cached_cell(out / "cells", key, job)
+                    res, hit = cached_cell(out / "cells", key, job,
+                                           meta={k: code[k] for k in ("commit", "fingerprint")})
                     role = "cnn" if bb.kind == "cnn" else "random" if bb.kind == "vit_random" else "pretrained"
                     rows.append({"task": task.name, "kind": task.kind, "fraction": frac, "seed": seed,
                                  "row": f"{bb.pretraining} | {bb.data} | {bb.label}", "protocol": protocol,
@@ -185,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         header += f"\n\nPARTIAL TABLE: {len(missing)} cells not run yet: " + "; ".join(missing)
         print(f"{len(missing)} cells missing (not run with --report-only)")
     (out / "tasks.json").write_text(json.dumps(tasks_info, indent=1, default=str))
+    (out / "code.json").write_text(json.dumps(code_info, indent=1))
     paths = write_all(rows, tasks_info, out, header)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from benchmarks import run_all
+from benchmarks.cells import git_commit
 from medssl.hub import save_backbone
 from medssl.models.vit import build_vit
 
@@ -53,6 +54,14 @@ def test_outputs_and_table(micro):
     assert tasks["brain_tissue"]["classes"] == ["background", "grey matter", "white matter"]
     cells = list((out / "cells").glob("*.json"))
     assert len(cells) == 20
+    code = json.loads((out / "code.json").read_text())
+    for c in map(json.loads, (p.read_text() for p in cells)):  # each cell names the code that computed it
+        assert c["fingerprint"] in {code["brain_tissue"]["fingerprint"], code["image_qc"]["fingerprint"]}
+        assert c["commit"] == code["brain_tissue"]["commit"] or c["commit"] == code["image_qc"]["commit"]
+    commit = code["image_qc"]["commit"]
+    assert commit == git_commit(code["image_qc"]["files"]) and commit != "unknown"
+    label = commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+    assert f"`{label}` (" in md and label in rows[-1]["commits"]
 
 
 def test_resume_uses_cache(micro, capsys):
@@ -81,4 +90,21 @@ def test_report_only_lists_missing_cells(micro):
                          "--seeds", "0", "7", "--report-only"]) == 0
     md = (out / "results.md").read_text()
     assert "PARTIAL TABLE: 10 cells not run yet" in md and "seed 7" in md
+    assert len(list((out / "cells").glob("*.json"))) == 20  # nothing was trained
+
+
+def test_changed_code_recomputes_its_cells(micro, monkeypatch):
+    """Another fingerprint for brain_tissue's code: its cells are missing (would be recomputed), image_qc's not."""
+    tmp, out = micro
+    real = run_all.cell_code
+
+    def edited(kind, spec):
+        code = real(kind, spec)
+        return {**code, "fingerprint": "0" * 16} if spec["name"] == "brain_tissue" else code
+
+    monkeypatch.setattr(run_all, "cell_code", edited)
+    assert run_all.main(["--config", str(tmp / "micro.yaml"), "--out", str(out), "--report-only"]) == 0
+    md = (out / "results.md").read_text()
+    assert "PARTIAL TABLE: 10 cells not run yet" in md and md.count("brain_tissue 5 seed 0") == 5
+    assert "image_qc" not in md.split("PARTIAL TABLE")[1].split("\n")[0]
     assert len(list((out / "cells").glob("*.json"))) == 20  # nothing was trained
