@@ -1,7 +1,8 @@
 """Render README.md's speed figures from a results file written by ``benchmarks/speed.py --json``.
 
-    python benchmarks/speed.py --only detection --json benchmarks/results/speed.json
-    python benchmarks/render_readme.py benchmarks/results/speed.json            # rewrites README.md
+    python benchmarks/speed.py --only detection --threads 1 --json benchmarks/results/speed.json
+    python benchmarks/profile_detector.py --threads 1 --json benchmarks/results/detector_profile.json
+    python benchmarks/render_readme.py benchmarks/results/speed.json benchmarks/results/detector_profile.json
     python benchmarks/render_readme.py benchmarks/results/speed.json --print    # shows the text only
 
 Only the text between the ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` markers is replaced; the
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_detection  # noqa: E402
+from benchmarks import bench_detection, profile_detector  # noqa: E402
 from benchmarks.speed import report_mae  # noqa: E402
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
@@ -30,10 +31,10 @@ def render(result: dict, source: str) -> str:
     m = result["machine"]
     bf16 = "yes" if m.get("native_bf16") else "no"
     where = m["gpu"] if m.get("gpu") else f"{m['cpu']}, {m['cpus']} CPUs, flags {', '.join(m['cpu_flags']) or '-'}"
-    commit = m["commit"] + (" with uncommitted changes" if m.get("dirty") else "")
-    lines = [f"Measured {m['date']} on {where} (native bf16: {bf16}), torch {m['torch']}, {m['threads']} "
-             f"threads, commit {commit}: `{result.get('command', 'python benchmarks/speed.py')}`, rendered by "
-             f"`python benchmarks/render_readme.py {source}`."]
+    commit = m["commit"] + (" with uncommitted changes in the checkout" if m.get("dirty") else "")
+    lines = [f"`{source}`: measured {m['date']} on {where} (native bf16: {bf16}), torch {m['torch']}, "
+             f"{m['threads']} threads, commit {commit}"
+             + (f", by `{result['command']}`." if result.get("command") else ".")]
     det = result.get("detection")
     if det:
         attn = [r for r in det if r["bench"] == "ms_deform_attn_fwd_bwd"]
@@ -51,6 +52,10 @@ def render(result: dict, source: str) -> str:
         lines += ["", f"bf16: {result['bf16']['note']}."]
     if result.get("mae_bf16"):
         lines += [""] + report_mae(result["mae_bf16"], result["matmul_flops"])
+    if result.get("detector_profile"):
+        lines += ["", "Where one detector training step spends its CPU time (`benchmarks/profile_detector.py`: "
+                  "profiler time per part, a backward operator charged to the part whose forward created it):", ""]
+        lines += profile_detector.report(result["detector_profile"])
     return "\n".join(lines).strip() + "\n"
 
 
@@ -65,16 +70,19 @@ def replace_section(text: str, body: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="JSON written by benchmarks/speed.py --json")
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="JSON files written by benchmarks/speed.py --json or profile_detector.py --json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
     args = parser.parse_args(argv)
-    try:
-        result = json.loads(args.results.read_text())
-        body = render(result, str(args.results))
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        print(f"{args.results}: not a speed.py results file ({err!r})", file=sys.stderr)
-        return 2
+    parts = []
+    for path in args.results:
+        try:
+            parts.append(render(json.loads(path.read_text()), str(path)))
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            print(f"{path}: not a speed.py / profile_detector.py results file ({err!r})", file=sys.stderr)
+            return 2
+    body = "\n".join(parts)
     if args.print:
         print(body)
         return 0
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.readme.with_name(args.readme.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, args.readme)
-    print(f"rewrote the speed section of {args.readme} from {args.results}")
+    print(f"rewrote the speed section of {args.readme} from {', '.join(map(str, args.results))}")
     return 0
 
 

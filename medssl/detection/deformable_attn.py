@@ -15,8 +15,9 @@ Three paths compute the same function:
   kernels, for CUDA tensors.
 
 ``ms_deform_attn`` (``impl="auto"``) takes the Triton kernels for CUDA tensors when Triton imports and the
-fused path otherwise (on CPU it measured 2-2.7x faster than the per-level ``grid_sample`` form at every
-size from 128 to 800 px, forward + backward; ``benchmarks/bench_detection.py``). The choice is logged once.
+fused path otherwise (single-threaded on CPU it measured 2.0-2.8x faster than the per-level ``grid_sample``
+form and HF's at every size from 128 to 800 px, forward + backward; ``benchmarks/bench_detection.py``).
+The choice is logged once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import NamedTuple
 
@@ -178,6 +181,28 @@ def _csr(index: torch.Tensor, n_cols: int, values: torch.Tensor) -> torch.Tensor
         return torch.sparse_csr_tensor(crow, index.reshape(-1), values.reshape(-1), (n_rows, n_cols))
 
 
+SERIAL_BELOW = 1 << 20  # bilinear corners (N*Lq*M*L*P*4) under which the fused path runs on one CPU thread
+
+
+@contextmanager
+def _cpu_threads_for(tensor: torch.Tensor, n_corners: int) -> Iterator[None]:
+    """One intra-op thread for small CPU problems, the configured number otherwise.
+
+    The fused path is some 60 small operators; below ~1M corners each is too short to gain from a second
+    thread (measured: no gain at 128-256 px), and on a shared machine every parallel region can wait for a
+    descheduled thread (2-thread runs there were up to 10x slower than 1-thread ones at 128-192 px).
+    """
+    threads = torch.get_num_threads()
+    if tensor.device.type != "cpu" or threads == 1 or n_corners >= SERIAL_BELOW:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _FusedDeformAttn(torch.autograd.Function):
     """Gather-sum forward, fused backward that recomputes the corners instead of saving them.
 
@@ -194,16 +219,24 @@ class _FusedDeformAttn(torch.autograd.Function):
         n, s, m, d = value.shape
         lq = sampling_locations.shape[1]
         value = value.contiguous()
-        c = _corners(spatial_shapes, sampling_locations, s)
-        attn = attention_weights.reshape(n * lq, -1)  # [N*Lq, M*L*P]
-        out = F.embedding_bag(c.index, value.view(n * s * m, d), mode="sum",
-                              per_sample_weights=_corner_weights(c, attn, m))  # [N*Lq*M, D]
+        with _cpu_threads_for(value, attention_weights.numel() * 4):
+            c = _corners(spatial_shapes, sampling_locations, s)
+            attn = attention_weights.reshape(n * lq, -1)  # [N*Lq, M*L*P]
+            out = F.embedding_bag(c.index, value.view(n * s * m, d), mode="sum",
+                                  per_sample_weights=_corner_weights(c, attn, m))  # [N*Lq*M, D]
         ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
         return out.view(n, lq, m * d)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         value, spatial_shapes, loc, attention_weights = ctx.saved_tensors
+        with _cpu_threads_for(value, attention_weights.numel() * 4):
+            return _FusedDeformAttn._grads(ctx, grad_out, value, spatial_shapes, loc, attention_weights)
+
+    @staticmethod
+    def _grads(ctx, grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor, loc: torch.Tensor,
+               attention_weights: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients for value, (no gradient for spatial_shapes), locations and attention weights."""
         n, s, m, d = value.shape
         _, lq, _, n_levels, n_points, _ = loc.shape
         rows = n * s * m

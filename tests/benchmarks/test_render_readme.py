@@ -22,6 +22,7 @@ def test_render_states_machine_and_every_figure():
     text = render({"machine": MACHINE, "command": "python benchmarks/speed.py --only detection",
                    "detection": [ROW]}, "res.json")
     assert "Test CPU, 2 CPUs, flags avx2 (native bf16: no)" in text and "commit abc1234" in text
+    assert text.startswith("`res.json`: measured 2026-12-02")
     row = next(line for line in text.splitlines() if line.startswith("| 800 px"))
     assert row == ("| 800 px | encoder (13,294) | 1500.0 ms | 3000.0 ms | 2.00x [1.50, 2.50] | 9/9 | "
                    "2.25x [2.00, 2.50] | 34.0 vs 240.0 MB (0.14x) |")
@@ -37,7 +38,7 @@ def test_replace_section_keeps_the_rest(tmp_path):
     res.write_text(json.dumps({"machine": MACHINE, "detection": [ROW]}))
     assert main([str(res), "--readme", str(readme)]) == 0
     out = readme.read_text()
-    assert out.startswith(f"intro\n{BEGIN}\nMeasured 2026-12-02") and out.endswith(f"{END}\nafter\n")
+    assert out.startswith(f"intro\n{BEGIN}\n`{res}`: measured 2026-12-02") and out.endswith(f"{END}\nafter\n")
     assert "2.00x [1.50, 2.50]" in out and "old figures" not in out
     res.write_text("{not json")
     assert main([str(res), "--readme", str(readme)]) == 2 and readme.read_text() == out
