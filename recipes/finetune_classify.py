@@ -15,7 +15,6 @@ Writes output.dir/{config.yaml, metrics.json, best.pt, head.pt (architecture rec
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from medssl.config import dump_config, load_config
+from medssl.config import dump_config
 from medssl.data.datasets import ClassificationDataset, classification_records, split_by_group
 from medssl.heads.build import build_head, head_record, init_head, save_head
 from medssl.heads.classify import balanced_sampler, class_weights, layer_decay_groups
 from medssl.heads.fit import FitConfig, auc_score, predict, train_supervised
 from medssl.metrics.classification import classification_report
 from medssl.train.engine import run_facts
-from medssl.train.launch import add_launcher_args, launched
+from medssl.train.launch import run_recipe
 
 DEFAULTS = {
     "data": {"source": None, "img_size": 224, "in_chans": 1, "fractions": [0.7, 0.15, 0.15], "split_seed": 0},
@@ -45,16 +44,11 @@ DEFAULTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (recipes/configs/finetune_classify.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.source=labels.csv")
-    add_launcher_args(parser, "continue the run in output.dir from its newest checkpoint")
-    args = parser.parse_args(argv)
-    cfg = load_config(DEFAULTS, args.config, args.overrides)
-    if not cfg["data"]["source"]:
-        raise ValueError("data.source is required: a class-per-folder tree or a path,label[,patient] CSV")
-    with launched(args, cfg["train"]["device"]) as (dist, ds_config):
-        return _run(cfg, dist, ds_config, args.resume)
+    """Entry point (python, torchrun or deepspeed)."""
+    return run_recipe(__doc__, DEFAULTS, _run, argv,
+                      required=("data", "source", "data.source is required: a class-per-folder tree or a "
+                                "path,label[,patient] CSV"),
+                      config_help="YAML config (recipes/configs/finetune_classify.yaml)")
 
 
 def _run(cfg: dict, dist, ds_config: dict | None, resume: bool) -> int:

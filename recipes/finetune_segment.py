@@ -15,7 +15,6 @@ Writes output.dir/{config.yaml, metrics.json, best.pt, model.pt (architecture re
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from medssl.config import dump_config, load_config
+from medssl.config import dump_config
 from medssl.data.datasets import SegmentationDataset, split_by_group
 from medssl.heads.build import build_head, head_record, init_head, save_head
 from medssl.heads.classify import layer_decay_groups
@@ -32,7 +31,7 @@ from medssl.heads.fit import FitConfig, dice_score, predict, random_hflip, train
 from medssl.heads.segment import dice_ce_loss
 from medssl.metrics.segmentation import SegmentationMeter
 from medssl.train.engine import run_facts
-from medssl.train.launch import add_launcher_args, launched
+from medssl.train.launch import run_recipe
 
 DEFAULTS = {
     "data": {"csv": None, "num_classes": 2, "img_size": 224, "in_chans": 1, "axis": 0, "min_foreground": 0.05,
@@ -46,16 +45,10 @@ DEFAULTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (recipes/configs/finetune_segment.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.csv=pairs.csv")
-    add_launcher_args(parser, "continue the run in output.dir from its newest checkpoint")
-    args = parser.parse_args(argv)
-    cfg = load_config(DEFAULTS, args.config, args.overrides)
-    if not cfg["data"]["csv"]:
-        raise ValueError("data.csv is required: a CSV with columns image,mask[,patient]")
-    with launched(args, cfg["train"]["device"]) as (dist, ds_config):
-        return _run(cfg, dist, ds_config, args.resume)
+    """Entry point (python, torchrun or deepspeed)."""
+    return run_recipe(__doc__, DEFAULTS, _run, argv,
+                      required=("data", "csv", "data.csv is required: a CSV with columns image,mask[,patient]"),
+                      config_help="YAML config (recipes/configs/finetune_segment.yaml)")
 
 
 def _run(cfg: dict, dist, ds_config: dict | None, resume: bool) -> int:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from medssl.train.dist import DistInfo, cleanup_distributed, setup_distributed
 from medssl.train.logging import setup_logging
 
-__all__ = ["add_launcher_args", "launched"]
+__all__ = ["add_launcher_args", "launched", "run_recipe"]
 
 
 def add_launcher_args(parser: argparse.ArgumentParser, resume_help: str = "continue from the newest checkpoint"
@@ -43,3 +44,28 @@ def launched(args: argparse.Namespace, device: str | None) -> Iterator[tuple[Dis
         yield dist, ds_config
     finally:
         cleanup_distributed(dist)
+
+
+def run_recipe(doc: str, defaults: Mapping[str, Any], run: Callable[..., int], argv: list[str] | None = None,
+               required: tuple[str, str, str] | None = None, config_help: str = "YAML config") -> int:
+    """The whole command line of a config-driven training recipe: `--config`, `section.key=value` overrides,
+    the launcher arguments; then `run(cfg, dist, ds_config, resume)` under the launcher that started us.
+
+    Args:
+        doc: the recipe's description (its module docstring).
+        defaults: the recipe's config defaults.
+        run: the procedure.
+        required: (section, key, message): a config value that must be set, else ValueError(message).
+    """
+    from medssl.config import load_config
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    add_launcher_args(parser, "continue the run in output.dir from its newest checkpoint")
+    args = parser.parse_args(argv)
+    cfg = load_config(defaults, args.config, args.overrides)
+    if required is not None and not cfg[required[0]][required[1]]:
+        raise ValueError(required[2])
+    with launched(args, cfg["train"]["device"]) as (dist, ds_config):
+        return run(cfg, dist, ds_config, args.resume)
