@@ -22,6 +22,7 @@ from medssl.train.dist import DistInfo, barrier
 from medssl.train.engine import Engine, TrainConfig
 from medssl.train.optim import scaled_lr
 from medssl.train.task import Task
+from medssl.utils import seed_everything
 
 log = logging.getLogger("medssl")
 
@@ -157,7 +158,7 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
                               "output.dir")
     urls = expand_urls(d["shards"])
-    torch.manual_seed(t["seed"])
+    seed_everything(t["seed"])
     model = build_model(cfg)
     patch = model.patch_size
     total, warmup, eff = plan_steps(cfg, count_samples(urls), dist.world_size)

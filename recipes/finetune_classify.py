@@ -32,6 +32,7 @@ from medssl.heads.fit import FitConfig, auc_score, predict, train_supervised
 from medssl.metrics.classification import classification_report
 from medssl.train.engine import run_facts
 from medssl.train.launch import run_recipe
+from medssl.utils import seed_everything
 
 DEFAULTS = {
     "data": {"source": None, "img_size": 224, "in_chans": 1, "fractions": [0.7, 0.15, 0.15], "split_seed": 0},
@@ -60,7 +61,7 @@ def _run(cfg: dict, dist, ds_config: dict | None, resume: bool) -> int:
     split = np.array(split_by_group([r.group for r in records], d["fractions"], d["split_seed"]))
     record = head_record("classify", m["protocol"], m["backbone"], len(classes), d["img_size"], d["in_chans"],
                          pool=m["pool"], probe_blocks=m["probe_blocks"], drop_path=m["drop_path"])
-    torch.manual_seed(t["seed"])  # the fresh head: the same in every process and every restart
+    seed_everything(t["seed"])  # the fresh head: the same in every process and every restart
     model = build_head(record)
     resuming = resume and any((out / "checkpoints").glob("*"))
     if not resuming:

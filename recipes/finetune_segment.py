@@ -32,6 +32,7 @@ from medssl.heads.segment import dice_ce_loss
 from medssl.metrics.segmentation import SegmentationMeter
 from medssl.train.engine import run_facts
 from medssl.train.launch import run_recipe
+from medssl.utils import seed_everything
 
 DEFAULTS = {
     "data": {"csv": None, "num_classes": 2, "img_size": 224, "in_chans": 1, "axis": 0, "min_foreground": 0.05,
@@ -62,7 +63,7 @@ def _run(cfg: dict, dist, ds_config: dict | None, resume: bool) -> int:
     c = d["num_classes"]
     record = head_record("segment", m["protocol"], m["backbone"], c, d["img_size"], d["in_chans"],
                          blocks=m["blocks"], decoder_dim=m["decoder_dim"], drop_path=m["drop_path"])
-    torch.manual_seed(t["seed"])  # the fresh head: the same in every process and every restart
+    seed_everything(t["seed"])  # the fresh head: the same in every process and every restart
     model = build_head(record)
     if not (resume and any((out / "checkpoints").glob("*"))):
         init_head(model, record)  # the pretrained weights, once; a resumed run has them in its checkpoint

@@ -13,15 +13,13 @@ the first, its cycle `c` ordered by `(seed, e, c)`, so its position is a functio
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medssl.utils import stable_seed
+from medssl.utils import seed_everything, stable_seed
 
 __all__ = ["EpochBatches", "PairedBatches", "epoch_order"]
 
@@ -47,10 +45,7 @@ class _Seeded(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> Any:
         epoch, cycle, i = key
-        s = stable_seed(self.seed, epoch, cycle, i)
-        random.seed(s)
-        np.random.seed(s % 2**32)
-        torch.manual_seed(s)
+        seed_everything(stable_seed(self.seed, epoch, cycle, i))
         return self.ds[i]
 
 

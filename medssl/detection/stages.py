@@ -60,6 +60,7 @@ from medssl.train.dist import DistInfo, barrier, resolve_device
 from medssl.train.engine import Engine, TrainConfig, run_facts
 from medssl.train.optim import lr_scale_groups
 from medssl.train.task import Task
+from medssl.utils import seed_everything
 
 __all__ = ["DEFAULTS", "STAGES", "StageModel", "StageTask", "build_medmask", "run_stages", "train_stage"]
 
@@ -165,7 +166,7 @@ class StageTask(Task):
             raise ValueError(f"{stage}.epochs must be >= 1, got {sc['epochs']}")
         self.stage, self.cfg, self.sc, self.splits, self.sdir = stage, cfg, sc, splits, sdir
         self.store, embed_dim = _expert(cfg, sc, splits["train"])
-        torch.manual_seed(cfg["seed"])  # the same fresh modules in every process and every restart
+        seed_everything(cfg["seed"])  # the same fresh modules in every process and every restart
         detector, mae, distiller = build_medmask(cfg, embed_dim)
         if load_init:
             self._initialise(detector, mae, distiller, init)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
@@ -29,6 +27,7 @@ from medssl.train.dist import DistInfo, resolve_device
 from medssl.train.engine import Engine, TrainConfig
 from medssl.train.optim import param_groups as make_param_groups
 from medssl.train.task import Task
+from medssl.utils import seed_everything
 
 
 @dataclass
@@ -79,14 +78,6 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     engine: Any = None  # the Engine that trained (world size, global batch, images/s, data wait)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a torch Generator for samplers and loaders."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 class _Batches:
