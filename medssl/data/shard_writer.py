@@ -69,7 +69,7 @@ class ShardWriter:
 
     @property
     def pending_keys(self) -> list[str]:
-        """Keys written to the shard in progress (not yet safe on disk)."""
+        """Keys written to the shard in progress (not yet safe on disk); empty once a shard closed."""
         return list(self._keys)
 
     def _open(self) -> None:
@@ -105,6 +105,7 @@ class ShardWriter:
         record = {"name": final.name, "count": self._count, "keys": list(self._keys)}
         self.finished.append(record)
         self._tar, self._tmp = None, None
+        self._count, self._keys = 0, []  # nothing pending until the next write opens a shard
         self.index += 1
         if self.on_close is not None:
             self.on_close(record)

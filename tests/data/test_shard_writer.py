@@ -59,6 +59,18 @@ def test_shard_in_progress_never_looks_complete(tmp_path):
     assert shard_keys(tmp_path / "lumid-000001.tar") == ["c"]
 
 
+def test_a_full_shard_leaves_nothing_pending(tmp_path):
+    closed = []
+    w = ShardWriter(tmp_path, samples_per_shard=2, on_close=closed.append)
+    w.write("a", np.zeros((2, 2), np.uint8), {})
+    w.write("b", np.ones((2, 2), np.uint8), {})  # fills shard 0: closed, nothing in progress
+    assert w.pending_keys == [] and [r["keys"] for r in closed] == [["a", "b"]]
+    w.write("c", np.ones((2, 2), np.uint8), {})
+    assert w.pending_keys == ["c"]
+    w.close()
+    assert w.pending_keys == [] and [(r["count"], r["keys"]) for r in closed] == [(2, ["a", "b"]), (1, ["c"])]
+
+
 def test_bad_keys_and_arguments_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="samples_per_shard"):
         ShardWriter(tmp_path, samples_per_shard=0)

@@ -216,6 +216,24 @@ def test_resume_after_kill_gives_the_same_shards(tmp_path, monkeypatch, built):
     assert again == 0 and len(manifest(out)) == len(manifest(clean))
 
 
+def test_a_run_ending_on_a_shard_boundary_records_every_input(tmp_path):
+    """The last sample fills its shard exactly, then an input without samples: both get manifest lines."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.tile(np.arange(80, dtype=np.uint8) * 3, (64, 1))).save(src / "a_gradient.png")
+    make_bad(src, "bad_png")  # broken.png, after a_gradient.png
+    out = tmp_path / "out"
+    args = [a if i != ARGS.index("--samples-per-shard") + 1 else "1" for i, a in enumerate(ARGS)]
+    assert bs.main([str(src), "--out", str(out), *args]) == 0
+    recs = {Path(r["input"]).name: r for r in manifest(out)}
+    assert sorted(recs) == ["a_gradient.png", "broken.png"]
+    assert recs["a_gradient.png"]["status"] == "written" and recs["broken.png"]["status"] == "failed"
+    assert recs["a_gradient.png"]["keys"] == list(all_samples(out)) and len(finished_shards(out)) == 1
+    assert bs.main([str(src), "--out", str(out), *args]) == 0 and len(manifest(out)) == 2  # nothing redone
+
+
 def test_resume_refuses_other_options(tmp_path, built):
     root, _ = built
     src = root / "good" / "MR_small.dcm"
