@@ -15,7 +15,7 @@ Three paths compute the same function:
   kernels, for CUDA tensors.
 
 ``ms_deform_attn`` (``impl="auto"``) takes the Triton kernels for CUDA tensors when Triton imports and the
-fused path otherwise (single-threaded on CPU it measured 2.0-2.8x faster than the per-level ``grid_sample``
+fused path otherwise (single-threaded on CPU it measured 1.8-2.8x faster than the per-level ``grid_sample``
 form and HF's at every size from 128 to 800 px, forward + backward; ``benchmarks/bench_detection.py``).
 The choice is logged once.
 """

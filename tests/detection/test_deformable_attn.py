@@ -162,3 +162,18 @@ def test_padding_mask_hides_tokens():
     changed = src.clone()
     changed[0, 8:] = 100.0
     torch.testing.assert_close(attn(q, ref, src, shapes, pad), attn(q, ref, changed, shapes, pad))
+
+
+def test_fused_small_problem_leaves_thread_count_as_it_was():
+    """Small CPU problems run on one intra-op thread; the caller's setting is restored after forward and backward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        value, shapes, loc, attn = (t.requires_grad_() if t.is_floating_point() else t
+                                    for t in _inputs(torch.float32))
+        out = ms_deform_attn_fused(value, shapes, loc, attn)
+        assert torch.get_num_threads() == 2
+        out.sum().backward()
+        assert torch.get_num_threads() == 2 and value.grad is not None
+    finally:
+        torch.set_num_threads(before)
