@@ -51,7 +51,9 @@ def render(result: dict, source: str) -> str:
     if result.get("bf16"):
         lines += ["", f"bf16: {result['bf16']['note']}."]
     if result.get("mae_bf16"):
-        lines += [""] + report_mae(result["mae_bf16"], result["matmul_flops"])
+        peak = result.get("matmul_flops_bf16", result["matmul_flops"])
+        lines += ["", f"MAE training step under bf16 autocast (FLOP/s against the bf16 matmul peak, {peak / 1e9:.0f} "
+                  "GFLOP/s):", ""] + report_mae(result["mae_bf16"], peak)
     if result.get("detector_profile"):
         lines += ["", "Where one detector training step spends its CPU time (`benchmarks/profile_detector.py`: "
                   "profiler time per part, a backward operator charged to the part whose forward created it):", ""]

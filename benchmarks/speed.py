@@ -61,11 +61,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def matmul_flops(device: str, n: int = 2048, repeats: int = 10) -> float:
-    """Measured fp32 matmul FLOP/s of this machine (the ceiling to compare against)."""
+def matmul_flops(device: str, n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Measured matmul FLOP/s of this machine in ``dtype`` (the ceiling to compare against)."""
     import torch
 
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     for _ in range(2):
         a @ b
     best = float("inf")
@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                 fp32 = next(x for x in rows if x["impl"] == r["impl"] and x["config"] == r["config"])
                 r["bf16_speedup_over_fp32"] = fp32["step_s"] / r["step_s"]
             out["mae_bf16"] = bf_rows
-            print("\n## MAE training step, bf16 autocast\n" + "\n".join(report_mae(bf_rows, peak)))
+            out["matmul_flops_bf16"] = peak_bf16 = matmul_flops(device, n=1024, repeats=3, dtype="bfloat16")
+            print(f"\n## MAE training step, bf16 autocast (measured bf16 matmul peak {peak_bf16 / 1e9:.1f} GFLOP/s)\n"
+                  + "\n".join(report_mae(bf_rows, peak_bf16)))
     if "data" in only:
         from benchmarks import bench_data
 
