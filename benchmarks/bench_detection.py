@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.speed import _median, median_ci  # noqa: E402
-from medssl.detection.deformable_attn import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+from medssl.detection.deformable_attn import level_starts, ms_deform_attn, ms_deform_attn_reference  # noqa: E402
 
 SIZES = (128, 192, 256, 512, 800)
 CASES = {"decoder": 300, "encoder": None}  # queries; None: one per token
@@ -73,8 +73,7 @@ def _official_cuda_op() -> Callable | None:
             return gv, None, None, gl, ga
 
     def official(value, shapes, loc, attn):
-        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-        return _Op.apply(value, shapes, starts, loc, attn)
+        return _Op.apply(value, shapes, level_starts(shapes), loc, attn)
 
     return official
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["IMPLS", "MSDeformAttn", "ms_deform_attn", "ms_deform_attn_fused", "ms_deform_attn_reference",
-           "resolve_impl"]
+           "level_starts", "resolve_impl"]
 
 IMPLS = ("auto", "fused", "reference", "triton")
 _log = logging.getLogger(__name__)
@@ -96,12 +96,17 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor,
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()  # [N, Lq, M*D]
 
 
+def level_starts(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """Index of each level's first token in the flattened value: ``(L,)`` from ``(L, 2)`` (H, W) shapes."""
+    return torch.cat([spatial_shapes.new_zeros(1), (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1]])
+
+
 def _level_constants(spatial_shapes: torch.Tensor, n_heads: int, n_points: int, device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per (head, level, point) column: width, height and ``first token of the level * heads + head``,
     three ``(heads*L*P,)`` long tensors."""
     shapes = spatial_shapes.to(device)
-    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])  # [L]
+    starts = level_starts(shapes)  # [L]
     head = torch.arange(n_heads, device=device).repeat_interleave(len(shapes) * n_points)  # [M*L*P]
     return (shapes[:, 1].repeat_interleave(n_points).repeat(n_heads),
             shapes[:, 0].repeat_interleave(n_points).repeat(n_heads),

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from medssl.detection.deformable_attn import level_starts
+
 __all__ = ["ms_deform_attn_triton", "triton_usable"]
 
 
@@ -35,6 +37,20 @@ def _corner(shapes_h, shapes_w, start, x0, y0, dx: tl.constexpr, dy: tl.constexp
     ok = q_ok & (cx >= 0) & (cx < shapes_w) & (cy >= 0) & (cy < shapes_h)  # [BQ] inside the map
     token = (start + cy * shapes_w + cx).to(tl.int64)
     return token[:, None] * MD + d_off[None, :], ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _point(loc, attn, i, q_ok, hh, ww, ACC: tl.constexpr):
+    """Attention weight, top-left corner and fractional offsets of sampling points ``i``, each ``[BQ]``.
+
+    Pixel centre k sits at (k + 0.5) / size (``align_corners=False``).
+    """
+    a = tl.load(attn + i, mask=q_ok, other=0.0).to(ACC)
+    x = tl.load(loc + 2 * i, mask=q_ok, other=0.0).to(ACC) * ww - 0.5
+    y = tl.load(loc + 2 * i + 1, mask=q_ok, other=0.0).to(ACC) * hh - 0.5
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    return a, x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f
 
 
 @triton.jit
@@ -58,15 +74,7 @@ def _fwd_kernel(value, shapes, starts, loc, attn, out, S, Lq,
         start = tl.load(starts + lvl)
         for p in tl.static_range(P):
             i = (qh * L + lvl) * P + p  # [BQ] index into attn / (loc // 2)
-            a = tl.load(attn + i, mask=q_ok, other=0.0).to(ACC)
-            x = tl.load(loc + 2 * i, mask=q_ok, other=0.0).to(ACC) * ww - 0.5
-            y = tl.load(loc + 2 * i + 1, mask=q_ok, other=0.0).to(ACC) * hh - 0.5
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            a, x0, y0, fx, fy = _point(loc, attn, i, q_ok, hh, ww, ACC)
             for dy in tl.static_range(2):
                 wy = fy * dy + (1 - fy) * (1 - dy)
                 for dx in tl.static_range(2):
@@ -101,15 +109,7 @@ def _bwd_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc
         start = tl.load(starts + lvl)
         for p in tl.static_range(P):
             i = (qh * L + lvl) * P + p
-            a = tl.load(attn + i, mask=q_ok, other=0.0).to(ACC)
-            x = tl.load(loc + 2 * i, mask=q_ok, other=0.0).to(ACC) * ww - 0.5
-            y = tl.load(loc + 2 * i + 1, mask=q_ok, other=0.0).to(ACC) * hh - 0.5
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            a, x0, y0, fx, fy = _point(loc, attn, i, q_ok, hh, ww, ACC)
             g_attn = tl.zeros([BQ], dtype=ACC)
             g_x = tl.zeros([BQ], dtype=ACC)
             g_y = tl.zeros([BQ], dtype=ACC)
@@ -135,7 +135,7 @@ def _launch_args(value: torch.Tensor, spatial_shapes: torch.Tensor, loc: torch.T
     n, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = loc.shape
     shapes = spatial_shapes.to(device=value.device, dtype=torch.int32).contiguous()  # [L, 2] (H, W)
-    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]]).to(torch.int32)
+    starts = level_starts(shapes).to(torch.int32)  # [L]
     block_q = 64 if value.is_cuda else 128  # the interpreter runs fewer, larger programs faster
     grid = (triton.cdiv(lq, block_q), n * m)
     acc = tl.float64 if value.dtype == torch.float64 else tl.float32
