@@ -29,14 +29,21 @@ def triton_usable(t: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _corner(shapes_h, shapes_w, start, x0, y0, dx: tl.constexpr, dy: tl.constexpr, q_ok, d_ok, d_off,
-            MD: tl.constexpr):
-    """Offsets (from ``value[n, 0, h, 0]``) and mask of one bilinear corner for a block of queries: ``[BQ, BD]``."""
+def _corner(value_row0, shapes_h, shapes_w, start, x0, y0, fx, fy, dx: tl.constexpr, dy: tl.constexpr, q_ok, d_ok,
+            d_off, MD: tl.constexpr, ACC: tl.constexpr):
+    """One bilinear corner (dx, dy in {0, 1}) of a block of sampling points.
+
+    Returns its offsets from ``value[n, 0, h, 0]`` and mask (``[BQ, BD]``), its values (``[BQ, BD]``, 0
+    outside the map) and its linear weights along x and y (``[BQ]``).
+    """
     cx = x0 + dx
     cy = y0 + dy
     ok = q_ok & (cx >= 0) & (cx < shapes_w) & (cy >= 0) & (cy < shapes_h)  # [BQ] inside the map
     token = (start + cy * shapes_w + cx).to(tl.int64)
-    return token[:, None] * MD + d_off[None, :], ok[:, None] & d_ok[None, :]
+    off = token[:, None] * MD + d_off[None, :]
+    mask = ok[:, None] & d_ok[None, :]
+    v = tl.load(value_row0 + off, mask=mask, other=0.0).to(ACC)
+    return off, mask, v, fx * dx + (1 - fx) * (1 - dx), fy * dy + (1 - fy) * (1 - dy)
 
 
 @triton.jit
@@ -76,11 +83,9 @@ def _fwd_kernel(value, shapes, starts, loc, attn, out, S, Lq,
             i = (qh * L + lvl) * P + p  # [BQ] index into attn / (loc // 2)
             a, x0, y0, fx, fy = _point(loc, attn, i, q_ok, hh, ww, ACC)
             for dy in tl.static_range(2):
-                wy = fy * dy + (1 - fy) * (1 - dy)
                 for dx in tl.static_range(2):
-                    wx = fx * dx + (1 - fx) * (1 - dx)
-                    off, ok = _corner(hh, ww, start, x0, y0, dx, dy, q_ok, d_ok, d_off, M * D)
-                    v = tl.load(value_row0 + off, mask=ok, other=0.0).to(ACC)
+                    _, _, v, wx, wy = _corner(value_row0, hh, ww, start, x0, y0, fx, fy, dx, dy, q_ok, d_ok, d_off,
+                                              M * D, ACC)
                     acc += (a * wx * wy)[:, None] * v
     tl.store(out + qh[:, None] * D + d_off[None, :], acc.to(out.dtype.element_ty),
              mask=q_ok[:, None] & d_ok[None, :])
@@ -114,11 +119,9 @@ def _bwd_kernel(value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc
             g_x = tl.zeros([BQ], dtype=ACC)
             g_y = tl.zeros([BQ], dtype=ACC)
             for dy in tl.static_range(2):
-                wy = fy * dy + (1 - fy) * (1 - dy)
                 for dx in tl.static_range(2):
-                    wx = fx * dx + (1 - fx) * (1 - dx)
-                    off, ok = _corner(hh, ww, start, x0, y0, dx, dy, q_ok, d_ok, d_off, M * D)
-                    v = tl.load(value_row0 + off, mask=ok, other=0.0).to(ACC)
+                    off, ok, v, wx, wy = _corner(value_row0, hh, ww, start, x0, y0, fx, fy, dx, dy, q_ok, d_ok,
+                                                 d_off, M * D, ACC)
                     dot = tl.sum(v * g, axis=1)  # [BQ] grad_out . value at this corner (0 outside the map)
                     g_attn += wx * wy * dot
                     g_x += (2 * dx - 1) * wy * dot  # d wx / d x = -1 (low) or +1 (high neighbour)
