@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medssl.utils import seed_everything, stable_seed
 
@@ -103,6 +103,10 @@ class EpochBatches:
     def batches(self, epoch: int, start: int = 0) -> Iterator[Any]:
         """Micro-batches of `epoch` from micro-batch `start` on (earlier ones are skipped without reading)."""
         keyed = self.keyed_batches(epoch)[start:]
+        if isinstance(self.ds, TensorDataset) and self.workers == 0 and self.collate is None:
+            # in-memory tensors: index them directly (a per-sample collate dominates small CPU runs; no
+            # per-sample randomness to seed)
+            return (tuple(t[torch.as_tensor([k[2] for k in b])] for t in self.ds.tensors) for b in keyed)
         return iter(self._loader(keyed)) if keyed else iter(())
 
 
