@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 
 from data_tools.mammo_releases.cases import SPLITS, Case, Options, Skip
 from data_tools.mammo_releases.cbis_ddsm import roi_boxes
-from data_tools.shards_build.report import write_json
+from data_tools.shards_build.report import check_same_options, write_json
 from medssl.data import imaging
 
 OPTIONS_FILE = "convert_options.json"
@@ -140,15 +139,7 @@ def write_registry(out: Path) -> Path:
 
 def check_options(out: Path, saved: dict[str, Any]) -> None:
     """Refuse to resume into `out` with other options (splits and boxes would no longer agree)."""
-    path = out / OPTIONS_FILE
-    if path.exists():
-        before = json.loads(path.read_text())
-        diff = sorted(k for k in set(before) | set(saved) if before.get(k) != saved.get(k))
-        if diff:
-            raise ValueError(f"{out} was converted with other options ({', '.join(diff)} differ): "
-                             "use the same options to resume, or a new --out")
-    else:
-        write_json(path, saved)
+    check_same_options(out / OPTIONS_FILE, saved, "converted")
 
 
 def trim_partial_line(path: Path) -> None:

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.shards_build.plan import Config, Unit, discover, part_of, plan_units, scan
-from data_tools.shards_build.report import MANIFEST, finish_stats, read_manifest, record_shard_stats, write_json
+from data_tools.shards_build.report import (
+    MANIFEST,
+    check_same_options,
+    finish_stats,
+    read_manifest,
+    record_shard_stats,
+    write_json,
+)
 from data_tools.shards_build.worker import results, unit_record
 from medssl.data.shard_writer import (
     ShardWriter,
@@ -152,15 +159,7 @@ def _check_config(out: Path, cfg: Config) -> None:
     config = {k: v for k, v in asdict(cfg).items() if k != "salt"}
     config["salt_sha256"] = hashlib.sha256(cfg.salt.encode()).hexdigest()
     config = json.loads(json.dumps(config))  # tuples -> lists, Windows -> dicts
-    path = out / CONFIG
-    if path.exists():
-        before = json.loads(path.read_text())
-        diff = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
-        if diff:
-            raise ValueError(f"{out} was built with other options ({', '.join(diff)} differ): "
-                             "use the same options to resume, or a new --out")
-    else:
-        write_json(path, config)
+    check_same_options(out / CONFIG, config, "built")
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -56,6 +56,24 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_same_options(path: Path, options: dict[str, Any], done: str) -> None:
+    """Record `options` in `path` on a first run; on a resumed run refuse options that differ from them.
+
+    Args:
+        path: the options file inside the output folder.
+        options: JSON-ready options of this run.
+        done: what the earlier run did, for the message ("built", "converted").
+    """
+    if not path.exists():
+        write_json(path, options)
+        return
+    before = json.loads(path.read_text())
+    diff = sorted(k for k in set(before) | set(options) if before.get(k) != options.get(k))
+    if diff:
+        raise ValueError(f"{path.parent} was {done} with other options ({', '.join(diff)} differ): "
+                         "use the same options to resume, or a new --out")
+
+
 def record_shard_stats(out: Path, record: dict[str, Any]) -> None:
     """Cache the statistics of a shard just finished (`ShardWriter` on_close hook)."""
     (out / STATS_DIR).mkdir(exist_ok=True)
