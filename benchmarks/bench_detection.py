@@ -14,12 +14,21 @@ the order rotated; the per-round time ratio hf / ours is a paired comparison, re
 with a distribution-free 95% CI (from 6 rounds), for wall time and for process CPU time (which does not
 count time spent waiting for a shared core). Memory: on CPU the bytes autograd saves for the backward
 pass (counted once per storage); on CUDA the allocator's peak during forward + backward.
-Detector row: training images/s of the demo-config detector on random 192-px images.
+
+Layer rows: the attention layer as a model runs it (value and output projections, sampling offsets and
+attention logits from the query, softmax, sampling), ours (``MSDeformAttn``: the value projection fused
+into the op, its input saved and the value recomputed in backward) against transformers'
+``DeformableDetrMultiscaleDeformableAttention`` loaded with the same weights (outputs checked equal
+first), forward + backward from the query and the encoder memory; in fp32 and, with ``--bf16`` (``speed.py``
+does it where the CPU has native bf16), under bf16 autocast. The op alone cannot save less than its value
+input (any backward of the locations needs it); the layer can, and that is where a model's memory goes.
+Detector rows: training images/s of the demo-config detector on random 192-px images (fp32, and bf16).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -106,13 +115,6 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def _step(fn: Callable, args: tuple) -> None:
-    out = fn(*args)
-    out.sum().backward()
-    if args[0].is_cuda:
-        torch.cuda.synchronize()
-
-
 def attention_inputs(img: int, n_queries: int | None, device: torch.device) -> tuple:
     """value, spatial_shapes, locations, attention weights of a square ``img`` image (4 levels, 8 x 32)."""
     shapes = torch.tensor([[-(-img // s), -(-img // s)] for s in (8, 16, 32, 64)], device=device)
@@ -125,21 +127,25 @@ def attention_inputs(img: int, n_queries: int | None, device: torch.device) -> t
     return value, shapes, loc, attn
 
 
-def bench_attention(img: int, case: str, rounds: int, device: str) -> dict:
-    """Paired, interleaved timing and memory of forward + backward for every implementation."""
-    dev = torch.device(device)
-    args = attention_inputs(img, CASES[case], dev)
-    impls = implementations(dev)
+def _compare(impls: dict[str, Callable[[], torch.Tensor]], rounds: int, dev: torch.device) -> dict:
+    """Interleaved forward + backward timing (order rotated per round) and memory of every implementation;
+    per-round time ratios peer / ours (> 1: ours faster) with their median and 95% CI."""
     names = list(impls)
     rounds = -(-rounds // len(names)) * len(names)  # every implementation leads equally often
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
+
+    def step(fn: Callable[[], torch.Tensor]) -> None:
+        fn().float().sum().backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     for fn in impls.values():
-        _step(fn, args)  # warm-up (and Triton compilation)
+        step(fn)  # warm-up (and Triton compilation)
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
             t0, c0 = time.perf_counter(), time.process_time()
-            _step(impls[k], args)
+            step(impls[k])
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
     mem = {}
@@ -147,13 +153,12 @@ def bench_attention(img: int, case: str, rounds: int, device: str) -> dict:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            _step(fn, args)
+            step(fn)
             mem[k] = torch.cuda.max_memory_allocated() - base
         else:
-            mem[k] = saved_bytes(lambda fn=fn: fn(*args))
-    row = {"bench": "ms_deform_attn_fwd_bwd", "case": case, "img": img, "queries": args[2].shape[1],
-           "tokens": args[0].shape[1], "device": device, "threads": torch.get_num_threads(), "rounds": rounds,
-           "memory_kind": "cuda_peak" if dev.type == "cuda" else "saved_for_backward"}
+            mem[k] = saved_bytes(fn)
+    row: dict = {"device": dev.type, "threads": torch.get_num_threads(), "rounds": rounds,
+                 "memory_kind": "cuda_peak" if dev.type == "cuda" else "saved_for_backward"}
     for k in names:
         row[f"{k}_s"] = _median(wall[k])
         row[f"{k}_cpu_s"] = _median(cpu[k])
@@ -168,8 +173,74 @@ def bench_attention(img: int, case: str, rounds: int, device: str) -> dict:
     return row
 
 
-def bench_detector(repeats: int, device: str) -> dict:
-    """Training images/s of the demo detector (recipes/configs/medmask_demo.yaml sizes; batch 2, 192 px)."""
+def bench_attention(img: int, case: str, rounds: int, device: str) -> dict:
+    """The attention op alone (value, locations, attention weights in; output out), every implementation."""
+    dev = torch.device(device)
+    args = attention_inputs(img, CASES[case], dev)
+    impls = {k: (lambda fn=fn: fn(*args)) for k, fn in implementations(dev).items()}
+    return {"bench": "ms_deform_attn_fwd_bwd", "case": case, "img": img, "queries": args[2].shape[1],
+            "tokens": args[0].shape[1], **_compare(impls, rounds, dev)}
+
+
+def _hf_module(d_model: int = 256) -> torch.nn.Module | None:
+    """transformers' ``DeformableDetrMultiscaleDeformableAttention`` (8 heads, 4 levels, 4 points), or None."""
+    try:
+        from transformers import DeformableDetrConfig
+        from transformers.models.deformable_detr.modeling_deformable_detr import (
+            DeformableDetrMultiscaleDeformableAttention,
+        )
+    except ImportError:
+        return None
+    return DeformableDetrMultiscaleDeformableAttention(
+        DeformableDetrConfig(d_model=d_model, num_feature_levels=4, disable_custom_kernels=True), 8, 4)
+
+
+def bench_module(img: int, case: str, rounds: int, device: str, bf16: bool = False) -> dict | None:
+    """The attention layer as a model runs it (value / output projections, offsets, softmax, sampling): ours
+    vs HF's module with the same weights, forward + backward from the query and the encoder memory;
+    fp32, or bf16 autocast with ``bf16``. None when transformers is not installed."""
+    from medssl.detection.deformable_attn import MSDeformAttn
+
+    dev = torch.device(device)
+    hf = _hf_module()
+    if hf is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    ours = MSDeformAttn(256, 4, 8, 4)
+    with torch.no_grad():  # trained-looking weights: offsets and attention logits that vary by query
+        ours.sampling_offsets.weight.normal_(0, 0.01, generator=g)
+        ours.attention_weights.weight.normal_(0, 0.05, generator=g)
+    hf.load_state_dict(ours.state_dict())
+    ours, hf = ours.to(dev), hf.to(dev)
+    shapes = torch.tensor([[-(-img // s), -(-img // s)] for s in (8, 16, 32, 64)], device=dev)
+    tokens = int((shapes[:, 0] * shapes[:, 1]).sum())
+    lq = tokens if CASES[case] is None else CASES[case]
+    memory = torch.randn(1, tokens, 256, generator=g).to(dev).requires_grad_()
+    query = (memory.detach() + torch.randn(1, tokens, 256, generator=g).to(dev) if CASES[case] is None
+             else torch.randn(1, lq, 256, generator=g).to(dev)).requires_grad_()
+    ref = torch.rand(1, lq, 4, 2, generator=g).to(dev)
+    shape_list = [tuple(x) for x in shapes.tolist()]
+    starts = level_starts(shapes)
+    ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def run_ours() -> torch.Tensor:
+        with ctx():
+            return ours(query, ref, memory, shapes)
+
+    def run_hf() -> torch.Tensor:
+        with ctx():
+            return hf(query, encoder_hidden_states=memory, reference_points=ref, spatial_shapes=shapes,
+                      spatial_shapes_list=shape_list, level_start_index=starts)[0]
+
+    if not bf16:
+        torch.testing.assert_close(run_ours(), run_hf(), rtol=1e-4, atol=1e-4)  # the same function
+    return {"bench": "ms_deform_attn_module_fwd_bwd", "precision": "bf16" if bf16 else "fp32", "case": case,
+            "img": img, "queries": lq, "tokens": tokens, **_compare({"ours": run_ours, "hf": run_hf}, rounds, dev)}
+
+
+def bench_detector(repeats: int, device: str, bf16: bool = False) -> dict:
+    """Training images/s of the demo detector (recipes/configs/medmask_demo.yaml sizes; batch 2, 192 px),
+    fp32 or under bf16 autocast."""
     from medssl.detection.criterion import SetCriterion
     from medssl.detection.detr import build_detector, demo_detector_config
 
@@ -181,32 +252,41 @@ def bench_detector(repeats: int, device: str) -> dict:
     imgs = torch.rand(2, 1, 192, 192, device=device)
     targets = [{"labels": torch.zeros(2, dtype=torch.long, device=device),
                 "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.5, 0.2, 0.1]], device=device)}] * 2
+    ctx = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 \
+        else contextlib.nullcontext
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        out = model(imgs)
-        loss = sum(crit(out, targets).values())
+        with ctx():
+            out = model(imgs)
+            loss = sum(crit(out, targets).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
         if i:
             times.append(time.perf_counter() - t0)
-    return {"bench": "detector_train", "config": "demo", "img": 192, "batch": 2, "device": device,
-            "threads": torch.get_num_threads(), "images_per_s": 2 / _median(times)}
+    return {"bench": "detector_train", "config": "demo", "precision": "bf16" if bf16 else "fp32", "img": 192,
+            "batch": 2, "device": device, "threads": torch.get_num_threads(), "images_per_s": 2 / _median(times)}
 
 
 def run(quick: bool, sizes: tuple[int, ...] | None = None, rounds: int | None = None,
-        device: str | None = None) -> list[dict]:
-    """The deformable-attention sweep (every size, both cases) and the detector row."""
+        device: str | None = None, bf16: bool = False) -> list[dict]:
+    """The deformable-attention sweep (every size, both cases: the op alone and the layer against HF's module,
+    the latter also in bf16 autocast with ``bf16``) and the detector rows."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = sizes or ((128, 256) if quick else SIZES)
     rounds = rounds or (3 if quick else 9)
     rows = []
     for img in sizes:
         for case in CASES:
-            rows.append(bench_attention(img, case, rounds, device))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            for row in (bench_attention(img, case, rounds, device), bench_module(img, case, rounds, device),
+                        bench_module(img, case, rounds, device, bf16=True) if bf16 else None):
+                if row is not None:
+                    rows.append(row)
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     rows.append(bench_detector(1 if quick else 3, device))
+    if bf16:
+        rows.append(bench_detector(1 if quick else 3, device, bf16=True))
     return rows
 
 
@@ -215,29 +295,41 @@ def _ci_text(row: dict, key: str) -> str:
     return f"{row[key]:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
+def _table(rows: list[dict], title: str) -> list[str]:
+    mem_kind = "peak CUDA memory" if rows[0]["memory_kind"] == "cuda_peak" else "memory saved for backward"
+    lines = [f"\n{title}\n", "| image | case (queries) | ours | HF | speed-up vs HF, wall: median [95% CI] | "
+             f"rounds ours faster | speed-up, CPU time | {mem_kind}, ours vs HF |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['img']} px | {r['case']} ({r['queries']:,}) | {r['ours_s'] * 1e3:.1f} ms | "
+                     f"{r['hf_s'] * 1e3:.1f} ms | {_ci_text(r, 'time_speedup_vs_hf')} | "
+                     f"{r['time_faster_rounds_vs_hf']}/{r['rounds']} | {_ci_text(r, 'cpu_speedup_vs_hf')} | "
+                     f"{r['ours_mem_mb']:.1f} vs {r['hf_mem_mb']:.1f} MB ({r['mem_ratio_vs_hf']:.2f}x) |")
+    return lines
+
+
 def report(rows: list[dict]) -> list[str]:
-    """Markdown table of the sweep (ours vs HF: time, CPU time, memory) and the detector line."""
+    """Markdown tables of the sweep (ours vs HF: time, CPU time, memory; the op, the layer in fp32 and in bf16)
+    and the detector lines."""
     attn = [r for r in rows if r["bench"] == "ms_deform_attn_fwd_bwd" and "hf_s" in r]
     lines = []
     if attn:
-        mem_kind = "peak CUDA memory" if attn[0]["memory_kind"] == "cuda_peak" else "memory saved for backward"
-        lines += ["| image | case (queries) | ours | HF | speed-up vs HF, wall: median [95% CI] | rounds ours "
-                  f"faster | speed-up, CPU time | {mem_kind}, ours vs HF |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in attn:
-            lines.append(f"| {r['img']} px | {r['case']} ({r['queries']:,}) | {r['ours_s'] * 1e3:.1f} ms | "
-                         f"{r['hf_s'] * 1e3:.1f} ms | {_ci_text(r, 'time_speedup_vs_hf')} | "
-                         f"{r['time_faster_rounds_vs_hf']}/{r['rounds']} | {_ci_text(r, 'cpu_speedup_vs_hf')} | "
-                         f"{r['ours_mem_mb']:.1f} vs {r['hf_mem_mb']:.1f} MB ({r['mem_ratio_vs_hf']:.2f}x) |")
+        lines += _table(attn, "The attention op (value, locations, weights -> output), fp32:")
         others = sorted({k[len("time_speedup_vs_"):] for r in attn for k in r
                          if k.startswith("time_speedup_vs_") and not k.endswith("_ci95")} - {"hf"})
         for peer in others:
             ratios = ", ".join(f"{r['img']}/{r['case'][:3]} {r[f'time_speedup_vs_{peer}']:.2f}x" for r in attn)
             lines.append(f"\nSpeed-up of ours vs `{peer}` (median, wall): {ratios}.")
-    for r in rows:
-        if r["bench"] == "detector_train":
-            lines.append(f"\nDetector training, demo config ({r['img']} px, batch {r['batch']}, {r['device']}, "
-                         f"{r['threads']} threads): {r['images_per_s']:.2f} images/s.")
+    for precision in ("fp32", "bf16"):
+        mod = [r for r in rows if r["bench"] == "ms_deform_attn_module_fwd_bwd" and r["precision"] == precision]
+        if mod:
+            lines += _table(mod, f"The attention layer (`MSDeformAttn` vs HF's `DeformableDetrMultiscaleDeformable"
+                                 f"Attention`, same weights; query + encoder memory -> output), {precision}:")
+    det = {r.get("precision", "fp32"): r for r in rows if r["bench"] == "detector_train"}
+    for precision, r in det.items():
+        lines.append(f"\nDetector training, demo config ({r['img']} px, batch {r['batch']}, {r['device']}, "
+                     f"{r['threads']} threads, {precision}): {r['images_per_s']:.2f} images/s"
+                     + (f" ({r['images_per_s'] / det['fp32']['images_per_s']:.2f}x fp32)."
+                        if precision != "fp32" and "fp32" in det else "."))
     return lines
 
 
@@ -247,8 +339,9 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help=f"image sizes (default {SIZES})")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per size and case")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--bf16", action="store_true", help="also time the layer and the detector in bf16 autocast")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.quick, tuple(args.sizes) if args.sizes else None, args.rounds)
+    result = run(args.quick, tuple(args.sizes) if args.sizes else None, args.rounds, bf16=args.bf16)
     print("\n".join(report(result)))

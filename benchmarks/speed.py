@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_detection
 
         sizes = tuple(args.sizes) if args.sizes else None
-        out["detection"] = bench_detection.run(args.quick, sizes, args.rounds, device)
+        run_bf16, why = bf16_plan(args.bf16, info)
+        out["detection_bf16"] = {"timed": run_bf16, "note": why}
+        print(why)
+        out["detection"] = bench_detection.run(args.quick, sizes, args.rounds, device, bf16=run_bf16)
         print("\n## Deformable attention and detector\n" + "\n".join(bench_detection.report(out["detection"])))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

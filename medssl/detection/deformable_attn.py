@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import NamedTuple
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IMPLS", "MSDeformAttn", "ms_deform_attn", "ms_deform_attn_fused", "ms_deform_attn_reference",
-           "level_starts", "resolve_impl"]
+__all__ = ["IMPLS", "MSDeformAttn", "ms_deform_attn", "ms_deform_attn_fused", "ms_deform_attn_projected",
+           "ms_deform_attn_reference", "level_starts", "resolve_impl"]
 
 IMPLS = ("auto", "fused", "reference", "triton")
 _log = logging.getLogger(__name__)
@@ -208,40 +208,31 @@ def _cpu_threads_for(tensor: torch.Tensor, n_corners: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class _FusedDeformAttn(torch.autograd.Function):
-    """Gather-sum forward, fused backward that recomputes the corners instead of saving them.
+def _fused_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
+                   attention_weights: torch.Tensor) -> torch.Tensor:
+    """Forward of the fused path: one ``embedding_bag`` whose bags are the (query, head) pairs and whose
+    entries are the 4 corners of every level and point, weighted by bilinear x attention weights."""
+    n, s, m, d = value.shape
+    lq = sampling_locations.shape[1]
+    value = value.contiguous()
+    with _cpu_threads_for(value, attention_weights.numel() * 4):
+        c = _corners(spatial_shapes, sampling_locations, s)
+        attn = attention_weights.reshape(n * lq, -1)  # [N*Lq, M*L*P]
+        out = F.embedding_bag(c.index, value.view(n * s * m, d), mode="sum",
+                              per_sample_weights=_corner_weights(c, attn, m))  # [N*Lq*M, D]
+    return out.view(n, lq, m * d)
 
-    Forward: one ``embedding_bag`` whose bags are the (query, head) pairs and whose entries are the 4
-    corners of every level and point, weighted by bilinear x attention weights. Backward: the per-corner
-    dot products ``grad_out . value`` in one ``sparse.sampled_addmm``, from which the attention and
-    location gradients follow elementwise, and the value gradient as the transposed gather: corners
-    sorted by value row, then one ``embedding_bag`` over ``grad_out``. Only the inputs are saved.
+
+def _fused_grads(needs: tuple[bool, bool, bool], grad_out: torch.Tensor, value: torch.Tensor,
+                 spatial_shapes: torch.Tensor, loc: torch.Tensor, attention_weights: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for (value, locations, attention weights) where ``needs`` says so.
+
+    The per-corner dot products ``grad_out . value`` come from one ``sparse.sampled_addmm``, the attention
+    and location gradients follow elementwise; the value gradient is the transposed gather (corners sorted
+    by value row, then one ``embedding_bag`` over ``grad_out``). The corners are recomputed, not saved.
     """
-
-    @staticmethod
-    def forward(ctx, value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
-                attention_weights: torch.Tensor) -> torch.Tensor:
-        n, s, m, d = value.shape
-        lq = sampling_locations.shape[1]
-        value = value.contiguous()
-        with _cpu_threads_for(value, attention_weights.numel() * 4):
-            c = _corners(spatial_shapes, sampling_locations, s)
-            attn = attention_weights.reshape(n * lq, -1)  # [N*Lq, M*L*P]
-            out = F.embedding_bag(c.index, value.view(n * s * m, d), mode="sum",
-                                  per_sample_weights=_corner_weights(c, attn, m))  # [N*Lq*M, D]
-        ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
-        return out.view(n, lq, m * d)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        value, spatial_shapes, loc, attention_weights = ctx.saved_tensors
-        with _cpu_threads_for(value, attention_weights.numel() * 4):
-            return _FusedDeformAttn._grads(ctx, grad_out, value, spatial_shapes, loc, attention_weights)
-
-    @staticmethod
-    def _grads(ctx, grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor, loc: torch.Tensor,
-               attention_weights: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Gradients for value, (no gradient for spatial_shapes), locations and attention weights."""
+    with _cpu_threads_for(value, attention_weights.numel() * 4):
         n, s, m, d = value.shape
         _, lq, _, n_levels, n_points, _ = loc.shape
         rows = n * s * m
@@ -249,9 +240,9 @@ class _FusedDeformAttn(torch.autograd.Function):
         c = _corners(spatial_shapes, loc, s)
         attn = attention_weights.reshape(n * lq, -1)  # [N*Lq, M*L*P]
         grad_value = grad_loc = grad_attn = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        if needs[1] or needs[2]:
             pattern = _csr(c.index, rows, g.new_zeros(c.index.numel()))
-            dots = torch.sparse.sampled_addmm(pattern, g, value.view(rows, d).t(), beta=0).values()  # g . value
+            dots = torch.sparse.sampled_addmm(pattern, g, value.reshape(rows, d).t(), beta=0).values()
             d00, d01, d10, d11 = dots.view(n * lq, m, 4, -1).unbind(2)  # [N*Lq, M, L*P] per corner
             d00, d01, d10, d11 = (t.reshape(n * lq, -1) for t in (d00, d01, d10, d11))  # [N*Lq, M*L*P]
             along_x = (c.wy[0] * d00 + c.wy[1] * d10, c.wy[0] * d01 + c.wy[1] * d11)  # by x neighbour
@@ -261,7 +252,7 @@ class _FusedDeformAttn(torch.autograd.Function):
             gx = (c.vx[1] * along_x[1] - c.vx[0] * along_x[0]) * attn * width  # [N*Lq, M*L*P]
             gy = (c.vy[1] * along_y[1] - c.vy[0] * along_y[0]) * attn * height
             grad_loc = torch.stack([gx, gy], -1).view_as(loc)
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             weight = _corner_weights(c, attn, m).view(-1)  # [N*Lq*M*K]
             order, perm = c.index.view(-1).sort()  # corners grouped by value row
             counts = torch.bincount(order, minlength=rows)  # [N*S*M]
@@ -270,7 +261,40 @@ class _FusedDeformAttn(torch.autograd.Function):
             bag_of = torch.div(perm, c.index.shape[1], rounding_mode="floor")  # [N*Lq*M*K] its (query, head)
             grad_value = F.embedding_bag(bag_of, g, offsets, mode="sum",
                                          per_sample_weights=weight.index_select(0, perm)).view(n, s, m, d)
-        return grad_value, None, grad_loc, grad_attn
+    return grad_value, grad_loc, grad_attn
+
+
+class _Core(NamedTuple):
+    """A deformable-attention kernel pair: ``forward(value, shapes, loc, attn)`` and
+    ``grads(needs, grad_out, value, shapes, loc, attn) -> (grad_value, grad_loc, grad_attn)``."""
+
+    forward: Callable[..., torch.Tensor]
+    grads: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+
+
+FUSED = _Core(_fused_forward, _fused_grads)
+
+
+class _FusedDeformAttn(torch.autograd.Function):
+    """Gather-sum forward, fused backward that recomputes the corners instead of saving them.
+
+    Only the inputs are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
+                attention_weights: torch.Tensor) -> torch.Tensor:
+        value = value.contiguous()
+        ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
+        return _fused_forward(value, spatial_shapes, sampling_locations, attention_weights)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        value, spatial_shapes, loc, attention_weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        gv, gl, ga = _fused_grads((needs[0], needs[2], needs[3]), grad_out, value, spatial_shapes, loc,
+                                  attention_weights)
+        return gv, None, gl, ga
 
 
 def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor,
@@ -285,6 +309,106 @@ def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor,
     out = _FusedDeformAttn.apply(value.to(dtype), spatial_shapes, sampling_locations.to(dtype),
                                  attention_weights.to(dtype))
     return out.to(value.dtype)
+
+
+class _ProjectedDeformAttn(torch.autograd.Function):
+    """``value = input @ W.T + b`` (zero where padded), then deformable attention, saving the projection's
+    input instead of ``value``: backward recomputes the projection (one matmul). In Deformable DETR the six
+    decoder layers project the same encoder memory, which is then kept once instead of six values."""
+
+    @staticmethod
+    def forward(ctx, core: _Core, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                keep: torch.Tensor | None, spatial_shapes: torch.Tensor, loc: torch.Tensor, attn: torch.Tensor,
+                n_heads: int, mm_dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            value = _project(x, weight, bias, keep, n_heads, mm_dtype, loc.dtype)
+            out = core.forward(value, spatial_shapes, loc, attn)
+        ctx.core, ctx.n_heads, ctx.mm_dtype = core, n_heads, mm_dtype
+        ctx.save_for_backward(x, weight, bias, keep, spatial_shapes, loc, attn)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, keep, spatial_shapes, loc, attn = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_value = needs[1] or needs[2] or needs[3]
+        mm = ctx.mm_dtype
+        with torch.autocast(x.device.type, enabled=False):
+            value = _project(x, weight, bias, keep, ctx.n_heads, mm, loc.dtype)
+            gv, gl, ga = ctx.core.grads((need_value, needs[6], needs[7]), grad_out, value, spatial_shapes, loc,
+                                        attn)
+            gx = gw = gb = None
+            if need_value:
+                gv = gv.flatten(2)  # [N, S, C]
+                if keep is not None:
+                    gv = gv * keep
+                if needs[1]:
+                    gx = (gv.to(mm) @ weight.to(mm)).to(x.dtype)
+                if needs[2]:
+                    gw = (gv.flatten(0, 1).t().to(mm) @ x.flatten(0, 1).to(mm)).to(weight.dtype)
+                if needs[3]:
+                    gb = gv.sum((0, 1)).to(bias.dtype)
+        return None, gx, gw, gb, None, None, gl, ga, None, None
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor | None,
+             n_heads: int, mm_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, S, C)`` input -> ``(N, S, heads, C / heads)`` value in ``dtype``; the matmul runs in ``mm_dtype``."""
+    value = F.linear(x.to(mm_dtype), weight.to(mm_dtype), None if bias is None else bias.to(mm_dtype)).to(dtype)
+    if keep is not None:
+        value = value * keep
+    return value.view(*x.shape[:2], n_heads, -1)
+
+
+def ms_deform_attn_projected(input_flatten: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
+                             attention_weights: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                             impl: str = "auto") -> torch.Tensor:
+    """Value projection + multi-scale deformable attention, saving ``input_flatten`` instead of the value.
+
+    The same function as ``ms_deform_attn(F.linear(input_flatten, weight, bias).masked_fill(padding_mask, 0)
+    .view(N, S, heads, -1), ...)`` with ``heads = sampling_locations.shape[2]``, for the fused and Triton paths
+    (``impl="reference"`` computes exactly that expression). Under autocast the projection's matmuls run in
+    the autocast dtype, the sampling in float32.
+
+    Args:
+        input_flatten: ``(N, S, C)`` all levels flattened.
+        weight, bias: the value projection, ``(C, C)`` and ``(C,)``.
+        spatial_shapes, sampling_locations, attention_weights: as for :func:`ms_deform_attn`.
+        padding_mask: ``(N, S)`` bool, True where the input is padding (its value is zero).
+        impl: as for :func:`ms_deform_attn`.
+
+    Returns:
+        ``(N, Lq, C)`` in the dtype of ``input_flatten``.
+    """
+    n, s, c = input_flatten.shape
+    m = sampling_locations.shape[2]
+    impl = resolve_impl(impl, input_flatten.device)
+    if impl == "reference":
+        value = F.linear(input_flatten, weight, bias)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        return ms_deform_attn_reference(value.view(n, s, m, c // m), spatial_shapes, sampling_locations,
+                                        attention_weights)
+    _check_shapes(input_flatten.view(n, s, m, c // m), spatial_shapes, sampling_locations, attention_weights)
+    dev = input_flatten.device.type
+    mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else input_flatten.dtype
+    dtype = torch.float64 if input_flatten.dtype == torch.float64 else torch.float32
+    keep = None if padding_mask is None else (~padding_mask)[..., None].to(dtype)
+    out = _ProjectedDeformAttn.apply(_core(impl), input_flatten, weight, bias, keep, spatial_shapes,
+                                     sampling_locations.to(dtype), attention_weights.to(dtype), m, mm_dtype)
+    return out.to(input_flatten.dtype)
+
+
+def _core(impl: str) -> _Core:
+    """The kernel pair of a resolved ``impl`` (``"fused"`` or ``"triton"``)."""
+    if impl == "triton":
+        if _triton_fn() is None:
+            raise RuntimeError("impl='triton' needs the triton package (it ships with CUDA builds of torch)")
+        from medssl.detection.ms_deform_triton import triton_forward, triton_grads
+
+        return _Core(triton_forward, triton_grads)
+    return FUSED
 
 
 @cache
@@ -406,12 +530,7 @@ class MSDeformAttn(nn.Module):
             ``(N, Lq, C)``.
         """
         n, lq, _ = query.shape
-        s = input_flatten.shape[1]
         m, ll, p = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(input_flatten)  # [N, S, C]
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(n, s, m, self.d_model // m)  # [N, S, M, D]
         offsets = self.sampling_offsets(query).view(n, lq, m, ll, p, 2)  # [N, Lq, M, L, P, 2]
         attn = self.attention_weights(query).view(n, lq, m, ll * p).softmax(-1).view(n, lq, m, ll, p)
         if reference_points.shape[-1] == 2:
@@ -423,5 +542,6 @@ class MSDeformAttn(nn.Module):
                    + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}")
-        out = ms_deform_attn(value, spatial_shapes, loc, attn, impl=self.impl)  # [N, Lq, C]
+        out = ms_deform_attn_projected(input_flatten, self.value_proj.weight, self.value_proj.bias, spatial_shapes,
+                                       loc, attn, padding_mask, self.impl)  # [N, Lq, C]
         return self.output_proj(out)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from medssl.detection.deformable_attn import level_starts
 
-__all__ = ["ms_deform_attn_triton", "triton_usable"]
+__all__ = ["ms_deform_attn_triton", "triton_forward", "triton_grads", "triton_usable"]
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -147,31 +147,46 @@ def _launch_args(value: torch.Tensor, spatial_shapes: torch.Tensor, loc: torch.T
     return grid, shapes, starts, s, lq, consts
 
 
+def triton_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, loc: torch.Tensor, attn: torch.Tensor
+                   ) -> torch.Tensor:
+    """The forward kernel: ``(N, Lq, heads * head_dim)`` in the dtype of ``value``."""
+    value, loc, attn = (t.contiguous() for t in (value, loc, attn))
+    n, _, m, d = value.shape
+    grid, shapes, starts, s, lq, consts = _launch_args(value, spatial_shapes, loc)
+    out = value.new_empty(n, lq, m * d)
+    _fwd_kernel[grid](value, shapes, starts, loc, attn, out, s, lq, **consts)
+    return out
+
+
+def triton_grads(needs: tuple[bool, bool, bool], grad_out: torch.Tensor, value: torch.Tensor,
+                 spatial_shapes: torch.Tensor, loc: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The backward kernel: gradients for (value, locations, attention weights); one launch gives all three,
+    so ``needs`` is not consulted."""
+    value, loc, attn = (t.contiguous() for t in (value, loc, attn))
+    grid, shapes, starts, s, lq, consts = _launch_args(value, spatial_shapes, loc)
+    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)  # atomics accumulate here
+    grad_loc = torch.empty_like(loc)
+    grad_attn = torch.empty_like(attn)
+    _bwd_kernel[grid](value, shapes, starts, loc, attn, grad_out.contiguous(), grad_value, grad_loc,
+                      grad_attn, s, lq, **consts)
+    return grad_value.to(value.dtype), grad_loc, grad_attn
+
+
 class _TritonDeformAttn(torch.autograd.Function):
     """Triton forward and backward; only the inputs are saved."""
 
     @staticmethod
     def forward(ctx, value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
                 attention_weights: torch.Tensor) -> torch.Tensor:
-        value, loc, attn = (t.contiguous() for t in (value, sampling_locations, attention_weights))
-        n, _, m, d = value.shape
-        grid, shapes, starts, s, lq, consts = _launch_args(value, spatial_shapes, loc)
-        out = value.new_empty(n, lq, m * d)
-        _fwd_kernel[grid](value, shapes, starts, loc, attn, out, s, lq, **consts)
-        ctx.save_for_backward(value, spatial_shapes, loc, attn)
-        return out
+        ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
+        return triton_forward(value, spatial_shapes, sampling_locations, attention_weights)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         value, spatial_shapes, loc, attn = ctx.saved_tensors
-        grid, shapes, starts, s, lq, consts = _launch_args(value, spatial_shapes, loc)
-        acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-        grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)  # atomics accumulate here
-        grad_loc = torch.empty_like(loc)
-        grad_attn = torch.empty_like(attn)
-        _bwd_kernel[grid](value, shapes, starts, loc, attn, grad_out.contiguous(), grad_value, grad_loc,
-                          grad_attn, s, lq, **consts)
-        return grad_value.to(value.dtype), None, grad_loc, grad_attn
+        gv, gl, ga = triton_grads((True, True, True), grad_out, value, spatial_shapes, loc, attn)
+        return gv, None, gl, ga
 
 
 def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,

@@ -9,8 +9,10 @@ import torch
 
 from medssl.detection.deformable_attn import (
     MSDeformAttn,
+    level_starts,
     ms_deform_attn,
     ms_deform_attn_fused,
+    ms_deform_attn_projected,
     ms_deform_attn_reference,
     resolve_impl,
 )
@@ -177,3 +179,111 @@ def test_fused_small_problem_leaves_thread_count_as_it_was():
         assert torch.get_num_threads() == 2 and value.grad is not None
     finally:
         torch.set_num_threads(before)
+
+
+def _projected_inputs(dtype, n=2, lq=5, m=2, d=3, p=2, shapes=((5, 4), (3, 2), (1, 1)), seed=1):
+    value, shapes_t, loc, attn = _inputs(dtype, n=n, lq=lq, m=m, d=d, p=p, seed=seed, shapes=shapes)
+    g = torch.Generator().manual_seed(seed + 1)
+    c = m * d
+    x = torch.randn(n, value.shape[1], c, generator=g, dtype=dtype)
+    weight = torch.randn(c, c, generator=g, dtype=dtype) / c**0.5
+    bias = torch.randn(c, generator=g, dtype=dtype)
+    pad = torch.zeros(n, value.shape[1], dtype=torch.bool)
+    pad[-1, -4:] = True
+    return x, weight, bias, pad, shapes_t, (loc * 0.9 + 0.013), attn
+
+
+def _projected_expected(x, weight, bias, pad, shapes, loc, attn):
+    """Projection, masking and the per-level grid_sample form, all through autograd (the unfused module)."""
+    n, s, c = x.shape
+    m = loc.shape[2]
+    value = torch.nn.functional.linear(x, weight, bias).masked_fill(pad[..., None], 0.0).view(n, s, m, c // m)
+    return ms_deform_attn_reference(value, shapes, loc, attn)
+
+
+def test_projected_matches_unfused_float64_with_grads():
+    """Value projection + masking + attention, fused with recomputation: same output and gradients (x, W, b,
+    locations, attention) as the plain composition, in float64."""
+    x, weight, bias, pad, shapes, loc, attn = _projected_inputs(torch.float64)
+    assert ((loc < 0) | (loc > 1)).any()
+    grads = []
+    for fn in (_projected_expected, lambda *a: ms_deform_attn_projected(*a[:2], a[2], a[4], a[5], a[6], a[3])):
+        args = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        la = [t.clone().requires_grad_() for t in (loc, attn)]
+        out = fn(args[0], args[1], args[2], pad, shapes, la[0], la[1])
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((out.detach(), *[a.grad for a in args + la]))
+    for name, ref, got in zip(("out", "x", "weight", "bias", "loc", "attn"), *grads, strict=True):
+        torch.testing.assert_close(got, ref, msg=lambda msg, name=name: f"{name}: {msg}")
+
+
+def test_projected_gradcheck_float64():
+    x, weight, bias, pad, shapes, loc, attn = _projected_inputs(torch.float64, n=1, lq=3)
+    pad[0, -3:] = True
+    args = tuple(t.requires_grad_() for t in (x, weight, bias, loc, attn))
+    assert torch.autograd.gradcheck(
+        lambda x_, w, b, lc, a: ms_deform_attn_projected(x_, w, b, shapes, lc, a, pad), args)
+
+
+def test_module_saves_the_projection_input_not_the_value():
+    """The module keeps the encoder memory (the projection's input) for backward, no value-sized tensor."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    shapes = torch.tensor([[12, 10], [6, 5]])
+    src = torch.randn(1, 150, 32, requires_grad=True)
+    q, ref = torch.randn(1, 3, 32, requires_grad=True), torch.rand(1, 3, 2, 2)
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.numel()) and t, lambda t: t):
+        attn(q, ref, src, shapes)
+    big = {ptr for ptr, numel in saved.items() if numel >= src.numel()}
+    assert big == {src.untyped_storage().data_ptr()}
+
+
+def test_projected_under_bf16_autocast_matches_float32():
+    x, weight, bias, pad, shapes, loc, attn = _projected_inputs(torch.float32, m=4, d=8, lq=20)
+    expected = _projected_expected(x, weight, bias, pad, shapes, loc, attn)
+    xs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn_projected(xs, weight, bias, shapes, loc, attn, pad)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and xs.grad.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("coords", [2, 4])
+def test_module_matches_huggingface_layer(coords):
+    """MSDeformAttn and transformers' DeformableDetrMultiscaleDeformableAttention with the same weights: the
+    same output and the same gradients (query, memory, every weight), float64, with a padding mask."""
+    tf = pytest.importorskip("transformers")
+    from transformers.models.deformable_detr.modeling_deformable_detr import (
+        DeformableDetrMultiscaleDeformableAttention,
+    )
+
+    torch.manual_seed(0)
+    ours = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3).double()
+    with torch.no_grad():
+        ours.sampling_offsets.weight.normal_(0, 0.05)
+        ours.attention_weights.weight.normal_(0, 0.2)
+    hf = DeformableDetrMultiscaleDeformableAttention(
+        tf.DeformableDetrConfig(d_model=32, num_feature_levels=2, disable_custom_kernels=True), 4, 3).double()
+    hf.load_state_dict(ours.state_dict())
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    memory = torch.randn(2, 39, 32, dtype=torch.float64)
+    query = torch.randn(2, 7, 32, dtype=torch.float64)
+    ref = torch.rand(2, 7, 2, coords, dtype=torch.float64) * (0.5 if coords == 4 else 1.0)
+    pad = torch.zeros(2, 39, dtype=torch.bool)
+    pad[1, 25:] = True
+    results = []
+    for name, mod in (("ours", ours), ("hf", hf)):
+        q, mem = query.clone().requires_grad_(), memory.clone().requires_grad_()
+        if name == "ours":
+            out = mod(q, ref, mem, shapes, pad)
+        else:
+            out = mod(q, attention_mask=~pad, encoder_hidden_states=mem, reference_points=ref,
+                      spatial_shapes=shapes, spatial_shapes_list=[tuple(s) for s in shapes.tolist()],
+                      level_start_index=level_starts(shapes))[0]
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append([out.detach(), q.grad, mem.grad] + [p.grad for _, p in sorted(mod.named_parameters())])
+    for got, ref_ in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref_)

@@ -16,7 +16,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from test_deformable_attn import _bilinear_loop, _inputs  # noqa: E402
 
-from medssl.detection.deformable_attn import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+from medssl.detection.deformable_attn import (  # noqa: E402
+    ms_deform_attn,
+    ms_deform_attn_projected,
+    ms_deform_attn_reference,
+)
 
 
 def main() -> None:
@@ -34,6 +38,21 @@ def main() -> None:
         grads.append([a.grad for a in args])
     for name, got, ref in zip(("value", "locations", "attention"), *grads, strict=True):
         torch.testing.assert_close(got, ref, msg=lambda m, name=name: f"grad of {name}: {m}")
+    # value projection + attention with recomputation (the module's path) on the Triton kernels
+    from test_deformable_attn import _projected_expected, _projected_inputs
+
+    x, weight, bias, pad, shapes, loc, attn = _projected_inputs(torch.float64)
+    grads = []
+    for impl in ("triton", "reference"):
+        args = [t.clone().requires_grad_() for t in (x, weight, bias, loc, attn)]
+        if impl == "triton":
+            out = ms_deform_attn_projected(args[0], args[1], args[2], shapes, args[3], args[4], pad, impl="triton")
+        else:
+            out = _projected_expected(args[0], args[1], args[2], pad, shapes, args[3], args[4])
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([out.detach()] + [a.grad for a in args])
+    for name, got, ref in zip(("out", "x", "weight", "bias", "loc", "attn"), *grads, strict=True):
+        torch.testing.assert_close(got, ref, msg=lambda m, name=name: f"projected {name}: {m}")
     print("triton interpreter: forward and gradients match")
 
 
