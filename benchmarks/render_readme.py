@@ -5,6 +5,8 @@
     python benchmarks/render_readme.py benchmarks/results/speed.json benchmarks/results/detector_profile.json
     python benchmarks/render_readme.py benchmarks/results/speed.json --print    # shows the text only
 
+Accepts the result files of speed.py, profile_detector.py and bf16_curve.py.
+
 Only the text between the ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` markers is replaced; the
 file is written atomically (temporary file, then rename).
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_detection, profile_detector  # noqa: E402
+from benchmarks import bench_detection, bf16_curve, profile_detector  # noqa: E402
 from benchmarks.speed import report_mae  # noqa: E402
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
@@ -58,6 +60,11 @@ def render(result: dict, source: str) -> str:
         lines += ["", "Where one detector training step spends its CPU time (`benchmarks/profile_detector.py`: "
                   "profiler time per part, a backward operator charged to the part whose forward created it):", ""]
         lines += profile_detector.report(result["detector_profile"])
+    if result.get("compare"):
+        png = Path(source).with_suffix(".png")
+        lines += [""] + bf16_curve.report(result)
+        if (ROOT / png).is_file() or png.is_file():
+            lines += ["", f"![bf16 and fp32 loss curves]({png.as_posix()})"]
     return "\n".join(lines).strip() + "\n"
 
 
@@ -73,7 +80,7 @@ def replace_section(text: str, body: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+",
-                        help="JSON files written by benchmarks/speed.py --json or profile_detector.py --json")
+                        help="JSON files written by speed.py, profile_detector.py or bf16_curve.py --json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
     args = parser.parse_args(argv)

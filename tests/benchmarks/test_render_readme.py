@@ -50,3 +50,20 @@ def test_bf16_plan_skips_without_native_bf16():
     run, why = bf16_plan("auto", {**MACHINE, "cpu_flags": ["avx2", "amx_bf16"], "native_bf16": True})
     assert run and "native bf16" in why
     assert bf16_plan("on", MACHINE)[0] and not bf16_plan("off", MACHINE)[0]
+
+
+def test_bf16_curve_compare_and_render():
+    """The gap figures of two logged loss curves, hand-computed, and their README line."""
+    from benchmarks.bf16_curve import compare
+
+    fp32 = ([10, 20, 30], [1.0, 0.5, 0.4], [10.0, 10.0])
+    bf16 = ([10, 20, 30], [1.1, 0.45, 0.4], [20.0, 30.0])
+    r = compare(fp32, bf16)
+    assert r["steps"] == [10, 20, 30]
+    assert r["max_abs_rel_gap"] == pytest.approx(0.1)
+    assert r["mean_rel_gap"] == pytest.approx((0.1 - 0.1 + 0.0) / 3)
+    assert r["final_loss_fp32"] == 0.4 and r["final_rel_gap"] == 0.0  # the last fifth: one point
+    assert r["bf16_speedup"] == pytest.approx(2.5)
+    text = render({"machine": MACHINE, "epochs": 5, "compare": r}, "curve.json")
+    assert "final loss 0.4000 (bf16) vs 0.4000 (fp32), +0.0%; largest gap at a logged step 10.0%" in text
+    assert "25 vs 10 images/s (2.50x)" in text
