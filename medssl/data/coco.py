@@ -68,7 +68,10 @@ _REGISTRY: dict[str, dict[str, SplitSpec]] = {
     "inbreast": _seed_splits("instances_train.json"),
     "rsna-bsd1k": _seed_splits("instances_full.json"),
     "demo": {**_seed_splits("instances_train.json"),
-             "target": SplitSpec("images/target", "annotations/instances_target.json")},
+             "target": SplitSpec("images/target", "annotations/instances_target.json"),
+             # the target pool's boxes, known because the demo is generated: the oracle's training set and
+             # the pseudo-label diagnostic (eval.pseudo_truth), never seen by the adaptation stages
+             "target_truth": SplitSpec("images/target", "annotations/instances_target_truth.json")},
 }
 
 

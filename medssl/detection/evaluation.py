@@ -16,8 +16,8 @@ from medssl.detection.detr import DeformableDETR, postprocess
 from medssl.metrics.detection import detection_summary, froc, froc_preprocess, random_boxes
 from medssl.train.dist import DistInfo, all_gather_objects
 
-__all__ = ["evaluate", "heldout_results", "operating_threshold", "predict_dataset", "random_baseline",
-           "save_overlays"]
+__all__ = ["evaluate", "heldout_results", "operating_threshold", "predict_dataset", "pseudo_label_quality",
+           "random_baseline", "save_overlays"]
 
 
 @torch.no_grad()
@@ -120,3 +120,42 @@ def heldout_results(cfg: dict, train: Dataset, checkpoints: dict[str, Path], dis
         model, _ = load_detector(ckpt, device)
         out[stage] = evaluate(model, test, cfg, device, dist)[0]
     return out
+
+
+@torch.no_grad()
+def pseudo_label_quality(teacher: DeformableDETR, ds: Dataset, cfg: dict, threshold: float, nms_iou: float,
+                         device: torch.device, iou: float = 0.5) -> dict[str, float]:
+    """Precision and recall of the pseudo-labels ``teacher`` would give on ``ds`` (a labelled copy of the
+    unlabelled target pool: a diagnostic, never a training signal).
+
+    Pseudo-labels as in teaching (:func:`medssl.detection.medmask.pseudo_labels`: score above ``threshold``,
+    class-agnostic NMS at ``nms_iou``) on the un-augmented images. A pseudo box is correct when it overlaps a
+    true box with IoU >= ``iou``; a true box is recalled when some pseudo box does.
+
+    Returns:
+        ``{"pseudo_precision", "pseudo_recall", "pseudo_per_image", "true_per_image"}`` (precision is NaN
+        when no pseudo-label was given).
+    """
+    from torchvision.ops import box_iou
+
+    from medssl.detection.box_ops import cxcywh_to_xyxy
+    from medssl.detection.medmask import pseudo_labels
+
+    teacher.eval()
+    dtype = next(teacher.parameters()).dtype
+    n_pseudo = n_correct = n_true = n_recalled = n_images = 0
+    for images, mask, targets in eval_loader(ds, cfg["data"]["batch_size"]):
+        pl = pseudo_labels(teacher(images.to(device, dtype), mask.to(device)), threshold, nms_iou)
+        for p, t in zip(pl, targets):
+            pred = cxcywh_to_xyxy(p["boxes"].float().cpu())  # normalised: IoU is unchanged by the image scale
+            true = cxcywh_to_xyxy(t["boxes"].float())
+            n_images += 1
+            n_pseudo += len(pred)
+            n_true += len(true)
+            if len(pred) and len(true):
+                overlap = box_iou(pred, true) >= iou  # [k, m]
+                n_correct += int(overlap.any(1).sum())
+                n_recalled += int(overlap.any(0).sum())
+    return {"pseudo_precision": n_correct / n_pseudo if n_pseudo else float("nan"),
+            "pseudo_recall": n_recalled / n_true if n_true else float("nan"),
+            "pseudo_per_image": n_pseudo / max(n_images, 1), "true_per_image": n_true / max(n_images, 1)}

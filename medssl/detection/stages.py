@@ -33,15 +33,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from medssl.data.coco import build_dataset
 from medssl.data.epochs import PairedBatches
 from medssl.detection.config import DEFAULTS, STAGES, detr_config
 from medssl.detection.criterion import SetCriterion
-from medssl.detection.data import build_splits, epoch_batches, to_device
+from medssl.detection.data import build_splits, epoch_batches, to_device, transforms
 from medssl.detection.detr import DeformableDETR, build_detector
 from medssl.detection.evaluation import (
     evaluate,
     heldout_results,
     operating_threshold,
+    pseudo_label_quality,
     random_baseline,
     save_overlays,
 )
@@ -273,7 +275,17 @@ class StageTask(Task):
 
     def epoch_record(self, engine: Engine, epoch: int) -> dict[str, Any]:
         n = self.missing.get(str(epoch), 0)
-        return {"missing_embeddings": n} if n else {}
+        record: dict[str, Any] = {"missing_embeddings": n} if n else {}
+        truth = self.cfg["eval"]["pseudo_truth"]
+        if self.stage == "teaching" and truth:  # diagnostic only: the target's boxes never reach training
+            d = self.cfg["data"]
+            ds = build_dataset(d["target_dataset"] or d["dataset"], truth, d["data_root"],
+                               transforms(self.cfg, "none"))
+            record.update({k: round(v, 4) for k, v in pseudo_label_quality(
+                self.model.teacher, ds, self.cfg, self.sc["score_threshold"], self.sc["nms_iou"],
+                engine.dist.device).items()})
+            self.model.teacher.eval()
+        return record
 
     def extra_state(self) -> dict[str, Any]:
         return {"snapshot": self.snapshot, "missing": dict(self.missing)}

@@ -183,3 +183,37 @@ def test_reset_non_decoder_keeps_decoder_and_heads():
             torch.testing.assert_close(p, snap[n])
     dec = dict(model.named_parameters())["transformer.decoder.layers.0.norm1.weight"]
     assert dec.detach().mean().item() == pytest.approx(2.0)  # LayerNorm weight 1 + 1, untouched
+
+
+def test_pseudo_label_quality_hand_computed():
+    """A stub teacher with fixed outputs: precision / recall of its pseudo-labels counted by hand."""
+    from torch import nn
+
+    from medssl.detection.evaluation import pseudo_label_quality
+
+    class Images(torch.utils.data.Dataset):  # two images, truth boxes normalised cxcywh
+        truth = [torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]]), torch.zeros(0, 4)]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 8, 8), {"boxes": self.truth[i], "labels": torch.zeros(len(self.truth[i]))}
+
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, images, mask):
+            # image 0: a hit on lesion 1 (IoU 1), a near miss on lesion 2 (IoU < 0.5), one below threshold;
+            # image 1 (normal): one false positive
+            boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.75, 0.75, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]],
+                                  [[0.5, 0.5, 0.1, 0.1], [0.1, 0.9, 0.05, 0.05], [0.3, 0.3, 0.05, 0.05]]])
+            scores = torch.tensor([[0.9, 0.8, 0.2], [0.7, 0.1, 0.1]])
+            return {"pred_logits": torch.logit(scores)[..., None], "pred_boxes": boxes[: len(images)]}
+
+    cfg = {"data": {"batch_size": 2}}
+    q = pseudo_label_quality(Teacher(), Images(), cfg, threshold=0.5, nms_iou=0.7, device=torch.device("cpu"))
+    # IoU of [0.75,0.75,.2,.2] with [0.7,0.7,.2,.2]: overlap 0.15^2 / (2 * 0.04 - 0.0225) = 0.391 < 0.5
+    assert q == {"pseudo_precision": 1 / 3, "pseudo_recall": 1 / 2, "pseudo_per_image": 3 / 2, "true_per_image": 1.0}
