@@ -1,8 +1,9 @@
-"""The synthetic mammography demo: layout, determinism, lesion boxes, expert embeddings."""
+"""The synthetic mammography demo: layout, determinism, target truth, vendor shift, distractors, knobs."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 
@@ -11,7 +12,9 @@ import pytest
 from PIL import Image
 
 from data_tools import demo_mammo
-from data_tools.coco_tools import validate
+from data_tools.coco_tools import Report, validate, validate_coco
+
+H, W = 160, 128  # small renders for the unit tests
 
 
 def _run(out, *extra):
@@ -31,26 +34,79 @@ def _digest(folder):
     return h.hexdigest()
 
 
+def _coco(root, name):
+    return json.loads((root / "annotations" / f"instances_{name}.json").read_text())
+
+
+def _render(seed, abnormal=True, vendor_b=False, shift=1.0, **kw):
+    return demo_mammo.render(np.random.default_rng(seed), H, W, abnormal, vendor_b, shift, **kw)
+
+
+def _box_contrast(img, box, margin=6):
+    """Mean inside the box minus the mean of a ring of ``margin`` pixels around it."""
+    x, y, w, h = (int(round(v)) for v in box)
+    ring = img[max(0, y - margin):y + h + margin, max(0, x - margin):x + w + margin].copy()
+    oy, ox = min(margin, y), min(margin, x)
+    ring[oy:oy + h, ox:ox + w] = np.nan
+    return img[y:y + h, x:x + w].mean() - np.nanmean(ring)
+
+
 def test_demo_layout_and_determinism(tmp_path):
     assert _run(tmp_path / "a") == 0 and _run(tmp_path / "b") == 0
     root = tmp_path / "a" / "demo"
-    assert _digest(root) == _digest(tmp_path / "b" / "demo")
+    assert _digest(root) == _digest(tmp_path / "b" / "demo")  # same seed: the same bytes, every file
     assert _run(tmp_path / "c", "--seed", "1") == 0
     assert _digest(tmp_path / "c" / "demo") != _digest(root)
     report = validate(root)
-    assert report.ok, report.errors
+    # coco_tools pairs instances_<split>.json with images/<split>; the truth file describes images/target
+    assert report.errors == [f"{root / 'annotations/instances_target_truth.json'}: its image folder "
+                             f"{root / 'images/target_truth'} is missing"]
     counts = {s: report.summary[f"instances_{s}.json"]["images"] for s in ("train", "val", "test", "target")}
     assert counts == {"train": 8, "val": 4, "test": 2, "target": 3}
     assert report.summary["instances_train.json"]["images_with_lesions"] == 4  # abnormal-frac 0.5
-    assert "annotations" not in json.loads((root / "annotations/instances_target.json").read_text())
     info = json.loads((root / "_info.json").read_text())
-    assert info["images"]["train"] == 8
+    assert info["images"]["train"] == 8 and info["version"] == demo_mammo.VERSION
+    assert info["args"]["lesion_contrast"] == 1.0 and info["args"]["distractors"] == demo_mammo.DEFAULT_DISTRACTORS
+    assert info["args"]["shift"] == 1.0
 
 
-def test_demo_images_and_lesions(tmp_path):
+def test_target_truth_file(tmp_path):
+    _run(tmp_path, "--target", "6")
+    root = tmp_path / "demo"
+    target, truth = _coco(root, "target"), _coco(root, "target_truth")
+    assert "annotations" not in target  # what adaptation sees: images only
+    assert truth["images"] == target["images"]  # the same ids, file names and metadata
+    assert {a["image_id"] for a in truth["annotations"]} <= {im["id"] for im in target["images"]}
+    report = Report()
+    validate_coco(truth, root / "images" / "target", "truth", report)
+    assert report.ok, report.errors
+    assert report.summary["truth"]["images_with_lesions"] == 3  # abnormal-frac 0.5 of 6
+    assert all(im["vendor"] == "B" for im in truth["images"])
+    # the truth is what render draws for those images (same seed stream as every other split)
+    for im in truth["images"]:
+        i = int(im["file_name"].split("_")[1].split(".")[0])
+        boxes = [a["bbox"] for a in truth["annotations"] if a["image_id"] == im["id"]]
+        _, lesions, _ = demo_mammo.render(np.random.default_rng([0, 3, i]), 128, 96, bool(boxes), True, 1.0)
+        assert [les["bbox"] for les in lesions] == boxes
+
+
+def test_annotations_carry_type_and_density(tmp_path):
+    _run(tmp_path, "--train", "12")
+    coco = _coco(tmp_path / "demo", "train")
+    assert len(coco["annotations"]) >= 6
+    for a in coco["annotations"]:
+        assert a["lesion_type"] in demo_mammo.LESION_TYPES and isinstance(a["in_dense"], bool)
+        assert a["id"] // 10 == a["image_id"]
+    assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+    for im in coco["images"]:
+        assert 0.1 <= im["density"] <= 0.9
+        assert all(d["kind"] in demo_mammo.DISTRACTOR_TYPES for d in im["distractors"])
+
+
+def test_demo_images(tmp_path):
     _run(tmp_path)
     root = tmp_path / "demo"
-    coco = json.loads((root / "annotations/instances_train.json").read_text())
+    coco = _coco(root, "train")
     assert {im["vendor"] for im in coco["images"]} == {"A"}
     for im in coco["images"]:
         a = np.asarray(Image.open(root / "images/train" / im["file_name"]))
@@ -58,15 +114,80 @@ def test_demo_images_and_lesions(tmp_path):
         assert a[a > 0].size > 0.2 * a.size  # a breast is there
         side = a[:, :8].mean() > a[:, -8:].mean()  # the chest wall is on the side of the view
         assert side == (im["view"] == "L")
-    for ann in coco["annotations"]:
-        im = next(i for i in coco["images"] if i["id"] == ann["image_id"])
-        a = np.asarray(Image.open(root / "images/train" / im["file_name"])).astype(float) / 65535
-        x, y, w, h = (int(round(v)) for v in ann["bbox"])
-        inside = a[y:y + h, x:x + w]
-        ring = a[max(0, y - 6):y + h + 6, max(0, x - 6):x + w + 6]
-        assert inside.max() > np.median(ring) + 0.05, ann  # a lesion is brighter than its surroundings
-    val = json.loads((root / "annotations/instances_val.json").read_text())
-    assert {im["vendor"] for im in val["images"]} == {"B"}
+    assert {im["vendor"] for im in _coco(root, "val")["images"]} == {"B"}
+
+
+def test_render_is_deterministic():
+    for vendor_b in (False, True):
+        a, la, ma = _render(7, vendor_b=vendor_b)
+        b, lb, mb = _render(7, vendor_b=vendor_b)
+        assert np.array_equal(a, b) and la == lb and ma == mb
+    assert not np.array_equal(_render(7)[0], _render(8)[0])
+
+
+def test_shift_zero_is_vendor_a():
+    assert demo_mammo.vendor_look(True, 0.0) == demo_mammo.VENDOR_A
+    assert demo_mammo.vendor_look(False, 1.0) == demo_mammo.VENDOR_A
+    assert demo_mammo.vendor_look(True, 1.0) == demo_mammo.VENDOR_B
+    for seed in range(4):
+        a, la, ma = _render(seed, vendor_b=False, shift=0.0)
+        b, lb, mb = _render(seed, vendor_b=True, shift=0.0)
+        assert np.array_equal(a, b) and la == lb
+        assert {**ma, "vendor": "B"} == mb
+        assert not np.array_equal(a, _render(seed, vendor_b=True, shift=1.0)[0])
+
+
+def test_vendor_b_population_is_denser_and_smaller():
+    half = demo_mammo.vendor_look(True, 0.5)
+    for f in dataclasses.fields(demo_mammo.Look):  # half-way between the two vendors
+        a, b = getattr(demo_mammo.VENDOR_A, f.name), getattr(demo_mammo.VENDOR_B, f.name)
+        assert getattr(half, f.name) == pytest.approx((a + b) / 2)
+    for seed in range(6):  # the same draws: denser and smaller for every image
+        a, _, ma = _render(seed, abnormal=False)
+        b, _, mb = _render(seed, abnormal=False, vendor_b=True)
+        assert mb["density"] >= ma["density"]
+        assert (b > 0).sum() < (a > 0).sum()
+
+
+def test_distractors_are_not_annotated(tmp_path):
+    img, lesions, meta = _render(3, abnormal=False, distractors=10)
+    assert lesions == [] and len(meta["distractors"]) > 0
+    for seed in range(4):
+        a, la, ma = _render(seed, distractors=0)
+        b, lb, mb = _render(seed, distractors=10)
+        assert la == lb and ma["distractors"] == [] and len(mb["distractors"]) > 0
+        assert not np.array_equal(a, b)
+    _run(tmp_path / "none", "--distractors", "0")
+    _run(tmp_path / "many", "--distractors", "12")
+    for split in ("train", "val", "test", "target_truth"):
+        none, many = _coco(tmp_path / "none/demo", split), _coco(tmp_path / "many/demo", split)
+        assert none["annotations"] == many["annotations"]
+
+
+def test_boxes_hold_the_lesion_signal():
+    for seed in range(6):  # vendor A (a fixed window): the lesion changes pixels only in and next to its box
+        img, lesions, _ = _render(seed)
+        ref, _, _ = _render(seed, lesion_contrast=1e-6)
+        diff = np.abs(img - ref)
+        near = np.zeros(diff.shape, bool)
+        for les in lesions:
+            x, y, w, h = (int(round(v)) for v in les["bbox"])
+            near[max(0, y - 4):y + h + 4, max(0, x - 4):x + w + 4] = True
+        assert diff.sum() > 0 and diff[near].sum() >= 0.99 * diff.sum()
+
+
+@pytest.mark.parametrize("vendor_b", [False, True])
+def test_lesion_contrast_knob(vendor_b):
+    one, two = [], []
+    for seed in range(6):
+        a, la, _ = _render(seed, vendor_b=vendor_b)
+        b, lb, _ = _render(seed, vendor_b=vendor_b, lesion_contrast=2.0)
+        assert la == lb  # the same lesions, twice the amplitude
+        one += [_box_contrast(a, les["bbox"]) for les in la]
+        two += [_box_contrast(b, les["bbox"]) for les in lb]
+    assert len(one) >= 6
+    assert all(q > p for p, q in zip(one, two))
+    assert np.mean(two) > 1.3 * np.mean(one)
 
 
 def test_demo_with_expert_embeddings(tmp_path):
@@ -84,8 +205,23 @@ def test_demo_with_expert_embeddings(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
 
 
-def test_demo_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="at least one image"):
-        _run(tmp_path, "--val", "0")
-    with pytest.raises(ValueError, match="height"):
-        _run(tmp_path, "--height", "16")
+def test_ensure_demo_remakes_other_versions(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo_mammo, "run", lambda args: calls.append(args.out) or 0)
+    info = tmp_path / "demo" / "_info.json"
+    info.parent.mkdir()
+    info.write_text(json.dumps({"version": demo_mammo.VERSION}))
+    assert demo_mammo.ensure_demo(tmp_path) == tmp_path / "demo" and calls == []
+    info.write_text(json.dumps({"args": {}}))  # a set of the first generator (no version)
+    demo_mammo.ensure_demo(tmp_path)
+    assert calls == [str(tmp_path)]
+
+
+@pytest.mark.parametrize("extra, match", [(("--val", "0"), "at least one image"), (("--height", "16"), "height"),
+                                          (("--shift", "-0.1"), "shift"), (("--shift", "2.5"), "shift"),
+                                          (("--lesion-contrast", "0"), "lesion-contrast"),
+                                          (("--distractors", "-1"), "distractors"),
+                                          (("--abnormal-frac", "1.5"), "abnormal-frac")])
+def test_demo_bad_arguments(tmp_path, extra, match):
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path, *extra)
