@@ -67,7 +67,9 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _split_of(ann_file: Path) -> str:
-    split = ann_file.stem.removeprefix("instances_")
+    """The image folder of an annotation file: ``instances_<split>.json`` -> ``<split>``; the seed's
+    ``full`` file and a ``<split>_truth`` file (labels of an unlabelled pool) describe other folders' images."""
+    split = ann_file.stem.removeprefix("instances_").removesuffix("_truth")
     return "train" if split == "full" else split
 
 
