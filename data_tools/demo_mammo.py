@@ -8,6 +8,7 @@ Writes, deterministically for a given ``--seed`` (and options), the seed layout 
     annotations/instances_target_truth.json              (the target images WITH their boxes, see below)
     images/{train,val,test,target}/*.png                 (16-bit greyscale)
     embeddings/<stem>_embedding.npy                      (expert embeddings, see extract_embeddings)
+    expert/                                              (the MAE expert: shards, pretraining run, backbone)
     _info.json                                           (the arguments; written last = complete)
 
 A small domain-adaptation benchmark. ``train`` is labelled "vendor A"; ``val``, ``test`` and the
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,7 +71,7 @@ DISTRACTOR_TYPES = ("vessel", "lymph_node", "benign_calcification", "vascular_ca
 DISTRACTOR_P = (0.45, 0.2, 0.25, 0.1)
 DEFAULT_DISTRACTORS = 5.0
 MAX_SHIFT = 2.0
-VERSION = 2  # of the generator, in _info.json: ensure_demo remakes sets of another version
+VERSION = 3  # of the generator, in _info.json: ensure_demo remakes sets of another version
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,10 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multiplier on every lesion amplitude (1 = screening-like, hard)")
     parser.add_argument("--distractors", type=float, default=DEFAULT_DISTRACTORS,
                         help="mean number of unannotated lesion-like distractors per image (Poisson)")
-    parser.add_argument("--expert", default="vit_tiny_patch16",
-                        help="backbone for the expert embeddings (anything medssl.load_backbone accepts; "
-                             "a registry name is a seeded random init); 'none' skips them")
-    parser.add_argument("--embed-size", type=int, default=64, help="expert input size (square)")
+    parser.add_argument("--expert", default="mae",
+                        help="expert for the embeddings: 'mae' (default) pretrains a small medssl MAE on the "
+                             "set's unlabelled train + target images (data_tools/demo_expert.py, cached under "
+                             "OUT/demo/expert); else anything medssl.load_backbone accepts (a registry name is a "
+                             "seeded random init: the uninformative ablation); 'none' skips them")
+    parser.add_argument("--expert-epochs", type=int, default=None,
+                        help="pretraining epochs of the 'mae' expert (default: recipes/configs/demo_expert.yaml)")
+    parser.add_argument("--embed-size", type=int, default=96, help="expert input size (square)")
     parser.add_argument("--embed-grid", type=int, default=4,
                         help="expert tokens pooled to GRID x GRID (+ cls)")
     parser.set_defaults(func=run)
@@ -504,6 +510,12 @@ def run(args: argparse.Namespace) -> int:
                          distractors=args.distractors)
     t_images = time.time() - t0
     expert = str(args.expert)
+    for stale in (out / "expert", out / "embeddings"):  # made from the images just replaced
+        shutil.rmtree(stale, ignore_errors=True)
+    if expert.lower() == "mae":
+        from data_tools.demo_expert import make_expert
+
+        expert = str(make_expert(out, epochs=args.expert_epochs, img_size=args.embed_size, seed=args.seed))
     if expert.lower() != "none":
         from data_tools.extract_embeddings import extract_embeddings
 

@@ -193,7 +193,8 @@ def test_demo_with_expert_embeddings(tmp_path):
     p = argparse.ArgumentParser()
     demo_mammo.add_arguments(p)
     args = p.parse_args(["--out", str(tmp_path), "--height", "96", "--width", "64", "--train", "2", "--val", "1",
-                         "--test", "1", "--target", "1", "--embed-size", "32", "--embed-grid", "2"])
+                         "--test", "1", "--target", "1", "--expert", "vit_tiny_patch16", "--embed-size", "32",
+                         "--embed-grid", "2"])
     assert args.func(args) == 0
     files = sorted((tmp_path / "demo/embeddings").glob("*_embedding.npy"))
     assert [f.name for f in files][:2] == ["target_00000_embedding.npy", "test_00000_embedding.npy"]
@@ -223,3 +224,23 @@ def test_ensure_demo_remakes_other_versions(tmp_path, monkeypatch):
 def test_demo_bad_arguments(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         _run(tmp_path, *extra)
+
+
+def test_demo_with_mae_expert(tmp_path):
+    """`--expert mae`: shards from train + target only, a pretrained medssl backbone, embeddings from it."""
+    p = argparse.ArgumentParser()
+    demo_mammo.add_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path), "--height", "64", "--width", "64", "--train", "3", "--val", "1",
+                         "--test", "1", "--target", "2", "--expert", "mae", "--expert-epochs", "1",
+                         "--embed-size", "32", "--embed-grid", "2"])
+    assert args.func(args) == 0
+    demo = tmp_path / "demo"
+    backbone = demo / "expert" / "pretrain" / "backbone"
+    cfg = json.loads((backbone / "config.json").read_text())
+    assert cfg["img_size"] in (32, [32, 32]) and str(demo / "expert" / "shards") in json.dumps(cfg)
+    manifest = [json.loads(line) for line in (demo / "expert" / "shards" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["source"] for r in manifest) == ["target"] * 2 + ["train"] * 3  # never val / test images
+    assert all(r["status"] == "written" for r in manifest)
+    record = json.loads((demo / "embeddings" / "_expert.json").read_text())
+    assert record["source"] == str(backbone)
+    assert len(list((demo / "embeddings").glob("*_embedding.npy"))) == 7

@@ -19,6 +19,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("mammo")
     make_demo.main(["mammo", "--out", str(root), "--train", "4", "--val", "3", "--test", "1", "--target", "3",
-                    "--height", "64", "--width", "64", "--abnormal-frac", "0.7", "--embed-size", "32",
+                    "--height", "64", "--width", "64", "--abnormal-frac", "0.7", "--expert", "vit_tiny_patch16",
+                    "--embed-size", "32",
                     "--embed-grid", "2"])
     return root
