@@ -7,8 +7,11 @@ engine) can be compared against an older checkout of medssl in the same run:
     python -m benchmarks.bench_engine --rounds 3 --trees /path/to/old/checkout .   # interleaved A/B
 
 With `--trees`, each round runs every tree once in a fresh process (`PYTHONPATH=<tree>`), the order rotated
-per round; the figures are medians over rounds with min and max. Detector: `source_only` on the demo set
-(`recipes/configs/medmask_demo.yaml`), images/s over the training steps of one epoch (evaluation excluded).
+per round; the figures are medians over rounds with min and max. `BENCH_THREADS` sets torch's threads;
+`BENCH_PRECISION=fp32` pins the detector's `train.precision` where the tree has it (trees before the one
+engine train the detector in fp32 only, while `auto` picks bf16 on CPUs with native bf16).
+Detector: `source_only` on the demo set (`recipes/configs/medmask_demo.yaml`), images/s over the training
+steps of one epoch (evaluation excluded).
 Fine-tune: `FineTuneClassifier` on a ViT-Ti/8 at 64 px with layer-wise lr decay, batch 16, seconds per
 optimizer step (evaluation excluded by evaluating only once, at the end).
 """
@@ -44,6 +47,9 @@ def _detector(data_root: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         sets = [f"data.data_root={data_root}", f"out={out}", "source_only.epochs=1", "eval.test_split=null",
                 f"data.embeddings={Path(data_root) / 'demo' / 'embeddings'}"]
+        precision = os.environ.get("BENCH_PRECISION")  # e.g. fp32: older trees train fp32 only
+        if precision and "precision" in DEFAULTS["train"]:
+            sets.append(f"train.precision={precision}")
         cfg = load_config(DEFAULTS, Path("recipes/configs/medmask_demo.yaml"), sets)  # the tree's own demo config
         torch.manual_seed(0)
         from medssl.data.coco import build_dataset
@@ -116,10 +122,40 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in table.items():
         print(f"{k}: median {v['median']:.3f} [min {v['min']:.3f}, max {v['max']:.3f}]")
     if a.json:
+        commits = {t: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=t, capture_output=True,
+                                     text=True).stdout.strip() for t in a.trees}
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds,
-                                            "results": results, "table": table}, indent=1))
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.speed import machine_info
+
+        Path(a.json).write_text(json.dumps({"machine": machine_info("cpu"), "command": " ".join(
+                                                ["python -m benchmarks.bench_engine", *(argv or sys.argv[1:])]),
+                                            "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds,
+                                            "threads": int(os.environ.get("BENCH_THREADS", "2")),
+                                            "precision": os.environ.get("BENCH_PRECISION", "config"),
+                                            "commits": commits, "results": results, "table": table}, indent=1))
     return 0
+
+
+def report(result: dict) -> list[str]:
+    """README lines of a result file: per kind, each tree's median [min, max] and the per-round ratios."""
+    lines = []
+    for kind, per_tree in result["results"].items():
+        key = "images_per_s" if kind == "detector" else "seconds_per_step"
+        trees = list(per_tree)
+        name = {t: result.get("commits", {}).get(t) or Path(t).name for t in trees}
+        figs = "; ".join(f"`{name[t]}` {statistics.median(x[key] for x in per_tree[t]):.3f} "
+                         f"[{min(x[key] for x in per_tree[t]):.3f}, {max(x[key] for x in per_tree[t]):.3f}]"
+                         for t in trees)
+        line = (f"{kind} ({key.replace('_', ' ')}, median [min, max] of {len(per_tree[trees[0]])} interleaved rounds, "
+                f"{result.get('threads', '?')} thread(s), precision {result.get('precision', 'config')}): {figs}")
+        if len(trees) == 2:
+            a, b = ([x[key] for x in per_tree[t]] for t in trees)
+            ratios = [y / x if kind == "detector" else x / y for x, y in zip(a, b)]  # > 1: the second tree faster
+            line += (f"; `{name[trees[1]]}` vs `{name[trees[0]]}` per round: "
+                     f"{', '.join(f'{r:.2f}x' for r in ratios)} (median {statistics.median(ratios):.2f}x, > 1: faster)")
+        lines.append(line + ".")
+    return lines
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_detection, bf16_curve, profile_detector  # noqa: E402
+from benchmarks import bench_detection, bench_engine, bf16_curve, profile_detector  # noqa: E402
 from benchmarks.speed import report_mae  # noqa: E402
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
@@ -60,6 +60,9 @@ def render(result: dict, source: str) -> str:
         lines += ["", "Where one detector training step spends its CPU time (`benchmarks/profile_detector.py`: "
                   "profiler time per part, a backward operator charged to the part whose forward created it):", ""]
         lines += profile_detector.report(result["detector_profile"])
+    if result.get("results") and result.get("table"):  # bench_engine.py: the training loop, checkout vs checkout
+        lines += ["", "Training loop, interleaved A/B of two checkouts (`benchmarks/bench_engine.py`):", ""]
+        lines += [f"- {x}" for x in bench_engine.report(result)]
     if result.get("compare"):
         png = Path(source).with_suffix(".png")
         lines += [""] + bf16_curve.report(result)

@@ -15,9 +15,10 @@ Three paths compute the same function:
   kernels, for CUDA tensors.
 
 ``ms_deform_attn`` (``impl="auto"``) takes the Triton kernels for CUDA tensors when Triton imports and the
-fused path otherwise (single-threaded on CPU it measured 1.8-2.8x faster than the per-level ``grid_sample``
-form and HF's at every size from 128 to 800 px, forward + backward; ``benchmarks/bench_detection.py``).
-The choice is logged once.
+fused path otherwise (single-threaded on CPU, forward + backward, it measured faster than the per-level
+``grid_sample`` form and HF's at every size from 128 to 800 px; ``benchmarks/bench_detection.py``).
+The choice is logged once. ``MSDeformAttn`` runs ``ms_deform_attn_projected``: the value projection fused
+into the op, its input saved instead of the value (recomputed in backward).
 """
 
 from __future__ import annotations
