@@ -37,7 +37,8 @@ class SetCriterion(nn.Module):
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     def _single(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, torch.Tensor]:
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # [N, Q, C], [N, Q, 4]
+        # the losses in float32 whatever the autocast dtype of the heads (bf16 targets and sums lose ~3 digits)
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()  # [N, Q, C], [N, Q, 4]
         indices = self.matcher(outputs, targets)
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in indices]).to(logits.device)

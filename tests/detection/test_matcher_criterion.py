@@ -112,3 +112,20 @@ def test_criterion_aux_keys_and_bad_classes():
     torch.testing.assert_close(losses["loss_ce_0"], losses["loss_ce"])
     with pytest.raises(ValueError, match="num_classes"):
         SetCriterion(0)
+
+
+def test_criterion_computes_in_float32_from_bf16_heads():
+    """bf16 head outputs (autocast) give the float32 loss of the same rounded values: targets are not rounded
+    to bf16 and the sums run in float32."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 1, generator=g).bfloat16()
+    boxes = (torch.rand(2, 5, 4, generator=g) * 0.5 + 0.25).bfloat16()
+    targets = [{"labels": torch.zeros(2, dtype=torch.long), "boxes": torch.tensor([[0.3011, 0.4017, 0.1003, 0.2009],
+                                                                                  [0.6021, 0.5013, 0.2007, 0.1001]])},
+               {"labels": torch.zeros(1, dtype=torch.long), "boxes": torch.tensor([[0.5003, 0.5007, 0.3001, 0.3003]])}]
+    crit = SetCriterion(num_classes=1)
+    got = crit({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    ref = crit({"pred_logits": logits.float(), "pred_boxes": boxes.float()}, targets)
+    for k in ref:
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
