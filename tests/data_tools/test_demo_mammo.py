@@ -64,7 +64,9 @@ def test_demo_layout_and_determinism(tmp_path):
     assert report.summary["instances_train.json"]["images_with_lesions"] == 4  # abnormal-frac 0.5
     info = json.loads((root / "_info.json").read_text())
     assert info["images"]["train"] == 8 and info["version"] == demo_mammo.VERSION
-    assert info["args"]["lesion_contrast"] == 1.0 and info["args"]["distractors"] == demo_mammo.DEFAULT_DISTRACTORS
+    assert info["args"]["lesion_contrast"] == demo_mammo.DEFAULT_CONTRAST == 3.0
+    assert info["args"]["lesion_size"] == demo_mammo.DEFAULT_SIZE == 2.0
+    assert info["args"]["distractors"] == demo_mammo.DEFAULT_DISTRACTORS == 2.0
     assert info["args"]["shift"] == 1.0
 
 
@@ -84,7 +86,10 @@ def test_target_truth_file(tmp_path):
     for im in truth["images"]:
         i = int(im["file_name"].split("_")[1].split(".")[0])
         boxes = [a["bbox"] for a in truth["annotations"] if a["image_id"] == im["id"]]
-        _, lesions, _ = demo_mammo.render(np.random.default_rng([0, 3, i]), 128, 96, bool(boxes), True, 1.0)
+        _, lesions, _ = demo_mammo.render(np.random.default_rng([0, 3, i]), 128, 96, bool(boxes), True, 1.0,
+                                          lesion_contrast=demo_mammo.DEFAULT_CONTRAST,
+                                          lesion_size=demo_mammo.DEFAULT_SIZE,
+                                          distractors=demo_mammo.DEFAULT_DISTRACTORS)
         assert [les["bbox"] for les in lesions] == boxes
 
 
