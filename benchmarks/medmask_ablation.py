@@ -6,7 +6,8 @@
 
 Rows (the config's ``rows``; each names the stages it trains, in order, and its config overrides): random
 boxes; ``source_only``; + the feature MAE alone; + the distillation alone; the full stage 2; stage 3
-(teaching) after the full stage 2; and an oracle (the ``source_only`` detector trained on the labelled
+(teaching) after the full stage 2; a row may name another ``expert`` (e.g. a random ViT, embeddings
+extracted once into ``demo/embeddings_<expert>``); and an oracle (the ``source_only`` detector trained on the labelled
 target-domain pool, which only a generated set can offer). Every row is trained with the recipe's code
 (`medssl.detection.stages.train_stage`) on the recipe's config (``recipe``, default
 ``recipes/configs/medmask_demo.yaml``) and scored once, on the target-domain test split, with its
@@ -59,7 +60,16 @@ def run_config(spec: dict[str, Any], row: dict[str, Any], seed: int) -> dict[str
     demo = ensure_demo(root)
     recipe = Path(spec.get("recipe") or "recipes/configs/medmask_demo.yaml")
     recipe = recipe if recipe.is_absolute() else ROOT / recipe
-    sets = {"data.dataset": "demo", "data.data_root": str(root), "data.embeddings": str(demo / "embeddings"),
+    embeddings = demo / "embeddings"
+    if row.get("expert"):  # another expert's embeddings of the same images (made once)
+        embeddings = demo / f"embeddings_{row['expert']}"
+        if not (embeddings / "manifest.jsonl").is_file():
+            from data_tools.extract_embeddings import extract_embeddings
+
+            args = json.loads((demo / "_info.json").read_text())["args"]
+            extract_embeddings(row["expert"], sorted((demo / "images").rglob("*.png")), embeddings,
+                               grid=args["embed_grid"], img_size=args["embed_size"], seed=args["seed"])
+    sets = {"data.dataset": "demo", "data.data_root": str(root), "data.embeddings": str(embeddings),
             "eval.overlays": 0, "eval.pseudo_truth": "target_truth", **(spec.get("set") or {}),
             **(row.get("set") or {}), "seed": seed}
     return load_config(DEFAULTS, recipe, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
@@ -70,6 +80,8 @@ def _stage_key(cfg: dict[str, Any], chain: list[str], fingerprint: str) -> str:
     """Key of the stage run ``chain[-1]`` reached through ``chain`` with ``cfg``: the shared sections and
     each stage section of the chain."""
     shared = {k: cfg[k] for k in ("data", "model", "mae", "distill", "train", "seed", "device") if k in cfg}
+    if not any(cfg[s]["distill_weight"] > 0 for s in chain if s != "source_only"):  # the expert is not read
+        shared["data"] = {k: v for k, v in cfg["data"].items() if k != "embeddings"}
     shared["eval"] = {k: v for k, v in cfg["eval"].items() if k not in ("overlays", "test_split")}
     return cell_key(chain=chain, stages={s: cfg[s] for s in chain}, shared=shared, code=fingerprint)
 
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only write the tables from cached cells")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    spec = read_yaml(a.config)
+    spec = read_yaml(a.config.read_text())
     out = a.out or ROOT / spec.get("out", "benchmarks/results/medmask")
     seeds = a.seeds or list(spec.get("seeds", [0, 1, 2]))
     rows = [r for r in spec["rows"] if a.rows is None or r["name"] in a.rows]
