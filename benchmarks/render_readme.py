@@ -5,7 +5,9 @@
     python benchmarks/render_readme.py benchmarks/results/speed.json benchmarks/results/detector_profile.json
     python benchmarks/render_readme.py benchmarks/results/speed.json --print    # shows the text only
 
-Accepts the result files of speed.py, profile_detector.py and bf16_curve.py.
+Accepts the result files of speed.py, profile_detector.py, bench_engine.py and bf16_curve.py; with
+``--section medmask`` the ``results.json`` of medmask_ablation.py, between the ``<!-- medmask:begin -->``
+and ``<!-- medmask:end -->`` markers.
 
 Only the text between the ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` markers is replaced; the
 file is written atomically (temporary file, then rename).
@@ -22,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_detection, bench_engine, bf16_curve, profile_detector  # noqa: E402
+from benchmarks import bench_detection, bench_engine, bf16_curve, medmask_ablation, profile_detector  # noqa: E402
 from benchmarks.speed import report_mae  # noqa: E402
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
@@ -71,13 +73,36 @@ def render(result: dict, source: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def replace_section(text: str, body: str) -> str:
-    """``text`` with the part between the speed markers replaced by ``body``; ValueError without markers."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"README must contain one {BEGIN} ... {END} pair")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{body}{END}{tail}"
+def replace_section(text: str, body: str, section: str = "speed") -> str:
+    """``text`` with the part between the ``<!-- section:begin -->`` / ``<!-- section:end -->`` markers
+    replaced by ``body``; ValueError without exactly one pair."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"README must contain one {begin} ... {end} pair")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{body}{end}{tail}"
+
+
+def render_demo(result: dict, source: str) -> str:
+    """Markdown table of a MedMask run's ``summary.json`` (validation best epoch and held-out test per stage)."""
+    test = result.get("test", {})
+    rows = ["random_boxes"] + [k for k in result if k not in ("random_boxes", "test")]
+    lines = [f"`{source}`:", "", "| | val R@0.3 | val AP50 | test R@0.3 | test AP50 |", "|---|---|---|---|---|"]
+    for row in rows:
+        v, t = result.get(row) or {}, test.get(row) or {}
+        cells = [f"{d[k]:.3f}" if k in d else "-" for d in (v, t) for k in ("R@0.3", "AP50")]
+        lines.append(f"| {row.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_ablation(result: dict, source: str) -> str:
+    """Markdown for a ``benchmarks/medmask_ablation.py`` results file (its table, diagnostics and FROC plot)."""
+    png = Path(source).with_name("froc.png")
+    lines = [f"`{source}` (commit {result['meta']['commit']}, {result['meta']['date']}):", ""]
+    lines += medmask_ablation.report(result["table"], result["meta"])
+    lines += ["", f"![FROC of every row on the target-domain test split]({png.as_posix()})"]
+    return "\n".join(lines).strip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,27 +111,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON files written by speed.py, profile_detector.py or bf16_curve.py --json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
+    parser.add_argument("--section", default="speed",
+                        help="README markers to fill: speed (default), medmask (medmask_ablation results.json) or "
+                             "demo (a MedMask run's summary.json)")
     args = parser.parse_args(argv)
     parts = []
     for path in args.results:
         try:
-            parts.append(render(json.loads(path.read_text()), str(path)))
+            result = json.loads(path.read_text())
+            renderer = {"medmask": render_ablation, "demo": render_demo}.get(args.section, render)
+            parts.append(renderer(result, str(path)))
         except (OSError, json.JSONDecodeError, KeyError) as err:
-            print(f"{path}: not a speed.py / profile_detector.py results file ({err!r})", file=sys.stderr)
+            print(f"{path}: not a results file for the {args.section} section ({err!r})", file=sys.stderr)
             return 2
     body = "\n".join(parts)
     if args.print:
         print(body)
         return 0
     try:
-        text = replace_section(args.readme.read_text(), body)
+        text = replace_section(args.readme.read_text(), body, args.section)
     except ValueError as err:
         print(f"{args.readme}: {err}", file=sys.stderr)
         return 2
     tmp = args.readme.with_name(args.readme.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, args.readme)
-    print(f"rewrote the speed section of {args.readme} from {', '.join(map(str, args.results))}")
+    print(f"rewrote the {args.section} section of {args.readme} from {', '.join(map(str, args.results))}")
     return 0
 
 

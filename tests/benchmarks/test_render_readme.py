@@ -67,3 +67,28 @@ def test_bf16_curve_compare_and_render():
     text = render({"machine": MACHINE, "epochs": 5, "compare": r}, "curve.json")
     assert "final loss 0.4000 (bf16) vs 0.4000 (fp32), +0.0%; largest gap at a logged step 10.0%" in text
     assert "25 vs 10 images/s (2.50x)" in text
+
+
+def test_demo_and_ablation_sections(tmp_path):
+    """A MedMask summary.json and an ablation table rendered into their own README markers."""
+    from benchmarks.medmask_ablation import aggregate
+    from benchmarks.render_readme import render_ablation, render_demo
+
+    summary = {"random_boxes": {"R@0.3": 0.0, "AP50": 0.0}, "source_only": {"R@0.3": 0.5, "AP50": 0.125},
+               "test": {"random_boxes": {"R@0.3": 0.0, "AP50": 0.0}, "source_only": {"R@0.3": 0.25, "AP50": 0.1}}}
+    text = render_demo(summary, "s.json")
+    assert "| source only | 0.500 | 0.125 | 0.250 | 0.100 |" in text and "| random boxes | 0.000" in text
+    rows = [{"name": "source_only"}, {"name": "teaching"}]
+    cell = {"summary": {"R@0.3": 0.4, "mean_sensitivity": 0.5, "AP50": 0.1}, "froc_grid": [0.0, 1.0]}
+    cells = {("source_only", 0): cell,
+             ("source_only", 1): {**cell, "summary": {"R@0.3": 0.6, "mean_sensitivity": 0.7, "AP50": 0.3}},
+             ("teaching", 0): {**cell, "pseudo_labels": [{"pseudo_precision": 0.5, "pseudo_recall": 0.25,
+                                                          "pseudo_per_image": 1.0}]}}
+    table = aggregate(rows, cells, [0, 1])
+    assert table[0]["R@0.3"] == pytest.approx((0.5, 0.1414213562)) and table[0]["seeds"] == 2
+    assert table[1]["seeds"] == 1 and table[1]["pseudo_labels"][0]["pseudo_precision"] == (0.5, 0.0)
+    meta = {"test_images": 60, "test_lesions": 29, "seeds": 2, "minutes": 12.0, "machine": "Test CPU",
+            "command": "python benchmarks/medmask_ablation.py", "commit": "abc1234", "date": "2026-12-02"}
+    text = render_ablation({"table": table, "meta": meta}, "results.json")
+    assert "| source_only | 0.500 +- 0.141 | 0.600 +- 0.141 | 0.200 +- 0.141 |" in text
+    assert "epoch 0: precision 0.50, recall 0.25, 1.00 per image" in text and "froc.png" in text
