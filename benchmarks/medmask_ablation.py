@@ -77,13 +77,15 @@ def run_config(spec: dict[str, Any], row: dict[str, Any], seed: int) -> dict[str
 
 
 def _stage_key(cfg: dict[str, Any], chain: list[str], fingerprint: str) -> str:
-    """Key of the stage run ``chain[-1]`` reached through ``chain`` with ``cfg``: the shared sections and
-    each stage section of the chain."""
+    """Key of the stage run ``chain[-1]`` reached through ``chain`` with ``cfg``: the shared sections, each
+    stage section of the chain and the demo set's generator arguments (a regenerated set retrains)."""
     shared = {k: cfg[k] for k in ("data", "model", "mae", "distill", "train", "seed", "device") if k in cfg}
     if not any(cfg[s]["distill_weight"] > 0 for s in chain if s != "source_only"):  # the expert is not read
         shared["data"] = {k: v for k, v in cfg["data"].items() if k != "embeddings"}
     shared["eval"] = {k: v for k, v in cfg["eval"].items() if k not in ("overlays", "test_split")}
-    return cell_key(chain=chain, stages={s: cfg[s] for s in chain}, shared=shared, code=fingerprint)
+    info = Path(cfg["data"]["data_root"]) / "demo" / "_info.json"
+    demo = json.loads(info.read_text()).get("args") if info.is_file() else None
+    return cell_key(chain=chain, stages={s: cfg[s] for s in chain}, shared=shared, code=fingerprint, demo=demo)
 
 
 def train_chain(cfg: dict[str, Any], chain: list[str], work: Path, fingerprint: str) -> Path:
@@ -172,12 +174,12 @@ def aggregate(rows: list[dict[str, Any]], cells: dict[tuple[str, int], dict[str,
 def report(table: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     """Markdown: the ablation table and the pseudo-label diagnostics."""
     lines = [f"MedMask ablation on the target-domain test split ({meta['test_images']} images, "
-             f"{meta['test_lesions']} lesions), CPU demo scale, mean +- std over {meta['seeds']} seeds "
+             f"{meta['test_lesions']} lesions), CPU demo scale, mean +- std over seeds (n per row) "
              f"({meta['minutes']:.0f} min of training on {meta['machine']}); `{meta['command']}`:", "",
-             "| row | R@0.3 | mean sensitivity (FROC points) | AP50 |", "|---|---|---|---|"]
+             "| row | n | R@0.3 | mean sensitivity (FROC points) | AP50 |", "|---|---|---|---|---|"]
     for e in table:
         cells = " | ".join(f"{e[m][0]:.3f} +- {e[m][1]:.3f}" for m in ("R@0.3", "mean_sensitivity", "AP50"))
-        lines.append(f"| {e['row']} | {cells} |")
+        lines.append(f"| {e['row']} | {e['seeds']} | {cells} |")
     pl_rows = [e for e in table if e.get("pseudo_labels")]
     for e in pl_rows:
         lines += ["", f"Pseudo-labels of `{e['row']}` against the target pool's true boxes (IoU >= 0.5), per "

@@ -520,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
                          distractors=args.distractors)
     t_images = time.time() - t0
     expert = str(args.expert)
-    for stale in (out / "expert", out / "embeddings"):  # made from the images just replaced
+    for stale in (out / "expert", *out.glob("embeddings*")):  # made from the images just replaced
         shutil.rmtree(stale, ignore_errors=True)
     if expert.lower() == "mae":
         from data_tools.demo_expert import make_expert

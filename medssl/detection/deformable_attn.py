@@ -315,7 +315,9 @@ def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor,
 class _ProjectedDeformAttn(torch.autograd.Function):
     """``value = input @ W.T + b`` (zero where padded), then deformable attention, saving the projection's
     input instead of ``value``: backward recomputes the projection (one matmul). In Deformable DETR the six
-    decoder layers project the same encoder memory, which is then kept once instead of six values."""
+    decoder layers project the same encoder memory, which is then kept once instead of six values.
+    The weight is read outside ``nn.Linear.forward``: fine for DDP and ZeRO-1/2, not for ZeRO-3 (which
+    gathers parameters in the owning module's forward)."""
 
     @staticmethod
     def forward(ctx, core: _Core, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -396,17 +398,21 @@ def ms_deform_attn_projected(input_flatten: torch.Tensor, weight: torch.Tensor, 
     mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else input_flatten.dtype
     dtype = torch.float64 if input_flatten.dtype == torch.float64 else torch.float32
     keep = None if padding_mask is None else (~padding_mask)[..., None].to(dtype)
-    out = _ProjectedDeformAttn.apply(_core(impl), input_flatten, weight, bias, keep, spatial_shapes,
+    out = _ProjectedDeformAttn.apply(_core(impl, input_flatten), input_flatten, weight, bias, keep, spatial_shapes,
                                      sampling_locations.to(dtype), attention_weights.to(dtype), m, mm_dtype)
     return out.to(input_flatten.dtype)
 
 
-def _core(impl: str) -> _Core:
-    """The kernel pair of a resolved ``impl`` (``"fused"`` or ``"triton"``)."""
+def _core(impl: str, like: torch.Tensor) -> _Core:
+    """The kernel pair of a resolved ``impl`` (``"fused"`` or ``"triton"``) for tensors like ``like``."""
     if impl == "triton":
         if _triton_fn() is None:
             raise RuntimeError("impl='triton' needs the triton package (it ships with CUDA builds of torch)")
-        from medssl.detection.ms_deform_triton import triton_forward, triton_grads
+        from medssl.detection.ms_deform_triton import triton_forward, triton_grads, triton_usable
+
+        if not triton_usable(like):
+            raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                               f"imported), got a tensor on {like.device}")
 
         return _Core(triton_forward, triton_grads)
     return FUSED

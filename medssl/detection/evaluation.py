@@ -129,8 +129,9 @@ def pseudo_label_quality(teacher: DeformableDETR, ds: Dataset, cfg: dict, thresh
     unlabelled target pool: a diagnostic, never a training signal).
 
     Pseudo-labels as in teaching (:func:`medssl.detection.medmask.pseudo_labels`: score above ``threshold``,
-    class-agnostic NMS at ``nms_iou``) on the un-augmented images. A pseudo box is correct when it overlaps a
-    true box with IoU >= ``iou``; a true box is recalled when some pseudo box does.
+    class-agnostic NMS at ``nms_iou``) on the un-augmented images. Pseudo boxes are matched one-to-one to
+    true boxes, highest score first (IoU >= ``iou``): matched pseudo boxes are correct, matched true boxes
+    recalled; a second box on the same lesion counts as wrong.
 
     Returns:
         ``{"pseudo_precision", "pseudo_recall", "pseudo_per_image", "true_per_image"}`` (precision is NaN
@@ -152,10 +153,16 @@ def pseudo_label_quality(teacher: DeformableDETR, ds: Dataset, cfg: dict, thresh
             n_images += 1
             n_pseudo += len(pred)
             n_true += len(true)
-            if len(pred) and len(true):
-                overlap = box_iou(pred, true) >= iou  # [k, m]
-                n_correct += int(overlap.any(1).sum())
-                n_recalled += int(overlap.any(0).sum())
+            if len(pred) and len(true):  # greedy one-to-one: a second box on the same lesion is not correct
+                ious = box_iou(pred, true)  # [k, m]
+                taken = torch.zeros(len(true), dtype=torch.bool)
+                for k in torch.argsort(p["scores"].float().cpu(), descending=True).tolist():
+                    free = torch.where(taken, torch.full_like(ious[k], -1.0), ious[k])
+                    j = int(free.argmax())
+                    if free[j] >= iou:
+                        taken[j] = True
+                n_correct += int(taken.sum())
+                n_recalled += int(taken.sum())
     return {"pseudo_precision": n_correct / n_pseudo if n_pseudo else float("nan"),
             "pseudo_recall": n_recalled / n_true if n_true else float("nan"),
             "pseudo_per_image": n_pseudo / max(n_images, 1), "true_per_image": n_true / max(n_images, 1)}

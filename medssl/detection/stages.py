@@ -277,13 +277,14 @@ class StageTask(Task):
         n = self.missing.get(str(epoch), 0)
         record: dict[str, Any] = {"missing_embeddings": n} if n else {}
         truth = self.cfg["eval"]["pseudo_truth"]
-        if self.stage == "teaching" and truth:  # diagnostic only: the target's boxes never reach training
+        if self.stage == "teaching" and truth and engine.dist.is_main:  # diagnostic only: never trains anything
             d = self.cfg["data"]
             ds = build_dataset(d["target_dataset"] or d["dataset"], truth, d["data_root"],
                                transforms(self.cfg, "none"))
-            record.update({k: round(v, 4) for k, v in pseudo_label_quality(
-                self.model.teacher, ds, self.cfg, self.sc["score_threshold"], self.sc["nms_iou"],
-                engine.dist.device).items()})
+            with engine.autocast():  # the precision the teacher labels with in training
+                quality = pseudo_label_quality(self.model.teacher, ds, self.cfg, self.sc["score_threshold"],
+                                               self.sc["nms_iou"], engine.dist.device)
+            record.update({k: round(v, 4) for k, v in quality.items()})
             self.model.teacher.eval()
         return record
 

@@ -90,5 +90,5 @@ def test_demo_and_ablation_sections(tmp_path):
     meta = {"test_images": 60, "test_lesions": 29, "seeds": 2, "minutes": 12.0, "machine": "Test CPU",
             "command": "python benchmarks/medmask_ablation.py", "commit": "abc1234", "date": "2026-12-02"}
     text = render_ablation({"table": table, "meta": meta}, "results.json")
-    assert "| source_only | 0.500 +- 0.141 | 0.600 +- 0.141 | 0.200 +- 0.141 |" in text
+    assert "| source_only | 2 | 0.500 +- 0.141 | 0.600 +- 0.141 | 0.200 +- 0.141 |" in text
     assert "epoch 0: precision 0.50, recall 0.25, 1.00 per image" in text and "froc.png" in text

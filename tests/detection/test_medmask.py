@@ -206,14 +206,15 @@ def test_pseudo_label_quality_hand_computed():
             self.w = nn.Parameter(torch.zeros(1))
 
         def forward(self, images, mask):
-            # image 0: a hit on lesion 1 (IoU 1), a near miss on lesion 2 (IoU < 0.5), one below threshold;
+            # image 0: a hit on lesion 1 (IoU 1), a near miss on lesion 2 (IoU < 0.5), a second box on lesion 1
+            # (IoU 0.54 with it, 0.54 < 0.7 with the first: NMS keeps it; one-to-one: wrong);
             # image 1 (normal): one false positive
-            boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.75, 0.75, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]],
+            boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.75, 0.75, 0.2, 0.2], [0.23, 0.2, 0.1, 0.1]],
                                   [[0.5, 0.5, 0.1, 0.1], [0.1, 0.9, 0.05, 0.05], [0.3, 0.3, 0.05, 0.05]]])
-            scores = torch.tensor([[0.9, 0.8, 0.2], [0.7, 0.1, 0.1]])
+            scores = torch.tensor([[0.9, 0.8, 0.6], [0.7, 0.1, 0.1]])
             return {"pred_logits": torch.logit(scores)[..., None], "pred_boxes": boxes[: len(images)]}
 
     cfg = {"data": {"batch_size": 2}}
     q = pseudo_label_quality(Teacher(), Images(), cfg, threshold=0.5, nms_iou=0.7, device=torch.device("cpu"))
     # IoU of [0.75,0.75,.2,.2] with [0.7,0.7,.2,.2]: overlap 0.15^2 / (2 * 0.04 - 0.0225) = 0.391 < 0.5
-    assert q == {"pseudo_precision": 1 / 3, "pseudo_recall": 1 / 2, "pseudo_per_image": 3 / 2, "true_per_image": 1.0}
+    assert q == {"pseudo_precision": 1 / 4, "pseudo_recall": 1 / 2, "pseudo_per_image": 2.0, "true_per_image": 1.0}
