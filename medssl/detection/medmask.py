@@ -210,12 +210,25 @@ class ExpertDistiller(nn.Module):
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """``teacher = alpha * teacher + (1 - alpha) * student`` for parameters; buffers are copied."""
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, shadow: list[torch.Tensor] | None = None
+               ) -> None:
+    """``teacher = alpha * teacher + (1 - alpha) * student`` for parameters; buffers are copied.
+
+    ``shadow``: float32 copies of the teacher's parameters, for a teacher held in bf16 / fp16 (DeepSpeed bf16):
+    the average is kept in them and the teacher gets its rounded value. Without them a bf16 teacher would
+    hardly move, as ``(1 - alpha)`` x the difference (4e-4 of it at 0.9996) is below bf16's resolution.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"EMA alpha must be in [0, 1], got {alpha}")
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
+    params = list(zip(teacher.parameters(), student.parameters()))
+    if shadow is not None and len(shadow) != len(params):
+        raise ValueError(f"shadow holds {len(shadow)} tensors for {len(params)} teacher parameters")
+    for i, (t, s) in enumerate(params):
+        if shadow is None:
+            t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
+        else:
+            shadow[i].mul_(alpha).add_(s.detach().float(), alpha=1 - alpha)
+            t.copy_(shadow[i])
     for t, s in zip(teacher.buffers(), student.buffers()):
         t.copy_(s)
 

@@ -185,6 +185,7 @@ class StageTask(Task):
         self.mae, self.distiller = mae, distiller  # saved in best.pt even when this stage does not train them
         self.missing: dict[str, int] = {}
         self.best_eval: tuple[dict, list] | None = None
+        self.ema_shadow: list[torch.Tensor] | None = None  # float32 EMA of a bf16 teacher (DeepSpeed bf16)
 
     def _initialise(self, detector: DeformableDETR, mae: FeatureMAE, distiller: ExpertDistiller | None,
                     init: str | Path | None) -> None:
@@ -254,8 +255,12 @@ class StageTask(Task):
                      self.stage, epoch, n)
 
     def after_step(self, engine: Engine) -> None:
-        if self.model.teacher is not None:
-            ema_update(self.model.teacher, self.model.detector, self.sc["ema_alpha"])
+        teacher = self.model.teacher
+        if teacher is None:
+            return
+        if self.ema_shadow is None and any(p.dtype in (torch.bfloat16, torch.float16) for p in teacher.parameters()):
+            self.ema_shadow = [p.detach().float().clone() for p in teacher.parameters()]  # DeepSpeed bf16
+        ema_update(teacher, self.model.detector, self.sc["ema_alpha"], self.ema_shadow)
 
     @property
     def eval_model(self) -> DeformableDETR:
@@ -289,11 +294,12 @@ class StageTask(Task):
         return record
 
     def extra_state(self) -> dict[str, Any]:
-        return {"snapshot": self.snapshot, "missing": dict(self.missing)}
+        return {"snapshot": self.snapshot, "missing": dict(self.missing), "ema_shadow": self.ema_shadow}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.snapshot = state.get("snapshot", self.snapshot)
         self.missing = dict(state.get("missing", {}))
+        self.ema_shadow = state.get("ema_shadow")
 
     def save(self, path: Path, epoch: int, metrics: dict) -> None:
         """A self-contained stage checkpoint: detector config (with the backbone's record) and every weight."""

@@ -218,3 +218,28 @@ def test_pseudo_label_quality_hand_computed():
     q = pseudo_label_quality(Teacher(), Images(), cfg, threshold=0.5, nms_iou=0.7, device=torch.device("cpu"))
     # IoU of [0.75,0.75,.2,.2] with [0.7,0.7,.2,.2]: overlap 0.15^2 / (2 * 0.04 - 0.0225) = 0.391 < 0.5
     assert q == {"pseudo_precision": 1 / 4, "pseudo_recall": 1 / 2, "pseudo_per_image": 2.0, "true_per_image": 1.0}
+
+
+def test_ema_of_a_bf16_teacher_moves_like_float32():
+    """A bf16 teacher (DeepSpeed bf16) averaged through float32 shadows follows the float32 EMA; without them
+    0.9996 x 100 steps leaves it nearly where it started."""
+    torch.manual_seed(0)
+    student = torch.nn.Linear(8, 8)
+    ref, plain, shadowed = (torch.nn.Linear(8, 8) for _ in range(3))
+    for m in (plain, shadowed):
+        m.load_state_dict(ref.state_dict())
+    plain, shadowed = plain.bfloat16(), shadowed.bfloat16()
+    ref.load_state_dict({k: v.bfloat16().float() for k, v in ref.state_dict().items()})  # same start
+    shadow = [p.detach().float().clone() for p in shadowed.parameters()]
+    start = [p.detach().clone() for p in plain.parameters()]
+    for _ in range(100):
+        ema_update(ref, student, 0.9996)
+        ema_update(plain, student.bfloat16(), 0.9996)
+        ema_update(shadowed, student.bfloat16(), 0.9996, shadow)
+        student.float()
+    moved_ref = moved_plain = 0.0
+    for r, s, p0, p in zip(ref.parameters(), shadowed.parameters(), start, plain.parameters()):
+        torch.testing.assert_close(s.float(), r.detach().bfloat16().float(), rtol=0, atol=0)
+        moved_ref += float((r.detach() - p0.float()).abs().sum())
+        moved_plain += float((p.float() - p0.float()).abs().sum())
+    assert moved_plain < 0.1 * moved_ref  # the rounding swallows nearly every update
