@@ -241,5 +241,5 @@ def test_ema_of_a_bf16_teacher_moves_like_float32():
     for r, s, p0, p in zip(ref.parameters(), shadowed.parameters(), start, plain.parameters()):
         torch.testing.assert_close(s.float(), r.detach().bfloat16().float(), rtol=0, atol=0)
         moved_ref += float((r.detach() - p0.float()).abs().sum())
-        moved_plain += float((p.float() - p0.float()).abs().sum())
+        moved_plain += float((p.detach().float() - p0.float()).abs().sum())
     assert moved_plain < 0.1 * moved_ref  # the rounding swallows nearly every update
