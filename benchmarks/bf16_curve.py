@@ -60,8 +60,8 @@ def report(result: dict) -> list[str]:
     r = result["compare"]
     return [f"bf16 vs fp32 MAE pretraining (`benchmarks/bf16_curve.py`: demo config, {result['epochs']} epochs, "
             f"{len(r['steps'])} logged points, same seed): final loss {r['final_loss_bf16']:.4f} (bf16) vs "
-            f"{r['final_loss_fp32']:.4f} (fp32), {r['final_rel_gap']:+.1%}; largest gap at a logged step "
-            f"{r['max_abs_rel_gap']:.1%}, mean {r['mean_rel_gap']:+.1%}; {r['images_per_s_bf16']:.0f} vs "
+            f"{r['final_loss_fp32']:.4f} (fp32), {r['final_rel_gap']:+.2%}; largest gap at a logged step "
+            f"{r['max_abs_rel_gap']:.2%}, mean {r['mean_rel_gap']:+.2%}; {r['images_per_s_bf16']:.0f} vs "
             f"{r['images_per_s_fp32']:.0f} images/s ({r['bf16_speedup']:.2f}x)."]
 
 

@@ -65,7 +65,7 @@ def test_bf16_curve_compare_and_render():
     assert r["final_loss_fp32"] == 0.4 and r["final_rel_gap"] == 0.0  # the last fifth: one point
     assert r["bf16_speedup"] == pytest.approx(2.5)
     text = render({"machine": MACHINE, "epochs": 5, "compare": r}, "curve.json")
-    assert "final loss 0.4000 (bf16) vs 0.4000 (fp32), +0.0%; largest gap at a logged step 10.0%" in text
+    assert "final loss 0.4000 (bf16) vs 0.4000 (fp32), +0.00%; largest gap at a logged step 10.00%" in text
     assert "25 vs 10 images/s (2.50x)" in text
 
 
