@@ -87,8 +87,11 @@ def replace_section(text: str, body: str, section: str = "speed") -> str:
 def render_demo(result: dict, source: str) -> str:
     """Markdown table of a MedMask run's ``summary.json`` (validation best epoch and held-out test per stage)."""
     test = result.get("test", {})
-    rows = ["random_boxes"] + [k for k in result if k not in ("random_boxes", "test")]
-    lines = [f"`{source}`:", "", "| | val R@0.3 | val AP50 | test R@0.3 | test AP50 |", "|---|---|---|---|---|"]
+    run = result.get("_run") or {}  # how the run was made, added beside the copied summary
+    rows = ["random_boxes"] + [k for k in result if k not in ("random_boxes", "test", "_run")]
+    where = f" ({run['command']}, {run['seconds'] / 60:.1f} min wall on {run['machine']})" if run else ""
+    lines = [f"`{source}`{where}:", "", "| | val R@0.3 | val AP50 | test R@0.3 | test AP50 |",
+             "|---|---|---|---|---|"]
     for row in rows:
         v, t = result.get(row) or {}, test.get(row) or {}
         cells = [f"{d[k]:.3f}" if k in d else "-" for d in (v, t) for k in ("R@0.3", "AP50")]
