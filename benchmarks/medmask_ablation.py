@@ -171,6 +171,11 @@ def aggregate(rows: list[dict[str, Any]], cells: dict[tuple[str, int], dict[str,
     return out
 
 
+def _num(x: float) -> str:
+    """Two decimals, or "- (no pseudo-label)" for NaN."""
+    return "- (no pseudo-label)" if not np.isfinite(x) else f"{x:.2f}"
+
+
 def report(table: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     """Markdown: the ablation table and the pseudo-label diagnostics."""
     lines = [f"MedMask ablation on the target-domain test split ({meta['test_images']} images, "
@@ -184,7 +189,7 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     for e in pl_rows:
         lines += ["", f"Pseudo-labels of `{e['row']}` against the target pool's true boxes (IoU >= 0.5), per "
                   "teaching epoch: " + "; ".join(
-                      f"epoch {i}: precision {p['pseudo_precision'][0]:.2f}, recall {p['pseudo_recall'][0]:.2f}, "
+                      f"epoch {i}: precision {_num(p['pseudo_precision'][0])}, recall {_num(p['pseudo_recall'][0])}, "
                       f"{p['pseudo_per_image'][0]:.2f} per image" for i, p in enumerate(e["pseudo_labels"])) + "."]
     return lines
 
