@@ -115,9 +115,14 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def level_shapes(img: int, device: torch.device) -> torch.Tensor:
+    """``(4, 2)`` (H, W) of the levels at strides 8 / 16 / 32 / 64 of a square ``img`` image."""
+    return torch.tensor([[-(-img // s), -(-img // s)] for s in (8, 16, 32, 64)], device=device)
+
+
 def attention_inputs(img: int, n_queries: int | None, device: torch.device) -> tuple:
     """value, spatial_shapes, locations, attention weights of a square ``img`` image (4 levels, 8 x 32)."""
-    shapes = torch.tensor([[-(-img // s), -(-img // s)] for s in (8, 16, 32, 64)], device=device)
+    shapes = level_shapes(img, device)
     s = int((shapes[:, 0] * shapes[:, 1]).sum())
     lq = s if n_queries is None else n_queries
     g = torch.Generator().manual_seed(0)
@@ -212,7 +217,7 @@ def bench_module(img: int, case: str, rounds: int, device: str, bf16: bool = Fal
         ours.attention_weights.weight.normal_(0, 0.05, generator=g)
     hf.load_state_dict(ours.state_dict())
     ours, hf = ours.to(dev), hf.to(dev)
-    shapes = torch.tensor([[-(-img // s), -(-img // s)] for s in (8, 16, 32, 64)], device=dev)
+    shapes = level_shapes(img, dev)
     tokens = int((shapes[:, 0] * shapes[:, 1]).sum())
     lq = tokens if CASES[case] is None else CASES[case]
     memory = torch.randn(1, tokens, 256, generator=g).to(dev).requires_grad_()

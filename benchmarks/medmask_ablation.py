@@ -130,10 +130,9 @@ def score(cfg: dict[str, Any], checkpoint: Path | None) -> dict[str, Any]:
     return {"summary": {k: float(v) for k, v in summary.items()}, "froc_grid": grid}
 
 
-def run_row(spec: dict[str, Any], row: dict[str, Any], seed: int, work: Path, fingerprint: str) -> dict[str, Any]:
-    """Train and score one row for one seed."""
+def run_row(cfg: dict[str, Any], row: dict[str, Any], work: Path, fingerprint: str) -> dict[str, Any]:
+    """Train and score one row for one seed (``cfg``: its `run_config`)."""
     t0 = time.time()
-    cfg = run_config(spec, row, seed)
     if not row.get("stages"):
         return {**score(cfg, None), "seconds": round(time.time() - t0, 1)}
     sdir = train_chain(cfg, list(row["stages"]), work, fingerprint)
@@ -246,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     cells[(row["name"], seed)] = json.loads(f.read_text())
                 continue
             log.info("row %r seed %d", row["name"], seed)
-            res, cached = cached_cell(out / "cells", key, lambda row=row, seed=seed: run_row(spec, row, seed, out,
-                                                                                           fingerprint),
+            res, cached = cached_cell(out / "cells", key, lambda cfg=cfg, row=row: run_row(cfg, row, out, fingerprint),
                                       meta={"row": row["name"], "seed": seed, "fingerprint": fingerprint,
                                             "commit": commit})
             cells[(row["name"], seed)] = res

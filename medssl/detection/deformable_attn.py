@@ -276,26 +276,24 @@ class _Core(NamedTuple):
 FUSED = _Core(_fused_forward, _fused_grads)
 
 
-class _FusedDeformAttn(torch.autograd.Function):
-    """Gather-sum forward, fused backward that recomputes the corners instead of saving them.
-
-    Only the inputs are saved.
-    """
+class _CoreDeformAttn(torch.autograd.Function):
+    """Deformable attention through a kernel pair (:data:`FUSED`, or the Triton pair); only the inputs are saved,
+    the kernels recompute the rest in backward."""
 
     @staticmethod
-    def forward(ctx, value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
-                attention_weights: torch.Tensor) -> torch.Tensor:
-        value = value.contiguous()
+    def forward(ctx, core: _Core, value: torch.Tensor, spatial_shapes: torch.Tensor,
+                sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+        ctx.core = core
         ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
-        return _fused_forward(value, spatial_shapes, sampling_locations, attention_weights)
+        return core.forward(value, spatial_shapes, sampling_locations, attention_weights)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         value, spatial_shapes, loc, attention_weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        gv, gl, ga = _fused_grads((needs[0], needs[2], needs[3]), grad_out, value, spatial_shapes, loc,
-                                  attention_weights)
-        return gv, None, gl, ga
+        gv, gl, ga = ctx.core.grads((needs[1], needs[3], needs[4]), grad_out, value, spatial_shapes, loc,
+                                    attention_weights)
+        return None, gv, None, gl, ga
 
 
 def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor,
@@ -307,7 +305,7 @@ def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor,
     """
     _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
     dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
-    out = _FusedDeformAttn.apply(value.to(dtype), spatial_shapes, sampling_locations.to(dtype),
+    out = _CoreDeformAttn.apply(FUSED, value.to(dtype), spatial_shapes, sampling_locations.to(dtype),
                                  attention_weights.to(dtype))
     return out.to(value.dtype)
 
@@ -408,13 +406,9 @@ def _core(impl: str, like: torch.Tensor) -> _Core:
     if impl == "triton":
         if _triton_fn() is None:
             raise RuntimeError("impl='triton' needs the triton package (it ships with CUDA builds of torch)")
-        from medssl.detection.ms_deform_triton import triton_forward, triton_grads, triton_usable
+        from medssl.detection.ms_deform_triton import triton_core
 
-        if not triton_usable(like):
-            raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-                               f"imported), got a tensor on {like.device}")
-
-        return _Core(triton_forward, triton_grads)
+        return triton_core(like)
     return FUSED
 
 

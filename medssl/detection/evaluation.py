@@ -144,7 +144,7 @@ def pseudo_label_quality(teacher: DeformableDETR, ds: Dataset, cfg: dict, thresh
 
     teacher.eval()
     dtype = next(teacher.parameters()).dtype
-    n_pseudo = n_correct = n_true = n_recalled = n_images = 0
+    n_pseudo = n_matched = n_true = n_images = 0  # one-to-one: matched pseudo boxes = recalled true boxes
     for images, mask, targets in eval_loader(ds, cfg["data"]["batch_size"]):
         pl = pseudo_labels(teacher(images.to(device, dtype), mask.to(device)), threshold, nms_iou)
         for p, t in zip(pl, targets):
@@ -161,8 +161,7 @@ def pseudo_label_quality(teacher: DeformableDETR, ds: Dataset, cfg: dict, thresh
                     j = int(free.argmax())
                     if free[j] >= iou:
                         taken[j] = True
-                n_correct += int(taken.sum())
-                n_recalled += int(taken.sum())
-    return {"pseudo_precision": n_correct / n_pseudo if n_pseudo else float("nan"),
-            "pseudo_recall": n_recalled / n_true if n_true else float("nan"),
+                n_matched += int(taken.sum())
+    return {"pseudo_precision": n_matched / n_pseudo if n_pseudo else float("nan"),
+            "pseudo_recall": n_matched / n_true if n_true else float("nan"),
             "pseudo_per_image": n_pseudo / max(n_images, 1), "true_per_image": n_true / max(n_images, 1)}

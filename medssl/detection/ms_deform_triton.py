@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from medssl.detection.deformable_attn import level_starts
+from medssl.detection.deformable_attn import _Core, _CoreDeformAttn, level_starts
 
-__all__ = ["ms_deform_attn_triton", "triton_forward", "triton_grads", "triton_usable"]
+__all__ = ["ms_deform_attn_triton", "triton_core", "triton_forward", "triton_grads", "triton_usable"]
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -173,20 +173,13 @@ def triton_grads(needs: tuple[bool, bool, bool], grad_out: torch.Tensor, value: 
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 
-class _TritonDeformAttn(torch.autograd.Function):
-    """Triton forward and backward; only the inputs are saved."""
-
-    @staticmethod
-    def forward(ctx, value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
-                attention_weights: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
-        return triton_forward(value, spatial_shapes, sampling_locations, attention_weights)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        value, spatial_shapes, loc, attn = ctx.saved_tensors
-        gv, gl, ga = triton_grads((True, True, True), grad_out, value, spatial_shapes, loc, attn)
-        return gv, None, gl, ga
+def triton_core(like: torch.Tensor) -> _Core:
+    """The Triton kernel pair for tensors like ``like``; RuntimeError where the kernels cannot run (CPU
+    tensors without ``TRITON_INTERPRET=1``)."""
+    if not triton_usable(like):
+        raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                           f"imported), got a tensor on {like.device}")
+    return _Core(triton_forward, triton_grads)
 
 
 def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
@@ -196,9 +189,7 @@ def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor, sam
     Same arguments and result as :func:`medssl.detection.deformable_attn.ms_deform_attn_reference`.
     Raises RuntimeError for tensors the kernels cannot run on (CPU without ``TRITON_INTERPRET=1``).
     """
-    if not triton_usable(value):
-        raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-                           f"imported), got a tensor on {value.device}")
+    core = triton_core(value)
     dtype = sampling_locations.dtype if value.dtype != torch.float64 else torch.float64
-    return _TritonDeformAttn.apply(value, spatial_shapes, sampling_locations.to(dtype),
-                                   attention_weights.to(dtype))
+    return _CoreDeformAttn.apply(core, value, spatial_shapes, sampling_locations.to(dtype),
+                                 attention_weights.to(dtype))

@@ -186,6 +186,7 @@ class StageTask(Task):
         self.missing: dict[str, int] = {}
         self.best_eval: tuple[dict, list] | None = None
         self.ema_shadow: list[torch.Tensor] | None = None  # float32 EMA of a bf16 teacher (DeepSpeed bf16)
+        self._truth: Dataset | None = None  # the target pool with its boxes (eval.pseudo_truth), read once
 
     def _initialise(self, detector: DeformableDETR, mae: FeatureMAE, distiller: ExpertDistiller | None,
                     init: str | Path | None) -> None:
@@ -283,11 +284,12 @@ class StageTask(Task):
         record: dict[str, Any] = {"missing_embeddings": n} if n else {}
         truth = self.cfg["eval"]["pseudo_truth"]
         if self.stage == "teaching" and truth and engine.dist.is_main:  # diagnostic only: never trains anything
-            d = self.cfg["data"]
-            ds = build_dataset(d["target_dataset"] or d["dataset"], truth, d["data_root"],
-                               transforms(self.cfg, "none"))
+            if self._truth is None:
+                d = self.cfg["data"]
+                self._truth = build_dataset(d["target_dataset"] or d["dataset"], truth, d["data_root"],
+                                            transforms(self.cfg, "none"))
             with engine.autocast():  # the precision the teacher labels with in training
-                quality = pseudo_label_quality(self.model.teacher, ds, self.cfg, self.sc["score_threshold"],
+                quality = pseudo_label_quality(self.model.teacher, self._truth, self.cfg, self.sc["score_threshold"],
                                                self.sc["nms_iou"], engine.dist.device)
             record.update({k: round(v, 4) for k, v in quality.items()})
             self.model.teacher.eval()

@@ -26,7 +26,7 @@ def _cfg(root: Path, out: Path, *extra: str) -> dict:
 
 def test_three_stages_end_to_end(tiny_root, tmp_path):
     torch.manual_seed(0)
-    cfg = _cfg(tiny_root, tmp_path / "run")
+    cfg = _cfg(tiny_root, tmp_path / "run", "eval.pseudo_truth=target_truth")
     results = stages.run_stages(cfg, STAGES)
     assert set(results) == {"random_boxes", "test", *STAGES}
     assert set(results["test"]) == {"random_boxes", *STAGES}  # held-out split, each stage's best
@@ -41,6 +41,11 @@ def test_three_stages_end_to_end(tiny_root, tmp_path):
     assert "loss_pseudo" in metrics["history"][0] and "loss_mae" in metrics["history"][0]
     assert "loss_mae" not in metrics["history"][1]  # MAE only for the first mae_epochs of teaching
     assert "loss_distill" in metrics["history"][0]
+    # the pseudo-label diagnostic per teaching epoch, against the target pool's true boxes
+    truth = json.loads((tiny_root / "demo" / "annotations" / "instances_target_truth.json").read_text())
+    for h in metrics["history"]:
+        assert h["true_per_image"] == round(len(truth["annotations"]) / len(truth["images"]), 4)
+        assert {"pseudo_precision", "pseudo_recall", "pseudo_per_image"} <= set(h)
     assert (tmp_path / "run" / "froc_all.png").is_file()
     # predict on a folder: JSON + overlays
     preds = predict_files(tmp_path / "run" / "teaching" / "best.pt", [tiny_root / "demo" / "images" / "test"],
