@@ -62,8 +62,9 @@ CODE_ENTRIES = {
               "medssl.metrics.segmentation", "medssl.hub", "medssl.models.vit"),
     "detection": ("medssl.detection.stages", "medssl.detection.evaluation", "medssl.hub", "medssl.models.vit"),
 }
-TASK_MODULES = {"brain_tissue": "benchmarks.tasks.brain", "image_qc": "benchmarks.tasks.qc",
-                "lesion_detection": "benchmarks.tasks.lesions"}  # any other spec is a custom task
+# any other task spec is a custom task (benchmarks.tasks.custom)
+TASK_MODULES = {"brain_tissue": "benchmarks.tasks.brain", "brain_level": "benchmarks.tasks.brain",
+                "image_qc": "benchmarks.tasks.qc", "lesion_detection": "benchmarks.tasks.lesions"}
 _OWN = ("medssl", "benchmarks", "data_tools")  # packages whose sources are fingerprinted
 _SIZE_NAMES = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}
 _FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # frozen-encoder features, shared by probe cells
@@ -79,6 +80,12 @@ class Backbone:
     pretraining: str
     data: str
     label: str  # Backbone column, e.g. "ViT-Ti/4"
+    epochs: float | None = None  # pretraining epochs (0 for random init), for the pretraining-length curve
+    fractions: tuple[float, ...] | None = None  # the label budgets this row runs (None: all of the task's)
+
+    def runs(self, fraction: float) -> bool:
+        """Whether this row has a cell at label budget `fraction`."""
+        return self.fractions is None or any(math.isclose(fraction, f) for f in self.fractions)
 
     def identity(self) -> str:
         """What makes the weights what they are (for the cache key): source + file size/mtime."""

@@ -56,7 +56,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kind = rs[0]["kind"]
         agg = {"task": task, "kind": kind, "fraction": frac, "row": row, "protocol": protocol,
                "pretraining": rs[0]["pretraining"], "data": rs[0]["data"], "backbone": rs[0]["backbone"],
-               "role": rs[0]["role"], "seeds": len(rs), "n_train": rs[0]["n_train"],
+               "role": rs[0]["role"], "pretrain_epochs": rs[0].get("pretrain_epochs"), "seeds": len(rs),
+               "n_train": rs[0]["n_train"],
                "seconds": float(np.mean([r["seconds"] for r in rs]))}
         agg["commit_counts"] = dict(sorted(Counter(commit_label(r.get("commit")) for r in rs).items()))
         agg["commits"] = " ".join(agg["commit_counts"])
@@ -87,6 +88,49 @@ def _beats(agg: list[dict[str, Any]]) -> None:
                 r["verdict"] = f"**yes** (+{margin:.3f})" if margin > 0 else f"no ({margin:+.3f})"
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(row, protocol) pairs of a task in table order: CNN, random init, pretrained by pretraining epochs."""
+    order = {"cnn": 0, "random": 1, "pretrained": 2}
+    first = {}
+    for a in rows:
+        first.setdefault((a["row"], a["protocol"]), a)
+    return sorted(first, key=lambda k: (order[first[k]["role"]], first[k]["pretrain_epochs"] or 0, k))
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One task's main metric, label budgets down and initialisations across (pretraining epochs in the header).
+
+    The best mean of each budget is bold; "-" where a row has no cell at that budget. This holds the
+    label-budget curve (read down a column) and the pretraining-length curve (read across a line).
+    """
+    key = PRIMARY[rows[0]["kind"]]
+    cols = _columns(rows)
+    by = {(a["fraction"], a["row"], a["protocol"]): a for a in rows}
+
+    def head(row: str, protocol: str) -> str:
+        a = next(r for r in rows if (r["row"], r["protocol"]) == (row, protocol))
+        name = {"pretrained": a["pretraining"], "random": f"{a['backbone']} random init"}.get(
+            a["role"], f"{a['backbone']} from scratch")
+        return f"{name}, {protocol}"
+
+    lines = [f"Main metric ({key}), mean ± std over seeds; columns in order of pretraining length:", "",
+             "| Labels | " + " | ".join(head(*c) for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    n_of = {a["fraction"]: a["n_train"] for a in rows}
+    for frac in sorted(n_of, key=n_of.get):  # budgets by labelled samples, "all" last
+        hits = [by.get((frac, *c)) for c in cols]
+        best = max((h[key] for h in hits if h is not None and not math.isnan(h[key])), default=math.nan)
+        n_train = n_of[frac]
+        cells = []
+        for h in hits:
+            if h is None:
+                cells.append("-")
+                continue
+            txt = f"{h[key]:.3f} ± {h[key + '_std']:.3f}"
+            cells.append(f"**{txt}**" if h[key] == best else txt)
+        lines.append(f"| {fraction_label(frac, n_train)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]) -> str:
     """Markdown tables, one per task and label fraction."""
     _beats(agg)
@@ -100,6 +144,8 @@ def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]) -> str
         samples = info.get("samples")
         if samples:
             lines += [f"Splits: {samples}; main metric {PRIMARY[kind]}.", ""]
+        if len({a["fraction"] for a in rows_t}) > 1 or len({a["pretrain_epochs"] for a in rows_t}) > 2:
+            lines += summary_table(rows_t)
         for frac in sorted({a["fraction"] for a in rows_t}):
             rows = sorted([a for a in rows_t if a["fraction"] == frac],
                           key=lambda a: (order[a["role"]], a["row"], a["protocol"]))
@@ -169,6 +215,62 @@ def bar_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
     return paths
 
 
+def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """One PNG per task with two panels, error bars = std over seeds.
+
+    Left: main metric against labelled samples, a line per (row, protocol) with at least two budgets.
+    Right: main metric against pretraining epochs (0 = random init), a line per label budget over the
+    fine-tuned ViT rows that record their epochs; the from-scratch CNN at that budget as a dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task in dict.fromkeys(a["task"] for a in agg):
+        rows = [a for a in agg if a["task"] == task]
+        key = PRIMARY[rows[0]["kind"]]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for row, protocol in _columns(rows):
+            pts = sorted((a["n_train"], a[key], a[key + "_std"]) for a in rows
+                         if (a["row"], a["protocol"]) == (row, protocol))
+            if len(pts) > 1:
+                n, m, sd = zip(*pts)
+                left.errorbar(n, m, yerr=sd, marker="o", capsize=3, label=f"{row.split(' | ')[0]} ({protocol})")
+        left.set_xscale("log", base=2)
+        left.set_xlabel("labelled training samples")
+        left.set_ylabel(key)
+        left.set_title(f"{task}: label budget")
+        left.legend(fontsize=7)
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, frac in enumerate(sorted({a["fraction"] for a in rows})):
+            vit = sorted((a["pretrain_epochs"], a[key], a[key + "_std"]) for a in rows
+                         if a["fraction"] == frac and a["role"] != "cnn" and a["protocol"] == "finetune"
+                         and a["pretrain_epochs"] is not None)
+            if len(vit) < 2:
+                continue
+            c = colours[i % len(colours)]
+            ep, m, sd = zip(*vit)
+            n_train = next(a["n_train"] for a in rows if a["fraction"] == frac)
+            right.errorbar(ep, m, yerr=sd, marker="o", capsize=3, color=c, label=f"{fraction_label(frac, n_train)}")
+            for a in rows:
+                if a["fraction"] == frac and a["role"] == "cnn":
+                    right.axhline(a[key], color=c, linestyle="--", linewidth=1)
+        right.set_xscale("symlog", linthresh=5)
+        right.set_xlabel("MAE pretraining epochs (0 = random init); dashed: CNN from scratch")
+        right.set_ylabel(key)
+        right.set_title(f"{task}: pretraining length (fine-tuned ViT)")
+        if right.get_legend_handles_labels()[0]:
+            right.legend(fontsize=7, title="labels", title_fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{task}_curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def write_all(rows: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], folder: Path,
               header: str = "") -> dict[str, Path]:
     """Write results.md / results.csv / results.json and the charts; return their paths."""
@@ -180,6 +282,6 @@ def write_all(rows: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], fold
     write_csv(agg, folder / "results.csv")
     (folder / "results.json").write_text(json.dumps({"tasks": tasks, "aggregated": agg, "cells": rows},
                                                     indent=1, default=float))
-    charts = bar_charts(agg, folder)
+    charts = bar_charts(agg, folder) + curve_charts(agg, folder)
     return {"md": folder / "results.md", "csv": folder / "results.csv", "json": folder / "results.json",
             **{p.stem: p for p in charts}}

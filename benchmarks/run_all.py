@@ -75,12 +75,14 @@ def resolve_backbones(cfg: dict[str, Any], img_size: int) -> list[Backbone]:
         vit = load_vit(Backbone("vit", src, "", "", ""), img_size)
         arch = vit_arch(vit)
         is_random = src in list_backbones() and not Path(src).exists()
+        fractions = entry.get("fractions")
         if not is_random:
             rows.append(Backbone("vit", src, entry.get("pretraining", "MAE"), entry.get("data", Path(src).name),
-                                 entry.get("label", vit_label(arch))))
+                                 entry.get("label", vit_label(arch)), epochs=entry.get("epochs"),
+                                 fractions=tuple(float(f) for f in fractions) if fractions else None))
         key = json.dumps(arch, sort_keys=True)
         if is_random or cfg.get("random_init", True):
-            twins.setdefault(key, Backbone("vit_random", key, "none (random init)", "-", vit_label(arch)))
+            twins.setdefault(key, Backbone("vit_random", key, "none (random init)", "-", vit_label(arch), epochs=0))
     return rows + list(twins.values())
 
 
@@ -155,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         cnn = Backbone("cnn", cnn_name, "none (from scratch)", "-",
                        "U-Net" if cnn_name == "unet" else cnn_name.replace("resnet", "ResNet-"))
         protocols = per_task.get("protocols", cfg["protocols"])
-        plan = [(bb, p) for bb in backbones for p in protocols]
+        plan = [(bb, p) for bb in backbones for p in protocols]  # a row may run a subset of the budgets
         if cfg.get("baselines", True):
             plan.insert(0, (cnn, "scratch"))
         for frac in per_task.get("label_fractions", cfg["label_fractions"]):
             for seed in per_task.get("seeds", cfg["seeds"]):
                 for bb, protocol in plan:
+                    if not bb.runs(frac):
+                        continue
                     hp = dict(cfg.get("detection" if det else protocol, {}))
                     extra = {"task_version": task.info["version"]} if "version" in task.info else {}
                     key = cell_key(task=spec, img=img, bb=bb.identity(), protocol=protocol, fraction=frac,
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"task": task.name, "kind": task.kind, "fraction": frac, "seed": seed,
                                  "row": f"{bb.pretraining} | {bb.data} | {bb.label}", "protocol": protocol,
                                  "pretraining": bb.pretraining, "data": bb.data, "backbone": bb.label,
-                                 "role": role, "key": key, **res})
+                                 "role": role, "pretrain_epochs": bb.epochs, "key": key, **res})
                     m = res["metrics"]
                     main_metric = m.get("dice", m.get("auc", m.get("r@0.3", float("nan"))))
                     print(f"[{time.time() - t_start:6.0f}s] {task.name} frac={frac:g} seed={seed} "

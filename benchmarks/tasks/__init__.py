@@ -2,6 +2,7 @@
 
 Built-in tasks (all offline, on real images shipped by installed packages):
 - `brain_tissue`: background / grey / white matter on 2-D slices of nilearn's MNI152 T1 template.
+- `brain_level`: which of 4 levels (vertex to skull base) an axial MNI152 slice comes from, in seeded views.
 - `image_qc`: clean vs. one of four seeded artifacts on real CT / MR / X-ray / US slices.
 - `lesion_detection`: lesion boxes on the MedMask demo set (synthetic mammograms), through the MedMask
   recipe; a `DetectionTask` (datasets, not tensors), scored with FROC R@0.3 and AP50.
@@ -56,6 +57,10 @@ def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
         from benchmarks.tasks.brain import brain_tissue
 
         return brain_tissue(img_size=img_size, **opts)
+    if name == "brain_level":
+        from benchmarks.tasks.brain import brain_level
+
+        return brain_level(img_size=img_size, **opts)
     if name == "image_qc":
         from benchmarks.tasks.qc import image_qc
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks.cells import label_subset
-from benchmarks.report import aggregate, markdown
+from benchmarks.report import aggregate, curve_charts, markdown, summary_table
 from benchmarks.tasks.artifacts import ARTIFACTS, apply_artifact, ghosting
 
 
@@ -67,3 +67,51 @@ def test_artifacts_seeded_and_in_range():
             assert np.abs(a - img).mean() > 1e-3, name
     with pytest.raises(ValueError, match="unknown artifact"):
         apply_artifact(img, "blur", 0)
+
+
+def test_summary_table_budgets_by_pretraining_length(tmp_path):
+    """Label budgets down, initialisations across in pretraining order; '-' where a row has no cell."""
+    def row(role, name, epochs, frac, seed, dice):
+        return {**_row(role, name, seed, dice), "fraction": frac, "protocol": "finetune", "pretrain_epochs": epochs,
+                "n_train": 4 if frac == 4 else 10}
+
+    rows = [row("cnn", "U-Net", None, f, s, d) for f, s, d in ((4, 0, 0.5), (4, 1, 0.7), (1.0, 0, 0.9), (1.0, 1, 0.9))]
+    rows += [row("random", "rnd", 0, f, s, d) for f, s, d in ((4, 0, 0.4), (4, 1, 0.4), (1.0, 0, 0.8), (1.0, 1, 0.8))]
+    rows += [row("pretrained", "MAE 200 ep", 200, f, s, d) for f, s, d in ((4, 0, 0.8), (4, 1, 0.6), (1.0, 0, 0.85),
+                                                                          (1.0, 1, 0.85))]
+    rows += [row("pretrained", "MAE 5 ep", 5, 4, s, 0.45) for s in (0, 1)]
+    agg = aggregate(rows)
+    lines = summary_table([a for a in agg if a["task"] == "t"])
+    assert lines[2] == ("| Labels | B from scratch, finetune | B random init, finetune | MAE 5 ep, finetune | "
+                        "MAE 200 ep, finetune |")
+    assert lines[4] == "| 4 labelled | 0.600 ± 0.141 | 0.400 ± 0.000 | 0.450 ± 0.000 | **0.700 ± 0.141** |"
+    assert lines[5] == "| all (10) | **0.900 ± 0.000** | 0.800 ± 0.000 | - | 0.850 ± 0.000 |"
+    assert "| 4 labelled |" in markdown(agg, {})
+    paths = curve_charts(agg, tmp_path)
+    assert [p.name for p in paths] == ["t_curves.png"] and paths[0].stat().st_size > 10_000
+
+
+def test_brain_level_task():
+    """Balanced levels ordered vertex -> skull base, slab splits without shared slabs, seeded views."""
+    from benchmarks.tasks.brain import brain_level
+
+    t = brain_level(img_size=32, levels=4, slab=4, gap=2, views=2)
+    assert t.kind == "classification" and t.num_classes == 4 and t.class_names[0] == "level 1 (vertex)"
+    n = t.info["slices"]
+    counts = torch.zeros(4, dtype=torch.long)
+    for split in ("train", "val", "test"):
+        x, y = t.splits[split]
+        assert x.shape[1:] == (1, 32, 32) and float(x.min()) >= 0 and float(x.max()) <= 1
+        assert len(y) % 2 == 0 and torch.equal(y[0::2], y[1::2])  # two views of each slice, same level
+        counts += torch.bincount(y, minlength=4)
+        assert not torch.equal(x[0::2], x[1::2])  # ... in different views
+    # every kept slice is in a slab (4 of every 6 slices); levels are equal-count bins of the kept slices
+    used = sum(1 for rank in range(n) if rank % 6 < 4)
+    assert int(counts.sum()) == 2 * used
+    assert counts.max() - counts.min() <= 2 * 6
+    groups = {s: set(g) for s, g in t.groups.items()}
+    assert not (groups["train"] & groups["test"]) and not (groups["val"] & groups["test"])
+    again = brain_level(img_size=32, levels=4, slab=4, gap=2, views=2)
+    assert torch.equal(again.splits["test"][0], t.splits["test"][0])
+    with pytest.raises(ValueError, match="views >= 1"):
+        brain_level(views=0)

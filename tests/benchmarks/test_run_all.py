@@ -108,3 +108,29 @@ def test_changed_code_recomputes_its_cells(micro, monkeypatch):
     assert "PARTIAL TABLE: 10 cells not run yet" in md and md.count("brain_tissue 5 seed 0") == 5
     assert "image_qc" not in md.split("PARTIAL TABLE")[1].split("\n")[0]
     assert len(list((out / "cells").glob("*.json"))) == 20  # nothing was trained
+
+
+def test_rows_with_own_budgets_and_pretraining_epochs(micro):
+    """A backbone entry's `fractions` limits its cells; `epochs` places it on the pretraining-length curve."""
+    tmp, _ = micro
+    torch.manual_seed(1)
+    save_backbone(build_vit(32, 2, 2, 8, 32, 1), tmp / "bb_short", data="unit-test")
+    cfg = yaml.safe_load((tmp / "micro.yaml").read_text())
+    cfg.update(name="curves", protocols=["finetune"], label_fractions=[4, 1.0],
+               tasks=[{"name": "brain_level", "slab": 4, "gap": 2, "views": 1}],
+               backbones=[{"source": str(tmp / "bb"), "pretraining": "MAE long", "data": "toy", "epochs": 10},
+                          {"source": str(tmp / "bb_short"), "pretraining": "MAE short", "data": "toy", "epochs": 2,
+                           "fractions": [4]}])
+    (tmp / "curves.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp / "curves"
+    assert run_all.main(["--config", str(tmp / "curves.yaml"), "--out", str(out)]) == 0
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert len(cells) == 2 + 2 + 2 + 1  # CNN, random init and MAE long at both budgets, MAE short at 4 only
+    agg = json.loads((out / "results.json").read_text())["aggregated"]
+    assert sorted((a["pretraining"], a["fraction"], a["pretrain_epochs"]) for a in agg if a["role"] != "cnn") == [
+        ("MAE long", 1.0, 10), ("MAE long", 4, 10), ("MAE short", 4, 2),
+        ("none (random init)", 1.0, 0), ("none (random init)", 4, 0)]
+    md = (out / "results.md").read_text()
+    assert ("| Labels | ResNet-18 from scratch, scratch | ViT-32/8 random init, finetune | MAE short, finetune | "
+            "MAE long, finetune |") in md
+    assert (out / "brain_level_curves.png").is_file()
