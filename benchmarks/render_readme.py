@@ -7,7 +7,7 @@
 
 Accepts the result files of speed.py, profile_detector.py, bench_engine.py and bf16_curve.py; with
 ``--section medmask`` the ``results.json`` of medmask_ablation.py, between the ``<!-- medmask:begin -->``
-and ``<!-- medmask:end -->`` markers.
+and ``<!-- medmask:end -->`` markers; with ``--section transfer`` the ``results.json`` of run_all.py.
 
 Only the text between the ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` markers is replaced; the
 file is written atomically (temporary file, then rename).
@@ -24,7 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_detection, bench_engine, bf16_curve, medmask_ablation, profile_detector  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_detection,
+    bench_engine,
+    bf16_curve,
+    medmask_ablation,
+    profile_detector,
+    report,
+)
 from benchmarks.speed import report_mae  # noqa: E402
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
@@ -108,6 +115,25 @@ def render_ablation(result: dict, source: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def render_transfer(result: dict, source: str) -> str:
+    """Markdown for a ``benchmarks/run_all.py`` results.json: per task its summary table (label budgets x
+    initialisations), the gain of each pretrained row over random init and the CNN, and the curves PNG."""
+    folder = Path(source).parent
+    lines = [f"`{source}`: {result.get('header', '')}", ""]
+    for task, info in result["tasks"].items():
+        rows = [a for a in result["aggregated"] if a["task"] == task]
+        if not rows:
+            continue
+        lines += [f"#### {task} ({info.get('kind', '')}; {info.get('data', '')})", "",
+                  f"Splits: {info.get('samples')}; computed at commit {report.commits_summary(rows)}.", ""]
+        lines += report.summary_table(rows)
+        lines += ["Gain of each pretrained row (main metric):", ""] + report.gains(rows) + [""]
+        png = folder / f"{task}_curves.png"
+        if png.is_file() or (ROOT / png).is_file():
+            lines += [f"![{task}: label-budget and pretraining-length curves]({png.as_posix()})", ""]
+    return "\n".join(lines).strip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+",
@@ -115,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
     parser.add_argument("--section", default="speed",
-                        help="README markers to fill: speed (default), medmask (medmask_ablation results.json) or "
-                             "demo (a MedMask run's summary.json)")
+                        help="README markers to fill: speed (default), medmask (medmask_ablation results.json), "
+                             "demo (a MedMask run's summary.json) or transfer (run_all.py's results.json)")
     args = parser.parse_args(argv)
     parts = []
     for path in args.results:
         try:
             result = json.loads(path.read_text())
-            renderer = {"medmask": render_ablation, "demo": render_demo}.get(args.section, render)
+            renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer}.get(
+                args.section, render)
             parts.append(renderer(result, str(path)))
         except (OSError, json.JSONDecodeError, KeyError) as err:
             print(f"{path}: not a results file for the {args.section} section ({err!r})", file=sys.stderr)

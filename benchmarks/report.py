@@ -215,6 +215,26 @@ def bar_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
     return paths
 
 
+def gains(rows: list[dict[str, Any]]) -> list[str]:
+    """Per label budget: each pretrained row's main-metric gain over random init and over the CNN (same protocol
+    as the random-init row it is compared with); the lines say where pretraining paid off."""
+    key = PRIMARY[rows[0]["kind"]]
+    n_of = {a["fraction"]: a["n_train"] for a in rows}
+    out = []
+    for frac in sorted(n_of, key=n_of.get):
+        at = [a for a in rows if a["fraction"] == frac]
+        cnn = [a[key] for a in at if a["role"] == "cnn"]
+        parts = []
+        for a in sorted((a for a in at if a["role"] == "pretrained"), key=lambda a: a["pretrain_epochs"] or 0):
+            rnd = [r[key] for r in at if r["role"] == "random" and r["protocol"] == a["protocol"]]
+            vs = [f"{a[key] - rnd[0]:+.3f} vs random init"] if rnd else []
+            vs += [f"{a[key] - max(cnn):+.3f} vs CNN"] if cnn else []
+            parts.append(f"{a['pretraining']} ({a['protocol']}) {', '.join(vs)}")
+        if parts:
+            out.append(f"- {fraction_label(frac, n_of[frac])}: " + "; ".join(parts))
+    return out
+
+
 def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
     """One PNG per task with two panels, error bars = std over seeds.
 
@@ -280,8 +300,8 @@ def write_all(rows: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], fold
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.md").write_text(header + "\n\n" + md + "\n")
     write_csv(agg, folder / "results.csv")
-    (folder / "results.json").write_text(json.dumps({"tasks": tasks, "aggregated": agg, "cells": rows},
-                                                    indent=1, default=float))
+    (folder / "results.json").write_text(json.dumps({"header": header, "tasks": tasks, "aggregated": agg,
+                                                     "cells": rows}, indent=1, default=float))
     charts = bar_charts(agg, folder) + curve_charts(agg, folder)
     return {"md": folder / "results.md", "csv": folder / "results.csv", "json": folder / "results.json",
             **{p.stem: p for p in charts}}

@@ -1,11 +1,13 @@
 """Report aggregation and verdicts, label subsets, and the seeded artifacts (hand-checked)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.cells import label_subset
-from benchmarks.report import aggregate, curve_charts, markdown, summary_table
+from benchmarks.report import aggregate, curve_charts, gains, markdown, summary_table, write_all
 from benchmarks.tasks.artifacts import ARTIFACTS, apply_artifact, ghosting
 
 
@@ -87,8 +89,19 @@ def test_summary_table_budgets_by_pretraining_length(tmp_path):
     assert lines[4] == "| 4 labelled | 0.600 ± 0.141 | 0.400 ± 0.000 | 0.450 ± 0.000 | **0.700 ± 0.141** |"
     assert lines[5] == "| all (10) | **0.900 ± 0.000** | 0.800 ± 0.000 | - | 0.850 ± 0.000 |"
     assert "| 4 labelled |" in markdown(agg, {})
+    assert gains(agg) == [
+        "- 4 labelled: MAE 5 ep (finetune) +0.050 vs random init, -0.150 vs CNN; "
+        "MAE 200 ep (finetune) +0.300 vs random init, +0.100 vs CNN",
+        "- all (10): MAE 200 ep (finetune) +0.050 vs random init, -0.050 vs CNN"]
     paths = curve_charts(agg, tmp_path)
     assert [p.name for p in paths] == ["t_curves.png"] and paths[0].stat().st_size > 10_000
+    # the README section is rendered from the results file with the same lines
+    from benchmarks.render_readme import render_transfer
+
+    write_all(rows, {"t": {"kind": "segmentation", "data": "toy", "samples": {"train": 10}}}, tmp_path, "Config x.")
+    text = render_transfer(json.loads((tmp_path / "results.json").read_text()), str(tmp_path / "results.json"))
+    assert lines[4] in text and gains(agg)[0] in text and "Config x." in text
+    assert f"]({(tmp_path / 't_curves.png').as_posix()})" in text
 
 
 def test_brain_level_task():
