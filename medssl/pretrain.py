@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
               "clip_grad": None, "precision": "auto", "seed": 0, "device": "auto",
               "stop_at": None},
     "output": {"dir": "runs/pretrain", "log_every": 20, "ckpt_every": 1000, "keep_checkpoints": 2,
-               "figure_every": 500},
+               "keep_every": 0, "figure_every": 500},
 }
 
 
@@ -166,7 +166,8 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
     tcfg = TrainConfig(total_steps=total, lr=lr, warmup_steps=warmup, min_lr=t["min_lr"],
                        weight_decay=t["weight_decay"], betas=tuple(t["betas"]), grad_accum=t["accum_iter"],
                        clip_grad=t["clip_grad"], precision=t["precision"], log_every=o["log_every"],
-                       ckpt_every=o["ckpt_every"], keep_checkpoints=o["keep_checkpoints"], seed=t["seed"],
+                       ckpt_every=o["ckpt_every"], keep_checkpoints=o["keep_checkpoints"],
+                       keep_every=o["keep_every"], seed=t["seed"],
                        stop_at=t["stop_at"])
     ratio = cfg["model"]["mask_ratio"]
     engine = Engine(MAETask(model, ratio), tcfg, out, dist, ds_config=ds_config, micro_batch_size=t["batch_size"])

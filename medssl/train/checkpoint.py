@@ -100,13 +100,15 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
-def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
+def prune_checkpoints(folder: str | os.PathLike, keep: int, keep_every: int = 0) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything); those of a step that is a
+    multiple of `keep_every` (> 0) are kept too (snapshots along a run, e.g. for a pretraining-length curve)."""
     if keep <= 0:
         return
     found = sorted((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := CKPT_RE.search(p.name)))
-    for _, p in found[:-keep]:
-        p.unlink(missing_ok=True)
+    for step, p in found[:-keep]:
+        if keep_every <= 0 or step % keep_every:
+            p.unlink(missing_ok=True)
 
 
 def rng_state() -> dict[str, Any]:

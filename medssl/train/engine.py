@@ -87,6 +87,8 @@ class TrainConfig:
         eval_every: evaluate every this many epochs (and after the last).
         select: metric to keep the best by (higher is better); None: no best tracking.
         ckpt_every: also checkpoint every this many steps (epochs always end with one); 0: epochs only.
+        keep_checkpoints / keep_every: keep the newest this many checkpoints, plus those of steps that are
+            multiples of keep_every (0: none).
         stop_at: leave after this step (checkpointed), as a time-boxed job; resume later.
     """
 
@@ -104,6 +106,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
+    keep_every: int = 0
     seed: int = 0
     max_bad_steps: int = 20
     stop_at: int | None = None
@@ -283,7 +286,7 @@ class Engine:
                      "scheduler": {"step": self.step}, "scaler": self.scaler.state_dict() if self.scaler else {},
                      "rng": rng_state(), **client}
             save_checkpoint(checkpoint_path(self.ckpt_dir, self.step), state)
-            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints, self.cfg.keep_every)
         barrier(self.dist)
 
     def has_checkpoint(self) -> bool:

@@ -124,3 +124,21 @@ def test_ddp_step_equals_one_process_with_the_whole_batch(tmp_path):
     assert not torch.allclose(one["weight"], init["weight"])  # the step moved the weights
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-6, atol=1e-7)
+
+
+def test_prune_keeps_newest_and_snapshots(tmp_path):
+    """The newest `keep` checkpoints stay, and so do those at multiples of `keep_every`; 0 keeps no snapshot."""
+    from medssl.train.checkpoint import checkpoint_path, prune_checkpoints
+
+    def make(steps):
+        for s in steps:
+            checkpoint_path(tmp_path, s).write_bytes(b"x")
+
+    def left():
+        return sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("checkpoint-*.pt"))
+
+    make([26, 52, 520, 546, 1040, 1066, 1092])
+    prune_checkpoints(tmp_path, keep=2, keep_every=520)
+    assert left() == [520, 1040, 1066, 1092]
+    prune_checkpoints(tmp_path, keep=2)
+    assert left() == [1066, 1092]
