@@ -88,13 +88,19 @@ def _beats(agg: list[dict[str, Any]]) -> None:
                 r["verdict"] = f"**yes** (+{margin:.3f})" if margin > 0 else f"no ({margin:+.3f})"
 
 
+def budgets(rows: list[dict[str, Any]]) -> list[float]:
+    """The label budgets (fractions) of `rows` in order of labelled samples: "all" last."""
+    n_of = {a["fraction"]: a["n_train"] for a in rows}
+    return sorted(n_of, key=lambda f: (n_of[f], f))
+
+
 def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(row, protocol) pairs of a task in table order: CNN, random init, pretrained by pretraining epochs."""
     order = {"cnn": 0, "random": 1, "pretrained": 2}
     first = {}
     for a in rows:
         first.setdefault((a["row"], a["protocol"]), a)
-    return sorted(first, key=lambda k: (order[first[k]["role"]], first[k]["pretrain_epochs"] or 0, k))
+    return sorted(first, key=lambda k: (order[first[k]["role"]], first[k].get("pretrain_epochs") or 0, k))
 
 
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -116,14 +122,14 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"Main metric ({key}), mean ± std over seeds; columns in order of pretraining length:", "",
              "| Labels | " + " | ".join(head(*c) for c in cols) + " |", "|---|" + "---|" * len(cols)]
     n_of = {a["fraction"]: a["n_train"] for a in rows}
-    for frac in sorted(n_of, key=n_of.get):  # budgets by labelled samples, "all" last
+    for frac in budgets(rows):
         hits = [by.get((frac, *c)) for c in cols]
         best = max((h[key] for h in hits if h is not None and not math.isnan(h[key])), default=math.nan)
         n_train = n_of[frac]
         cells = []
         for h in hits:
-            if h is None:
-                cells.append("-")
+            if h is None or math.isnan(h[key]):
+                cells.append("-" if h is None else "n/a")
                 continue
             txt = f"{h[key]:.3f} ± {h[key + '_std']:.3f}"
             cells.append(f"**{txt}**" if h[key] == best else txt)
@@ -144,9 +150,10 @@ def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]) -> str
         samples = info.get("samples")
         if samples:
             lines += [f"Splits: {samples}; main metric {PRIMARY[kind]}.", ""]
-        if len({a["fraction"] for a in rows_t}) > 1 or len({a["pretrain_epochs"] for a in rows_t}) > 2:
+        pretrained_epochs = {a.get("pretrain_epochs") for a in rows_t if a["role"] == "pretrained"}
+        if len({a["fraction"] for a in rows_t}) > 1 or len(pretrained_epochs) > 1:
             lines += summary_table(rows_t)
-        for frac in sorted({a["fraction"] for a in rows_t}):
+        for frac in budgets(rows_t):
             rows = sorted([a for a in rows_t if a["fraction"] == frac],
                           key=lambda a: (order[a["role"]], a["row"], a["protocol"]))
             cols = METRICS[kind]
@@ -191,7 +198,7 @@ def bar_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
     for task in dict.fromkeys(a["task"] for a in agg):
         rows = [a for a in agg if a["task"] == task]
         key = PRIMARY[rows[0]["kind"]]
-        fracs = sorted({a["fraction"] for a in rows})
+        fracs = budgets(rows)
         names = list(dict.fromkeys(f"{a['row']} {a['protocol']}" for a in rows))
         width = 0.8 / max(1, len(names))
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(fracs) * len(names) * 0.5), 4))
@@ -216,18 +223,19 @@ def bar_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def gains(rows: list[dict[str, Any]]) -> list[str]:
-    """Per label budget: each pretrained row's main-metric gain over random init and over the CNN (same protocol
-    as the random-init row it is compared with); the lines say where pretraining paid off."""
+    """Per label budget: each pretrained row's main-metric gain over its architecture at random init (same
+    protocol) and over the from-scratch CNN; the lines say where pretraining paid off."""
     key = PRIMARY[rows[0]["kind"]]
     n_of = {a["fraction"]: a["n_train"] for a in rows}
     out = []
-    for frac in sorted(n_of, key=n_of.get):
+    for frac in budgets(rows):
         at = [a for a in rows if a["fraction"] == frac]
         cnn = [a[key] for a in at if a["role"] == "cnn"]
         parts = []
-        for a in sorted((a for a in at if a["role"] == "pretrained"), key=lambda a: a["pretrain_epochs"] or 0):
-            rnd = [r[key] for r in at if r["role"] == "random" and r["protocol"] == a["protocol"]]
-            vs = [f"{a[key] - rnd[0]:+.3f} vs random init"] if rnd else []
+        for a in sorted((a for a in at if a["role"] == "pretrained"), key=lambda a: a.get("pretrain_epochs") or 0):
+            rnd = [r[key] for r in at if r["role"] == "random" and r["protocol"] == a["protocol"]
+                   and r["backbone"] == a["backbone"]]  # the same architecture at random init
+            vs = [f"{a[key] - max(rnd):+.3f} vs random init"] if rnd else []
             vs += [f"{a[key] - max(cnn):+.3f} vs CNN"] if cnn else []
             parts.append(f"{a['pretraining']} ({a['protocol']}) {', '.join(vs)}")
         if parts:
@@ -264,10 +272,10 @@ def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
         left.set_title(f"{task}: label budget")
         left.legend(fontsize=7)
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, frac in enumerate(sorted({a["fraction"] for a in rows})):
+        for i, frac in enumerate(budgets(rows)):
             vit = sorted((a["pretrain_epochs"], a[key], a[key + "_std"]) for a in rows
                          if a["fraction"] == frac and a["role"] != "cnn" and a["protocol"] == "finetune"
-                         and a["pretrain_epochs"] is not None)
+                         and a.get("pretrain_epochs") is not None)
             if len(vit) < 2:
                 continue
             c = colours[i % len(colours)]

@@ -12,9 +12,9 @@ is dropped so that no two neighbouring slices sit in different splits, and slabs
 cyclically train, val, train, test, so every split spans the brain from bottom to top.
 
 `brain_level`: which of 4 levels of the brain (vertex to skull base) an axial slice comes from, with
-each slice in a seeded random view (scale, rotation, shift, gamma) so that its size, place and
-contrast do not give the level away. A task that needs anatomy, not an intensity threshold. Same
-slab splits.
+each slice's brain resized to a fixed span and shown in seeded random views (scale, rotation, shift,
+gamma) so that its size, place and contrast do not give the level away. A task that needs anatomy,
+not an intensity threshold. Slab splits with a wider gap (4 slices).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.tasks import TaskData
-from medssl.data.imaging import iter_slices, normalise, read_nifti, resize_square
+from medssl.data.imaging import Slice, iter_slices, normalise, read_nifti, resize_square
 
 PATTERN = ("train", "val", "train", "test")
 CLASSES = ["background", "grey matter", "white matter"]
@@ -43,7 +43,7 @@ def mni_files() -> dict[str, Path]:
     return files
 
 
-def _mni_slices(min_brain: float) -> tuple[list, np.ndarray, np.ndarray]:
+def _mni_slices(min_brain: float) -> tuple[list[Slice], np.ndarray, np.ndarray]:
     """Axial slices of the MNI152 T1 in [0, 1] (S->I order) holding enough brain, and the GM / WM maps.
 
     Y and X are cropped to the brain's bounding box over the whole volume (+ margin), one box for all slices.
@@ -71,10 +71,11 @@ def _slab(rank: int, slab: int, gap: int, step: int) -> tuple[int, bool]:
     return block, within < slab and within % step == 0
 
 
-def _split(images: list[np.ndarray], targets: list, splits: list[str], groups: list[str], targets_dtype=torch.long
+def _split(images: list[np.ndarray], targets: list, splits: list[str], groups: list[str]
            ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[str]]]:
+    """Stack samples into {split: (images [N, 1, S, S], integer targets)} and {split: groups}."""
     x = torch.from_numpy(np.stack(images)).float()[:, None]  # [N, 1, S, S]
-    y = torch.as_tensor(np.stack(targets), dtype=targets_dtype)
+    y = torch.as_tensor(np.stack(targets), dtype=torch.long)
     sp = np.array(splits)
     out = {k: (x[torch.from_numpy(sp == k)], y[torch.from_numpy(sp == k)]) for k in ("train", "val", "test")}
     grp = {k: [g for g, s in zip(groups, splits) if s == k] for k in out}
@@ -112,37 +113,54 @@ def brain_tissue(img_size: int = 64, slab: int = 8, gap: int = 2, step: int = 1,
                     {"slab": slab, "gap": gap, "step": step, "plane": "axial"})
 
 
-def _jitter(image: np.ndarray, rng: np.random.Generator, scale: tuple[float, float], shift: float,
-            rotate: float, gamma: tuple[float, float]) -> np.ndarray:
-    """One seeded view of a [S, S] slice in [0, 1]: isotropic scale, rotation, shift (zero fill), then gamma."""
-    s = rng.uniform(*scale)
-    a = np.deg2rad(rng.uniform(-rotate, rotate))
-    tx, ty = rng.uniform(-shift, shift, size=2)
-    # affine_grid maps output coords to input coords: inverse of "scale by s, rotate by a, shift by t"
-    c, si = np.cos(a) / s, np.sin(a) / s
-    theta = torch.tensor([[c, -si, -tx], [si, c, -ty]], dtype=torch.float32)[None]
+def view(image: np.ndarray, scale: float = 1.0, angle: float = 0.0, shift: tuple[float, float] = (0.0, 0.0),
+         gamma: float = 1.0, fill: float | None = None) -> np.ndarray:
+    """One view of a [S, S] slice in [0, 1]: (optionally) its foreground resized so that its bounding box's longer
+    side spans `fill` of the width and centred, then scaled by `scale`, rotated by `angle` degrees
+    (counter-clockwise as displayed), shifted by `shift` = (right, down) in half-widths, zero fill; then `** gamma`.
+    """
+    size = image.shape[-1]
+    k, centre = scale, np.zeros(2)
+    if fill is not None:
+        rows, cols = np.flatnonzero((image > 0.05).any(1)), np.flatnonzero((image > 0.05).any(0))
+        if len(rows):
+            extent = 2.0 * max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) / size  # in [-1, 1] units
+            k = scale * 2.0 * fill / extent
+            centre = np.array([(cols[0] + cols[-1] + 1) / size - 1.0, (rows[0] + rows[-1] + 1) / size - 1.0])
+    a = np.deg2rad(angle)
+    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])  # y points down: ccw on screen
+    forward = k * rot  # (x, y) of the input -> output: forward @ (p - centre) + shift
+    inverse = np.linalg.inv(forward)
+    theta = np.concatenate([inverse, (centre - inverse @ np.asarray(shift))[:, None]], axis=1)
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    # affine_grid maps each output location (x, y in [-1, 1]) to the input location it samples
+    grid = torch.nn.functional.affine_grid(torch.tensor(theta, dtype=torch.float32)[None], list(x.shape),
+                                           align_corners=False)
     out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return np.clip(out[0, 0].numpy(), 0.0, 1.0) ** rng.uniform(*gamma)
+    return np.clip(out[0, 0].numpy(), 0.0, 1.0) ** gamma
 
 
-def brain_level(img_size: int = 64, levels: int = 4, slab: int = 4, gap: int = 2, step: int = 1,
-                min_brain: float = 0.05, scale: tuple[float, float] = (0.75, 1.25), shift: float = 0.1,
-                rotate: float = 15.0, gamma: tuple[float, float] = (0.7, 1.4), views: int = 2, seed: int = 0
-                ) -> TaskData:
+def brain_level(img_size: int = 64, levels: int = 4, slab: int = 4, gap: int = 4, step: int = 1,
+                min_brain: float = 0.05, fill: float = 0.7, scale: tuple[float, float] = (0.85, 1.15),
+                shift: float = 0.1, rotate: float = 15.0, gamma: tuple[float, float] = (0.7, 1.4), views: int = 3,
+                seed: int = 0) -> TaskData:
     """Build the task: which of `levels` equal-count bins of the brain's superior-inferior extent holds a slice.
 
-    Each slice is shown in `views` seeded random views (scale, rotation, shift, gamma; every split alike), so
-    the brain's size, place and contrast in the picture do not give the level away: the anatomy must.
+    Each slice's brain is resized to span `fill` of the width (the cross-section's size would otherwise tell
+    the level) and shown in `views` seeded random views (scale, rotation, shift, gamma; every split alike), so
+    its size, place and contrast in the picture do not give the level away: its shape and anatomy must. With
+    one template brain, neighbouring slices look alike: the default gap of 4 slices (mm) between slabs keeps
+    test slices at least 5 mm from any training slice. The shape of the cross-section still carries the
+    level (that is anatomy): simple shape and intensity features are far above chance.
 
     Args:
         img_size: square output size.
         levels: classes, from the vertex (level 1) down to the skull base.
         slab, gap, step: split by slabs of consecutive slices as in `brain_tissue`.
         min_brain: keep slices where GM + WM cover at least this fraction of the slice.
-        scale, shift, rotate, gamma: ranges of the seeded views (shift as a fraction of the half-width, degrees).
-        views: views per slice (all in the slice's split); seed: seed of the views.
+        fill: share of the width the brain's bounding box spans before the random scale.
+        scale, shift, rotate, gamma: ranges of the seeded views (shift in half-widths, rotation in degrees).
+        views: views per slice (all in the slice's split; a label budget counts views); seed: seed of the views.
     """
     if slab < 1 or gap < 0 or step < 1 or levels < 2 or views < 1:
         raise ValueError(f"slab >= 1, gap >= 0, step >= 1, levels >= 2, views >= 1 required; got {slab}, {gap}, "
@@ -152,12 +170,13 @@ def brain_level(img_size: int = 64, levels: int = 4, slab: int = 4, gap: int = 2
     images, labels, splits, groups = [], [], [], []
     for rank, s in enumerate(kept):
         base = resize_square(s.pixels, img_size, fit="pad")
-        seen = [_jitter(base, rng, scale, shift, rotate, gamma) for _ in range(views)]  # drawn for every slice
+        seen = [view(base, rng.uniform(*scale), rng.uniform(-rotate, rotate), tuple(rng.uniform(-shift, shift, 2)),
+                     rng.uniform(*gamma), fill) for _ in range(views)]  # drawn for every slice: seeds stay put
         block, use = _slab(s.index - first, slab, gap, step)
         if not use:
             continue
-        for view in seen:
-            images.append(view.astype(np.float32))
+        for image in seen:
+            images.append(image.astype(np.float32))
             labels.append(rank * levels // len(kept))  # kept slices run S -> I
             splits.append(PATTERN[block % len(PATTERN)])
             groups.append(f"slab{block}")
@@ -166,5 +185,5 @@ def brain_level(img_size: int = 64, levels: int = 4, slab: int = 4, gap: int = 2
              for i in range(levels)]
     return TaskData("brain_level", "classification", "MNI152 T1 (nilearn), seeded views", levels, names, out, grp,
                     {"slab": slab, "gap": gap, "step": step, "plane": "axial", "slices": len(kept),
-                     "view": {"scale": list(scale), "shift": shift, "rotate": rotate, "gamma": list(gamma),
-                              "views": views, "seed": seed}})
+                     "view": {"fill": fill, "scale": list(scale), "shift": shift, "rotate": rotate,
+                              "gamma": list(gamma), "views": views, "seed": seed}})

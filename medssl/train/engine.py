@@ -88,7 +88,8 @@ class TrainConfig:
         select: metric to keep the best by (higher is better); None: no best tracking.
         ckpt_every: also checkpoint every this many steps (epochs always end with one); 0: epochs only.
         keep_checkpoints / keep_every: keep the newest this many checkpoints, plus those of steps that are
-            multiples of keep_every (0: none).
+            multiples of keep_every (0: none); a step is only there if a checkpoint was written at it (a multiple
+            of ckpt_every or an epoch end). Under DeepSpeed every checkpoint is kept (no pruning).
         stop_at: leave after this step (checkpointed), as a time-boxed job; resume later.
     """
 

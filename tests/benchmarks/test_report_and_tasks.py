@@ -104,8 +104,31 @@ def test_summary_table_budgets_by_pretraining_length(tmp_path):
     assert f"]({(tmp_path / 't_curves.png').as_posix()})" in text
 
 
+def test_view_geometry():
+    """A 2x2 dot moves as stated: shift in half-widths (right, down), rotation ccw on screen, scale about the centre."""
+    from benchmarks.tasks.brain import view
+
+    img = np.zeros((32, 32), np.float32)
+    img[10:12, 20:22] = 1.0  # centre (row, col) = (10.5, 20.5); the image centre is (15.5, 15.5)
+
+    def centre(a):
+        r, c = np.nonzero(a > 0.5 * a.max())
+        w = a[r, c]
+        return round(float((r * w).sum() / w.sum()), 3), round(float((c * w).sum() / w.sum()), 3)
+
+    assert centre(view(img)) == (10.5, 20.5)
+    assert centre(view(img, shift=(0.25, 0.0))) == (10.5, 24.5)  # a quarter of 16 px to the right
+    assert centre(view(img, shift=(0.0, 0.25))) == (14.5, 20.5)
+    assert centre(view(img, angle=90)) == (10.5, 10.5)  # (right 5, up 5) -> (left 5, up 5)
+    assert centre(view(img, scale=0.5)) == (13.0, 18.0)
+    filled = view(img, fill=0.5)  # the dot's box (2 px) now spans half the width, centred
+    rows = np.flatnonzero((filled > 0.5).any(1))
+    assert centre(filled) == (15.5, 15.5) and 15 <= len(rows) <= 17
+    np.testing.assert_allclose(view(img, gamma=2.0), img ** 2.0, atol=1e-6)
+
+
 def test_brain_level_task():
-    """Balanced levels ordered vertex -> skull base, slab splits without shared slabs, seeded views."""
+    """Levels ordered vertex -> skull base (slices run S -> I), slab splits, every view distinct, seeded."""
     from benchmarks.tasks.brain import brain_level
 
     t = brain_level(img_size=32, levels=4, slab=4, gap=2, views=2)
@@ -116,14 +139,16 @@ def test_brain_level_task():
         x, y = t.splits[split]
         assert x.shape[1:] == (1, 32, 32) and float(x.min()) >= 0 and float(x.max()) <= 1
         assert len(y) % 2 == 0 and torch.equal(y[0::2], y[1::2])  # two views of each slice, same level
+        assert bool((y[1:] >= y[:-1]).all())  # built in S -> I order: levels never go back up
         counts += torch.bincount(y, minlength=4)
-        assert not torch.equal(x[0::2], x[1::2])  # ... in different views
-    # every kept slice is in a slab (4 of every 6 slices); levels are equal-count bins of the kept slices
-    used = sum(1 for rank in range(n) if rank % 6 < 4)
-    assert int(counts.sum()) == 2 * used
-    assert counts.max() - counts.min() <= 2 * 6
-    groups = {s: set(g) for s, g in t.groups.items()}
-    assert not (groups["train"] & groups["test"]) and not (groups["val"] & groups["test"])
+        assert all(not torch.equal(a, b) for a, b in zip(x[0::2], x[1::2]))  # every pair: two different views
+    # every kept slice in a slab (4 of every 6) is used; levels are equal-count bins of all kept slices
+    used = [rank for rank in range(n) if rank % 6 < 4]
+    assert int(counts.sum()) == 2 * len(used)
+    assert counts.tolist() == [2 * sum(1 for r in used if r * 4 // n == c) for c in range(4)]
+    slabs = {s: set(g) for s, g in t.groups.items()}
+    assert set().union(*slabs.values()) == {f"slab{r // 6}" for r in used}
+    assert not (slabs["train"] & slabs["val"]) and not (slabs["train"] & slabs["test"])
     again = brain_level(img_size=32, levels=4, slab=4, gap=2, views=2)
     assert torch.equal(again.splits["test"][0], t.splits["test"][0])
     with pytest.raises(ValueError, match="views >= 1"):
