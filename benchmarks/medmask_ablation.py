@@ -64,11 +64,9 @@ def run_config(spec: dict[str, Any], row: dict[str, Any], seed: int) -> dict[str
     if row.get("expert"):  # another expert's embeddings of the same images (made once)
         embeddings = demo / f"embeddings_{row['expert']}"
         if not (embeddings / "manifest.jsonl").is_file():
-            from data_tools.extract_embeddings import extract_embeddings
+            from data_tools.demo_mammo import write_embeddings
 
-            args = json.loads((demo / "_info.json").read_text())["args"]
-            extract_embeddings(row["expert"], sorted((demo / "images").rglob("*.png")), embeddings,
-                               grid=args["embed_grid"], img_size=args["embed_size"], seed=args["seed"])
+            write_embeddings(demo, row["expert"], json.loads((demo / "_info.json").read_text())["args"], embeddings)
     sets = {"data.dataset": "demo", "data.data_root": str(root), "data.embeddings": str(embeddings),
             "eval.overlays": 0, "eval.pseudo_truth": "target_truth", **(spec.get("set") or {}),
             **(row.get("set") or {}), "seed": seed}

@@ -12,11 +12,22 @@ commands a user runs on an archive of their own (cached under ``OUT/demo/expert`
 
 Only the source-domain training images and the unlabelled target-domain pool are used (both vendors, no
 labels); the validation and test images never are.
+
+An MAE of a few minutes on a few hundred images is not a foundation model: its embeddings hardly know where
+the lesions are (:func:`probe_embeddings`). The lesion expert (:func:`make_lesion_expert`, ``--expert lesion``)
+stands in for what a model like BiomedParse brings from its supervised training on many annotated archives:
+the MAE expert fine-tuned to segment lesions on an EXTERNAL labelled set, generated with another seed and
+another vendor look (halfway between vendor A and vendor B, ``LESION_SHIFT``). It never sees a label, nor an
+image, of the benchmark.
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERT_CONFIG = ROOT / "recipes" / "configs" / "demo_expert.yaml"
@@ -25,6 +36,15 @@ EXPERT_CONFIG = ROOT / "recipes" / "configs" / "demo_expert.yaml"
 def expert_backbone(demo_dir: str | Path) -> Path:
     """Where the demo's MAE expert backbone lives (``OUT/demo/expert/pretrain/backbone``)."""
     return Path(demo_dir) / "expert" / "pretrain" / "backbone"
+
+
+LESION_SEED = 1000  # the external set's seed is the demo's seed + this: other images, other lesions
+LESION_SHIFT = 0.5  # the external set's vendor look: halfway from vendor A to the demo's vendor B
+
+
+def lesion_expert_backbone(demo_dir: str | Path) -> Path:
+    """Where the demo's lesion expert backbone lives (``OUT/demo/expert_lesion/backbone``)."""
+    return Path(demo_dir) / "expert_lesion" / "backbone"
 
 
 def make_expert(demo_dir: str | Path, *, epochs: int | None = None, img_size: int | None = None, seed: int = 0,
@@ -60,6 +80,85 @@ def make_expert(demo_dir: str | Path, *, epochs: int | None = None, img_size: in
     ckpts = out / "checkpoints"
     resume = ckpts.is_dir() and any(ckpts.iterdir())
     return run(cfg, DistInfo(device=resolve_device(cfg["train"]["device"])), resume=resume)
+
+
+class _SquareMasks:
+    """An external demo split as ``(image [1, S, S] normalised, lesion box mask [S, S] long)`` pairs, the image
+    read and resized exactly as `data_tools.extract_embeddings` does (stretched to the square)."""
+
+    def __init__(self, root: Path, splits: tuple[str, ...], size: int, mean: float, std: float) -> None:
+        import json
+
+        import torch
+
+        from data_tools.extract_embeddings import square_image
+
+        xs, ys = [], []
+        for split in splits:
+            coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+            boxes: dict[int, list] = {}
+            for a in coco.get("annotations", []):
+                boxes.setdefault(a["image_id"], []).append(a["bbox"])
+            folder = "target" if split == "target_truth" else split
+            for im in coco["images"]:
+                xs.append((square_image(root / "images" / folder / im["file_name"], size) - mean) / std)
+                m = torch.zeros(size, size, dtype=torch.long)
+                sy, sx = size / im["height"], size / im["width"]
+                for x, y, w, h in boxes.get(im["id"], []):  # every pixel the box touches
+                    m[int(y * sy):max(int(y * sy) + 1, math.ceil((y + h) * sy)),
+                      int(x * sx):max(int(x * sx) + 1, math.ceil((x + w) * sx))] = 1
+                ys.append(m)
+        self.x, self.y = torch.stack(xs), torch.stack(ys)  # [N, 1, S, S], [N, S, S]
+
+
+def make_lesion_expert(demo_dir: str | Path, generator: dict, *, init: str | Path, img_size: int = 64,
+                       epochs: int = 40, seed: int = 0, shift: float = LESION_SHIFT) -> Path:
+    """Fine-tune the backbone ``init`` (the demo's MAE expert) to segment lesions on an external labelled set;
+    returns its exported backbone (cached: an exported one is returned as it is).
+
+    The external set: the demo generator with seed ``seed + LESION_SEED`` and vendor shift ``shift``, the
+    other arguments (``generator``: height, width, the four split sizes, abnormal_frac, lesion_contrast,
+    lesion_size, distractors) as the demo's. Training on its ``train`` (vendor A), ``test`` and target
+    (vendor look ``shift``, with their boxes), model selection on its ``val``; a ViT segmenter (Dice + CE)
+    on the box masks, every layer trained, at ``img_size`` (the expert's input size).
+    """
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from data_tools.demo_mammo import SPLITS, generate
+    from medssl.heads.build import build_head, head_record, init_head
+    from medssl.heads.classify import layer_decay_groups
+    from medssl.heads.fit import FitConfig, dice_score, fit, random_hflip
+    from medssl.heads.segment import dice_ce_loss
+    from medssl.hub import save_backbone
+
+    demo_dir = Path(demo_dir)
+    backbone = lesion_expert_backbone(demo_dir)
+    if (backbone / "config.json").is_file():
+        return backbone
+    ext = backbone.parent / "data"
+    generate(ext, seed=int(generator["seed"]) + LESION_SEED, height=generator["height"], width=generator["width"],
+             counts={s: int(generator[s]) for s in SPLITS}, abnormal_frac=generator["abnormal_frac"], shift=shift,
+             lesion_contrast=generator["lesion_contrast"], lesion_size=generator["lesion_size"],
+             distractors=generator["distractors"])
+    record = head_record("segment", "finetune", init, num_classes=2, img_size=img_size)
+    norm = record["backbone"]["meta"]
+    mean, std = float(np.mean(norm.get("mean", [0.5]))), float(np.mean(norm.get("std", [0.25])))  # as the expert
+    train = _SquareMasks(ext, ("train", "test", "target_truth"), img_size, mean, std)
+    val = _SquareMasks(ext, ("val",), img_size, mean, std)
+    torch.manual_seed(seed)
+    model = build_head(record)
+    init_head(model, record)
+    cfg = FitConfig(epochs=epochs, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_epochs=3, seed=seed,
+                    device="cpu")
+    groups = layer_decay_groups(model, len(model.backbone.blocks), cfg.lr, cfg.weight_decay, 0.75)
+    res = fit(model, TensorDataset(train.x, train.y), TensorDataset(val.x, val.y), dice_ce_loss, dice_score(2), cfg,
+              param_groups=groups, augment=random_hflip)
+    save_backbone(model.backbone, backbone, data=f"external demo set (seed {int(generator['seed']) + LESION_SEED}, "
+                  f"shift {shift}): lesion segmentation", init=str(init), val_dice=round(res.best_score, 4),
+                  best_epoch=res.best_epoch, mean=[mean], std=[std])
+    shutil.rmtree(ext, ignore_errors=True)  # the external images are not needed once the expert is made
+    return backbone
 
 
 def probe_embeddings(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str, ...] = ("train", "test"),

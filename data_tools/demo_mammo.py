@@ -99,10 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert", default="mae",
                         help="expert for the embeddings: 'mae' (default) pretrains a small medssl MAE on the "
                              "set's unlabelled train + target images (data_tools/demo_expert.py, cached under "
-                             "OUT/demo/expert); else anything medssl.load_backbone accepts (a registry name is a "
-                             "seeded random init: the uninformative ablation); 'none' skips them")
+                             "OUT/demo/expert); 'lesion' fine-tunes that MAE to segment lesions on an external "
+                             "generated set (another seed and vendor look; OUT/demo/expert_lesion); else anything "
+                             "medssl.load_backbone accepts (a registry name is a seeded random init: the "
+                             "uninformative ablation); 'none' skips them")
     parser.add_argument("--expert-epochs", type=int, default=None,
                         help="pretraining epochs of the 'mae' expert (default: recipes/configs/demo_expert.yaml)")
+    parser.add_argument("--lesion-epochs", type=int, default=40,
+                        help="fine-tuning epochs of the 'lesion' expert on its external labelled set")
     parser.add_argument("--embed-size", type=int, default=64, help="expert input size (square)")
     parser.add_argument("--embed-grid", type=int, default=4,
                         help="expert tokens pooled to GRID x GRID (+ cls)")
@@ -519,25 +523,37 @@ def run(args: argparse.Namespace) -> int:
                          lesion_size=args.lesion_size,
                          distractors=args.distractors)
     t_images = time.time() - t0
-    expert = str(args.expert)
-    for stale in (out / "expert", *out.glob("embeddings*")):  # made from the images just replaced
+    for stale in (out / "expert", out / "expert_lesion", *out.glob("embeddings*")):  # made from the old images
         shutil.rmtree(stale, ignore_errors=True)
-    if expert.lower() == "mae":
-        from data_tools.demo_expert import make_expert
-
-        expert = str(make_expert(out, epochs=args.expert_epochs, img_size=args.embed_size, seed=args.seed))
-    if expert.lower() != "none":
-        from data_tools.extract_embeddings import extract_embeddings
-
-        files = sorted((out / "images").rglob("*.png"))
-        extract_embeddings(expert, files, out / "embeddings", grid=args.embed_grid, img_size=args.embed_size,
-                           seed=args.seed)
+    if str(args.expert).lower() != "none":
+        write_embeddings(out, str(args.expert), vars(args), out / "embeddings")
     record = {"version": VERSION, "args": {k: v for k, v in vars(args).items() if k != "func"}, "images": counts,
               "lesions": n_lesions, "seconds_images": round(t_images, 1), "seconds": round(time.time() - t0, 1)}
     info.write_text(json.dumps(record, indent=1))
     print(f"demo mammography set written to {out}: images {counts}, lesions {n_lesions}, "
           f"{record['seconds']} s ({record['seconds_images']} s images)")
     return 0
+
+
+def write_embeddings(out: Path, expert: str, args: dict[str, Any], folder: Path) -> Path:
+    """Embed every image of the set under ``out`` (= DATA_ROOT/demo) with ``expert`` into ``folder``.
+
+    ``expert``: ``mae`` (the MAE pretrained on the set's unlabelled images), ``lesion`` (that MAE fine-tuned
+    to segment lesions on an external generated set, data_tools/demo_expert.py), both made once and cached
+    under ``out``, or any ``extract_embeddings --model`` source. ``args``: the generator's arguments.
+    """
+    from data_tools.demo_expert import make_expert, make_lesion_expert
+    from data_tools.extract_embeddings import extract_embeddings
+
+    source = expert
+    if expert.lower() in ("mae", "lesion"):
+        mae = make_expert(out, epochs=args["expert_epochs"], img_size=args["embed_size"], seed=args["seed"])
+        source = str(mae) if expert.lower() == "mae" else str(
+            make_lesion_expert(out, args, init=mae, img_size=args["embed_size"], epochs=args.get("lesion_epochs", 40),
+                               seed=args["seed"]))
+    extract_embeddings(source, sorted((out / "images").rglob("*.png")), folder, grid=args["embed_grid"],
+                       img_size=args["embed_size"], seed=args["seed"])
+    return folder
 
 
 def ensure_demo(root: str | Path) -> Path:

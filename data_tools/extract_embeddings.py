@@ -152,13 +152,21 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            img = torch.from_numpy(read_image(self.files[i]))[None, None]  # [1, 1, H, W]
-            if min(img.shape[-2:]) < 2 or not bool(img.isfinite().all()):
-                raise ValueError(f"image of shape {tuple(img.shape[-2:])} is empty or not finite")
+            return i, square_image(self.files[i], self.size), ""  # [1, S, S]
         except Exception as exc:  # unreadable, truncated, wrong format
             return i, None, f"{type(exc).__name__}: {exc}"
-        x = F.interpolate(img, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return i, x[0], ""  # [1, S, S]
+
+
+def square_image(path: str | Path, size: int) -> torch.Tensor:
+    """An image as the experts see it: grey [1, S, S] in [0, 1], stretched to the square (antialiased bilinear).
+
+    Raises:
+        ValueError: the image is smaller than 2 x 2 or holds non-finite values (read errors propagate).
+    """
+    img = torch.from_numpy(read_image(path))[None, None]  # [1, 1, H, W]
+    if min(img.shape[-2:]) < 2 or not bool(img.isfinite().all()):
+        raise ValueError(f"{path}: image of shape {tuple(img.shape[-2:])} is empty or not finite")
+    return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def _atomic_write(path: Path, data: bytes | np.ndarray) -> None:

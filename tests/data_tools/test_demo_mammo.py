@@ -249,3 +249,50 @@ def test_demo_with_mae_expert(tmp_path):
     record = json.loads((demo / "embeddings" / "_expert.json").read_text())
     assert record["source"] == str(backbone)
     assert len(list((demo / "embeddings").glob("*_embedding.npy"))) == 7
+
+
+def test_lesion_expert_masks(tmp_path):
+    """The lesion expert's targets: box masks on the expert's square, at the boxes' scaled extent (hand-computed),
+    images as extract_embeddings reads them, the target pool's boxes read from its truth file."""
+    import torch
+
+    from data_tools.demo_expert import _SquareMasks
+    from data_tools.extract_embeddings import square_image
+
+    for folder in ("val", "target"):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        Image.fromarray((np.arange(40 * 20).reshape(40, 20) * 80).astype(np.uint16)).save(
+            tmp_path / "images" / folder / "a.png")
+    (tmp_path / "annotations").mkdir()
+    image = {"id": 1, "file_name": "a.png", "height": 40, "width": 20}
+    for name, boxes in (("val", [[5, 10, 5, 10]]), ("target_truth", [[0, 0, 1, 1], [19, 39, 1, 1]])):
+        anns = [{"id": k, "image_id": 1, "category_id": 1, "bbox": b} for k, b in enumerate(boxes)]
+        (tmp_path / "annotations" / f"instances_{name}.json").write_text(json.dumps({"images": [image],
+                                                                                      "annotations": anns}))
+    got = _SquareMasks(tmp_path, ("val", "target_truth"), 10, 0.5, 0.25)
+    want = torch.zeros(2, 10, 10, dtype=torch.long)
+    want[0, 2:5, 2:5] = 1  # rows 10..20 x 0.25 -> 2.5..5, columns 5..10 x 0.5 -> 2.5..5
+    want[1, 0, 0] = want[1, 9, 9] = 1  # a box under one pixel still marks the pixel it touches
+    assert torch.equal(got.y, want)
+    assert torch.equal(got.x[0], (square_image(tmp_path / "images" / "val" / "a.png", 10) - 0.5) / 0.25)
+    assert got.x.shape == (2, 1, 10, 10)
+
+
+def test_demo_with_lesion_expert(tmp_path):
+    """`--expert lesion`: the MAE expert fine-tuned on an external set (other seed, vendor shift 0.5) that is
+    deleted afterwards; the embeddings come from it."""
+    p = argparse.ArgumentParser()
+    demo_mammo.add_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path), "--height", "64", "--width", "64", "--train", "3", "--val", "2",
+                         "--test", "1", "--target", "2", "--abnormal-frac", "0.5", "--expert", "lesion",
+                         "--expert-epochs", "1", "--lesion-epochs", "1", "--embed-size", "32", "--embed-grid", "2"])
+    assert args.func(args) == 0
+    demo = tmp_path / "demo"
+    lesion = demo / "expert_lesion" / "backbone"
+    cfg = json.loads((lesion / "config.json").read_text())
+    prov = json.dumps(cfg)
+    assert "seed 1000" in prov and "shift 0.5" in prov and str(demo / "expert" / "pretrain" / "backbone") in prov
+    assert not (demo / "expert_lesion" / "data").exists()  # the external images are gone
+    record = json.loads((demo / "embeddings" / "_expert.json").read_text())
+    assert record["source"] == str(lesion)
+    assert len(list((demo / "embeddings").glob("*_embedding.npy"))) == 8
