@@ -29,6 +29,8 @@ from benchmarks import (  # noqa: E402
     bench_engine,
     bf16_curve,
     medmask_ablation,
+    medmask_expert_probe,
+    medmask_teacher_sweep,
     profile_detector,
     report,
 )
@@ -111,6 +113,16 @@ def render_ablation(result: dict, source: str) -> str:
     png = Path(source).with_name("froc.png")
     lines = [f"`{source}` (commit {result['meta']['commit']}, {result['meta']['date']}):", ""]
     lines += medmask_ablation.report(result["table"], result["meta"])
+    folder = Path(source).parent
+    if (folder / "teacher_sweep.json").is_file():  # benchmarks/medmask_teacher_sweep.py, beside it
+        sweep = json.loads((folder / "teacher_sweep.json").read_text())
+        table = medmask_teacher_sweep.report(sweep["row"], sweep["seeds"], sweep["table"])
+        lines += ["", f"`{folder.as_posix()}/teacher_sweep.json` (`python benchmarks/medmask_teacher_sweep.py`): "
+                  + table[0]] + table[1:]
+    if (folder / "expert_probe.json").is_file():  # benchmarks/medmask_expert_probe.py, beside it
+        probe = medmask_expert_probe.report(json.loads((folder / "expert_probe.json").read_text()))
+        lines += ["", f"`{folder.as_posix()}/expert_probe.json` (`python benchmarks/medmask_expert_probe.py`): "
+                  + probe[0]] + probe[1:]
     lines += ["", f"![FROC of every row on the target-domain test split]({png.as_posix()})"]
     return "\n".join(lines).strip() + "\n"
 

@@ -92,3 +92,26 @@ def test_demo_and_ablation_sections(tmp_path):
     text = render_ablation({"table": table, "meta": meta}, "results.json")
     assert "| source_only | 2 | 0.500 +- 0.141 | 0.600 +- 0.141 | 0.200 +- 0.141 |" in text
     assert "epoch 0: precision 0.50, recall 0.25, 1.00 per image" in text and "froc.png" in text
+
+
+def test_ablation_section_adds_sweep_and_probe(tmp_path):
+    """The teacher sweep and the expert probes, when written beside results.json, follow the ablation table."""
+    import json
+
+    from benchmarks.render_readme import render_ablation
+
+    meta = {"test_images": 60, "test_lesions": 29, "seeds": 1, "minutes": 1.0, "machine": "Test CPU",
+            "command": "python benchmarks/medmask_ablation.py", "commit": "abc1234", "date": "2026-12-02"}
+    result = {"table": [], "meta": meta}
+    bare = render_ablation(result, str(tmp_path / "results.json"))
+    assert "teacher_sweep" not in bare and "Ridge probes" not in bare
+    (tmp_path / "teacher_sweep.json").write_text(json.dumps({"row": "stage 2", "seeds": [0], "table": [
+        {"threshold": 0.3, "pseudo_precision": [0.1, 0.0, 1], "pseudo_recall": [0.2, 0.0, 1],
+         "pseudo_per_image": [1.25, 0.0, 1]}]}))
+    (tmp_path / "expert_probe.json").write_text(json.dumps([
+        {"expert": "lesion", "folder": "embeddings_lesion", "density_r2": 0.755, "lesion_auc": 0.5,
+         "vendor_auc": 0.9, "images": 260}]))
+    text = render_ablation(result, str(tmp_path / "results.json"))
+    assert "| 0.30 | 0.10 +- 0.00 | 0.20 +- 0.00 | 1.25 +- 0.00 |" in text
+    assert "| lesion | 0.76 | 0.50 | 0.90 |" in text and "n = 260" in text
+    assert text.index("teacher_sweep.json") < text.index("expert_probe.json") < text.index("froc.png")
