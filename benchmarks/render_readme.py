@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -114,6 +116,7 @@ def render_ablation(result: dict, source: str) -> str:
     lines = [f"`{source}` (commit {result['meta']['commit']}, {result['meta']['date']}):", ""]
     lines += medmask_ablation.report(result["table"], result["meta"])
     folder = Path(source).parent
+    lines += paired_gains(result, folder / "cells")
     if (folder / "teacher_sweep.json").is_file():  # benchmarks/medmask_teacher_sweep.py, beside it
         sweep = json.loads((folder / "teacher_sweep.json").read_text())
         table = medmask_teacher_sweep.report(sweep["row"], sweep["seeds"], sweep["table"])
@@ -125,6 +128,42 @@ def render_ablation(result: dict, source: str) -> str:
                   + probe[0]] + probe[1:]
     lines += ["", f"![FROC of every row on the target-domain test split]({png.as_posix()})"]
     return "\n".join(lines).strip() + "\n"
+
+
+PAIRED_BASES = ("source_only", "stage 2 (MAE + distillation)")
+
+
+def paired_gains(result: dict, cells_dir: Path, metric: str = "R@0.3") -> list[str]:
+    """Per row, the seed-paired difference of ``metric`` against each base row of ``PAIRED_BASES`` (same seed,
+    same source_only run): mean +- std over the seeds both have and how many went up / down. Read from the
+    cells of the run's code fingerprint; nothing when they are not there."""
+    fp = result["meta"].get("fingerprint")
+    per: dict[str, dict[int, float]] = {}
+    for f in sorted(cells_dir.glob("*.json")) if cells_dir.is_dir() else []:
+        c = json.loads(f.read_text())
+        if c.get("fingerprint") == fp and "row" in c:
+            per.setdefault(c["row"], {})[int(c["seed"])] = float(c["summary"][metric])
+    bases = [b for b in PAIRED_BASES if b in per]
+    rows = [e["row"] for e in result["table"]
+            if e["row"] in per and e["row"] not in bases[:1] and not e["row"].startswith("random")]
+    if not bases or not rows:
+        return []
+    lines = ["", f"Seed-paired differences in {metric} (each seed's row minus the same seed's base; "
+             "mean +- std, seeds up / down / equal):", "",
+             "| row | " + " | ".join(f"vs {b}" for b in bases) + " |", "|---|" + "---|" * len(bases)]
+    for row in rows:
+        out = []
+        for b in bases:
+            seeds = sorted(set(per[row]) & set(per[b]))
+            d = np.asarray([per[row][s] - per[b][s] for s in seeds])
+            if row == b or not len(d):
+                out.append("")
+                continue
+            sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+            mean = round(float(d.mean()), 3) + 0.0  # no "-0.000"
+            out.append(f"{mean:+.3f} +- {sd:.3f} ({(d > 0).sum()} / {(d < 0).sum()} / {(d == 0).sum()})")
+        lines.append(f"| {row} | " + " | ".join(out) + " |")
+    return lines
 
 
 def render_transfer(result: dict, source: str) -> str:

@@ -115,3 +115,25 @@ def test_ablation_section_adds_sweep_and_probe(tmp_path):
     assert "| 0.30 | 0.10 +- 0.00 | 0.20 +- 0.00 | 1.25 +- 0.00 |" in text
     assert "| lesion | 0.76 | 0.50 | 0.90 |" in text and "n = 260" in text
     assert text.index("teacher_sweep.json") < text.index("expert_probe.json") < text.index("froc.png")
+
+
+def test_paired_gains_from_cells(tmp_path):
+    """Seed-paired differences against source_only and stage 2, by hand; other fingerprints ignored."""
+    import json
+
+    from benchmarks.render_readme import paired_gains
+
+    r03 = {("source_only", 0): 0.4, ("source_only", 1): 0.2, ("stage 2 (MAE + distillation)", 0): 0.6,
+           ("stage 2 (MAE + distillation)", 1): 0.2, ("teaching", 0): 0.5, ("teaching", 1): 0.1}
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for i, ((row, seed), v) in enumerate(r03.items()):
+        (cells / f"{i}.json").write_text(json.dumps({"row": row, "seed": seed, "fingerprint": "f",
+                                                     "summary": {"R@0.3": v}}))
+    (cells / "old.json").write_text(json.dumps({"row": "teaching", "seed": 2, "fingerprint": "old",
+                                                "summary": {"R@0.3": 1.0}}))
+    table = [{"row": r} for r in ("random boxes", "source_only", "stage 2 (MAE + distillation)", "teaching")]
+    lines = paired_gains({"meta": {"fingerprint": "f"}, "table": table}, cells)
+    assert lines[-2] == "| stage 2 (MAE + distillation) | +0.100 +- 0.141 (1 / 0 / 1) |  |"
+    assert lines[-1] == "| teaching | +0.000 +- 0.141 (1 / 1 / 0) | -0.100 +- 0.000 (0 / 2 / 0) |"
+    assert paired_gains({"meta": {"fingerprint": "other"}, "table": table}, cells) == []
