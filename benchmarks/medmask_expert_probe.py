@@ -29,13 +29,30 @@ def expert_name(demo: Path, folder: str) -> str:
     return folder.removeprefix("embeddings_")
 
 
+def provenance(demo: Path, folder: str) -> str:
+    """What the expert behind an embeddings folder was trained on, from its backbone's provenance record."""
+    record = demo / folder / "_expert.json"
+    source = json.loads(record.read_text()).get("source", "") if record.is_file() else ""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return f"`{source}`: no training record (a registry name is a seeded random init)" if source else "-"
+    prov = json.loads(config.read_text()).get("provenance", {})
+    text = f"{prov.get('data', '?')}"
+    if "epochs" in prov:
+        text += f", {prov['epochs']} epochs"
+    if "val_dice" in prov:
+        text += f", validation Dice {prov['val_dice']:.2f} (best epoch {prov.get('best_epoch')})"
+    return text
+
+
 def report(rows: list[dict]) -> list[str]:
     """Markdown table: one line per expert."""
     lines = ["Ridge probes of the demo experts' mean-pooled embeddings (5-fold cross-validated, train + test "
              f"images, n = {rows[0]['images']}): what the distillation could learn from them.", "",
-             "| expert | breast density R^2 | lesion presence AUC | vendor B AUC |", "|---|---|---|---|"]
-    return lines + [f"| {r['expert']} | {r['density_r2']:.2f} | {r['lesion_auc']:.2f} | {r['vendor_auc']:.2f} |"
-                    for r in rows]
+             "| expert | breast density R^2 | lesion presence AUC | vendor B AUC | trained on |",
+             "|---|---|---|---|---|"]
+    return lines + [f"| {r['expert']} | {r['density_r2']:.2f} | {r['lesion_auc']:.2f} | {r['vendor_auc']:.2f} | "
+                    f"{r.get('trained_on', '-')} |" for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     folders = a.folders or sorted(f.name for f in demo.glob("embeddings*") if (f / "manifest.jsonl").is_file())
     if not folders:
         raise SystemExit(f"no embeddings folder under {demo}: run `python -m data_tools.make_demo mammo` first")
-    rows = [{"expert": expert_name(demo, f), "folder": f, **probe_embeddings(demo, demo / f)} for f in folders]
+    rows = [{"expert": expert_name(demo, f), "folder": f, "trained_on": provenance(demo, f),
+             **probe_embeddings(demo, demo / f)} for f in folders]
     lines = report(rows)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "expert_probe.json").write_text(json.dumps(rows, indent=1))

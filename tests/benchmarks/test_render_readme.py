@@ -109,11 +109,11 @@ def test_ablation_section_adds_sweep_and_probe(tmp_path):
         {"threshold": 0.3, "pseudo_precision": [0.1, 0.0, 1], "pseudo_recall": [0.2, 0.0, 1],
          "pseudo_per_image": [1.25, 0.0, 1]}]}))
     (tmp_path / "expert_probe.json").write_text(json.dumps([
-        {"expert": "lesion", "folder": "embeddings_lesion", "density_r2": 0.755, "lesion_auc": 0.5,
+        {"expert": "lesion", "folder": "embeddings_lesion", "density_r2": 0.755, "lesion_auc": 0.5, "trained_on": "x",
          "vendor_auc": 0.9, "images": 260}]))
     text = render_ablation(result, str(tmp_path / "results.json"))
     assert "| 0.30 | 0.10 +- 0.00 | 0.20 +- 0.00 | 1.25 +- 0.00 |" in text
-    assert "| lesion | 0.76 | 0.50 | 0.90 |" in text and "n = 260" in text
+    assert "| lesion | 0.76 | 0.50 | 0.90 | x |" in text and "n = 260" in text
     assert text.index("teacher_sweep.json") < text.index("expert_probe.json") < text.index("froc.png")
 
 
