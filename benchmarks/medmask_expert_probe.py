@@ -31,7 +31,9 @@ def expert_name(demo: Path, folder: str) -> str:
 
 def provenance(demo: Path, folder: str) -> str:
     """What the expert behind an embeddings folder was trained on, from its backbone's provenance record."""
-    record = demo / folder / "_expert.json"
+    from data_tools.extract_embeddings import EXPERT_FILE
+
+    record = demo / folder / EXPERT_FILE
     source = json.loads(record.read_text()).get("source", "") if record.is_file() else ""
     config = Path(source) / "config.json"
     if not config.is_file():

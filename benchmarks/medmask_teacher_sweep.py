@@ -34,6 +34,12 @@ log = logging.getLogger("medssl")
 KEYS = ("pseudo_precision", "pseudo_recall", "pseudo_per_image")
 
 
+def run_cells(cells_dir: Path, fingerprint: str) -> list[dict[str, Any]]:
+    """The ablation's cached cells computed by the code of ``fingerprint`` (cells of older code are left out)."""
+    found = (json.loads(f.read_text()) for f in sorted(cells_dir.glob("*.json"))) if cells_dir.is_dir() else ()
+    return [c for c in found if c.get("fingerprint") == fingerprint]
+
+
 def sweep_cell(spec: dict[str, Any], row: dict[str, Any], cell: dict[str, Any], thresholds: list[float]
                ) -> list[dict[str, float]]:
     """Pseudo-label precision / recall / count per image of one cell's best checkpoint at each threshold."""
@@ -97,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if row is None:
         raise SystemExit(f"{a.config}: no row named {a.row!r}")
     fingerprint = code_fingerprint(code_files(list(CODE_ENTRIES)))
-    cells = sorted((c for c in (json.loads(f.read_text()) for f in (out / "cells").glob("*.json"))
-                    if c.get("row") == a.row and c.get("fingerprint") == fingerprint and c.get("stage_dir")),
+    cells = sorted((c for c in run_cells(out / "cells", fingerprint) if c.get("row") == a.row and c.get("stage_dir")),
                    key=lambda c: c["seed"])
     if not cells:
         raise SystemExit(f"no cell of row {a.row!r} for the current code under {out / 'cells'}: run "

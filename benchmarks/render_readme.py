@@ -137,11 +137,9 @@ def paired_gains(result: dict, cells_dir: Path, metric: str = "R@0.3") -> list[s
     """Per row, the seed-paired difference of ``metric`` against each base row of ``PAIRED_BASES`` (same seed,
     same source_only run): mean +- std over the seeds both have and how many went up / down. Read from the
     cells of the run's code fingerprint; nothing when they are not there."""
-    fp = result["meta"].get("fingerprint")
     per: dict[str, dict[int, float]] = {}
-    for f in sorted(cells_dir.glob("*.json")) if cells_dir.is_dir() else []:
-        c = json.loads(f.read_text())
-        if c.get("fingerprint") == fp and "row" in c:
+    for c in medmask_teacher_sweep.run_cells(cells_dir, result["meta"].get("fingerprint")):
+        if "row" in c:
             per.setdefault(c["row"], {})[int(c["seed"])] = float(c["summary"][metric])
     bases = [b for b in PAIRED_BASES if b in per]
     rows = [e["row"] for e in result["table"]

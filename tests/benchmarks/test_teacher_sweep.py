@@ -22,3 +22,27 @@ def test_summarise_means_stds_and_no_pseudo_label():
     assert lines[-1] == "| 0.60 | 1.00 +- 0.00 (1 seeds) | 0.05 +- 0.07 | 0.25 +- 0.35 |"
     assert summarise([[{"threshold": 0.9, "pseudo_precision": float("nan"), "pseudo_recall": 0.0,
                         "pseudo_per_image": 0.0}]], [0.9])[0]["pseudo_precision"] is None
+
+
+def test_expert_probe_names_and_provenance(tmp_path):
+    """The probe table's expert names and training records, read from the embeddings' expert file and the
+    backbone's provenance; a registry name has none."""
+    import json
+
+    from benchmarks.medmask_expert_probe import expert_name, provenance
+
+    demo = tmp_path / "demo"
+    backbone = tmp_path / "lesion_backbone"
+    for folder, source in (("embeddings", str(backbone)), ("embeddings_vit_tiny_patch8", "vit_tiny_patch8")):
+        (demo / folder).mkdir(parents=True)
+        (demo / folder / "_expert.json").write_text(json.dumps({"source": source, "grid": 4}))
+    (demo / "_info.json").write_text(json.dumps({"args": {"expert": "lesion"}}))
+    backbone.mkdir()
+    (backbone / "config.json").write_text(json.dumps({"provenance": {"data": "external set", "val_dice": 0.4127,
+                                                                     "best_epoch": 34}}))
+    assert expert_name(demo, "embeddings") == "lesion (the demo's default)"
+    assert expert_name(demo, "embeddings_vit_tiny_patch8") == "vit_tiny_patch8"
+    assert provenance(demo, "embeddings") == "external set, validation Dice 0.41 (best epoch 34)"
+    assert provenance(demo, "embeddings_vit_tiny_patch8") == (
+        "`vit_tiny_patch8`: no training record (a registry name is a seeded random init)")
+    assert provenance(demo, "embeddings_missing") == "-"
