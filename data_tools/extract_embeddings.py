@@ -20,7 +20,8 @@ they are. Nothing is downloaded.
 
 At scale: images are read, resized and batched by ``--workers`` loader processes; files already written are
 skipped (each is written atomically; ``--overwrite`` recomputes them, and an image newer than its
-embedding is always redone); an unreadable image is recorded and skipped; under ``torchrun`` each
+embedding is always redone; a resumed run recomputes the killed run's batches, so the files it writes are the
+bytes the uninterrupted run would have written); an unreadable image is recorded and skipped; under ``torchrun`` each
 rank embeds every ``WORLD_SIZE``-th file on its own device. ``OUT/manifest.jsonl`` lists every image
 (``written`` / ``exists`` / ``skipped`` + reason) and ``OUT/_expert.json`` the expert, so that a resumed run
 cannot mix two experts in one folder.
@@ -245,33 +246,38 @@ def extract_embeddings(source: str, files: Sequence[str | Path], out_dir: str | 
     mine = files[rank::world_size]
     target = [out / f"{f.stem}_embedding.npy" for f in mine]
     rows: dict[int, dict[str, Any]] = {}
-    todo = []
     for i, (f, t) in enumerate(zip(mine, target)):
         if not overwrite and t.is_file() and t.stat().st_mtime_ns >= f.stat().st_mtime_ns:
             rows[i] = {"image": str(f), "embedding": str(t), "status": "exists", "reason": "", "rank": rank}
-        else:
-            todo.append(i)
-    if todo:
+    # A resumed run recomputes whole batches of the uninterrupted run (this rank's files in fixed chunks of
+    # ``batch_size``) and writes only the missing files: kernels whose last bits depend on the batch (oneDNN's
+    # AMX / AVX-512 paths) then give the same bytes as the run that was killed.
+    batches = [list(range(b, min(b + batch_size, len(mine)))) for b in range(0, len(mine), batch_size)]
+    batches = [b for b in batches if any(i not in rows for i in b)]
+    if batches:
         expert = load_expert(source, img_size=img_size, grid=grid, seed=seed, device=device)
-        loader = DataLoader(_Images([mine[i] for i in todo], expert.img_size), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=list)
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="img",
+        images = _Images(mine, expert.img_size)
+        loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers, collate_fn=list)
+        todo = sum(i not in rows for b in batches for i in b)
+        bar = tqdm(total=len(mine), initial=len(mine) - todo, disable=not progress, unit="img",
                    desc=f"embeddings (rank {rank}/{world_size})" if world_size > 1 else "embeddings")
         for items in loader:
-            good = [(todo[j], x) for j, x, _ in items if x is not None]
-            for j, x, why in items:
+            for i, x, why in items:
                 if x is None:
-                    rows[todo[j]] = {"image": str(mine[todo[j]]), "embedding": None, "status": "skipped",
-                                     "reason": why, "rank": rank}
-                    log.warning("skipping %s: %s", mine[todo[j]], why)
+                    rows[i] = {"image": str(mine[i]), "embedding": None, "status": "skipped", "reason": why,
+                               "rank": rank}
+                    log.warning("skipping %s: %s", mine[i], why)
+            good = [(i, x) for i, x, _ in items if x is not None]
             if good:
                 x = torch.stack([x for _, x in good]).to(expert.device)  # [B, 1, S, S]
                 emb = expert.embed(x).cpu().numpy().astype(np.float32)  # [B, Q, D]
                 for (i, _), e in zip(good, emb):
+                    if i in rows:  # written before the kill: recomputed only to keep the batch as it was
+                        continue
                     _atomic_write(target[i], e)
                     rows[i] = {"image": str(mine[i]), "embedding": str(target[i]), "status": "written",
                                "reason": "", "shape": list(e.shape), "rank": rank}
-            bar.update(len(items))
+            bar.update(sum(1 for i, _, _ in items if rows[i]["status"] != "exists"))
         bar.close()
     result = [rows[i] for i in range(len(mine))]
     _atomic_write(_part(out, rank), "".join(json.dumps(r) + "\n" for r in result).encode())
