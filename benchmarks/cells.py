@@ -82,18 +82,25 @@ class Backbone:
     label: str  # Backbone column, e.g. "ViT-Ti/4"
     epochs: float | None = None  # pretraining epochs (0 for random init), for the pretraining-length curve
     fractions: tuple[float, ...] | None = None  # the label budgets this row runs (None: all of the task's)
+    pool: str | None = None  # the shard folder it was pretrained on (pool.json inside), checked against test sets
 
     def runs(self, fraction: float) -> bool:
         """Whether this row has a cell at label budget `fraction`."""
         return self.fractions is None or any(math.isclose(fraction, f) for f in self.fractions)
 
     def identity(self) -> str:
-        """What makes the weights what they are (for the cache key): source + file size/mtime."""
+        """What makes the weights what they are (for the cache key): kind, source and the weights' content.
+
+        A pretrained source is named by the SHA-256 of its files' bytes (a folder: every file in it), so a
+        retrained backbone at the same path gets new cells and a copied one keeps its cells.
+        """
         ident = f"{self.kind}:{self.source}"
         p = Path(self.source)
         if self.kind == "vit" and p.exists():
+            from medssl.data.holdout import file_sha256
+
             files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-            ident += ":" + ",".join(f"{q.name}:{q.stat().st_size}:{int(q.stat().st_mtime)}" for q in files[:20])
+            ident = f"{self.kind}:" + ",".join(f"{q.name}:{file_sha256(q)}" for q in files)
         return ident
 
 
@@ -168,6 +175,15 @@ def _fit_config(hp: dict[str, Any], n_train: int, seed: int, device: str | None)
                      min_lr=float(hp.get("min_lr", 1e-6)))
 
 
+def layer_decay(bb: Backbone, hp: dict[str, Any]) -> float:
+    """Layer-wise lr decay of a fine-tuned ViT row: `layer_decay` for pretrained weights, `layer_decay_random`
+    (default 1.0, i.e. none) at random init, whose lower layers hold nothing worth protecting: with 0.75 its
+    patch embedding would train at ~0.02x the rate and the baseline would be handicapped."""
+    if bb.kind == "vit_random":
+        return float(hp.get("layer_decay_random", 1.0))
+    return float(hp.get("layer_decay", 0.75))
+
+
 def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_size: int
            ) -> tuple[nn.Module, list[dict] | None]:
     c, seg = task.num_classes, task.kind == "segmentation"
@@ -191,7 +207,7 @@ def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_
         model = (ViTSegmenter(vit, c, blocks=int(hp.get("blocks", 4)), decoder_dim=int(hp.get("decoder_dim", 64)),
                               drop_path_rate=dp) if seg else FineTuneClassifier(vit, c, drop_path_rate=dp))
         groups = layer_decay_groups(model, depth, float(hp.get("lr", 1e-3)), float(hp.get("weight_decay", 0.05)),
-                                    float(hp.get("layer_decay", 0.75)))
+                                    layer_decay(bb, hp))
         return model, groups
     raise ValueError(f"unknown protocol {protocol!r} for a ViT (use probe or finetune)")
 
@@ -218,33 +234,31 @@ def evaluate_outputs(task: TaskData, out: torch.Tensor, tgt: torch.Tensor) -> di
     return classification_report(tgt.numpy(), out.softmax(1).numpy(), task.num_classes)
 
 
+def lr_grid(hp: dict[str, Any]) -> list[float]:
+    """The learning rates a cell tries (`lr_grid`, else the single `lr`); the best on validation is kept."""
+    grid = hp.get("lr_grid") or [hp.get("lr", 1e-3)]
+    return [float(v) for v in grid]
+
+
 def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed: int, hp: dict[str, Any],
              img_size: int, norm: tuple[float, float] = (0.5, 0.25), device: str | None = None) -> dict[str, Any]:
-    """Train and evaluate one cell; returns test metrics and run facts."""
+    """Train and evaluate one cell; returns test metrics and run facts.
+
+    Every learning rate of `lr_grid(hp)` trains the same label subset from the same seeded start; the one
+    with the best validation score is kept (ties: the first) and only its weights are scored on test. The
+    "knn" protocol trains nothing: frozen features, `k` chosen on validation (`medssl.heads.knn`).
+    """
     seg = task.kind == "segmentation"
     xtr, ytr = task.splits["train"]
     keep = torch.from_numpy(label_subset(ytr, fraction, seed, stratify=not seg))
     mean, std = norm
+    if protocol == "knn":
+        return _knn_cell(task, bb, keep, seed, hp, img_size, norm)
 
     def ds(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
         return TensorDataset((x - mean) / std, y)
 
-    torch.manual_seed(seed)  # the head / random-init weights depend on the seed
-    model, groups = _build(task, bb, protocol, hp, img_size)
-    trained = model
-    if protocol == "probe":  # train the head on frozen features, computed once per backbone and task
-        fkey = cell_key(bb=bb.identity(), task=task.name, info=task.summary(), head=repr(model.head),
-                        blocks=model.indices, pool=getattr(model, "pool", None), norm=norm,
-                        seed=seed if bb.kind == "vit_random" else None)
-        feats = probe_features(model, fkey, {k: (v[0] - mean) / std for k, v in task.splits.items()})
-        train = TensorDataset(feats["train"][keep], ytr[keep])
-        val = TensorDataset(feats["val"], task.splits["val"][1])
-        test = TensorDataset(feats["test"], task.splits["test"][1])
-        trained = model.head
-    else:
-        train = ds(xtr[keep], ytr[keep])
-        val, test = ds(*task.splits["val"]), ds(*task.splits["test"])
-    cfg = _fit_config(hp, len(train), seed, device)
+    score = dice_score(task.num_classes) if seg else auc_score
     if seg:
         def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return dice_ce_loss(out, y)
@@ -254,13 +268,62 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
         def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(out.float(), y, weight=None if w is None else w.to(out.device))
     augment = random_hflip if hp.get("hflip", True) and protocol != "probe" else None
-    score = dice_score(task.num_classes) if seg else auc_score
-    res = fit(trained, train, val, loss_fn, score, cfg, param_groups=groups, augment=augment)
-    out, tgt = predict(trained, test, batch_size=64)
-    metrics = evaluate_outputs(task, out, tgt)
-    return {"metrics": metrics, "val_score": res.best_score, "best_epoch": res.best_epoch, "epochs": cfg.epochs,
-            "n_train": len(train), "seconds": round(res.seconds, 1),
-            "params_trained": sum(p.numel() for p in trained.parameters() if p.requires_grad)}
+    best: dict[str, Any] | None = None
+    val_by_lr: dict[str, float] = {}
+    seconds = 0.0
+    for lr in lr_grid(hp):
+        torch.manual_seed(seed)  # the head / random-init weights depend on the seed, not on the lr
+        model, groups = _build(task, bb, protocol, {**hp, "lr": lr}, img_size)
+        trained = model
+        if protocol == "probe":  # train the head on frozen features, computed once per backbone and task
+            fkey = cell_key(bb=bb.identity(), task=task.name, info=task.summary(), head=repr(model.head),
+                            blocks=model.indices, pool=getattr(model, "pool", None), norm=norm,
+                            seed=seed if bb.kind == "vit_random" else None)
+            feats = probe_features(model, fkey, {k: (v[0] - mean) / std for k, v in task.splits.items()})
+            train = TensorDataset(feats["train"][keep], ytr[keep])
+            val = TensorDataset(feats["val"], task.splits["val"][1])
+            test = TensorDataset(feats["test"], task.splits["test"][1])
+            trained = model.head
+        else:
+            train = ds(xtr[keep], ytr[keep])
+            val, test = ds(*task.splits["val"]), ds(*task.splits["test"])
+        cfg = _fit_config({**hp, "lr": lr}, len(train), seed, device)
+        res = fit(trained, train, val, loss_fn, score, cfg, param_groups=groups, augment=augment)
+        seconds += res.seconds
+        val_by_lr[f"{lr:g}"] = res.best_score
+        if best is None or res.best_score > best["res"].best_score:
+            best = {"lr": lr, "res": res, "trained": trained, "test": test, "cfg": cfg, "n_train": len(train)}
+    assert best is not None
+    out, tgt = predict(best["trained"], best["test"], batch_size=64)
+    res = best["res"]
+    return {"metrics": evaluate_outputs(task, out, tgt), "val_score": res.best_score, "best_epoch": res.best_epoch,
+            "epochs": best["cfg"].epochs, "lr": best["lr"], "val_by_lr": val_by_lr, "n_train": best["n_train"],
+            "seconds": round(seconds, 1),
+            "params_trained": sum(p.numel() for p in best["trained"].parameters() if p.requires_grad)}
+
+
+def _knn_cell(task: TaskData, bb: Backbone, keep: torch.Tensor, seed: int, hp: dict[str, Any], img_size: int,
+              norm: tuple[float, float]) -> dict[str, Any]:
+    """kNN on frozen features (the probe's `features()`: cls + mean of the last `blocks` blocks), k on val."""
+    from medssl.heads.knn import knn_probs, select_k
+
+    if task.kind != "classification":
+        raise ValueError(f"the knn protocol classifies; task {task.name} is {task.kind}")
+    mean, std = norm
+    torch.manual_seed(seed)
+    model, _ = _build(task, bb, "probe", hp, img_size)
+    fkey = cell_key(bb=bb.identity(), task=task.name, info=task.summary(), knn=True, blocks=model.indices,
+                    pool=getattr(model, "pool", None), norm=norm, seed=seed if bb.kind == "vit_random" else None)
+    feats = probe_features(model, fkey, {k: (v[0] - mean) / std for k, v in task.splits.items()})
+    ytr = task.splits["train"][1][keep]
+    xtr = feats["train"][keep]
+    t = float(hp.get("temperature", 0.07))
+    k, by_k = select_k(xtr, ytr, feats["val"], task.splits["val"][1], task.num_classes, auc_score,
+                       hp.get("k_grid", (1, 3, 5, 10, 20)), t)
+    probs = knn_probs(xtr, ytr, feats["test"], k, task.num_classes, t)
+    return {"metrics": evaluate_outputs(task, probs.log(), task.splits["test"][1]), "val_score": by_k[k], "k": k,
+            "val_by_k": {str(j): v for j, v in by_k.items()}, "n_train": len(xtr), "best_epoch": None,
+            "epochs": 0, "seconds": 0.0, "params_trained": 0}
 
 
 def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, seed: int, hp: dict[str, Any],

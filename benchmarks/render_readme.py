@@ -35,6 +35,7 @@ from benchmarks import (  # noqa: E402
     medmask_teacher_sweep,
     profile_detector,
     report,
+    stats,
 )
 from benchmarks.speed import report_mae  # noqa: E402
 
@@ -165,10 +166,13 @@ def paired_gains(result: dict, cells_dir: Path, metric: str = "R@0.3") -> list[s
 
 
 def render_transfer(result: dict, source: str) -> str:
-    """Markdown for a ``benchmarks/run_all.py`` results.json: per task its summary table (label budgets x
-    initialisations), the gain of each pretrained row over random init and the CNN, and the curves PNG."""
+    """Markdown for a ``benchmarks/run_all.py`` results.json: the answer (`stats.verdict_sentence`), then per task
+    its summary table (label budgets x initialisations), the seed-paired comparisons with their intervals
+    (`stats.claim`: a claim only where the interval excludes zero) and the curves PNG."""
     folder = Path(source).parent
     lines = [f"`{source}`: {result.get('header', '')}", ""]
+    if result.get("verdict", {}).get("tasks_total"):
+        lines += [f"**Answer:** {stats.verdict_sentence(result['verdict'])}", ""]
     for task, info in result["tasks"].items():
         rows = [a for a in result["aggregated"] if a["task"] == task]
         if not rows:
@@ -176,7 +180,9 @@ def render_transfer(result: dict, source: str) -> str:
         lines += [f"#### {task} ({info.get('kind', '')}; {info.get('data', '')})", "",
                   f"Splits: {info.get('samples')}; computed at commit {report.commits_summary(rows)}.", ""]
         lines += report.summary_table(rows)
-        lines += ["Gain of each pretrained row (main metric):", ""] + report.gains(rows) + [""]
+        comps = [c for c in result.get("comparisons", []) if c["task"] == task]
+        lines += ["Seed-paired differences on the test split (a claim only where the 95% interval excludes 0):",
+                  ""] + report.paired_lines(comps) + [""]
         png = folder / f"{task}_curves.png"
         if png.is_file() or (ROOT / png).is_file():
             lines += [f"![{task}: label-budget and pretraining-length curves]({png.as_posix()})", ""]

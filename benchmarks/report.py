@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.stats import PRIMARY, claim, comparisons, verdict, verdict_sentence
+
 METRICS = {"classification": [("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("auc", "AUC")],
            "segmentation": [("dice", "Dice"), ("iou", "IoU")],
            "detection": [("r@0.3", "R@0.3"), ("ap50", "AP50")]}
-PRIMARY = {"classification": "auc", "segmentation": "dice", "detection": "r@0.3"}
 
 
 def fraction_label(f: float, n_train: int | None = None) -> str:
@@ -61,6 +62,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                "seconds": float(np.mean([r["seconds"] for r in rs]))}
         agg["commit_counts"] = dict(sorted(Counter(commit_label(r.get("commit")) for r in rs).items()))
         agg["commits"] = " ".join(agg["commit_counts"])
+        val = np.array([r.get("val_score", math.nan) for r in rs], dtype=float)
+        agg["val"], agg["val_std"] = float(np.mean(val)), float(np.std(val, ddof=1)) if len(val) > 1 else 0.0
         for key, _ in METRICS[kind]:
             vals = np.array([r["metrics"].get(key, math.nan) for r in rs], dtype=float)
             agg[key] = float(np.mean(vals))
@@ -69,23 +72,22 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _beats(agg: list[dict[str, Any]]) -> None:
-    """Set 'verdict' on every aggregated row (in place)."""
-    by_cell: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+def _beats(agg: list[dict[str, Any]], comps: list[dict[str, Any]]) -> None:
+    """Set 'verdict' on every aggregated row (in place): does a pretrained row beat BOTH baselines (the random-init
+    ViT with its protocol and the CNN) with seed-paired 95% intervals above zero (`benchmarks.stats`)?"""
     for a in agg:
-        by_cell[(a["task"], a["fraction"])].append(a)
-    for rows in by_cell.values():
-        key = PRIMARY[rows[0]["kind"]]
-        cnn = [r[key] for r in rows if r["role"] == "cnn"]
-        rnd = [r[key] for r in rows if r["role"] == "random"]
-        for r in rows:
-            if r["role"] != "pretrained":
-                r["verdict"] = "baseline"
-            elif not cnn or not rnd:
-                r["verdict"] = "n/a (baseline missing)"
-            else:
-                margin = r[key] - max(max(cnn), max(rnd))
-                r["verdict"] = f"**yes** (+{margin:.3f})" if margin > 0 else f"no ({margin:+.3f})"
+        if a["role"] != "pretrained":
+            a["verdict"] = "baseline"
+            continue
+        mine = [c for c in comps if (c["task"], c["fraction"], c["a"]["row"], c["a"]["protocol"]) ==
+                (a["task"], a["fraction"], a["row"], a["protocol"])]
+        roles = {c["b"]["role"] for c in mine}
+        if not roles >= {"cnn", "random"}:
+            a["verdict"] = "n/a (baseline missing)"
+            continue
+        worst = min(mine, key=lambda c: c["ci"][0])
+        text = f"{worst['mean']:+.3f} [{worst['ci'][0]:+.3f}, {worst['ci'][1]:+.3f}] vs {worst['b']['name']}"
+        a["verdict"] = f"**yes**: {text}" if all(c["decided"] and c["ci"][0] > 0 for c in mine) else f"no: {text}"
 
 
 def budgets(rows: list[dict[str, Any]]) -> list[float]:
@@ -137,9 +139,9 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]) -> str:
-    """Markdown tables, one per task and label fraction."""
-    _beats(agg)
+def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], comps: list[dict[str, Any]]) -> str:
+    """Markdown tables, one per task and label fraction, then the seed-paired comparisons of each task."""
+    _beats(agg, comps)
     lines: list[str] = []
     order = {"cnn": 0, "random": 1, "pretrained": 2}
     for task in dict.fromkeys(a["task"] for a in agg):
@@ -161,23 +163,35 @@ def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]]) -> str
             lines.append(f"Labels: {fraction_label(frac, rows[0]['n_train'])}, seeds: {rows[0]['seeds']}; "
                          f"computed at commit {commits_summary(rows)}")
             lines.append("")
-            head = ["Pre-training", "Data", "Backbone", "Protocol"] + [n for _, n in cols] + ["Beats both baselines"]
+            head = (["Pre-training", "Data", "Backbone", "Protocol", "Validation"] + [n for _, n in cols]
+                    + ["Beats both baselines (paired 95% CI, weakest)"])
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for r in rows:
-                cells = [r["pretraining"], r["data"], r["backbone"], r["protocol"]]
+                cells = [r["pretraining"], r["data"], r["backbone"], r["protocol"],
+                         f"{r['val']:.3f} ± {r['val_std']:.3f}" if not math.isnan(r["val"]) else "n/a"]
                 for k, _ in cols:
                     txt = f"{r[k]:.3f} ± {r[k + '_std']:.3f}" if not math.isnan(r[k]) else "n/a"
                     cells.append(f"**{txt}**" if r[k] == best[k] and not math.isnan(r[k]) else txt)
                 cells.append(r["verdict"])
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+        mine = [c for c in comps if c["task"] == task]
+        if mine:
+            lines += ["Seed-paired differences (main metric, test split):", ""] + paired_lines(mine) + [""]
     return "\n".join(lines)
+
+
+def paired_lines(comps: list[dict[str, Any]]) -> list[str]:
+    """One bullet per comparison (`benchmarks.stats.claim`), low label budgets first."""
+    order = sorted(comps, key=lambda c: (c["fraction"] == 1, c["n_train"], c["a"]["row"], c["a"]["protocol"],
+                                         c["b"]["role"]))
+    return [f"- {claim(c)}" for c in order]
 
 
 def write_csv(agg: list[dict[str, Any]], path: Path) -> None:
     """All aggregated rows as CSV (metric columns of every task kind)."""
     keys = ["task", "kind", "fraction", "n_train", "pretraining", "data", "backbone", "protocol", "role",
-            "seeds", "seconds", "verdict", "commits"]
+            "seeds", "seconds", "verdict", "commits", "val", "val_std"]
     metric_keys = [k for kind in METRICS.values() for k, _ in kind]
     keys += [m for k in metric_keys for m in (k, k + "_std")]
     with open(path, "w", newline="") as fh:
@@ -220,27 +234,6 @@ def bar_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def gains(rows: list[dict[str, Any]]) -> list[str]:
-    """Per label budget: each pretrained row's main-metric gain over its architecture at random init (same
-    protocol) and over the from-scratch CNN; the lines say where pretraining paid off."""
-    key = PRIMARY[rows[0]["kind"]]
-    n_of = {a["fraction"]: a["n_train"] for a in rows}
-    out = []
-    for frac in budgets(rows):
-        at = [a for a in rows if a["fraction"] == frac]
-        cnn = [a[key] for a in at if a["role"] == "cnn"]
-        parts = []
-        for a in sorted((a for a in at if a["role"] == "pretrained"), key=lambda a: a.get("pretrain_epochs") or 0):
-            rnd = [r[key] for r in at if r["role"] == "random" and r["protocol"] == a["protocol"]
-                   and r["backbone"] == a["backbone"]]  # the same architecture at random init
-            vs = [f"{a[key] - max(rnd):+.3f} vs random init"] if rnd else []
-            vs += [f"{a[key] - max(cnn):+.3f} vs CNN"] if cnn else []
-            parts.append(f"{a['pretraining']} ({a['protocol']}) {', '.join(vs)}")
-        if parts:
-            out.append(f"- {fraction_label(frac, n_of[frac])}: " + "; ".join(parts))
-    return out
 
 
 def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
@@ -303,13 +296,18 @@ def write_all(rows: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], fold
               header: str = "") -> dict[str, Path]:
     """Write results.md / results.csv / results.json and the charts; return their paths."""
     agg = aggregate(rows)
-    md = markdown(agg, tasks)
+    comps = comparisons(rows)
+    answer = verdict(comps)
+    md = markdown(agg, tasks, comps)
+    if verdict_sentence(answer):
+        header = (header + "\n\n" if header else "") + verdict_sentence(answer)
     header = (header + "\n\n" if header else "") + f"Cells computed at commit {commits_summary(agg)}."
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.md").write_text(header + "\n\n" + md + "\n")
     write_csv(agg, folder / "results.csv")
     (folder / "results.json").write_text(json.dumps({"header": header, "tasks": tasks, "aggregated": agg,
-                                                     "cells": rows}, indent=1, default=float))
+                                                     "comparisons": comps, "verdict": answer, "cells": rows},
+                                                    indent=1, default=float))
     charts = bar_charts(agg, folder) + curve_charts(agg, folder)
     return {"md": folder / "results.md", "csv": folder / "results.csv", "json": folder / "results.json",
             **{p.stem: p for p in charts}}

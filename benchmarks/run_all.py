@@ -79,11 +79,45 @@ def resolve_backbones(cfg: dict[str, Any], img_size: int) -> list[Backbone]:
         if not is_random:
             rows.append(Backbone("vit", src, entry.get("pretraining", "MAE"), entry.get("data", Path(src).name),
                                  entry.get("label", vit_label(arch)), epochs=entry.get("epochs"),
-                                 fractions=tuple(float(f) for f in fractions) if fractions else None))
+                                 fractions=tuple(float(f) for f in fractions) if fractions else None,
+                                 pool=entry.get("pool") or pretraining_pool(src)))
         key = json.dumps(arch, sort_keys=True)
         if is_random or cfg.get("random_init", True):
             twins.setdefault(key, Backbone("vit_random", key, "none (random init)", "-", vit_label(arch), epochs=0))
     return rows + list(twins.values())
+
+
+def pretraining_pool(source: str) -> str | None:
+    """The shard folder a backbone was pretrained on: `provenance.data` of its `config.json` (the backbone
+    folder, a run folder's `backbone/`, or the `backbone/` of the run a checkpoint file lies in)."""
+    p = Path(source)
+    for folder in ([p, p / "backbone"] if p.is_dir() else []) + [q / "backbone" for q in p.parents[:3]]:
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            return (json.loads(cfg.read_text()).get("provenance") or {}).get("data")
+    return None
+
+
+def check_pools(task: Any, backbones: list[Backbone]) -> None:
+    """Refuse (`PoolOverlapError`) a pretrained row whose pool holds one of the task's test images.
+
+    Raises:
+        ValueError: a pretrained row names no pool (set `pool:` in its entry), or the task declares no test files.
+    """
+    from medssl.data.holdout import check_disjoint, keys_of, read_pool_keys
+
+    rows = [b for b in backbones if b.kind == "vit"]
+    if not rows:
+        return
+    if not task.test_files:
+        raise ValueError(f"task {task.name} declares no test files: its test images cannot be checked against "
+                         "the pretraining pools")
+    test = keys_of(task.test_files)
+    for bb in rows:
+        if not bb.pool:
+            raise ValueError(f"backbone {bb.source}: no pretraining pool recorded in its config.json; name it with "
+                             "`pool: SHARD_FOLDER` in the config entry")
+        check_disjoint(read_pool_keys(bb.pool), test, f"task {task.name}, backbone {bb.source} (pool {bb.pool})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", help="task names to keep (default: all in the config)")
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--fractions", nargs="+", type=float, help="label fractions (<= 1) or counts (> 1)")
-    p.add_argument("--protocols", nargs="+", choices=["probe", "finetune"])
+    p.add_argument("--protocols", nargs="+", choices=["probe", "finetune", "knn"])
     p.add_argument("--device", help="cpu / cuda (default: config, else cuda if available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--report-only", action="store_true",
@@ -148,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             if flag:  # the command line wins over a task's own list
                 per_task.pop(key, None)
         task = build_task(spec, img)
+        check_pools(task, backbones)  # before any cell: no pretrained row may have seen a test image
         tasks_info[task.name] = task.summary()
         code = cell_code(task.kind, spec)  # the files that compute this task's cells, hashed once per run
         code_info[task.name] = code
@@ -157,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         cnn = Backbone("cnn", cnn_name, "none (from scratch)", "-",
                        "U-Net" if cnn_name == "unet" else cnn_name.replace("resnet", "ResNet-"))
         protocols = per_task.get("protocols", cfg["protocols"])
-        plan = [(bb, p) for bb in backbones for p in protocols]  # a row may run a subset of the budgets
+        plan = [(bb, p) for bb in backbones for p in protocols  # a row may run a subset of the budgets
+                if p != "knn" or task.kind == "classification"]  # kNN classifies
         if cfg.get("baselines", True):
             plan.insert(0, (cnn, "scratch"))
         for frac in per_task.get("label_fractions", cfg["label_fractions"]):

@@ -31,6 +31,8 @@ class TaskData:
         splits: {"train" | "val" | "test": (images, targets)}; class indices [N] or masks [N, S, S].
         groups: {split: group id per sample} (patient / volume / slab), for reporting.
         info: free-form facts for the report (sources, counts).
+        test_files: every file the test split's images come from (all files of a test subject where one
+            subject gives several), checked against pretraining pools by content (`medssl.data.holdout`).
     """
 
     name: str
@@ -41,6 +43,7 @@ class TaskData:
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
     groups: dict[str, list[str]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    test_files: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Counts per split and the task facts, for the resolved config and the report."""

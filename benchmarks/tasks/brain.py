@@ -43,6 +43,11 @@ def mni_files() -> dict[str, Path]:
     return files
 
 
+def subject_files() -> list[str]:
+    """The test subject's files: the T1 slices are tested on, and its GM / WM maps (the same template brain)."""
+    return [str(p) for p in mni_files().values()]
+
+
 def _mni_slices(min_brain: float) -> tuple[list[Slice], np.ndarray, np.ndarray]:
     """Axial slices of the MNI152 T1 in [0, 1] (S->I order) holding enough brain, and the GM / WM maps.
 
@@ -110,7 +115,7 @@ def brain_tissue(img_size: int = 64, slab: int = 8, gap: int = 2, step: int = 1,
         groups.append(f"slab{block}")
     out, grp = _split(images, masks, splits, groups)
     return TaskData("brain_tissue", "segmentation", "MNI152 T1 (nilearn)", 3, CLASSES, out, grp,
-                    {"slab": slab, "gap": gap, "step": step, "plane": "axial"})
+                    {"slab": slab, "gap": gap, "step": step, "plane": "axial"}, test_files=subject_files())
 
 
 def view(image: np.ndarray, scale: float = 1.0, angle: float = 0.0, shift: tuple[float, float] = (0.0, 0.0),
@@ -186,4 +191,4 @@ def brain_level(img_size: int = 64, levels: int = 4, slab: int = 4, gap: int = 4
     return TaskData("brain_level", "classification", "MNI152 T1 (nilearn), seeded views", levels, names, out, grp,
                     {"slab": slab, "gap": gap, "step": step, "plane": "axial", "slices": len(kept),
                      "view": {"fill": fill, "scale": list(scale), "shift": shift, "rotate": rotate,
-                              "gamma": list(gamma), "views": views, "seed": seed}})
+                              "gamma": list(gamma), "views": views, "seed": seed}}, test_files=subject_files())

@@ -23,6 +23,8 @@ from medssl.data.datasets import (
     ClassificationDataset,
     SegmentationDataset,
     classification_records,
+    read_csv,
+    resolve_path,
     split_by_group,
 )
 
@@ -44,6 +46,8 @@ def custom_task(spec: dict[str, Any], img_size: int) -> TaskData:
         split = np.array(split_by_group([r.group for r in recs], fractions, seed))
         ds = ClassificationDataset(recs, img_size, in_chans=1)
         x, y, groups = ds.images, ds.labels, [r.group for r in recs]
+        test_groups = {g for g, k in zip(groups, split) if k == "test"}
+        test_files = sorted({str(r.path) for r in recs if r.group in test_groups})
     else:
         _check(spec, ("csv", "num_classes"))
         seg = SegmentationDataset.from_csv(Path(spec["csv"]), img_size, int(spec["num_classes"]), in_chans=1,
@@ -51,7 +55,12 @@ def custom_task(spec: dict[str, Any], img_size: int) -> TaskData:
         classes = list(spec.get("class_names") or [str(i) for i in range(int(spec["num_classes"]))])
         split = np.array(split_by_group(seg.groups, fractions, seed))
         x, y, groups = seg.images, seg.masks, seg.groups
+        test_groups = {g for g, k in zip(groups, split) if k == "test"}
+        csv_path = Path(spec["csv"])
+        test_files = sorted({str(resolve_path(csv_path.parent, r["image"]))
+                             for r in read_csv(csv_path, ("image", "mask"))
+                             if (r.get("patient") or r["image"]) in test_groups})
     out = {k: (x[torch.from_numpy(split == k)], y[torch.from_numpy(split == k)]) for k in ("train", "val", "test")}
     grp = {k: [g for g, s in zip(groups, split) if s == k] for k in out}
     return TaskData(str(spec["name"]), spec["kind"], str(spec.get("data", spec.get("source", spec.get("csv")))),
-                    len(classes), classes, out, grp)
+                    len(classes), classes, out, grp, test_files=test_files)

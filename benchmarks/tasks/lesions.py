@@ -58,6 +58,15 @@ class DetectionTask:
         train = self.datasets()["train"]
         return torch.tensor([int(len(train.gt_boxes_xyxy(i)) > 0) for i in range(len(train))])
 
+    @property
+    def test_files(self) -> list[str]:
+        """The images of the split the cells are scored on, checked against pretraining pools by content."""
+        from medssl.data.coco import build_dataset
+
+        d = self.config["data"]
+        test = build_dataset(d["dataset"], self.config["eval"]["test_split"], d["data_root"])
+        return [str(test.img_dir / im["file_name"]) for im in test.images]
+
     def summary(self) -> dict[str, Any]:
         """Counts per split and the task facts, for the resolved config and the report."""
         from medssl.data.coco import build_dataset

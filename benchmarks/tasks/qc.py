@@ -78,6 +78,7 @@ def image_qc(img_size: int = 64, planes: int = 12, fractions: tuple[float, float
     if not artifacts or artifacts[0] != "clean" or len(artifacts) < 2:
         raise ValueError(f"artifacts must start with 'clean' and have >= 2 entries, got {artifacts}")
     images, labels, groups, seen, modalities = [], [], [], set(), {}
+    files_of: dict[str, list[str]] = {}  # source group -> its files
     for path in source_files():
         got = _planes(path, img_size, planes)
         if got is None:
@@ -86,6 +87,7 @@ def image_qc(img_size: int = 64, planes: int = 12, fractions: tuple[float, float
         if ident in seen:  # the same SOP instance in another transfer syntax
             continue
         seen.add(ident)
+        files_of.setdefault(group, []).append(str(path))
         modalities[modality] = modalities.get(modality, 0) + len(out)
         for j, base in enumerate(out):
             for c, name in enumerate(artifacts):
@@ -103,4 +105,5 @@ def image_qc(img_size: int = 64, planes: int = 12, fractions: tuple[float, float
     grp = {k: [g for g, s in zip(groups, split) if s == k] for k in out_splits}
     return TaskData("image_qc", "classification", "pydicom/nibabel/nilearn slices + seeded artifacts",
                     len(artifacts), list(artifacts), out_splits, grp,
-                    {"planes_per_modality": modalities, "source_groups": len(set(groups)), "version": VERSION})
+                    {"planes_per_modality": modalities, "source_groups": len(set(groups)), "version": VERSION},
+                    test_files=sorted({f for g in set(grp["test"]) for f in files_of[g]}))

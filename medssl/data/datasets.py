@@ -106,7 +106,8 @@ def read_csv(path: str | Path, columns: tuple[str, str]) -> list[dict[str, str]]
     return rows
 
 
-def _resolve(base: Path, p: str) -> Path:
+def resolve_path(base: Path, p: str) -> Path:
+    """A path listed in a CSV, relative to the CSV's folder unless absolute; it must exist."""
     q = Path(p)
     q = q if q.is_absolute() else base / q
     if not q.exists():
@@ -130,7 +131,7 @@ def classification_records(source: str | Path) -> tuple[list[Record], list[str]]
     else:
         classes = sorted(set(labels))
         index = {c: i for i, c in enumerate(classes)}
-    recs = [Record(_resolve(source.parent, r["path"]), index[r["label"]], r.get("patient") or r["path"])
+    recs = [Record(resolve_path(source.parent, r["path"]), index[r["label"]], r.get("patient") or r["path"])
             for r in rows]
     return recs, classes
 
@@ -275,7 +276,7 @@ class SegmentationDataset(Dataset):
         csv_path = Path(csv_path)
         imgs, masks, groups = [], [], []
         for r in read_csv(csv_path, ("image", "mask")):
-            ip, mp = _resolve(csv_path.parent, r["image"]), _resolve(csv_path.parent, r["mask"])
+            ip, mp = resolve_path(csv_path.parent, r["image"]), resolve_path(csv_path.parent, r["mask"])
             for im, m in slice_pair(ip, mp, img_size, num_classes, axis, min_foreground):
                 imgs.append(im)
                 masks.append(m)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from benchmarks.cells import label_subset
-from benchmarks.report import aggregate, curve_charts, gains, markdown, summary_table, write_all
+from benchmarks.report import aggregate, curve_charts, markdown, summary_table, write_all
+from benchmarks.stats import comparisons
 from benchmarks.tasks.artifacts import ARTIFACTS, apply_artifact, ghosting
 
 
@@ -25,12 +26,13 @@ def test_aggregate_mean_std_and_verdict():
     assert agg["cnn"]["dice"] == pytest.approx(0.6)
     assert agg["cnn"]["dice_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert agg["mae"]["dice"] == pytest.approx(0.7)
-    md = markdown(list(agg.values()), {})
-    assert "**yes** (+0.100)" in md  # 0.7 beats max(0.6 cnn, 0.6 random)
+    md = markdown(list(agg.values()), {}, comparisons(rows))
+    # paired per seed: vs CNN +0.3, -0.1 (bootstrap interval spans 0); vs random +0.2, 0.0: not decided
+    assert "| no: +0.100 [-0.100, +0.300] vs B from scratch |" in md
     assert "**0.700 ± 0.141**" in md  # best Dice is bold
-    rows[4]["metrics"]["dice"] = 0.5
-    md = markdown(aggregate(rows), {})
-    assert "no (-0.050)" in md
+    rows[5]["metrics"]["dice"] = 0.9  # now +0.2/+0.3 over random init and +0.3/+0.2 over the CNN on both seeds
+    md = markdown(aggregate(rows), {}, comparisons(rows))
+    assert "| **yes**: +0.250 [+0.200, +0.300] vs B random init |" in md
 
 
 def test_label_subset_count_fraction_stratified():
@@ -88,11 +90,7 @@ def test_summary_table_budgets_by_pretraining_length(tmp_path):
                         "MAE 200 ep, finetune |")
     assert lines[4] == "| 4 labelled | 0.600 ± 0.141 | 0.400 ± 0.000 | 0.450 ± 0.000 | **0.700 ± 0.141** |"
     assert lines[5] == "| all (10) | **0.900 ± 0.000** | 0.800 ± 0.000 | - | 0.850 ± 0.000 |"
-    assert "| 4 labelled |" in markdown(agg, {})
-    assert gains(agg) == [
-        "- 4 labelled: MAE 5 ep (finetune) +0.050 vs random init, -0.150 vs CNN; "
-        "MAE 200 ep (finetune) +0.300 vs random init, +0.100 vs CNN",
-        "- all (10): MAE 200 ep (finetune) +0.050 vs random init, -0.050 vs CNN"]
+    assert "| 4 labelled |" in markdown(agg, {}, comparisons(rows))
     paths = curve_charts(agg, tmp_path)
     assert [p.name for p in paths] == ["t_curves.png"] and paths[0].stat().st_size > 10_000
     # the README section is rendered from the results file with the same lines
@@ -100,7 +98,10 @@ def test_summary_table_budgets_by_pretraining_length(tmp_path):
 
     write_all(rows, {"t": {"kind": "segmentation", "data": "toy", "samples": {"train": 10}}}, tmp_path, "Config x.")
     text = render_transfer(json.loads((tmp_path / "results.json").read_text()), str(tmp_path / "results.json"))
-    assert lines[4] in text and gains(agg)[0] in text and "Config x." in text
+    claim = ("- t, 4 labels: MAE 200 ep (finetune) vs B random init (finetune): **better** (dice +0.300, 95% CI "
+             "[+0.200, +0.400] over 2 seeds (2 up / 0 down, sign test p = 0.5)).")
+    assert lines[4] in text and claim in text and "Config x." in text
+    assert "**Answer:** MAE pretraining does **not** pay off in this run: only 0 of 1 tasks" in text
     assert f"]({(tmp_path / 't_curves.png').as_posix()})" in text
 
 

@@ -9,6 +9,7 @@ import yaml
 
 from benchmarks import run_all
 from benchmarks.cells import git_commit
+from medssl.data.holdout import write_pool_record
 from medssl.hub import save_backbone
 from medssl.models.vit import build_vit
 
@@ -22,12 +23,14 @@ MICRO_HP = {"epochs": 1, "min_steps": 2, "batch_size": 8, "lr": 1e-3, "evals": 1
 def micro(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
-    save_backbone(build_vit(32, 2, 2, 8, 32, 1), tmp / "bb", data="unit-test")
+    write_pool_record(tmp / "pool", [])  # pretrained on nothing: disjoint from every test set
+    save_backbone(build_vit(32, 2, 2, 8, 32, 1), tmp / "bb", data=str(tmp / "pool"))
     cfg = {"name": "micro", "img_size": 32, "threads": 1, "device": "cpu",
            "backbones": [{"source": str(tmp / "bb"), "pretraining": "MAE", "data": "toy"}],
            "tasks": [{"name": "brain_tissue", "slab": 4, "gap": 2, "step": 4}, {"name": "image_qc", "planes": 1}],
-           "protocols": ["probe", "finetune"], "label_fractions": [5, 1.0], "seeds": [0],
-           "probe": MICRO_HP, "finetune": MICRO_HP, "scratch": MICRO_HP}
+           "protocols": ["probe", "finetune", "knn"], "label_fractions": [5, 1.0], "seeds": [0],
+           "probe": MICRO_HP, "finetune": {**MICRO_HP, "lr_grid": [1e-3, 1e-4]}, "scratch": MICRO_HP,
+           "knn": {"blocks": 2, "k_grid": [1, 3]}}
     (tmp / "micro.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp / "results"
     assert run_all.main(["--config", str(tmp / "micro.yaml"), "--out", str(out)]) == 0
@@ -40,12 +43,13 @@ def test_outputs_and_table(micro):
                  "brain_tissue.png", "image_qc.png"):
         assert (out / name).is_file(), name
     md = (out / "results.md").read_text()
-    assert "| Pre-training | Data | Backbone | Protocol | Dice | IoU | Beats both baselines |" in md
-    assert "| Pre-training | Data | Backbone | Protocol | Accuracy | Sensitivity | AUC |" in md
+    head = "| Pre-training | Data | Backbone | Protocol | Validation |"
+    assert head + " Dice | IoU | Beats both baselines (paired 95% CI, weakest) |" in md
+    assert head + " Accuracy | Sensitivity | AUC |" in md
     assert "U-Net" in md and "ResNet-18" in md and "none (random init)" in md and "MAE | toy | ViT-" in md
     rows = list(csv.DictReader(open(out / "results.csv")))
-    # per task and fraction: CNN + (pretrained, random twin) x (probe, finetune) = 5 rows
-    assert len(rows) == 2 * 2 * 5
+    # per task and fraction: CNN + (pretrained, random twin) x (probe, finetune[, knn: classification only])
+    assert len(rows) == 2 * 5 + 2 * 7
     for r in rows:
         assert r["verdict"] in ("baseline",) or r["verdict"].startswith(("**yes**", "no"))
         key = "dice" if r["kind"] == "segmentation" else "auc"
@@ -53,7 +57,13 @@ def test_outputs_and_table(micro):
     tasks = json.loads((out / "tasks.json").read_text())
     assert tasks["brain_tissue"]["classes"] == ["background", "grey matter", "white matter"]
     cells = list((out / "cells").glob("*.json"))
-    assert len(cells) == 20
+    assert len(cells) == 24
+    loaded = [json.loads(p.read_text()) for p in cells]
+    tuned = [c for c in loaded if "val_by_lr" in c and len(c["val_by_lr"]) == 2]  # finetune: 2 rates tried
+    assert len(tuned) == 8 and all(c["val_score"] == max(c["val_by_lr"].values()) for c in tuned)
+    assert all(c["lr"] in (1e-3, 1e-4) and c["val_by_lr"][f"{c['lr']:g}"] == c["val_score"] for c in tuned)
+    knn = [c for c in loaded if "k" in c]
+    assert len(knn) == 4 and all(c["val_score"] == max(c["val_by_k"].values()) for c in knn)
     code = json.loads((out / "code.json").read_text())
     for c in map(json.loads, (p.read_text() for p in cells)):  # each cell names the code that computed it
         assert c["fingerprint"] in {code["brain_tissue"]["fingerprint"], code["image_qc"]["fingerprint"]}
@@ -90,7 +100,7 @@ def test_report_only_lists_missing_cells(micro):
                          "--seeds", "0", "7", "--report-only"]) == 0
     md = (out / "results.md").read_text()
     assert "PARTIAL TABLE: 10 cells not run yet" in md and "seed 7" in md
-    assert len(list((out / "cells").glob("*.json"))) == 20  # nothing was trained
+    assert len(list((out / "cells").glob("*.json"))) == 24  # nothing was trained
 
 
 def test_changed_code_recomputes_its_cells(micro, monkeypatch):
@@ -107,14 +117,14 @@ def test_changed_code_recomputes_its_cells(micro, monkeypatch):
     md = (out / "results.md").read_text()
     assert "PARTIAL TABLE: 10 cells not run yet" in md and md.count("brain_tissue 5 seed 0") == 5
     assert "image_qc" not in md.split("PARTIAL TABLE")[1].split("\n")[0]
-    assert len(list((out / "cells").glob("*.json"))) == 20  # nothing was trained
+    assert len(list((out / "cells").glob("*.json"))) == 24  # nothing was trained
 
 
 def test_rows_with_own_budgets_and_pretraining_epochs(micro):
     """A backbone entry's `fractions` limits its cells; `epochs` places it on the pretraining-length curve."""
     tmp, _ = micro
     torch.manual_seed(1)
-    save_backbone(build_vit(32, 2, 2, 8, 32, 1), tmp / "bb_short", data="unit-test")
+    save_backbone(build_vit(32, 2, 2, 8, 32, 1), tmp / "bb_short", data=str(tmp / "pool"))
     cfg = yaml.safe_load((tmp / "micro.yaml").read_text())
     cfg.update(name="curves", protocols=["finetune"], label_fractions=[4, 1.0],
                tasks=[{"name": "brain_level", "slab": 4, "gap": 2, "views": 1}],

@@ -10,6 +10,7 @@ import yaml
 from benchmarks import run_all
 from benchmarks.cells import label_subset
 from benchmarks.tasks.lesions import lesion_detection
+from medssl.data.holdout import write_pool_record
 from medssl.hub import save_backbone
 from medssl.models.vit import build_vit
 
@@ -52,7 +53,8 @@ def test_task_version_follows_what_decides_the_result(mammo):
 
 def test_detection_rows_in_the_table(mammo, tmp_path):
     torch.manual_seed(0)
-    save_backbone(build_vit(32, 2, 2, 8, 64, 1), tmp_path / "bb", data="unit-test")
+    write_pool_record(tmp_path / "pool", [])  # pretrained on nothing: disjoint from the test images
+    save_backbone(build_vit(32, 2, 2, 8, 64, 1), tmp_path / "bb", data=str(tmp_path / "pool"))
     det_hp = {"epochs": 1, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-4, "cnn": "resnet10t"}
     cfg = {"name": "micro_det", "img_size": 32, "threads": 1, "device": "cpu",
            "backbones": [{"source": str(tmp_path / "bb"), "pretraining": "MAE", "data": "toy"}],
@@ -63,7 +65,8 @@ def test_detection_rows_in_the_table(mammo, tmp_path):
     out = tmp_path / "results"
     assert run_all.main(["--config", str(tmp_path / "det.yaml"), "--out", str(out)]) == 0
     md = (out / "results.md").read_text()
-    assert "| Pre-training | Data | Backbone | Protocol | R@0.3 | AP50 | Beats both baselines |" in md
+    assert ("| Pre-training | Data | Backbone | Protocol | Validation | R@0.3 | AP50 | Beats both baselines (paired "
+            "95% CI, weakest) |") in md
     assert "Labels: 4 labelled" in md  # the task's own label fractions and seeds, not the table's
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {(r["backbone"], r["protocol"], r["role"]) for r in rows} == {

@@ -1,0 +1,143 @@
+"""Statistics that decide: seed-paired differences between table rows, bootstrap intervals, sign tests, and
+the claim sentences a README may make from them.
+
+Two rows of a task are compared at one label budget on the seeds both ran: each seed draws the same label
+subset for every row (`cells.label_subset`), so the difference of the main metric per seed is a paired
+sample. Its mean gets a percentile bootstrap interval (resampling seeds, fixed generator) and an exact
+two-sided sign test. A claim is made only where the interval excludes zero; everything else is reported as
+"no difference shown", with the interval, so that a reader sees how large an effect the run could have found.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PRIMARY = {"classification": "auc", "segmentation": "dice", "detection": "r@0.3"}
+BOOTSTRAP, LEVEL = 10_000, 0.95
+
+
+def bootstrap_ci(diffs: Sequence[float], level: float = LEVEL, resamples: int = BOOTSTRAP, seed: int = 0
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `diffs` (resampled with replacement, fixed seed)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) == 0:
+        return math.nan, math.nan
+    if len(d) == 1:
+        return float(d[0]), float(d[0])
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)  # [resamples]
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def sign_test(diffs: Sequence[float]) -> float:
+    """Exact two-sided sign test p-value of `diffs` (zeros dropped); 1.0 when no difference is non-zero."""
+    d = np.asarray(diffs, dtype=float)
+    up, down = int((d > 0).sum()), int((d < 0).sum())
+    n = up + down
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(up, down) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(cells: list[dict[str, Any]], a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any]:
+    """Row `a` minus row `b` (each {"row", "protocol"}) on the seeds both have, in one task and budget."""
+    def by_seed(sel: dict[str, Any]) -> dict[int, float]:
+        return {c["seed"]: float(c["metrics"].get(metric, math.nan)) for c in cells
+                if c["row"] == sel["row"] and c["protocol"] == sel["protocol"]}
+
+    va, vb = by_seed(a), by_seed(b)
+    seeds = sorted(s for s in set(va) & set(vb) if not (math.isnan(va[s]) or math.isnan(vb[s])))
+    d = [va[s] - vb[s] for s in seeds]
+    lo, hi = bootstrap_ci(d)
+    return {"seeds": seeds, "diffs": d, "mean": float(np.mean(d)) if d else math.nan, "ci": [lo, hi],
+            "p_sign": sign_test(d), "up": sum(x > 0 for x in d), "down": sum(x < 0 for x in d),
+            "decided": bool(d) and len(d) > 1 and (lo > 0 or hi < 0)}
+
+
+def comparisons(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pretrained row against its architecture at random init (same protocol) and the from-scratch CNN,
+    per task and label budget, on the task's main metric; plus the random-init ViT against the CNN."""
+    out = []
+    for task in dict.fromkeys(c["task"] for c in cells):
+        at_task = [c for c in cells if c["task"] == task]
+        metric = PRIMARY[at_task[0]["kind"]]
+        for frac in sorted({c["fraction"] for c in at_task}, key=lambda f: (f == 1, f)):
+            at = [c for c in at_task if c["fraction"] == frac]
+            rows = {(c["row"], c["protocol"]): c for c in at}
+            cnn = [k for k, c in rows.items() if c["role"] == "cnn"]
+            for (row, protocol), c in rows.items():
+                if c["role"] == "cnn":
+                    continue
+                against = [k for k, r in rows.items() if r["role"] == "random" and r["backbone"] == c["backbone"]
+                           and r["protocol"] == protocol] if c["role"] == "pretrained" else []
+                for other in against + cnn:
+                    res = paired(at, {"row": row, "protocol": protocol}, {"row": other[0], "protocol": other[1]},
+                                 metric)
+                    out.append({"task": task, "fraction": frac, "n_train": c["n_train"], "metric": metric,
+                                "a": {"row": row, "protocol": protocol, "role": c["role"],
+                                      "name": c["pretraining"] if c["role"] == "pretrained" else
+                                      f"{c['backbone']} random init"},
+                                "b": {"row": other[0], "protocol": other[1], "role": rows[other]["role"],
+                                      "name": rows[other]["pretraining"] if rows[other]["role"] == "pretrained"
+                                      else f"{rows[other]['backbone']} " + (
+                                          "from scratch" if rows[other]["role"] == "cnn" else "random init")},
+                                **res})
+    return out
+
+
+def _budget(frac: float, n_train: int) -> str:
+    return f"all {n_train} labels" if frac == 1 else f"{n_train} labels"
+
+
+def claim(c: dict[str, Any]) -> str:
+    """One sentence for one comparison: a claim where its interval excludes zero, else 'no difference shown'."""
+    lo, hi = c["ci"]
+    what = (f"{c['task']}, {_budget(c['fraction'], c['n_train'])}: {c['a']['name']} ({c['a']['protocol']}) vs "
+            f"{c['b']['name']} ({c['b']['protocol']})")
+    stats = (f"{c['metric']} {c['mean']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] over {len(c['seeds'])} seeds "
+             f"({c['up']} up / {c['down']} down, sign test p = {c['p_sign']:.2g})")
+    if not c["decided"]:
+        return f"{what}: no difference shown ({stats})."
+    return f"{what}: **{'better' if lo > 0 else 'worse'}** ({stats})."
+
+
+def _beats_both(comps: list[dict[str, Any]]) -> bool:
+    """Whether these comparisons of one pretrained row include both baselines, each with an interval above 0."""
+    return {c["b"]["role"] for c in comps} >= {"cnn", "random"} and all(c["decided"] and c["ci"][0] > 0
+                                                                          for c in comps)
+
+
+def verdict(comps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Does pretraining pay off? Per task: at every low label budget (all labels excluded), some pretrained
+    row (with one protocol) beats BOTH baselines, the random-init ViT with the same protocol and the CNN, with
+    95% intervals above zero. Overall: yes where that holds in most tasks."""
+    tasks: dict[str, bool] = {}
+    for task in dict.fromkeys(c["task"] for c in comps if c["a"]["role"] == "pretrained"):
+        low = [c for c in comps if c["task"] == task and c["a"]["role"] == "pretrained" and c["fraction"] != 1]
+        by_budget: dict[float, dict[tuple[str, str], list[dict[str, Any]]]] = {}
+        for c in low:
+            by_budget.setdefault(c["fraction"], {}).setdefault((c["a"]["row"], c["a"]["protocol"]), []).append(c)
+        tasks[task] = bool(by_budget) and all(any(_beats_both(cs) for cs in rows.values())
+                                              for rows in by_budget.values())
+    n_yes = sum(tasks.values())
+    return {"tasks": tasks, "pays_off": n_yes > len(tasks) / 2, "tasks_yes": n_yes, "tasks_total": len(tasks)}
+
+
+def verdict_sentence(v: dict[str, Any]) -> str:
+    """The README's one-line answer, from `verdict` ("" when no task has a pretrained row to judge)."""
+    if not v["tasks_total"]:
+        return ""
+    yes = [t for t, ok in v["tasks"].items() if ok]
+    if v["pays_off"]:
+        return (f"MAE pretraining pays off in {v['tasks_yes']} of {v['tasks_total']} tasks ({', '.join(yes)}): "
+                "better than both a random-init ViT and a from-scratch CNN, with 95% intervals above zero, at every "
+                "low label budget.")
+    return (f"MAE pretraining does **not** pay off in this run: only {v['tasks_yes']} of {v['tasks_total']} tasks"
+            + (f" ({', '.join(yes)})" if yes else "") + " show a pretrained row better than both a random-init ViT "
+            "and a from-scratch CNN with 95% intervals above zero at every low label budget.")

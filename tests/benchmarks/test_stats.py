@@ -1,0 +1,67 @@
+"""Seed-paired statistics: bootstrap interval and sign test by hand, comparisons, claims and the verdict."""
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.stats import bootstrap_ci, claim, comparisons, paired, sign_test, verdict, verdict_sentence
+
+
+def test_bootstrap_and_sign_test_by_hand():
+    assert bootstrap_ci([0.2, 0.2, 0.2]) == (pytest.approx(0.2), pytest.approx(0.2))  # no spread, no width
+    lo, hi = bootstrap_ci([0.0, 1.0])  # resampled means are 0, 0.5 or 1 with chances 1/4, 1/2, 1/4
+    assert (lo, hi) == (0.0, 1.0)
+    d = np.random.default_rng(1).normal(0.1, 0.05, 200)
+    lo, hi = bootstrap_ci(d)  # many seeds: the normal-theory interval
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    assert lo == pytest.approx(d.mean() - 1.96 * se, abs=0.2 * se) and hi == pytest.approx(d.mean() + 1.96 * se,
+                                                                                            abs=0.2 * se)
+    assert sign_test([1, 1, 1, 1, 1]) == pytest.approx(2 / 32)  # two-sided: 2 * 0.5^5
+    assert sign_test([1, 1, 1, -1, 0]) == pytest.approx(2 * 5 / 16)  # zero dropped; P(X <= 1 | n=4) = 5/16
+    assert sign_test([0, 0]) == 1.0
+
+
+def _cells(task, kind, metric, frac, values):
+    """values: {(row, role, protocol): [per-seed metric]}."""
+    out = []
+    for (row, role, protocol), vals in values.items():
+        for seed, v in enumerate(vals):
+            out.append({"task": task, "kind": kind, "fraction": frac, "seed": seed, "row": row, "role": role,
+                        "protocol": protocol, "backbone": "ViT-Ti/8" if role != "cnn" else "ResNet-18",
+                        "pretraining": row, "n_train": 8 if frac != 1 else 100, "metrics": {metric: v}})
+    return out
+
+
+def test_pairs_by_seed_and_claims():
+    cells = _cells("a", "classification", "auc", 8, {
+        ("mae", "pretrained", "finetune"): [0.8, 0.82, 0.85, 0.81, 0.9],
+        ("rnd", "random", "finetune"): [0.7, 0.72, 0.74, 0.70, 0.8],
+        ("cnn", "cnn", "scratch"): [0.79, 0.85, 0.83, 0.84, 0.86]})
+    cells = [c for c in cells if not (c["row"] == "cnn" and c["seed"] == 4)]  # the CNN lacks seed 4: 4 pairs
+    comps = comparisons(cells)
+    pairs = {(c["a"]["row"], c["b"]["row"]): c for c in comps}
+    assert set(pairs) == {("mae", "rnd"), ("mae", "cnn"), ("rnd", "cnn")}
+    vs_rnd, vs_cnn = pairs[("mae", "rnd")], pairs[("mae", "cnn")]
+    assert vs_rnd["diffs"] == pytest.approx([0.1, 0.1, 0.11, 0.11, 0.1]) and vs_rnd["decided"]
+    assert vs_cnn["seeds"] == [0, 1, 2, 3] and vs_cnn["diffs"] == pytest.approx([0.01, -0.03, 0.02, -0.03])
+    assert not vs_cnn["decided"] and vs_cnn["up"] == 2 and vs_cnn["down"] == 2
+    assert claim(vs_rnd).startswith("a, 8 labels: mae (finetune) vs ViT-Ti/8 random init (finetune): **better** (auc "
+                                     "+0.104, 95% CI [+0.100, +0.108] over 5 seeds (5 up / 0 down, sign test p = 0.062")
+    assert "no difference shown (auc -0.007" in claim(vs_cnn)  # -0.0075
+    v = verdict(comps)
+    assert v == {"tasks": {"a": False}, "pays_off": False, "tasks_yes": 0, "tasks_total": 1}
+    assert "does **not** pay off" in verdict_sentence(v)
+
+
+def test_verdict_needs_both_baselines_at_every_low_budget_in_most_tasks():
+    good = {("mae", "pretrained", "finetune"): [0.9, 0.91, 0.92], ("rnd", "random", "finetune"): [0.7, 0.71, 0.7],
+            ("cnn", "cnn", "scratch"): [0.8, 0.8, 0.81]}
+    cells = _cells("a", "classification", "auc", 8, good) + _cells("b", "classification", "auc", 8, good)
+    cells += _cells("a", "classification", "auc", 1, {k: [0.5, 0.5, 0.5] for k in good})  # all labels: not counted
+    cells += _cells("c", "segmentation", "dice", 8, {**good, ("cnn", "cnn", "scratch"): [0.95, 0.96, 0.97]})
+    v = verdict(comparisons(cells))
+    assert v["tasks"] == {"a": True, "b": True, "c": False} and v["pays_off"]
+    assert verdict_sentence(v).startswith("MAE pretraining pays off in 2 of 3 tasks (a, b)")
+    nan = paired(cells, {"row": "mae", "protocol": "finetune"}, {"row": "nope", "protocol": "x"}, "auc")
+    assert nan["seeds"] == [] and not nan["decided"] and math.isnan(nan["mean"])
