@@ -171,8 +171,9 @@ def render_transfer(result: dict, source: str) -> str:
     (`stats.claim`: a claim only where the interval excludes zero) and the curves PNG."""
     folder = Path(source).parent
     lines = [f"`{source}`: {result.get('header', '')}", ""]
-    if result.get("verdict", {}).get("tasks_total"):
-        lines += [f"**Answer:** {stats.verdict_sentence(result['verdict'])}", ""]
+    comps = stats.comparisons(result["cells"])  # recomputed from the cells: a claim follows from the results
+    if stats.verdict_sentence(stats.verdict(comps)):
+        lines += [f"**Answer:** {stats.verdict_sentence(stats.verdict(comps))}", ""]
     for task, info in result["tasks"].items():
         rows = [a for a in result["aggregated"] if a["task"] == task]
         if not rows:
@@ -180,9 +181,8 @@ def render_transfer(result: dict, source: str) -> str:
         lines += [f"#### {task} ({info.get('kind', '')}; {info.get('data', '')})", "",
                   f"Splits: {info.get('samples')}; computed at commit {report.commits_summary(rows)}.", ""]
         lines += report.summary_table(rows)
-        comps = [c for c in result.get("comparisons", []) if c["task"] == task]
         lines += ["Seed-paired differences on the test split (a claim only where the 95% interval excludes 0):",
-                  ""] + report.paired_lines(comps) + [""]
+                  ""] + report.paired_lines([c for c in comps if c["task"] == task]) + [""]
         png = folder / f"{task}_curves.png"
         if png.is_file() or (ROOT / png).is_file():
             lines += [f"![{task}: label-budget and pretraining-length curves]({png.as_posix()})", ""]
