@@ -2,6 +2,8 @@
 
 - `plan`: options, discovery of input files, their grouping into units (files / DICOM series), parts.
 - `series`: a DICOM series read slice by slice into contiguous sub-volumes (bad slices left out).
+- `burned_in`: the burned-in text policy (images whose pixels may carry identifiers: left out, OCR-cleaned
+  or kept), applied to every image before anything is written or drawn.
 - `worker`: one unit -> samples (runs in worker processes), and the crash-tolerant process pool.
 - `report`: the manifest, per-shard and total statistics, contact sheets.
 - `build`: a build (or one part of it), resumable after a kill.

@@ -32,6 +32,7 @@ class Config:
     min_volume_slices: int = 8
     min_size: int = 32
     salt: str = ""
+    burned_in: str = "exclude"  # burned-in text policy: "exclude" | "ocr" | "keep" (see `burned_in`)
 
 
 @dataclass
