@@ -8,4 +8,5 @@
 - `report`: the manifest, per-shard and total statistics, contact sheets.
 - `build`: a build (or one part of it), resumable after a kill.
 - `merge`: the parts of a build merged into one folder the loader reads like any other.
+- `on_dask`: the parts run as the tasks of a Dask cluster, then merged (a command line of its own).
 """
