@@ -37,7 +37,7 @@ from typing import Any
 from data_tools.shards_build import burned_in, merge
 from data_tools.shards_build.build import build, part_dir
 from data_tools.shards_build.plan import Config, Unit, discover, hash_id, parse_part, parse_windows, plan_units
-from data_tools.shards_build.report import print_summary
+from data_tools.shards_build.report import burned_in_line, print_summary
 from data_tools.shards_build.worker import process_unit
 
 __all__ = ["Config", "Unit", "build", "discover", "hash_id", "load_sources", "main", "parse_windows", "plan_units",
@@ -175,6 +175,7 @@ def merge_main(argv: list[str]) -> int:
         return 1
     print(f"merged {summary['parts']} parts into {args.out}: {summary['shards']} shards, "
           f"{summary['samples']} samples; inputs {summary['inputs']}")
+    print(burned_in_line(summary["burned_in"]))
     if summary["images_in_two_parts"]:
         print(f"note: {summary['images_in_two_parts']} images were written by two parts (a copy of a series "
               "slice given as a separate file)", file=sys.stderr)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from data_tools.shards_build import merge
+from data_tools.shards_build.report import burned_in_line
 
 
 def run_part(index: int, argv: Sequence[str], parts: int) -> int:
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = build_on_dask(build_args, args.parts, client)
     print(f"merged {summary['parts']} parts: {summary['shards']} shards, {summary['samples']} samples; "
           f"inputs {summary['inputs']}")
+    print(burned_in_line(summary["burned_in"]))
     return 0
 
 

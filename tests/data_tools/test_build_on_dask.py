@@ -34,7 +34,9 @@ def test_parts_as_dask_tasks_with_a_killed_worker_equal_one_whole_run(tmp_path):
                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         summary = on_dask.build_on_dask([str(root), "--out", str(out), *ARGS], PARTS, client, task=task)
     attempts = [int(line) for line in log.read_text().split()]
-    assert sorted(attempts) == sorted([*range(PARTS), victim])  # the killed part ran twice, the others once
+    # the killed part ran again; a part that had finished on the killed worker may run again too (its result
+    # died with the worker): that run finds its part done and redoes nothing
+    assert attempts.count(victim) >= 2 and set(attempts) == set(range(PARTS))
     assert summary["parts"] == PARTS
     assert all_samples(out) == all_samples(whole)  # same keys, same bytes
     assert sorted(r["unit"] for r in manifest(out)) == sorted(r["unit"] for r in manifest(whole))
