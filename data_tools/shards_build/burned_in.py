@@ -144,8 +144,6 @@ def screen(path: str | Path, found: dict[str, Any] | None, policy: str,
 
     `decode` is called only when the pixels are needed (never for an image `exclude` leaves out).
     """
-    if policy not in POLICIES:
-        raise ValueError(f"--burned-in: expected one of {', '.join(POLICIES)}, got {policy!r}")
     if found is None:
         return decode(), None
     record = {k: v for k, v in found.items() if k != "why"}
@@ -159,6 +157,13 @@ def screen(path: str | Path, found: dict[str, Any] | None, policy: str,
         raise BurnedInText(path, f"burned-in text still reads after blanking ({found['why']})",
                            {**record, "action": "left out", "regions": regions, "still_reads": left})
     return cleaned, {**record, "action": "blanked" if regions else "no text found", "regions": regions}
+
+
+def screen_dicom(path: str | Path, ds: Any, policy: str) -> tuple[im.ImageData, dict[str, Any] | None]:
+    """`screen` of a read DICOM dataset; one that holds no image (an SR, a file without pixel data) raises
+    its own `UnreadableImage` first, so that it is recorded as such rather than as burned-in."""
+    im.check_dicom_image(path, ds)
+    return screen(path, risk(ds), policy, lambda: im.dicom_to_image(path, ds))
 
 
 def check_engine() -> None:

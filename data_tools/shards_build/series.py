@@ -59,7 +59,7 @@ def _read_slice(path: str, policy: str) -> _Slice:
     reason (`burned_in.BurnedInText` when the policy leaves it out)."""
     try:
         ds = im.read_dicom_header(path)
-        image, risk = burned_in.screen(path, burned_in.risk(ds), policy, lambda: im.dicom_to_image(path, ds))
+        image, risk = burned_in.screen_dicom(path, ds, policy)
     except im.UnreadableImage:
         raise
     except FileNotFoundError as exc:

@@ -29,7 +29,7 @@ def _read_unit(unit: Unit, policy: str) -> tuple[im.ImageData, dict[str, Any] | 
         return burned_in.screen(path, burned_in.hint_risk(unit.modality), policy,
                                 lambda: im.read_raster(path, unit.modality))
     ds = im.read_dicom_header(path)
-    return burned_in.screen(path, burned_in.risk(ds), policy, lambda: im.dicom_to_image(path, ds))
+    return burned_in.screen_dicom(path, ds, policy)
 
 
 def samples(unit: Unit, img: im.ImageData, cfg: Config, volume_tag: str = "") -> Iterator[Sample]:

@@ -198,6 +198,11 @@ def test_a_series_slice_flagged_yes_is_left_out_of_its_volume(tmp_path):
     assert sum(v.pixels.shape[0] for v in parts.volumes) == 9
 
 
+def test_unknown_policy_is_refused_at_construction():
+    with pytest.raises(ValueError, match="--burned-in: expected one of exclude, ocr, keep"):
+        bs.Config(burned_in="blur")
+
+
 def test_ocr_missing_fails_at_the_start_with_the_install_line(archive, tmp_path, monkeypatch, capsys):
     def no_engine() -> None:
         raise ValueError(burned_in.INSTALL_OCR + "; the tesseract program does not run")
