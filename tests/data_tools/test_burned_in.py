@@ -260,3 +260,12 @@ def test_ocr_blanks_the_text_and_keeps_clean_images(archive, tmp_path, capsys):
     stats = json.loads((out / "stats.json").read_text())["burned_in"]
     assert stats["blanked"] == 3 and stats["no_text_found"] == 1 and stats["left_out"] == 0
     assert "burned-in policy ocr: 0 images left out (none); 3 cleaned" in capsys.readouterr().out
+
+
+@needs_ocr
+def test_ocr_cleans_each_frame_of_a_multi_frame_file_on_its_own():
+    frames = np.stack([ultrasound(text=False, seed=2), ultrasound(text=True, seed=3)])[..., 0]  # [2, H, W]
+    img = im.ImageData(pixels=frames.astype(np.float32), spacing=(None, None, None), modality="US")
+    cleaned, regions, left = burned_in.clean(img)
+    assert left == 0 and regions and {r[0] for r in regions} == {1}  # only the frame with text is touched
+    assert np.array_equal(cleaned.pixels[0], img.pixels[0]) and not burned_in.find_text(cleaned.pixels[1])
