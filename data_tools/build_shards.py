@@ -7,8 +7,13 @@
 
 Writes `DIR/lumid-NNNNNN.tar` (per sample `KEY.npy` 2-D uint8/uint16 + `KEY.json`, de-identified),
 `DIR/_info.json`, `DIR/manifest.jsonl` (one line per input file or series: written / skipped / failed /
-duplicate, with the reason; a series' slice files left out get lines of their own), `DIR/stats.json`
-and `DIR/contact_<MODALITY>.png`.
+duplicate / burned-in, with the reason; a series' slice files left out get lines of their own; it holds
+the source paths: keep it private), `DIR/stats.json` and `DIR/contact_<MODALITY>.png`.
+
+Images whose pixels may carry identifiers (BurnedInAnnotation YES; unflagged ultrasound, secondary
+captures, photographs, endoscopy, ...) are left out by default; `--burned-in ocr` blanks the text an
+offline OCR engine finds instead, `--burned-in keep` writes them unchecked (see
+`data_tools.shards_build.burned_in`). The policy runs before anything is written or drawn.
 
 A DICOM series is read slice by slice: an unreadable slice, a second copy of a slice or a slice of
 another size is left out (and recorded); a series whose slices leave a gap or are unevenly spaced
@@ -29,10 +34,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_tools.shards_build import merge
+from data_tools.shards_build import burned_in, merge
 from data_tools.shards_build.build import build, part_dir
 from data_tools.shards_build.plan import Config, Unit, discover, hash_id, parse_part, parse_windows, plan_units
-from data_tools.shards_build.report import print_summary
+from data_tools.shards_build.report import burned_in_line, print_summary
 from data_tools.shards_build.worker import process_unit
 
 __all__ = ["Config", "Unit", "build", "discover", "hash_id", "load_sources", "main", "parse_windows", "plan_units",
@@ -92,6 +97,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="plan and print counts, write nothing")
     parser.add_argument("--max-units", type=int, default=None, help="stop after N inputs (resume later)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--burned-in", choices=burned_in.POLICIES, default="exclude",
+                        help="images that may carry text in their pixels (BurnedInAnnotation YES, or unflagged "
+                        "ultrasound, secondary captures, photographs, endoscopy...): exclude them (default), "
+                        "ocr: blank the text an offline OCR engine finds and leave out what still reads, "
+                        "keep: write them unchecked (archives cleaned upstream)")
     parser.add_argument("--part", default=None, metavar="I/N",
                         help="build only part I of N (0 <= I < N) into OUT/part-IIII-of-NNNN; run every part "
                         "(on any machines, same arguments), then `merge OUT`")
@@ -109,6 +119,8 @@ def config_from_args(args: argparse.Namespace, out: Path) -> Config:
         parse_part(args.part)
     if args.samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+    if args.burned_in == "ocr":
+        burned_in.check_engine()  # before any work
     text = str(args.axes).strip().lower()
     try:
         axes = (0, 1, 2) if text == "all" else tuple(sorted({int(a) for a in text.split(",")}))
@@ -119,7 +131,8 @@ def config_from_args(args: argparse.Namespace, out: Path) -> Config:
     salt = args.salt if args.salt is not None else "" if args.dry_run else shared_salt(out)
     return Config(size=args.size, fit=args.fit, dtype=args.dtype, axes=axes, every=args.every,
                   min_foreground=args.min_foreground, ct_windows=parse_windows(args.ct_windows),
-                  min_volume_slices=args.min_volume_slices, min_size=args.min_size, salt=salt)
+                  min_volume_slices=args.min_volume_slices, min_size=args.min_size, salt=salt,
+                  burned_in=args.burned_in)
 
 
 def run_build(specs: list[dict[str, Any]], args: argparse.Namespace) -> int:
@@ -162,6 +175,7 @@ def merge_main(argv: list[str]) -> int:
         return 1
     print(f"merged {summary['parts']} parts into {args.out}: {summary['shards']} shards, "
           f"{summary['samples']} samples; inputs {summary['inputs']}")
+    print(burned_in_line(summary["burned_in"]))
     if summary["images_in_two_parts"]:
         print(f"note: {summary['images_in_two_parts']} images were written by two parts (a copy of a series "
               "slice given as a separate file)", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any
 
 from data_tools.shards_build.plan import Config, Unit, discover, part_of, plan_units, scan
 from data_tools.shards_build.report import (
+    CONFIG,
     MANIFEST,
     check_same_options,
     finish_stats,
@@ -34,7 +35,6 @@ from medssl.data.shard_writer import (
     write_info,
 )
 
-CONFIG = "build_config.json"
 PART_DONE = "_part_done.json"
 
 

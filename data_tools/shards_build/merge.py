@@ -95,7 +95,8 @@ def merge(out: str | os.PathLike) -> dict[str, Any]:
     info = write_info(out, counts)
     stats = finish_stats(out)
     summary = {"parts": parts, "shards": len(counts), "samples": info["splits"]["train"]["num_samples"],
-               "inputs": stats["inputs"], "images_in_two_parts": _shared_images(read_manifest(out))}
+               "inputs": stats["inputs"], "burned_in": stats["burned_in"],
+               "images_in_two_parts": _shared_images(read_manifest(out))}
     write_json(out / MERGED, {**summary, "state": "done"})
     return summary
 

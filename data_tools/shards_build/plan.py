@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_tools.shards_build import burned_in
 from medssl.data import imaging as im
 
 DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
@@ -32,6 +33,11 @@ class Config:
     min_volume_slices: int = 8
     min_size: int = 32
     salt: str = ""
+    burned_in: str = "exclude"  # burned-in text policy: "exclude" | "ocr" | "keep" (see `burned_in`)
+
+    def __post_init__(self) -> None:
+        if self.burned_in not in burned_in.POLICIES:
+            raise ValueError(f"--burned-in: expected one of {', '.join(burned_in.POLICIES)}, got {self.burned_in!r}")
 
 
 @dataclass

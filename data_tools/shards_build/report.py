@@ -16,6 +16,7 @@ from data_tools.shards_build.plan import slug
 from medssl.data.shard_writer import finished_shards, read_sample
 
 MANIFEST = "manifest.jsonl"
+CONFIG = "build_config.json"
 STATS = "stats.json"
 STATS_DIR = ".stats"
 HIST_BINS = 64
@@ -114,6 +115,7 @@ def finish_stats(out: Path, seed: int = 0) -> dict[str, Any]:
     reasons = Counter(r["reason"] for r in records if r.get("reason") and r["status"] != "written")
     stats = {"samples": sum(by_mod.values()), "by_modality": dict(by_mod), "by_source": dict(by_src),
              "inputs": dict(status), "reasons": dict(reasons.most_common()),
+             "burned_in": burned_in_stats(out, records),
              "histograms": {m: {"range": [0.0, 1.0], "bins": HIST_BINS, "counts": h.tolist()}
                             for m, h in sorted(hists.items())}}
     write_json(out / STATS, stats)
@@ -123,7 +125,21 @@ def finish_stats(out: Path, seed: int = 0) -> dict[str, Any]:
     return stats
 
 
+def burned_in_stats(out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the burned-in policy did: images left out (by rule), blanked by OCR, or kept unchecked."""
+    config = out / CONFIG
+    policy = json.loads(config.read_text()).get("burned_in") if config.exists() else None
+    images = [b for r in records for b in r.get("burned_in", [])]  # one record per image at risk
+    actions = Counter(b["action"] for b in images)
+    return {"policy": policy, "left_out": actions["left out"], "blanked": actions["blanked"],
+            "no_text_found": actions["no text found"], "kept_unchecked": actions["kept unchecked"],
+            "regions_blanked": sum(len(b.get("regions", [])) for b in images if b["action"] == "blanked"),
+            "left_out_by_rule": dict(Counter(b["rule"] for b in images if b["action"] == "left out"))}
+
+
 def _contact_sheet(out: Path, modality: str, picks: list[tuple[str, str]]) -> None:
+    """A page of random samples of one modality: drawn from the finished shards only, so it shows
+    nothing the burned-in policy left out (and the blanked version of what OCR cleaned)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,3 +173,17 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
           f"inputs {stats['inputs']}")
     for reason, n in list(stats["reasons"].items())[:12]:
         print(f"  {n:5d} x {reason}")
+    print(burned_in_line(stats["burned_in"]))
+
+
+def burned_in_line(b: dict[str, Any]) -> str:
+    """One summary line on the burned-in policy (see `burned_in_stats`)."""
+    rules = ", ".join(f"{n} by {rule}" for rule, n in sorted(b["left_out_by_rule"].items())) or "none"
+    if b["policy"] == "keep":
+        return (f"burned-in policy keep: images were NOT checked for burned-in text (for archives cleaned "
+                f"upstream); {b['kept_unchecked']} images of risky kinds written unchecked")
+    line = f"burned-in policy {b['policy']}: {b['left_out']} images left out ({rules})"
+    if b["policy"] == "ocr":
+        line += (f"; {b['blanked']} cleaned ({b['regions_blanked']} text regions blanked), "
+                 f"{b['no_text_found']} with no text found")
+    return line

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from data_tools.shards_build import burned_in
 from medssl.data import imaging as im
 
 SPACING_RTOL = 0.05  # neighbouring gaps further apart than 5 % of the series' spacing break the volume
@@ -30,14 +31,17 @@ class SeriesParts:
     Attributes:
         volumes: contiguous sub-volumes in spatial order, each pixels [Z, H, W] with even spacing.
         files: the slice files of each volume, in the volume's order.
-        left_out: one manifest record per file left out: {"input", "status", "reason"[, "duplicate_of"]}.
+        left_out: one manifest record per file left out: {"input", "status", "reason"[, "duplicate_of",
+            "burned_in"]}.
         split: why the series was cut into several volumes (None when it is one).
+        burned_in: the burned-in records of slices kept at risk (blanked by OCR, or kept unchecked).
     """
 
     volumes: list[im.ImageData] = field(default_factory=list)
     files: list[list[str]] = field(default_factory=list)
     left_out: list[dict[str, Any]] = field(default_factory=list)
     split: str | None = None
+    burned_in: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -47,13 +51,15 @@ class _Slice:
     sop: str
     position: float | None
     number: int
+    burned_in: dict[str, Any] | None = None
 
 
-def _read_slice(path: str) -> _Slice:
-    """Read and decode one slice; raises `UnreadableImage` with a one-line reason."""
+def _read_slice(path: str, policy: str) -> _Slice:
+    """Read and decode one slice under the burned-in `policy`; raises `UnreadableImage` with a one-line
+    reason (`burned_in.BurnedInText` when the policy leaves it out)."""
     try:
         ds = im.read_dicom_header(path)
-        image = im.dicom_to_image(path, ds)
+        image, risk = burned_in.screen_dicom(path, ds, policy)
     except im.UnreadableImage:
         raise
     except FileNotFoundError as exc:
@@ -65,20 +71,22 @@ def _read_slice(path: str) -> _Slice:
         raise im.UnreadableImage(path, "multi-frame file in a series of single-frame slices")
     position = im._slice_position(ds)  # the reader's own rule (position along the slice normal)
     return _Slice(path, image, str(ds.get("SOPInstanceUID", "") or ""), position,
-                  int(ds.get("InstanceNumber", 0) or 0))
+                  int(ds.get("InstanceNumber", 0) or 0), risk)
 
 
 def _left(path: str, status: str, reason: str, **extra: Any) -> dict[str, Any]:
     return {"input": path, "status": status, "reason": reason, **extra}
 
 
-def _resolve_copies(paths: list[str], parts: SeriesParts) -> list[_Slice]:
+def _resolve_copies(paths: list[str], parts: SeriesParts, policy: str) -> list[_Slice]:
     """Read every file; keep one readable copy of each slice, record the rest in `parts.left_out`."""
     read: dict[str, _Slice] = {}
     errors: dict[str, im.UnreadableImage] = {}
     for path in paths:
         try:
-            read[path] = _read_slice(path)
+            read[path] = _read_slice(path, policy)
+        except burned_in.BurnedInText as exc:
+            parts.left_out.append(_left(path, exc.status, exc.reason, burned_in=[{"input": path, **exc.details}]))
         except im.UnreadableImage as exc:
             errors[path] = exc
     kept: list[_Slice] = []
@@ -130,16 +138,17 @@ def _runs(positions: list[float]) -> tuple[list[list[int]], float | None]:
     return runs, (spacing if spacing > 0 else None)
 
 
-def read_series(paths: list[str], min_slices: int = 1) -> SeriesParts:
+def read_series(paths: list[str], min_slices: int = 1, policy: str = "exclude") -> SeriesParts:
     """Read a series' files one by one into contiguous sub-volumes (see the module docstring).
 
     Args:
         paths: the series' files (copies of a slice included), in a fixed order (sorted paths):
             of two readable copies the first is kept.
         min_slices: reported in the split note only (runs shorter than this are not resliced).
+        policy: the burned-in text policy applied to each slice (`burned_in.POLICIES`).
     """
     parts = SeriesParts()
-    kept = _resolve_copies(paths, parts)
+    kept = _resolve_copies(paths, parts, policy)
     if not kept:
         return parts
     shapes = Counter(s.image.pixels.shape for s in kept)
@@ -173,4 +182,5 @@ def read_series(paths: list[str], min_slices: int = 1) -> SeriesParts:
                   "instance": [s.image.uids["instance"] for s in members]},
             source_format="dicom", bits=first.bits))
         parts.files.append([s.path for s in members])
+        parts.burned_in += [{"input": s.path, **s.burned_in} for s in members if s.burned_in]
     return parts

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from data_tools.shards_build import burned_in
 from data_tools.shards_build.plan import Config, Unit, hash_id, quiet, slug
 from data_tools.shards_build.series import read_series
 from medssl.data import imaging as im
@@ -19,12 +20,16 @@ from medssl.data import imaging as im
 Sample = tuple[str, np.ndarray, dict[str, Any]]  # key, image [S, S], metadata
 
 
-def _read_unit(unit: Unit) -> im.ImageData:
+def _read_unit(unit: Unit, policy: str) -> tuple[im.ImageData, dict[str, Any] | None]:
+    """The unit's image after the burned-in policy, and its burned-in record (None: not at risk)."""
+    path = unit.paths[0]
     if unit.kind == "nifti":
-        return im.read_nifti(unit.paths[0], unit.modality)
+        return im.read_nifti(path, unit.modality), None
     if unit.kind == "raster":
-        return im.read_raster(unit.paths[0], unit.modality)
-    return im.read_dicom(unit.paths[0])
+        return burned_in.screen(path, burned_in.hint_risk(unit.modality), policy,
+                                lambda: im.read_raster(path, unit.modality))
+    ds = im.read_dicom_header(path)
+    return burned_in.screen_dicom(path, ds, policy)
 
 
 def samples(unit: Unit, img: im.ImageData, cfg: Config, volume_tag: str = "") -> Iterator[Sample]:
@@ -79,10 +84,15 @@ def unit_record(unit: Unit) -> dict[str, Any]:
 
 def _series_samples(unit: Unit, record: dict[str, Any], cfg: Config) -> list[Sample]:
     """Samples of a DICOM series read slice by slice; fills the record's inputs, sub-volumes, left-out files."""
-    parts = read_series(unit.paths, cfg.min_volume_slices)
+    parts = read_series(unit.paths, cfg.min_volume_slices, cfg.burned_in)
     record["input"] = [p for files in parts.files for p in files]
     record["left_out"] = [{"unit": f"slice:{r['input']}", "kind": "dicom", "source": unit.source,
                            "part_of": unit.uid, **r} for r in parts.left_out]
+    if parts.burned_in:
+        record["burned_in"] = parts.burned_in
+    if not parts.volumes and parts.left_out and all(r["status"] == "burned-in" for r in parts.left_out):
+        raise burned_in.BurnedInText(unit.paths[0], "every slice of the series left out by the burned-in policy",
+                                     {})  # each slice's own line carries its record
     if not parts.volumes:
         reasons = sorted({r["reason"] for r in parts.left_out})
         raise im.UnreadableImage(unit.paths[0], f"no readable slice in the series ({'; '.join(reasons)[:160]})")
@@ -99,7 +109,8 @@ def process_unit(unit: Unit, cfg: Config) -> dict[str, Any]:
     """Read, normalise and slice one unit; never raises (bad input becomes a failed record).
 
     Returns the unit's manifest record plus "samples" (and, for a series, "left_out": records of
-    the slice files left out).
+    the slice files left out). An image at risk of burned-in text is handled by `cfg.burned_in` first
+    (status "burned-in" when left out; its record, with any blanked regions, under "burned_in").
     """
     quiet()
     record = unit_record(unit)
@@ -107,12 +118,17 @@ def process_unit(unit: Unit, cfg: Config) -> dict[str, Any]:
         if unit.kind == "series":
             found = _series_samples(unit, record, cfg)
         else:
-            img = _read_unit(unit)
+            img, risk = _read_unit(unit, cfg.burned_in)
             record["modality"] = img.modality
+            if risk is not None:
+                record["burned_in"] = [{"input": unit.paths[0], **risk}]
             found = list(samples(unit, img, cfg))
         if not found:
             return {**record, "status": "skipped", "reason": "no non-empty slices", "samples": []}
         return {**record, "status": "written", "samples": found}
+    except burned_in.BurnedInText as exc:
+        details = {"burned_in": [{"input": exc.path, **exc.details}]} if exc.details else {}
+        return {**record, "status": exc.status, "reason": exc.reason, "samples": [], **details}
     except im.UnreadableImage as exc:
         return {**record, "status": "skipped" if exc.skip else "failed", "reason": exc.reason, "samples": []}
     except FileNotFoundError as exc:

@@ -232,10 +232,9 @@ def read_dicom_header(path: str | Path) -> Any:
         raise UnreadableImage(path, f"truncated or corrupt DICOM ({type(exc).__name__})") from exc
 
 
-def dicom_to_image(path: str | Path, ds: Any) -> ImageData:
-    """Decode a read DICOM dataset: modality LUT, colour to grey, VOI LUT / window, spacing, UIDs."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-
+def check_dicom_image(path: str | Path, ds: Any) -> None:
+    """Raise `UnreadableImage` for a dataset that holds no image (DICOMDIR, SR / RT / SEG objects, no pixel
+    data, zero size); reads the header only."""
     modality = str(ds.get("Modality", "OT") or "OT").upper()
     if "DirectoryRecordSequence" in ds:
         raise UnreadableImage(path, "DICOMDIR (a directory index, no image)", skip=True)
@@ -247,6 +246,14 @@ def dicom_to_image(path: str | Path, ds: Any) -> ImageData:
         raise UnreadableImage(path, f"no pixel data ({modality}{hint})", skip=not hint)
     if not ds.get("Rows") or not ds.get("Columns"):
         raise UnreadableImage(path, "zero-sized image (Rows/Columns missing or 0)", skip=True)
+
+
+def dicom_to_image(path: str | Path, ds: Any) -> ImageData:
+    """Decode a read DICOM dataset: modality LUT, colour to grey, VOI LUT / window, spacing, UIDs."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    check_dicom_image(path, ds)
+    modality = str(ds.get("Modality", "OT") or "OT").upper()
     arr = _decode_pixels(path, ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     frames = int(ds.get("NumberOfFrames", 1) or 1)

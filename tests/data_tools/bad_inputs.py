@@ -113,3 +113,27 @@ def crash_on_marked_files(unit, cfg):  # noqa: ANN001 - mirrors shards_build.wor
     if any(os.path.basename(p).startswith("crash") for p in unit.paths):
         os._exit(139)
     return process_unit(unit, cfg)
+
+
+def part_killed_once(index, argv, parts, *, victim, log):  # noqa: ANN001 - mirrors shards_build.on_dask.run_part
+    """`run_part`, recording each attempt in the file `log`; the first attempt of part `victim` kills its own
+    worker process mid-shard (like the OOM killer), after 20 samples were written."""
+    import os
+
+    from data_tools.shards_build.on_dask import run_part
+    from medssl.data.shard_writer import ShardWriter
+
+    with open(log, "a") as fh:
+        fh.write(f"{index}\n")
+    first = sum(line.strip() == str(index) for line in open(log)) == 1
+    if index == victim and first:
+        real_write, calls = ShardWriter.write, {"n": 0}
+
+        def dying_write(self, key, image, meta):  # noqa: ANN001
+            calls["n"] += 1
+            if calls["n"] == 20:
+                os._exit(137)
+            return real_write(self, key, image, meta)
+
+        ShardWriter.write = dying_write
+    return run_part(index, argv, parts)

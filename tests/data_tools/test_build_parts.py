@@ -71,6 +71,7 @@ def test_three_parts_and_merge_equal_one_whole_run(tmp_path, monkeypatch, capsys
     assert all(parts) and sorted(r["unit"] for p in parts for r in p) == sorted(r["unit"] for r in manifest(whole))
     assert sorted(r["unit"] for r in manifest(out)) == sorted(r["unit"] for r in manifest(whole))
     stats, whole_stats = (json.loads((d / "stats.json").read_text()) for d in (out, whole))
+    assert stats["burned_in"] == whole_stats["burned_in"] and stats["burned_in"]["left_out"] == 1  # the ultrasound
     for field in ("samples", "by_modality", "by_source", "inputs", "reasons", "histograms"):
         assert stats[field] == whole_stats[field], field
     info = json.loads((out / "_info.json").read_text())

@@ -177,7 +177,12 @@ def test_info_stats_and_contact_sheets_agree(built):
     written = [r for r in manifest(out) if r["status"] == "written"]
     assert info["splits"]["train"]["num_samples"] == len(samples) == stats["samples"]
     assert sum(r["n_samples"] for r in written) == len(samples)
-    assert {"CT", "MR", "US", "CR", "OT"} <= set(stats["by_modality"])
+    assert {"CT", "MR", "CR", "OT"} <= set(stats["by_modality"])
+    # the real vendor ultrasound (no BurnedInAnnotation) is left out by the default policy, drawn nowhere
+    us = next(r for r in manifest(out) if r["input"] == str(root / "good" / "US1_J2KR.dcm"))
+    assert us["status"] == "burned-in" and us["burned_in"][0]["rule"] == "sop-class" and not us.get("keys")
+    assert "US" not in stats["by_modality"] and not (out / "contact_US.png").exists()
+    assert stats["burned_in"]["left_out"] == stats["inputs"]["burned-in"] == 1
     for mod, hist in stats["histograms"].items():
         assert sum(hist["counts"]) == stats["by_modality"][mod] * 32 * 32
         assert (out / f"contact_{mod}.png").stat().st_size > 1000

@@ -23,20 +23,22 @@ def test_demo_sources_are_the_shipped_images():
         assert sum(s["name"] == "nilearn-mni152" for s in specs) == 3
 
 
-def test_make_demo_lumid_builds_through_build_shards(tmp_path, monkeypatch):
+def test_make_demo_lumid_builds_through_build_shards(tmp_path, monkeypatch, capsys):
     from nibabel.testing import data_path
     from pydicom.data import get_testdata_file
 
     few = [{"name": "nibabel-testdata", "path": str(Path(data_path) / "anatomical.nii"), "modality": "MR",
             "body_part": "BRAIN"},
-           {"name": "pydicom-testdata", "path": get_testdata_file("CT_small.dcm"), "modality": None,
-            "body_part": None}]
+           *[{"name": "pydicom-testdata", "path": get_testdata_file(name), "modality": None, "body_part": None}
+             for name in ("CT_small.dcm", "US1_UNCR.dcm", "SC_rgb.dcm")]]  # the ultrasound and the SC: left out
     monkeypatch.setattr(demo_lumid, "demo_sources", lambda: few)
     out = tmp_path / "lumid"
     assert make_demo.main(["lumid", "--out", str(out), "--size", "32", "--workers", "0", "--no-progress"]) == 0
     stats = json.loads((out / "stats.json").read_text())
     # anatomical.nii 33x41x25 (2 mm) cut in all three planes; CT_small in the two demo windows
     assert stats["by_modality"]["CT"] == 2 and stats["by_modality"]["MR"] > 40
+    assert set(stats["by_modality"]) == {"CT", "MR"} and stats["burned_in"]["left_out"] == 2
+    assert "burned-in policy exclude: 2 images left out (2 by sop-class)" in capsys.readouterr().out
     config = json.loads((out / "build_config.json").read_text())
     assert config["axes"] == [0, 1, 2] and config["min_size"] == 24
     assert [w["name"] for w in config["ct_windows"]] == ["wide", "soft"]
