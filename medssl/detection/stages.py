@@ -64,7 +64,7 @@ from medssl.train.optim import lr_scale_groups
 from medssl.train.task import Task
 from medssl.utils import seed_everything
 
-__all__ = ["DEFAULTS", "STAGES", "StageModel", "StageTask", "build_medmask", "run_stages", "train_stage"]
+__all__ = ["DEFAULTS", "STAGES", "StageModel", "StageTask", "build_medmask", "run_stages", "stage_done", "train_stage"]
 
 log = logging.getLogger("medssl")
 
@@ -321,7 +321,8 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _stage_done(sdir: Path) -> bool:
+def stage_done(sdir: Path) -> bool:
+    """Whether the stage folder `sdir` holds a finished stage (``metrics.json`` marked complete and ``best.pt``)."""
     f = sdir / "metrics.json"
     return f.is_file() and (sdir / "best.pt").is_file() and json.loads(f.read_text()).get("complete", False)
 
@@ -414,7 +415,7 @@ def run_stages(cfg: dict, stages: Iterable[str], init: str | Path | None = None,
     curves = {"random boxes": base_curve}
     for stage in stages:
         sdir = out / stage
-        if resume and _stage_done(sdir):
+        if resume and stage_done(sdir):
             if dist.is_main:
                 log.info("[%s] finished earlier: kept (%s)", stage, sdir / "best.pt")
             res = json.loads((sdir / "metrics.json").read_text())
