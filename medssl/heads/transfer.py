@@ -83,10 +83,10 @@ def train_transfer(cfg: Mapping[str, Any], record: dict[str, Any],
     if m["protocol"] != "probe":
         groups = layer_decay_groups(model, len(model.backbone.blocks), t["lr"], t["weight_decay"], m["layer_decay"])
     fc = FitConfig(epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-                   warmup_epochs=t["warmup_epochs"], seed=t["seed"], device=t["device"])
+                   warmup_epochs=t["warmup_epochs"], seed=t["seed"], device=t["device"], precision=t["precision"])
     res = train_supervised(model, sets["train"], sets["val"], loss_fn, score_fn, fc, param_groups=groups,
                            sampler=sampler, augment=augment, dist=dist, out_dir=out, resume=resume,
-                           precision=t["precision"], ds_config=ds_config, best_extra=best_extra)
+                           ds_config=ds_config, best_extra=best_extra)
     return TransferRun(out, model, record, sets, res, fc)
 
 

@@ -101,7 +101,7 @@ class TrainConfig:
     lr_drop_step: int | None = None
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_accum: int = 1
+    accum_iter: int = 1
     clip_grad: float | None = None
     precision: str = "auto"
     log_every: int = 10
@@ -120,8 +120,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.total_steps < 1 or self.grad_accum < 1 or self.eval_every < 1:
-            raise ValueError("total_steps, grad_accum and eval_every must be >= 1")
+        if self.total_steps < 1 or self.accum_iter < 1 or self.eval_every < 1:
+            raise ValueError("total_steps, accum_iter and eval_every must be >= 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         self.betas = tuple(self.betas)
@@ -197,7 +197,7 @@ class Engine:
             raise ValueError("the DeepSpeed config must not define an optimizer: medssl passes a client-side "
                              "torch AdamW (a config optimizer JIT-compiles a fused Adam for minutes)")
         wanted = {"train_micro_batch_size_per_gpu": micro_batch_size or 1,
-                  "gradient_accumulation_steps": self.cfg.grad_accum,
+                  "gradient_accumulation_steps": self.cfg.accum_iter,
                   "gradient_clipping": float(self.cfg.clip_grad or 0.0)}
         for key, value in wanted.items():  # the run's config decides; a DeepSpeed json that disagrees is an error
             if key in cfg and cfg[key] != "auto" and float(cfg[key]) != float(value):
@@ -245,7 +245,7 @@ class Engine:
     @property
     def global_batch(self) -> int | None:
         """Samples per optimizer step over all ranks (per-rank micro-batch x ranks x accumulation)."""
-        return None if self._micro_batch is None else self._micro_batch * self.dist.world_size * self.cfg.grad_accum
+        return None if self._micro_batch is None else self._micro_batch * self.dist.world_size * self.cfg.accum_iter
 
     _micro_batch: int | None = None
 
@@ -320,7 +320,7 @@ class Engine:
             with no_sync():
                 with self.autocast():
                     out = self._losses(batch)
-                scaled = out["loss"] / self.cfg.grad_accum
+                scaled = out["loss"] / self.cfg.accum_iter
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return {k: float(v.detach()) for k, v in out.items()}
 
@@ -378,7 +378,7 @@ class Engine:
                 if in_epoch == 0:
                     self.task.on_epoch_start(self, epoch)
                     self.model.train()
-                it = batches_of(epoch, in_epoch * cfg.grad_accum)
+                it = batches_of(epoch, in_epoch * cfg.accum_iter)
             lr = cfg.lr_at(self.step)
             set_lr(self.optimizer, lr)
             step_out, batch = self._accumulate(it, meter)
@@ -408,18 +408,18 @@ class Engine:
         if not hasattr(data, "batches"):
             stream = iter(data)
             return lambda epoch, start: stream
-        spe, accum = self.cfg.epoch_steps, self.cfg.grad_accum
+        spe, accum = self.cfg.epoch_steps, self.cfg.accum_iter
         if len(data) < spe * accum:
             raise ValueError(f"the data gives {len(data)} micro-batches per epoch, fewer than steps_per_epoch "
-                             f"{spe} x grad_accum {accum}")
+                             f"{spe} x accum_iter {accum}")
         return data.batches
 
     def _accumulate(self, it: Iterator[Any], meter: _Meter) -> tuple[dict[str, float], Any]:
-        """Forward + backward of `grad_accum` micro-batches (RNG re-derived from (seed, rank, step, micro));
+        """Forward + backward of `accum_iter` micro-batches (RNG re-derived from (seed, rank, step, micro));
         returns the losses averaged over them and the last micro-batch."""
         cfg, dist = self.cfg, self.dist
         step_out: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
+        for micro in range(cfg.accum_iter):
             torch.manual_seed(stable_seed(cfg.seed, dist.rank, self.step, micro))
             tw = time.perf_counter()
             batch = next(it)
@@ -430,8 +430,8 @@ class Engine:
             meter.seen += n
             meter.epoch_seen += n
             self._micro_batch = self._micro_batch or n
-            for k, v in self._micro_step(batch, sync=micro == cfg.grad_accum - 1).items():
-                step_out[k] = step_out.get(k, 0.0) + v / cfg.grad_accum
+            for k, v in self._micro_step(batch, sync=micro == cfg.accum_iter - 1).items():
+                step_out[k] = step_out.get(k, 0.0) + v / cfg.accum_iter
         return step_out, batch
 
     def _update(self, loss: float) -> tuple[bool, float | None]:
