@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.speed import _median, median_ci  # noqa: E402
+from benchmarks.timing_stats import median, median_ci  # noqa: E402
 from medssl.detection.deformable_attn import level_starts, ms_deform_attn, ms_deform_attn_reference  # noqa: E402
 
 SIZES = (128, 192, 256, 512, 800)
@@ -165,13 +165,13 @@ def _compare(impls: dict[str, Callable[[], torch.Tensor]], rounds: int, dev: tor
     row: dict = {"device": dev.type, "threads": torch.get_num_threads(), "rounds": rounds,
                  "memory_kind": "cuda_peak" if dev.type == "cuda" else "saved_for_backward"}
     for k in names:
-        row[f"{k}_s"] = _median(wall[k])
-        row[f"{k}_cpu_s"] = _median(cpu[k])
+        row[f"{k}_s"] = median(wall[k])
+        row[f"{k}_cpu_s"] = median(cpu[k])
         row[f"{k}_mem_mb"] = mem[k] / 2**20
     for peer in [k for k in names if k != "ours"]:
         for kind, times in (("time", wall), ("cpu", cpu)):
             ratios = [p / o for p, o in zip(times[peer], times["ours"], strict=True)]  # > 1: ours faster
-            row[f"{kind}_speedup_vs_{peer}"] = _median(ratios)
+            row[f"{kind}_speedup_vs_{peer}"] = median(ratios)
             row[f"{kind}_speedup_vs_{peer}_ci95"] = median_ci(ratios)
             row[f"{kind}_faster_rounds_vs_{peer}"] = sum(x > 1 for x in ratios)
         row[f"mem_ratio_vs_{peer}"] = mem["ours"] / max(mem[peer], 1)
@@ -271,7 +271,7 @@ def bench_detector(repeats: int, device: str, bf16: bool = False) -> dict:
         if i:
             times.append(time.perf_counter() - t0)
     return {"bench": "detector_train", "config": "demo", "precision": "bf16" if bf16 else "fp32", "img": 192,
-            "batch": 2, "device": device, "threads": torch.get_num_threads(), "images_per_s": 2 / _median(times)}
+            "batch": 2, "device": device, "threads": torch.get_num_threads(), "images_per_s": 2 / median(times)}
 
 
 def run(quick: bool, sizes: tuple[int, ...] | None = None, rounds: int | None = None,

@@ -89,14 +89,14 @@ def _stage_key(cfg: dict[str, Any], chain: list[str], fingerprint: str) -> str:
 def train_chain(cfg: dict[str, Any], chain: list[str], work: Path, fingerprint: str) -> Path:
     """Train (or reuse) every stage of ``chain`` in order, each from the previous best; returns the last
     stage's folder."""
-    from medssl.detection.stages import _stage_done, train_stage
+    from medssl.detection.stages import stage_done, train_stage
 
     init = None
     sdir = work
     for i, stage in enumerate(chain):
         run_dir = work / "stages" / _stage_key(cfg, chain[: i + 1], fingerprint)
         sdir = run_dir / stage
-        if _stage_done(sdir):
+        if stage_done(sdir):
             log.info("[%s] reused %s", stage, sdir)
         else:
             c = copy.deepcopy(cfg)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -39,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.timing_stats import median, median_ci  # noqa: E402
 
 # name: (img, patch, in_chans, dim, depth, heads, dec_dim, dec_depth, dec_heads)
 CONFIGS = {
@@ -196,32 +197,6 @@ def machine_info(device: str) -> dict:
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-
-def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Distribution-free confidence interval of the median (order statistics, binomial); None below 6 values.
-
-    The interval [x_(j), x_(n+1-j)] of the sorted values holds the median with probability
-    1 - 2 P(Binomial(n, 1/2) < j); j is the largest rank that keeps that at or above `level`.
-    """
-    n = len(values)
-    if n < 6:
-        return None
-    xs = sorted(values)
-    tail, j = 0.0, 0
-    while True:  # P(B <= j) for the next j, added up term by term
-        nxt = tail + math.comb(n, j) / 2**n
-        if 1 - 2 * nxt < level:
-            break
-        tail, j = nxt, j + 1
-    j = max(j, 1)
-    return xs[j - 1], xs[n - j]
-
-
 def time_interleaved(config: str, rounds: int, steps: int, device: str, bf16: bool = False) -> list[dict]:
     """All implementations in one process, their steps interleaved round by round (order rotated).
 
@@ -250,12 +225,12 @@ def time_interleaved(config: str, rounds: int, steps: int, device: str, bf16: bo
     for impl in IMPLS:
         ratios = [p / o for p, o in zip(per_round[impl], per_round["medssl"], strict=True)]  # >1: medssl faster
         fb_ratios = [p / o for p, o in zip(fb_round[impl], fb_round["medssl"], strict=True)]
-        step_s = _median(per_round[impl])
+        step_s = median(per_round[impl])
         rows.append({"impl": impl, "config": config, "step_s": step_s, "images_per_s": BATCH / step_s,
                      "round_step_s": per_round[impl], "round_fwd_bwd_s": fb_round[impl],
-                     "medssl_speedup_median": _median(ratios), "medssl_speedup_ci95": median_ci(ratios),
+                     "medssl_speedup_median": median(ratios), "medssl_speedup_ci95": median_ci(ratios),
                      "medssl_faster_rounds": sum(r > 1 for r in ratios), "rounds": rounds,
-                     "model_speedup_median": _median(fb_ratios), "model_speedup_ci95": median_ci(fb_ratios),
+                     "model_speedup_median": median(fb_ratios), "model_speedup_ci95": median_ci(fb_ratios),
                      "flops_per_step": flops[impl], "device": device,
                      "precision": "bf16" if bf16 or device == "cuda" else "fp32"})
     return rows

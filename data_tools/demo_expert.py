@@ -125,7 +125,7 @@ def make_lesion_expert(demo_dir: str | Path, generator: dict, *, init: str | Pat
     import torch
     from torch.utils.data import TensorDataset
 
-    from data_tools.demo_mammo import SPLITS, generate
+    from data_tools.mammo_synth import SPLITS, generate
     from medssl.heads.build import build_head, head_record, init_head
     from medssl.heads.classify import layer_decay_groups
     from medssl.heads.fit import FitConfig, dice_score, fit, random_hflip

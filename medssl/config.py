@@ -1,19 +1,36 @@
 """Plain-data configs: nested dicts from YAML, merged onto defaults, with `section.key=value` overrides.
 
 A key that the defaults do not have is an error that lists the valid keys, so a typo never silently
-does nothing.
+does nothing. A key of an older name (:data:`RENAMED_KEYS`) is read as its new name with a DeprecationWarning
+and a log line, so that older YAML files and run folders still load.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+__all__ = ["RENAMED_KEYS", "dump_config", "load_config", "parse_override", "read_yaml", "renamed_key"]
+
+log = logging.getLogger("medssl")
+_LOGGED: set[str] = set()
+
+# One name per concept, the name MAE / timm users know (MAE's main_pretrain.py: --accum_iter, --clip_grad via
+# timm's train.py; timm and Lightning: precision). Old name -> (new name, old value -> new value).
+RENAMED_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "grad_accum": ("accum_iter", lambda v: v),  # detection train section, TrainConfig
+    "clip_max_norm": ("clip_grad", lambda v: v),  # detection train section (DETR's name)
+    "grad_clip": ("clip_grad", lambda v: v),  # heads.FitConfig
+    "bf16": ("precision", lambda v: "bf16" if v else "fp32"),  # heads.FitConfig (a bool)
+}
 
 
 class _Loader(yaml.SafeLoader):
@@ -32,8 +49,28 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
+def renamed_key(key: str, value: Any, where: str = "", source: str = "") -> tuple[str, Any]:
+    """(new name, value in the new form) of the old config key `key` (see :data:`RENAMED_KEYS`), with a
+    DeprecationWarning and a log line naming where the key was read (`where`: its section, `source`: a file)."""
+    new, convert = RENAMED_KEYS[key]
+    out = convert(value)
+    at = f"{where}.{key}" if where else key
+    msg = (f"config key {at!r}{f' in {source}' if source else ''} is deprecated: read as {new!r}={out!r}; "
+           f"please write {new!r}")
+    warnings.warn(msg, DeprecationWarning, stacklevel=3)
+    if msg not in _LOGGED:  # one log line per old key and place, however often it is read
+        _LOGGED.add(msg)
+        log.warning(msg)
+    return new, out
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str, source: str = "") -> None:
     for key, value in update.items():
+        if key not in base and key in RENAMED_KEYS and RENAMED_KEYS[key][0] in base:
+            if RENAMED_KEYS[key][0] in update:
+                raise KeyError(f"config sets both {key!r} and its new name {RENAMED_KEYS[key][0]!r} in "
+                               f"{where or 'the top level'}: keep {RENAMED_KEYS[key][0]!r}")
+            key, value = renamed_key(key, value, where, source)
         path = f"{where}.{key}" if where else key
         if key not in base:
             valid = ", ".join(f"{where}.{k}" if where else k for k in base)
@@ -41,7 +78,7 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise TypeError(f"config key {path!r} is a section; got {value!r}")
-            _merge(base[key], value, path)
+            _merge(base[key], value, path, source)
         else:
             base[key] = value
 
@@ -76,11 +113,11 @@ def load_config(defaults: Mapping[str, Any], path: str | os.PathLike | None = No
         if base is not None:
             cfg = load_config(defaults, path.parent / base)
         try:
-            _merge(cfg, data, "")
+            _merge(cfg, data, "", str(path))
         except (KeyError, TypeError) as exc:
             raise type(exc)(f"{path}: {exc.args[0]}") from None
     for text in overrides:
-        _merge(cfg, parse_override(text), "")
+        _merge(cfg, parse_override(text), "", "a command-line override")
     return cfg
 
 

@@ -164,7 +164,7 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
     total, warmup, eff = plan_steps(cfg, count_samples(urls), dist.world_size)
     lr = t["lr"] or scaled_lr(t["base_lr"], eff)
     tcfg = TrainConfig(total_steps=total, lr=lr, warmup_steps=warmup, min_lr=t["min_lr"],
-                       weight_decay=t["weight_decay"], betas=tuple(t["betas"]), grad_accum=t["accum_iter"],
+                       weight_decay=t["weight_decay"], betas=tuple(t["betas"]), accum_iter=t["accum_iter"],
                        clip_grad=t["clip_grad"], precision=t["precision"], log_every=o["log_every"],
                        ckpt_every=o["ckpt_every"], keep_checkpoints=o["keep_checkpoints"],
                        keep_every=o["keep_every"], seed=t["seed"],

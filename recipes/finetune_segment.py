@@ -9,30 +9,25 @@
     # model.protocol=probe: frozen encoder, dense multi-block probe; =frozen: frozen encoder + decoder
     # --resume continues the run in output.dir from its newest checkpoint
 
-Writes output.dir/{config.yaml, metrics.json, best.pt, model.pt (architecture record + every weight:
-`medssl.heads.build.load_head("model.pt")` rebuilds it without the backbone's source), checkpoints/}.
+Writes output.dir/{config.yaml, metrics.json, best.pt, head.pt (architecture record + every weight:
+`medssl.heads.build.load_head("head.pt")` rebuilds the model without the backbone's source; runs written
+before this name wrote model.pt, which `load_head(output.dir)` still reads), checkpoints/}.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import TensorDataset
 
-from medssl.config import dump_config
 from medssl.data.datasets import SegmentationDataset, split_by_group
-from medssl.heads.build import build_head, head_record, init_head, save_head
-from medssl.heads.classify import layer_decay_groups
-from medssl.heads.fit import FitConfig, dice_score, predict, random_hflip, train_supervised
+from medssl.heads.build import head_record
+from medssl.heads.fit import dice_score, predict, random_hflip
 from medssl.heads.segment import dice_ce_loss
+from medssl.heads.transfer import finish_transfer, start_transfer, train_transfer
 from medssl.metrics.segmentation import SegmentationMeter
 from medssl.train.engine import run_facts
 from medssl.train.launch import run_recipe
-from medssl.utils import seed_everything
 
 DEFAULTS = {
     "data": {"csv": None, "num_classes": 2, "img_size": 224, "in_chans": 1, "axis": 0, "min_foreground": 0.05,
@@ -53,44 +48,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: dict, dist, ds_config: dict | None, resume: bool) -> int:
-    d, m, t = cfg["data"], cfg["model"], cfg["train"]
-    out = Path(cfg["output"]["dir"])
-    if dist.is_main:
-        dump_config(cfg, out / "config.yaml")
+    d, m = cfg["data"], cfg["model"]
+    out = start_transfer(cfg, dist)
     full = SegmentationDataset.from_csv(d["csv"], d["img_size"], d["num_classes"], d["in_chans"], d["axis"],
                                         d["min_foreground"])
     split = np.array(split_by_group(full.groups, d["fractions"], d["split_seed"]))  # by volume / patient
     c = d["num_classes"]
     record = head_record("segment", m["protocol"], m["backbone"], c, d["img_size"], d["in_chans"],
                          blocks=m["blocks"], decoder_dim=m["decoder_dim"], drop_path=m["drop_path"])
-    seed_everything(t["seed"])  # the fresh head: the same in every process and every restart
-    model = build_head(record)
-    if not (resume and any((out / "checkpoints").glob("*"))):
-        init_head(model, record)  # the pretrained weights, once; a resumed run has them in its checkpoint
-    norm = model.backbone.medssl_cfg
-    mean, std = (torch.tensor(norm[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
-    sets = {}
+    splits = {}
     for name in ("train", "val", "test"):
         part = full.subset(np.flatnonzero(split == name))
-        sets[name] = TensorDataset((part.images - mean) / std, part.masks)
-    groups, augment = None, random_hflip
-    if m["protocol"] == "probe":
-        augment = None
-    else:
-        groups = layer_decay_groups(model, len(model.backbone.blocks), t["lr"], t["weight_decay"], m["layer_decay"])
-    fc = FitConfig(epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-                   warmup_epochs=t["warmup_epochs"], seed=t["seed"], device=t["device"])
-    res = train_supervised(model, sets["train"], sets["val"], dice_ce_loss, dice_score(c), fc, param_groups=groups,
-                           augment=augment, dist=dist, out_dir=out, resume=resume, precision=t["precision"],
-                           ds_config=ds_config, best_extra={"record": record})
-    logits, y = predict(model, sets["test"], batch_size=fc.batch_size, device=dist.device)
+        splits[name] = (part.images, part.masks)
+    augment = None if m["protocol"] == "probe" else random_hflip
+    run = train_transfer(cfg, record, splits, dice_ce_loss, dice_score(c), dist, ds_config, resume, augment=augment,
+                         best_extra={"record": record})
+    logits, y = predict(run.model, run.sets["test"], batch_size=run.fit_config.batch_size, device=dist.device)
     meter = SegmentationMeter(c)
     meter.update(logits.argmax(1), y)
-    report = {"best_val_dice": res.best_score, "best_epoch": res.best_epoch,
-              "samples": {k: len(v) for k, v in sets.items()}, "test": meter.report(), **run_facts(res.engine)}
+    report = {"best_val_dice": run.fit.best_score, "best_epoch": run.fit.best_epoch,
+              "samples": {k: len(v) for k, v in run.sets.items()}, "test": meter.report(),
+              **run_facts(run.fit.engine)}
+    finish_transfer(run, report, dist)
     if dist.is_main:
-        (out / "metrics.json").write_text(json.dumps(report, indent=1))
-        save_head(out / "model.pt", model, record)
         print(f"test: Dice {report['test']['dice']:.3f} IoU {report['test']['iou']:.3f} -> {out}")
     return 0
 

@@ -9,7 +9,7 @@ findings); :func:`convert` then does the rest the same way for all three: splits
 16-bit PNG through ``medssl.data.imaging`` (modality LUT, VOI LUT / window, MONOCHROME1), boxes from
 the release's annotations (CBIS-DDSM: connected components of the ROI masks), an optional maximum size
 with boxes scaled alike, ``manifest.jsonl`` (one line per case: converted / skipped + why), resume after
-a kill, ``annotations/instances_{train,val,test}.json`` and ``coco_tools.validate`` at the end.
+a kill, ``annotations/instances_{train,val,test}.json`` and ``coco_layout.validate`` at the end.
 Modules: ``cases`` (records, options, splits by patient), ``cbis_ddsm`` / ``inbreast`` / ``vindr`` (one
 reader per release), ``write`` (one case to PNG + manifest record, COCO files, resume helpers).
 
@@ -30,7 +30,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from data_tools.coco_tools import validate
+from data_tools.coco_layout import validate
 from data_tools.mammo_releases.cases import KINDS, Case, Finding, Options, Skip, assign_splits
 from data_tools.mammo_releases.cbis_ddsm import cbis_ddsm_cases, roi_boxes
 from data_tools.mammo_releases.inbreast import inbreast_cases, inbreast_rois
@@ -52,7 +52,7 @@ def convert(release: str, src: str | Path, out: str | Path, opts: Options, *, pr
     """Convert a downloaded release to ``out`` (DATA_ROOT/NAME); resumable; returns a summary.
 
     Cases already in ``out/manifest.jsonl`` are not redone (delete a line to retry that case). Bad or
-    missing files skip their case with the reason in the manifest. Ends with ``coco_tools.validate``.
+    missing files skip their case with the reason in the manifest. Ends with ``coco_layout.validate``.
     """
     from tqdm import tqdm
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from data_tools.coco_tools import _num
+from data_tools.coco_layout import table_number
 from data_tools.mammo_releases.cases import Case, Finding, Options, find_one, norm_label, read_table, require_columns
 
 VINDR_COLUMNS = ("image_id", "study_id", "height", "width", "finding_categories", "finding_birads",
@@ -49,8 +49,8 @@ def vindr_cases(src: str | Path, opts: Options) -> list[Case]:
             if split is None:
                 case.problem = f"{table.name}:{line}: unknown split {row['split']!r}"
         try:
-            h, w = _num(row, "height", line, table), _num(row, "width", line, table)
-            box = [_num(row, c, line, table) for c in ("xmin", "ymin", "xmax", "ymax")]
+            h, w = table_number(row, "height", line, table), table_number(row, "width", line, table)
+            box = [table_number(row, c, line, table) for c in ("xmin", "ymin", "xmax", "ymax")]
         except ValueError as e:
             case.problem = str(e)
             continue

@@ -26,10 +26,10 @@ DEFAULTS: dict[str, Any] = {
     "model": asdict(DetrConfig()),
     "mae": {"mask_ratio": 0.8, "layers": 2},
     "distill": {"proj_dim": 128, "temperature": 0.1, "mode": "infonce", "margin": 0.2},
-    # batch_size above is per rank: the global batch is batch_size x ranks x grad_accum.
+    # batch_size above is per rank: the global batch is batch_size x ranks x accum_iter.
     # ckpt_every: also checkpoint every this many steps (every epoch ends with one anyway; 0: epochs only)
-    "train": {"weight_decay": 1e-4, "clip_max_norm": 0.1, "lr_linear_proj_mult": 0.1, "log_every": 50,
-              "eval_every": 1, "precision": "auto", "grad_accum": 1, "ckpt_every": 0, "keep_checkpoints": 2},
+    "train": {"weight_decay": 1e-4, "clip_grad": 0.1, "lr_linear_proj_mult": 0.1, "log_every": 50,
+              "eval_every": 1, "precision": "auto", "accum_iter": 1, "ckpt_every": 0, "keep_checkpoints": 2},
     "eval": {"select": "R@0.3", "nms_iou": 0.1, "hit": "center", "iou_threshold": 0.5, "max_dets": 100,
              "overlays": 4, "random_boxes_per_image": 10, "test_split": "test",
              "pseudo_truth": None},

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import NamedTuple
@@ -34,6 +34,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medssl.detection.deform_core import KernelDeformAttn as _CoreDeformAttn
+from medssl.detection.deform_core import KernelPair as _Core
+from medssl.detection.deform_core import level_starts
 
 __all__ = ["IMPLS", "MSDeformAttn", "ms_deform_attn", "ms_deform_attn_fused", "ms_deform_attn_projected",
            "ms_deform_attn_reference", "level_starts", "resolve_impl"]
@@ -95,11 +99,6 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor,
     attn = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)  # [N*M, 1, Lq, L*P]
     out = (torch.stack(sampled, dim=-2).flatten(-2) * attn).sum(-1)  # [N*M, D, Lq]
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()  # [N, Lq, M*D]
-
-
-def level_starts(spatial_shapes: torch.Tensor) -> torch.Tensor:
-    """Index of each level's first token in the flattened value: ``(L,)`` from ``(L, 2)`` (H, W) shapes."""
-    return torch.cat([spatial_shapes.new_zeros(1), (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1]])
 
 
 def _level_constants(spatial_shapes: torch.Tensor, n_heads: int, n_points: int, device: torch.device
@@ -265,35 +264,7 @@ def _fused_grads(needs: tuple[bool, bool, bool], grad_out: torch.Tensor, value: 
     return grad_value, grad_loc, grad_attn
 
 
-class _Core(NamedTuple):
-    """A deformable-attention kernel pair: ``forward(value, shapes, loc, attn)`` and
-    ``grads(needs, grad_out, value, shapes, loc, attn) -> (grad_value, grad_loc, grad_attn)``."""
-
-    forward: Callable[..., torch.Tensor]
-    grads: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
-
-
 FUSED = _Core(_fused_forward, _fused_grads)
-
-
-class _CoreDeformAttn(torch.autograd.Function):
-    """Deformable attention through a kernel pair (:data:`FUSED`, or the Triton pair); only the inputs are saved,
-    the kernels recompute the rest in backward."""
-
-    @staticmethod
-    def forward(ctx, core: _Core, value: torch.Tensor, spatial_shapes: torch.Tensor,
-                sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-        ctx.core = core
-        ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
-        return core.forward(value, spatial_shapes, sampling_locations, attention_weights)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        value, spatial_shapes, loc, attention_weights = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        gv, gl, ga = ctx.core.grads((needs[1], needs[3], needs[4]), grad_out, value, spatial_shapes, loc,
-                                    attention_weights)
-        return None, gv, None, gl, ga
 
 
 def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor,

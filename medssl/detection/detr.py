@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -219,11 +219,6 @@ def build_detector(cfg: DetrConfig | dict[str, Any]) -> DeformableDETR:
     if isinstance(cfg, dict):
         cfg = DetrConfig.from_dict(cfg)
     return DeformableDETR(cfg)
-
-
-def config_dict(cfg: DetrConfig) -> dict[str, Any]:
-    """Plain-dict form of a config (stored in checkpoints)."""
-    return asdict(cfg)
 
 
 @torch.no_grad()

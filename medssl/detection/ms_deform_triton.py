@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medssl.detection.deformable_attn import _Core, _CoreDeformAttn, level_starts
+from medssl.detection.deform_core import KernelDeformAttn, KernelPair, level_starts
 
 __all__ = ["ms_deform_attn_triton", "triton_core", "triton_forward", "triton_grads", "triton_usable"]
 
@@ -173,13 +173,13 @@ def triton_grads(needs: tuple[bool, bool, bool], grad_out: torch.Tensor, value: 
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 
-def triton_core(like: torch.Tensor) -> _Core:
+def triton_core(like: torch.Tensor) -> KernelPair:
     """The Triton kernel pair for tensors like ``like``; RuntimeError where the kernels cannot run (CPU
     tensors without ``TRITON_INTERPRET=1``)."""
     if not triton_usable(like):
         raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            f"imported), got a tensor on {like.device}")
-    return _Core(triton_forward, triton_grads)
+    return KernelPair(triton_forward, triton_grads)
 
 
 def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
@@ -191,5 +191,5 @@ def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor, sam
     """
     core = triton_core(value)
     dtype = sampling_locations.dtype if value.dtype != torch.float64 else torch.float64
-    return _CoreDeformAttn.apply(core, value, spatial_shapes, sampling_locations.to(dtype),
+    return KernelDeformAttn.apply(core, value, spatial_shapes, sampling_locations.to(dtype),
                                  attention_weights.to(dtype))

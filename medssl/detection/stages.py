@@ -64,7 +64,7 @@ from medssl.train.optim import lr_scale_groups
 from medssl.train.task import Task
 from medssl.utils import seed_everything
 
-__all__ = ["DEFAULTS", "STAGES", "StageModel", "StageTask", "build_medmask", "run_stages", "train_stage"]
+__all__ = ["DEFAULTS", "STAGES", "StageModel", "StageTask", "build_medmask", "run_stages", "stage_done", "train_stage"]
 
 log = logging.getLogger("medssl")
 
@@ -321,7 +321,8 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _stage_done(sdir: Path) -> bool:
+def stage_done(sdir: Path) -> bool:
+    """Whether the stage folder `sdir` holds a finished stage (``metrics.json`` marked complete and ``best.pt``)."""
     f = sdir / "metrics.json"
     return f.is_file() and (sdir / "best.pt").is_file() and json.loads(f.read_text()).get("complete", False)
 
@@ -357,11 +358,11 @@ def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | N
     data = epoch_batches(splits["train"], cfg, cfg["seed"], dist.rank, dist.world_size)
     if stage != "source_only":
         data = PairedBatches(data, epoch_batches(splits["target"], cfg, cfg["seed"] + 1, dist.rank, dist.world_size))
-    spe = max(1, len(data) // tc["grad_accum"])
+    spe = max(1, len(data) // tc["accum_iter"])
     tcfg = TrainConfig(total_steps=sc["epochs"] * spe, lr=sc["lr"], schedule="step",
                        lr_drop_step=None if sc["lr_drop"] is None else sc["lr_drop"] * spe,
-                       weight_decay=tc["weight_decay"], betas=(0.9, 0.999), grad_accum=tc["grad_accum"],
-                       clip_grad=tc["clip_max_norm"] or None, precision=tc["precision"],
+                       weight_decay=tc["weight_decay"], betas=(0.9, 0.999), accum_iter=tc["accum_iter"],
+                       clip_grad=tc["clip_grad"] or None, precision=tc["precision"],
                        log_every=tc["log_every"] or spe, ckpt_every=tc["ckpt_every"],
                        keep_checkpoints=tc["keep_checkpoints"], seed=cfg["seed"], steps_per_epoch=spe,
                        eval_every=tc["eval_every"], select=cfg["eval"]["select"], max_bad_steps=1)
@@ -370,7 +371,7 @@ def train_stage(stage: str, cfg: dict, out_dir: str | Path, init: str | Path | N
         engine.resume()
     if dist.is_main:
         log.info("[%s] %d epochs x %d steps, global batch %d x %d ranks x %d accumulation, from step %d", stage,
-                 sc["epochs"], spe, d["batch_size"], dist.world_size, tc["grad_accum"], engine.step)
+                 sc["epochs"], spe, d["batch_size"], dist.world_size, tc["accum_iter"], engine.step)
     engine.fit(data)
     best_ckpt = sdir / "best.pt"
     result = {"stage": stage, "best_epoch": engine.best["epoch"], "best": engine.best["metrics"],
@@ -414,7 +415,7 @@ def run_stages(cfg: dict, stages: Iterable[str], init: str | Path | None = None,
     curves = {"random boxes": base_curve}
     for stage in stages:
         sdir = out / stage
-        if resume and _stage_done(sdir):
+        if resume and stage_done(sdir):
             if dist.is_main:
                 log.info("[%s] finished earlier: kept (%s)", stage, sdir / "best.pt")
             res = json.loads((sdir / "metrics.json").read_text())

@@ -13,7 +13,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,11 @@ from medssl.heads.segment import DenseProbe, ViTSegmenter
 from medssl.hub import backbone_record, build_backbone_model, load_backbone_weights
 from medssl.train.checkpoint import load_checkpoint, load_exact, save_checkpoint
 
-__all__ = ["build_head", "head_record", "init_head", "load_head", "save_head"]
+__all__ = ["HEAD_FILE", "build_head", "head_file", "head_record", "init_head", "load_head", "save_head"]
 
+log = logging.getLogger("medssl")
+HEAD_FILE = "head.pt"  # a transfer run's trained model (record + every weight), in its output folder
+OLD_HEAD_FILES = ("model.pt",)  # what recipes/finetune_segment.py wrote before
 PROTOCOLS = {"classify": ("probe", "finetune"), "segment": ("probe", "frozen", "finetune")}
 
 
@@ -73,8 +78,27 @@ def save_head(path: str | os.PathLike, model: nn.Module, record: dict[str, Any],
     return save_checkpoint(path, {"model": model.state_dict(), "record": record, **extra})
 
 
+def head_file(run_dir: str | os.PathLike) -> Path:
+    """The trained transfer model of a run folder: :data:`HEAD_FILE`, or the name an older run wrote (read
+    with a DeprecationWarning and a log line); FileNotFoundError when there is neither."""
+    run_dir = Path(run_dir)
+    if (run_dir / HEAD_FILE).is_file():
+        return run_dir / HEAD_FILE
+    for old in OLD_HEAD_FILES:
+        if (run_dir / old).is_file():
+            msg = (f"{run_dir}: reading {old}, the old name of a transfer run's model; runs now write {HEAD_FILE} "
+                   "(rename the file to silence this)")
+            warnings.warn(msg, DeprecationWarning, stacklevel=2)
+            log.warning(msg)
+            return run_dir / old
+    raise FileNotFoundError(f"{run_dir}: no {HEAD_FILE} (not a finished transfer run folder?)")
+
+
 def load_head(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a transfer model from its checkpoint alone; returns (model in eval mode, checkpoint dict)."""
+    """Rebuild a transfer model from its checkpoint alone (a file, or a run folder: its :data:`HEAD_FILE`);
+    returns (model in eval mode, checkpoint dict)."""
+    if Path(path).is_dir():
+        path = head_file(path)
     ck = load_checkpoint(path)
     if "record" not in ck or "model" not in ck:
         raise ValueError(f"{path}: not a medssl transfer checkpoint (no 'record' / 'model' entries)")

@@ -13,7 +13,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from medssl.config import renamed_key
 from medssl.data.epochs import EpochBatches
 from medssl.train.checkpoint import save_checkpoint
 from medssl.train.dist import DistInfo, resolve_device
@@ -42,12 +43,14 @@ class FitConfig:
         weight_decay: AdamW weight decay (used when `fit` builds the groups itself).
         warmup_epochs: linear warmup length (may be fractional).
         betas: AdamW betas.
-        grad_clip: max gradient norm (None = off).
-        bf16: autocast to bfloat16 (CUDA or CPU).
+        clip_grad: max gradient norm (None = off).
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (see `medssl.train.TrainConfig`).
         seed: seeds python, numpy and torch.
         eval_every: validate every this many epochs (and after the last).
         device: "cpu", "cuda", ... (default: cuda if available).
         num_workers: DataLoader workers.
+        grad_clip / bf16: the old names of `clip_grad` / `precision` (``bf16=True`` is ``precision="bf16"``),
+            read with a DeprecationWarning.
     """
 
     epochs: int = 50
@@ -57,14 +60,20 @@ class FitConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 5.0
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = None
-    bf16: bool = False
+    clip_grad: float | None = None
+    precision: str = "fp32"
     seed: int = 0
     eval_every: int = 1
     device: str | None = None
     num_workers: int = 0
+    grad_clip: InitVar[float | None] = None  # deprecated: clip_grad
+    bf16: InitVar[bool | None] = None  # deprecated: precision
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, grad_clip: float | None, bf16: bool | None) -> None:
+        for old, value in (("grad_clip", grad_clip), ("bf16", bf16)):
+            if value is not None:
+                new, value = renamed_key(old, value, "FitConfig")
+                setattr(self, new, value)
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
             raise ValueError(f"FitConfig needs epochs, batch_size, eval_every >= 1, lr > 0: {asdict(self)}")
 
@@ -202,8 +211,7 @@ def train_supervised(model: nn.Module, train_set: Dataset, val_set: Dataset | No
                      cfg: FitConfig, param_groups: list[dict] | None = None, sampler: Sampler | None = None,
                      augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                      dist: DistInfo | None = None, out_dir: str | Path | None = None, resume: bool = False,
-                     precision: str | None = None, ds_config: dict | None = None,
-                     best_extra: dict[str, Any] | None = None) -> FitResult:
+                     ds_config: dict | None = None, best_extra: dict[str, Any] | None = None) -> FitResult:
     """Train `model` on the engine and keep the weights of the best validation score (higher is better).
 
     Args:
@@ -219,7 +227,6 @@ def train_supervised(model: nn.Module, train_set: Dataset, val_set: Dataset | No
         dist: launcher (default: one process on `cfg.device`).
         out_dir: run folder for checkpoints, `metrics.csv` and `best.pt` (None: nothing written).
         resume: continue from the newest checkpoint in `out_dir`.
-        precision: engine precision (default: bf16 if `cfg.bf16` else fp32).
         ds_config: DeepSpeed config when `dist` is DeepSpeed.
         best_extra: entries stored beside the best weights in `out_dir/best.pt`.
 
@@ -252,7 +259,7 @@ def train_supervised(model: nn.Module, train_set: Dataset, val_set: Dataset | No
                           best_path=out / "best.pt" if out is not None else None, best_extra=best_extra)
     tc = TrainConfig(total_steps=cfg.epochs * spe, lr=cfg.lr, warmup_steps=int(cfg.warmup_epochs * spe),
                      min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
-                     clip_grad=cfg.grad_clip, precision=precision or ("bf16" if cfg.bf16 else "fp32"),
+                     clip_grad=cfg.clip_grad, precision=cfg.precision,
                      log_every=max(1, spe), ckpt_every=0, seed=cfg.seed, steps_per_epoch=spe,
                      eval_every=cfg.eval_every, select="score" if val_set is not None else None, max_bad_steps=1)
     engine = Engine(task, tc, out, dist, ds_config=ds_config, micro_batch_size=cfg.batch_size)

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from medssl.train.checkpoint import (
 )
 from medssl.train.dist import DistInfo, all_reduce_max, all_reduce_mean, barrier
 from medssl.train.logging import ScalarLogger
-from medssl.train.optim import cosine_lr, make_adamw, param_groups, set_lr
+from medssl.train.optim import cosine_lr, make_adamw, set_lr
 from medssl.train.task import Task
 from medssl.utils import stable_seed
 
@@ -101,7 +101,7 @@ class TrainConfig:
     lr_drop_step: int | None = None
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_accum: int = 1
+    accum_iter: int = 1
     clip_grad: float | None = None
     precision: str = "auto"
     log_every: int = 10
@@ -120,8 +120,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.total_steps < 1 or self.grad_accum < 1 or self.eval_every < 1:
-            raise ValueError("total_steps, grad_accum and eval_every must be >= 1")
+        if self.total_steps < 1 or self.accum_iter < 1 or self.eval_every < 1:
+            raise ValueError("total_steps, accum_iter and eval_every must be >= 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         self.betas = tuple(self.betas)
@@ -142,39 +142,22 @@ class TrainConfig:
 Callback = Callable[["Engine", int, Any], None]
 
 
-class _ForwardTask(Task):
-    """A bare model + `forward(model, batch) -> loss` as a task (the MAE stream's original interface)."""
-
-    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, Any], torch.Tensor],
-                 batch_size: Callable[[Any], int] | None = None) -> None:
-        super().__init__(model)
-        self.forward, self._bs = forward, batch_size
-
-    def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        return {"loss": self.forward(model, batch)}
-
-    def batch_size(self, batch: Any) -> int:
-        return self._bs(batch) if self._bs else super().batch_size(batch)
-
-
 class Engine:
     """Trains a task's model under the launcher described by `dist`.
 
     Args:
-        task: a `Task`, or a bare `nn.Module` (then `fit` takes a `forward(model, batch) -> loss`).
+        task: the `Task` (its `model` is trained, its `param_groups` give the AdamW groups).
         cfg: `TrainConfig`.
         out_dir: run folder (checkpoints in `out_dir/checkpoints`, `metrics.csv`); None: no files at all.
         dist: from `setup_distributed`.
         ds_config: DeepSpeed JSON config (backend deepspeed).
         micro_batch_size: per-rank micro-batch (DeepSpeed wants it).
-        groups: AdamW groups (default: the task's `param_groups`).
     """
 
-    def __init__(self, task: Task | nn.Module, cfg: TrainConfig, out_dir: str | os.PathLike | None, dist: DistInfo,
-                 ds_config: dict | None = None, micro_batch_size: int | None = None,
-                 groups: list[dict] | None = None):
-        self.task = task if isinstance(task, Task) else None
-        model = task.model if isinstance(task, Task) else task
+    def __init__(self, task: Task, cfg: TrainConfig, out_dir: str | os.PathLike | None, dist: DistInfo,
+                 ds_config: dict | None = None, micro_batch_size: int | None = None):
+        self.task = task
+        model = task.model
         self.cfg, self.dist = cfg, dist
         self.out_dir = Path(out_dir) if out_dir is not None else None
         chosen = resolve_precision(cfg.precision, dist.device)
@@ -188,9 +171,8 @@ class Engine:
         self.history: list[dict[str, Any]] = []
         self.data_wait_fraction: float | None = None
         self.model = model.to(dist.device)
-        if groups is None:
-            groups = self.task.param_groups(cfg.weight_decay) if self.task else param_groups(model, cfg.weight_decay)
-        groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]  # names: not for the optimizer
+        groups = [{k: v for k, v in g.items() if k != "names"}  # names: not for the optimizer
+                  for g in task.param_groups(cfg.weight_decay)]
         if not any(len(list(g["params"])) for g in groups):
             raise ValueError("the model has no trainable parameters")
         self.optimizer = make_adamw(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -200,7 +182,7 @@ class Engine:
             self._init_deepspeed(ds_config or {}, micro_batch_size)
         elif dist.backend == "ddp":
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            unused = bool(self.task and self.task.find_unused_parameters)
+            unused = bool(task.find_unused_parameters)
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                              find_unused_parameters=unused)
         if cfg.precision == "fp16" and self.ds_engine is None:
@@ -215,7 +197,7 @@ class Engine:
             raise ValueError("the DeepSpeed config must not define an optimizer: medssl passes a client-side "
                              "torch AdamW (a config optimizer JIT-compiles a fused Adam for minutes)")
         wanted = {"train_micro_batch_size_per_gpu": micro_batch_size or 1,
-                  "gradient_accumulation_steps": self.cfg.grad_accum,
+                  "gradient_accumulation_steps": self.cfg.accum_iter,
                   "gradient_clipping": float(self.cfg.clip_grad or 0.0)}
         for key, value in wanted.items():  # the run's config decides; a DeepSpeed json that disagrees is an error
             if key in cfg and cfg[key] != "auto" and float(cfg[key]) != float(value):
@@ -263,7 +245,7 @@ class Engine:
     @property
     def global_batch(self) -> int | None:
         """Samples per optimizer step over all ranks (per-rank micro-batch x ranks x accumulation)."""
-        return None if self._micro_batch is None else self._micro_batch * self.dist.world_size * self.cfg.grad_accum
+        return None if self._micro_batch is None else self._micro_batch * self.dist.world_size * self.cfg.accum_iter
 
     _micro_batch: int | None = None
 
@@ -272,7 +254,7 @@ class Engine:
         return {"step": self.step, "train_config": dataclasses.asdict(self.cfg), **(extra or {}),
                 "model_config": dict(getattr(self.module, "config", {}) or {}),
                 "best": {k: v for k, v in self.best.items()}, "history": list(self.history),
-                "task_state": self.task.extra_state() if self.task else {}}
+                "task_state": self.task.extra_state()}
 
     def save(self, extra: dict[str, Any] | None = None) -> None:
         """Checkpoint the full training state (every rank must call; rank 0 writes for plain/DDP)."""
@@ -316,8 +298,7 @@ class Engine:
         self.step = int(client["step"])
         self.best = dict(client.get("best") or self.best)
         self.history = list(client.get("history") or [])
-        if self.task is not None:
-            self.task.load_extra_state(client.get("task_state") or {})
+        self.task.load_extra_state(client.get("task_state") or {})
         if self.dist.is_main:
             log.info("resumed from %s at step %d", self.ckpt_dir, self.step)
         return self.step
@@ -339,7 +320,7 @@ class Engine:
             with no_sync():
                 with self.autocast():
                     out = self._losses(batch)
-                scaled = out["loss"] / self.cfg.grad_accum
+                scaled = out["loss"] / self.cfg.accum_iter
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return {k: float(v.detach()) for k, v in out.items()}
 
@@ -361,7 +342,7 @@ class Engine:
         was_training = self.module.training
         self.module.eval()
         with torch.no_grad(), self.autocast():
-            metrics = self.task.evaluate(self, epoch) if self.task else None
+            metrics = self.task.evaluate(self, epoch)
         self.module.train(was_training)
         if metrics and self.cfg.select:
             if self.cfg.select not in metrics:
@@ -372,127 +353,161 @@ class Engine:
                 self.task.on_best(self, epoch, metrics)
         return metrics
 
-    def fit(self, data: Any, forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-            callbacks: Sequence[Callback] = (), batch_size: Callable[[Any], int] | None = None,
+    def fit(self, data: Any, callbacks: Sequence[Callback] = (),
             on_checkpoint: Callable[[], dict[str, Any]] | None = None) -> list[float]:
         """Train from `self.step` to `cfg.total_steps` (or `stop_at`); returns the per-step mean losses of this call.
 
         Args:
             data: an object with `batches(epoch, start)` and `len()` micro-batches per epoch (sought on resume),
                 or an iterable that already starts at the resume point (a stream).
-            forward: with a bare model: `forward(model, batch) -> loss`.
             callbacks: `cb(engine, step, batch)` after every step.
-            batch_size: samples of a batch (default: the task's `batch_size`).
             on_checkpoint: extra entries for every checkpoint.
         """
-        if self.task is None:
-            if forward is None:
-                raise ValueError("Engine.fit needs a forward function when the engine wraps a bare model")
-            self.task = _ForwardTask(self.module, forward, batch_size)
-        task, cfg, dist = self.task, self.cfg, self.dist
-        seekable = hasattr(data, "batches")
-        spe = cfg.epoch_steps
-        if seekable and len(data) < spe * cfg.grad_accum:
-            raise ValueError(f"the data gives {len(data)} micro-batches per epoch, fewer than steps_per_epoch "
-                             f"{spe} x grad_accum {cfg.grad_accum}")
-        logger = ScalarLogger(self.out_dir, enabled=dist.is_main, resume_step=self.step) if self.out_dir else None
-        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not dist.is_main, dynamic_ncols=True,
+        cfg, spe = self.cfg, self.cfg.epoch_steps
+        batches_of = self._batch_source(data)
+        logger = ScalarLogger(self.out_dir, enabled=self.dist.is_main, resume_step=self.step) if self.out_dir else None
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True,
                    desc="train", mininterval=2.0)
-        stream = None if seekable else iter(data)
+        meter = _Meter()
         it = None
-        losses: list[float] = []
-        t0, seen, waited = time.perf_counter(), 0, 0.0
-        epoch_t0, epoch_seen, epoch_sums, epoch_count = time.perf_counter(), 0, {}, 0
         self.model.train()
         end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at else cfg.total_steps
         while self.step < end:
             epoch, in_epoch = divmod(self.step, spe)
             if it is None or in_epoch == 0:
                 if in_epoch == 0:
-                    task.on_epoch_start(self, epoch)
+                    self.task.on_epoch_start(self, epoch)
                     self.model.train()
-                it = data.batches(epoch, in_epoch * cfg.grad_accum) if seekable else stream
+                it = batches_of(epoch, in_epoch * cfg.accum_iter)
             lr = cfg.lr_at(self.step)
             set_lr(self.optimizer, lr)
-            step_out: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                torch.manual_seed(stable_seed(cfg.seed, dist.rank, self.step, micro))
-                tw = time.perf_counter()
-                batch = next(it)
-                waited += time.perf_counter() - tw
-                batch = task.prepare(batch, dist.device, self.input_dtype)
-                torch.manual_seed(stable_seed(cfg.seed, dist.rank, self.step, micro, 1))
-                n = task.batch_size(batch)
-                seen += n
-                epoch_seen += n
-                self._micro_batch = self._micro_batch or n
-                for k, v in self._micro_step(batch, sync=micro == cfg.grad_accum - 1).items():
-                    step_out[k] = step_out.get(k, 0.0) + v / cfg.grad_accum
-            loss = step_out["loss"]
-            # Decide on every rank alike: gradients are already all-reduced, so one rank's NaN is everyone's.
-            finite = all_reduce_max(0.0 if math.isfinite(loss) else 1.0, dist) == 0.0
-            grad_norm = None
-            if finite:
-                self.bad_steps = 0
-                if self.ds_engine is None:
-                    grad_norm = self._optimizer_step()
-            else:
-                self.bad_steps += 1
-                if self.ds_engine is None:
-                    self.optimizer.zero_grad(set_to_none=True)
-                log.warning("non-finite loss at step %d, update skipped (%d in a row)", self.step, self.bad_steps)
-                if self.bad_steps >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{self.bad_steps} non-finite losses in a row at step {self.step}: "
-                                             "lower the lr, or use precision bf16/fp32 (MAE is fragile in fp16)")
+            step_out, batch = self._accumulate(it, meter)
+            finite, grad_norm = self._update(step_out["loss"])
             self.step += 1
-            task.after_step(self)
+            self.task.after_step(self)
             if finite:
-                losses.append(loss)
-                for k, v in step_out.items():
-                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v
-                epoch_count += 1
+                meter.add_step(step_out)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
-                elapsed = time.perf_counter() - t0
-                ips = seen * dist.world_size / max(elapsed, 1e-9)
-                recent = losses[-cfg.log_every:] or [float("nan")]
-                mean_loss = all_reduce_mean(sum(recent) / len(recent), dist)
-                self.data_wait_fraction = waited / max(elapsed, 1e-9)
-                scalars = {"loss": mean_loss, "lr": lr, "images_per_s": ips, "data_wait": self.data_wait_fraction}
-                scalars.update({k: v for k, v in step_out.items() if k != "loss"})
-                if grad_norm is not None:
-                    scalars["grad_norm"] = grad_norm
-                if logger:
-                    logger.log(self.step, **scalars)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
-                                wait=f"{self.data_wait_fraction:.0%}")
-                t0, seen, waited = time.perf_counter(), 0, 0.0
+                self._log_scalars(meter, lr, step_out, grad_norm, logger, bar)
             for cb in callbacks:
                 cb(self, self.step, batch)
-            epoch_end = self.step % spe == 0 or self.step == cfg.total_steps
-            if epoch_end and cfg.steps_per_epoch is not None:
-                seconds = time.perf_counter() - epoch_t0
-                record: dict[str, Any] = {"epoch": epoch, "seconds": round(seconds, 2),
-                                          "images_per_s": round(epoch_seen * dist.world_size / max(seconds, 1e-9), 2),
-                                          **{f"loss_{k}" if k != "loss" else k: round(v / max(epoch_count, 1), 5)
-                                             for k, v in epoch_sums.items()}}
-                record.update(task.epoch_record(self, epoch))
-                last = self.step == cfg.total_steps
-                if (epoch + 1) % cfg.eval_every == 0 or last:
-                    metrics = self._evaluate(epoch)
-                    if metrics:
-                        record["val"] = metrics
-                self.history.append(record)
-                if dist.is_main:
-                    log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "epoch"})
-                epoch_t0, epoch_seen, epoch_sums, epoch_count = time.perf_counter(), 0, {}, 0
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == end or (
-                    epoch_end and cfg.steps_per_epoch is not None):
+            epoch_end = (self.step % spe == 0 or self.step == cfg.total_steps) and cfg.steps_per_epoch is not None
+            if epoch_end:
+                self._end_epoch(epoch, meter)
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == end or epoch_end:
                 self.save(on_checkpoint() if on_checkpoint else None)
         bar.close()
         if logger:
             logger.close()
-        return losses
+        return meter.losses
+
+    def _batch_source(self, data: Any) -> Callable[[int, int], Iterator[Any]]:
+        """`source(epoch, start)` -> the iterator of micro-batches from `start` on: a seekable `data` is sought,
+        a stream is iterated once and goes on where it stopped."""
+        if not hasattr(data, "batches"):
+            stream = iter(data)
+            return lambda epoch, start: stream
+        spe, accum = self.cfg.epoch_steps, self.cfg.accum_iter
+        if len(data) < spe * accum:
+            raise ValueError(f"the data gives {len(data)} micro-batches per epoch, fewer than steps_per_epoch "
+                             f"{spe} x accum_iter {accum}")
+        return data.batches
+
+    def _accumulate(self, it: Iterator[Any], meter: _Meter) -> tuple[dict[str, float], Any]:
+        """Forward + backward of `accum_iter` micro-batches (RNG re-derived from (seed, rank, step, micro));
+        returns the losses averaged over them and the last micro-batch."""
+        cfg, dist = self.cfg, self.dist
+        step_out: dict[str, float] = {}
+        for micro in range(cfg.accum_iter):
+            torch.manual_seed(stable_seed(cfg.seed, dist.rank, self.step, micro))
+            tw = time.perf_counter()
+            batch = next(it)
+            meter.waited += time.perf_counter() - tw
+            batch = self.task.prepare(batch, dist.device, self.input_dtype)
+            torch.manual_seed(stable_seed(cfg.seed, dist.rank, self.step, micro, 1))
+            n = self.task.batch_size(batch)
+            meter.seen += n
+            meter.epoch_seen += n
+            self._micro_batch = self._micro_batch or n
+            for k, v in self._micro_step(batch, sync=micro == cfg.accum_iter - 1).items():
+                step_out[k] = step_out.get(k, 0.0) + v / cfg.accum_iter
+        return step_out, batch
+
+    def _update(self, loss: float) -> tuple[bool, float | None]:
+        """The optimizer step when the loss is finite on every rank, else skip it (and fail after
+        `max_bad_steps` in a row); returns (finite, gradient norm if clipped)."""
+        # Decide on every rank alike: gradients are already all-reduced, so one rank's NaN is everyone's.
+        finite = all_reduce_max(0.0 if math.isfinite(loss) else 1.0, self.dist) == 0.0
+        if finite:
+            self.bad_steps = 0
+            return True, self._optimizer_step() if self.ds_engine is None else None
+        self.bad_steps += 1
+        if self.ds_engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        log.warning("non-finite loss at step %d, update skipped (%d in a row)", self.step, self.bad_steps)
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise FloatingPointError(f"{self.bad_steps} non-finite losses in a row at step {self.step}: "
+                                     "lower the lr, or use precision bf16/fp32 (MAE is fragile in fp16)")
+        return False, None
+
+    def _log_scalars(self, meter: _Meter, lr: float, step_out: dict[str, float], grad_norm: float | None,
+                     logger: ScalarLogger | None, bar: tqdm) -> None:
+        """Log the mean loss of the last `log_every` steps (over ranks), lr, images/s, the data-wait share, this
+        step's other losses and the gradient norm; then restart the throughput meter."""
+        elapsed = time.perf_counter() - meter.t0
+        ips = meter.seen * self.dist.world_size / max(elapsed, 1e-9)
+        recent = meter.losses[-self.cfg.log_every:] or [float("nan")]
+        mean_loss = all_reduce_mean(sum(recent) / len(recent), self.dist)
+        self.data_wait_fraction = meter.waited / max(elapsed, 1e-9)
+        scalars = {"loss": mean_loss, "lr": lr, "images_per_s": ips, "data_wait": self.data_wait_fraction}
+        scalars.update({k: v for k, v in step_out.items() if k != "loss"})
+        if grad_norm is not None:
+            scalars["grad_norm"] = grad_norm
+        if logger:
+            logger.log(self.step, **scalars)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
+                        wait=f"{self.data_wait_fraction:.0%}")
+        meter.t0, meter.seen, meter.waited = time.perf_counter(), 0, 0.0
+
+    def _end_epoch(self, epoch: int, meter: _Meter) -> None:
+        """The epoch's history record (time, images/s, mean losses, the task's entries, validation metrics when
+        due); then restart the epoch meter."""
+        seconds = time.perf_counter() - meter.epoch_t0
+        ips = meter.epoch_seen * self.dist.world_size / max(seconds, 1e-9)
+        record: dict[str, Any] = {"epoch": epoch, "seconds": round(seconds, 2), "images_per_s": round(ips, 2),
+                                  **{f"loss_{k}" if k != "loss" else k: round(v / max(meter.epoch_count, 1), 5)
+                                     for k, v in meter.epoch_sums.items()}}
+        record.update(self.task.epoch_record(self, epoch))
+        if (epoch + 1) % self.cfg.eval_every == 0 or self.step == self.cfg.total_steps:
+            metrics = self._evaluate(epoch)
+            if metrics:
+                record["val"] = metrics
+        self.history.append(record)
+        if self.dist.is_main:
+            log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "epoch"})
+        meter.epoch_t0, meter.epoch_seen, meter.epoch_sums, meter.epoch_count = time.perf_counter(), 0, {}, 0
+
+
+@dataclass
+class _Meter:
+    """What `Engine.fit` counts between log lines (throughput, data wait) and over an epoch."""
+
+    losses: list[float] = dataclasses.field(default_factory=list)  # finite step losses of this fit call
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    seen: int = 0
+    waited: float = 0.0
+    epoch_t0: float = dataclasses.field(default_factory=time.perf_counter)
+    epoch_seen: int = 0
+    epoch_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    epoch_count: int = 0
+
+    def add_step(self, step_out: dict[str, float]) -> None:
+        """Count a finite step's losses."""
+        self.losses.append(step_out["loss"])
+        for k, v in step_out.items():
+            self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+        self.epoch_count += 1
 
 
 def run_facts(engine: Engine) -> dict[str, Any]:

@@ -22,17 +22,36 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from medssl.train.dist import DistInfo
 from medssl.train.optim import param_groups
 
-if TYPE_CHECKING:
-    from medssl.train.engine import Engine
+__all__ = ["EngineView", "Task", "move_batch"]
 
-__all__ = ["Task", "move_batch"]
+
+class EngineView(Protocol):
+    """What a task's hooks may read from the engine that calls them (`medssl.train.Engine` is one).
+
+    Declared here so that this module needs nothing from the engine (which imports it).
+    """
+
+    step: int  # optimizer steps done
+    cfg: Any  # the run's `TrainConfig`
+    dist: DistInfo
+    out_dir: Path | None
+    best: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    def autocast(self) -> AbstractContextManager: ...
 
 
 def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -73,23 +92,23 @@ class Task(ABC):
         """AdamW groups; default: no weight decay on 1-D parameters and biases."""
         return param_groups(self.model, weight_decay)
 
-    def on_epoch_start(self, engine: Engine, epoch: int) -> None:
+    def on_epoch_start(self, engine: EngineView, epoch: int) -> None:
         """Called before the first step of every epoch (not again when resuming inside an epoch)."""
         return None
 
-    def after_step(self, engine: Engine) -> None:
+    def after_step(self, engine: EngineView) -> None:
         """Called after every optimizer step."""
         return None
 
-    def evaluate(self, engine: Engine, epoch: int) -> dict[str, float] | None:
+    def evaluate(self, engine: EngineView, epoch: int) -> dict[str, float] | None:
         """Validation metrics after an epoch (every rank must return the same dict), or None."""
         return None
 
-    def on_best(self, engine: Engine, epoch: int, metrics: dict[str, float]) -> None:
+    def on_best(self, engine: EngineView, epoch: int, metrics: dict[str, float]) -> None:
         """Called when `metrics[select]` improves (on every rank; write files on rank 0 only)."""
         return None
 
-    def epoch_record(self, engine: Engine, epoch: int) -> dict[str, Any]:
+    def epoch_record(self, engine: EngineView, epoch: int) -> dict[str, Any]:
         """Entries added to the epoch's history record (e.g. counts the task kept during the epoch)."""
         return {}
 

@@ -1,12 +1,12 @@
-"""speed.py's statistics: the median and its distribution-free confidence interval."""
+"""timing_stats (the speed benchmarks' statistics): the median and its distribution-free confidence interval."""
 
 import math
 
-from benchmarks.speed import _median, median_ci
+from benchmarks.timing_stats import median, median_ci
 
 
 def test_median_by_hand():
-    assert _median([3.0, 1.0, 2.0]) == 2.0 and _median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 3.0, 2.0]) == 2.5
 
 
 def _coverage(n: int, j: int) -> float:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.coco_tools import from_csv, main, validate
+from data_tools.coco_layout import validate
+from data_tools.coco_tools import from_csv, main
 
 
 def _dataset(root, n=3):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools import demo_mammo
-from data_tools.coco_tools import Report, validate, validate_coco
+from data_tools import demo_mammo, mammo_synth
+from data_tools.coco_layout import Report, validate, validate_coco
 
 H, W = 160, 128  # small renders for the unit tests
 
@@ -39,7 +39,7 @@ def _coco(root, name):
 
 
 def _render(seed, abnormal=True, vendor_b=False, shift=1.0, **kw):
-    return demo_mammo.render(np.random.default_rng(seed), H, W, abnormal, vendor_b, shift, **kw)
+    return mammo_synth.render(np.random.default_rng(seed), H, W, abnormal, vendor_b, shift, **kw)
 
 
 def _box_contrast(img, box, margin=6):
@@ -64,9 +64,9 @@ def test_demo_layout_and_determinism(tmp_path):
     assert report.summary["instances_train.json"]["images_with_lesions"] == 4  # abnormal-frac 0.5
     info = json.loads((root / "_info.json").read_text())
     assert info["images"]["train"] == 8 and info["version"] == demo_mammo.VERSION
-    assert info["args"]["lesion_contrast"] == demo_mammo.DEFAULT_CONTRAST == 3.0
-    assert info["args"]["lesion_size"] == demo_mammo.DEFAULT_SIZE == 2.0
-    assert info["args"]["distractors"] == demo_mammo.DEFAULT_DISTRACTORS == 2.0
+    assert info["args"]["lesion_contrast"] == mammo_synth.DEFAULT_CONTRAST == 3.0
+    assert info["args"]["lesion_size"] == mammo_synth.DEFAULT_SIZE == 2.0
+    assert info["args"]["distractors"] == mammo_synth.DEFAULT_DISTRACTORS == 2.0
     assert info["args"]["shift"] == 1.0
 
 
@@ -86,10 +86,10 @@ def test_target_truth_file(tmp_path):
     for im in truth["images"]:
         i = int(im["file_name"].split("_")[1].split(".")[0])
         boxes = [a["bbox"] for a in truth["annotations"] if a["image_id"] == im["id"]]
-        _, lesions, _ = demo_mammo.render(np.random.default_rng([0, 3, i]), 128, 96, bool(boxes), True, 1.0,
-                                          lesion_contrast=demo_mammo.DEFAULT_CONTRAST,
-                                          lesion_size=demo_mammo.DEFAULT_SIZE,
-                                          distractors=demo_mammo.DEFAULT_DISTRACTORS)
+        _, lesions, _ = mammo_synth.render(np.random.default_rng([0, 3, i]), 128, 96, bool(boxes), True, 1.0,
+                                          lesion_contrast=mammo_synth.DEFAULT_CONTRAST,
+                                          lesion_size=mammo_synth.DEFAULT_SIZE,
+                                          distractors=mammo_synth.DEFAULT_DISTRACTORS)
         assert [les["bbox"] for les in lesions] == boxes
 
 
@@ -98,12 +98,12 @@ def test_annotations_carry_type_and_density(tmp_path):
     coco = _coco(tmp_path / "demo", "train")
     assert len(coco["annotations"]) >= 6
     for a in coco["annotations"]:
-        assert a["lesion_type"] in demo_mammo.LESION_TYPES and isinstance(a["in_dense"], bool)
+        assert a["lesion_type"] in mammo_synth.LESION_TYPES and isinstance(a["in_dense"], bool)
         assert a["id"] // 10 == a["image_id"]
     assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
     for im in coco["images"]:
         assert 0.1 <= im["density"] <= 0.9
-        assert all(d["kind"] in demo_mammo.DISTRACTOR_TYPES for d in im["distractors"])
+        assert all(d["kind"] in mammo_synth.DISTRACTOR_TYPES for d in im["distractors"])
 
 
 def test_demo_images(tmp_path):
@@ -129,9 +129,9 @@ def test_render_is_deterministic():
 
 
 def test_shift_zero_is_vendor_a():
-    assert demo_mammo.vendor_look(True, 0.0) == demo_mammo.VENDOR_A
-    assert demo_mammo.vendor_look(False, 1.0) == demo_mammo.VENDOR_A
-    assert demo_mammo.vendor_look(True, 1.0) == demo_mammo.VENDOR_B
+    assert mammo_synth.vendor_look(True, 0.0) == mammo_synth.VENDOR_A
+    assert mammo_synth.vendor_look(False, 1.0) == mammo_synth.VENDOR_A
+    assert mammo_synth.vendor_look(True, 1.0) == mammo_synth.VENDOR_B
     for seed in range(4):
         a, la, ma = _render(seed, vendor_b=False, shift=0.0)
         b, lb, mb = _render(seed, vendor_b=True, shift=0.0)
@@ -141,9 +141,9 @@ def test_shift_zero_is_vendor_a():
 
 
 def test_vendor_b_population_is_denser_and_smaller():
-    half = demo_mammo.vendor_look(True, 0.5)
-    for f in dataclasses.fields(demo_mammo.Look):  # half-way between the two vendors
-        a, b = getattr(demo_mammo.VENDOR_A, f.name), getattr(demo_mammo.VENDOR_B, f.name)
+    half = mammo_synth.vendor_look(True, 0.5)
+    for f in dataclasses.fields(mammo_synth.Look):  # half-way between the two vendors
+        a, b = getattr(mammo_synth.VENDOR_A, f.name), getattr(mammo_synth.VENDOR_B, f.name)
         assert getattr(half, f.name) == pytest.approx((a + b) / 2)
     for seed in range(6):  # the same draws: denser and smaller for every image
         a, _, ma = _render(seed, abnormal=False)

@@ -111,7 +111,12 @@ def test_finetune_segment_recipe(tmp_path, backbone):
     import medssl.data.datasets as dsets
     from medssl.heads.build import load_head
 
-    model, _ = load_head(out / "model.pt")
+    model, _ = load_head(out / "head.pt")
+    assert not (out / "model.pt").exists()  # one file name for both recipes
+    (out / "head.pt").rename(out / "model.pt")  # a run folder written before: still read, with a warning
+    with pytest.warns(DeprecationWarning, match="model.pt"):
+        old, _ = load_head(out)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), old.state_dict().values()))
 
     full = dsets.SegmentationDataset.from_csv(str(tmp_path / "pairs.csv"), 32, 2, 1, 0, 0.05)
     split = dsets.split_by_group(full.groups, [0.7, 0.15, 0.15], 0)
