@@ -171,7 +171,7 @@ def _fit_config(hp: dict[str, Any], n_train: int, seed: int, device: str | None)
     return FitConfig(epochs=epochs, batch_size=bs, lr=float(hp.get("lr", 1e-3)),
                      weight_decay=float(hp.get("weight_decay", 0.05)),
                      warmup_epochs=float(hp.get("warmup_frac", 0.1)) * epochs, seed=seed, device=device,
-                     eval_every=max(1, epochs // int(hp.get("evals", 20))), bf16=bool(hp.get("bf16", False)),
+                     eval_every=max(1, epochs // int(hp.get("evals", 20))), precision=str(hp.get("precision", "fp32")),
                      min_lr=float(hp.get("min_lr", 1e-6)))
 
 
