@@ -33,14 +33,11 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.timing_stats import median, median_ci  # noqa: E402
-from medssl.detection.deformable_attn import level_starts, ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+from benchmarks.timing_stats import median, median_ci
+from medssl.detection.deformable_attn import level_starts, ms_deform_attn, ms_deform_attn_reference
 
 SIZES = (128, 192, 256, 512, 800)
 CASES = {"decoder": 300, "encoder": None}  # queries; None: one per token

@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         commits = {t: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=t, capture_output=True,
                                      text=True).stdout.strip() for t in a.trees}
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        sys.path.insert(0, str(ROOT))
         from benchmarks.speed import machine_info
 
         Path(a.json).write_text(json.dumps({"machine": machine_info("cpu"), "command": " ".join(

@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.speed import machine_info
 
-from benchmarks.speed import machine_info  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:

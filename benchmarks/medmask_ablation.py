@@ -38,11 +38,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.cells import cached_cell, cell_key, code_files, code_fingerprint, git_commit
+from medssl.config import read_yaml
 
-from benchmarks.cells import cached_cell, cell_key, code_files, code_fingerprint, git_commit  # noqa: E402
-from medssl.config import read_yaml  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("medssl")
 CODE_ENTRIES = ("medssl.detection.stages", "medssl.detection.evaluation", "data_tools.demo_mammo",

@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.cells import code_files, code_fingerprint
+from benchmarks.medmask_ablation import CODE_ENTRIES, run_config
+from medssl.config import read_yaml
 
-from benchmarks.cells import code_files, code_fingerprint  # noqa: E402
-from benchmarks.medmask_ablation import CODE_ENTRIES, run_config  # noqa: E402
-from medssl.config import read_yaml  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("medssl")
 KEYS = ("pseudo_precision", "pseudo_recall", "pseudo_per_image")

@@ -29,12 +29,10 @@ import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.speed import machine_info  # noqa: E402
-from medssl.detection.criterion import SetCriterion  # noqa: E402
-from medssl.detection.deformable_attn import MSDeformAttn  # noqa: E402
-from medssl.detection.detr import DetrConfig, build_detector  # noqa: E402
+from benchmarks.speed import machine_info
+from medssl.detection.criterion import SetCriterion
+from medssl.detection.deformable_attn import MSDeformAttn
+from medssl.detection.detr import DetrConfig, build_detector
 
 CONFIGS = {
     "demo": (dict(backbone="resnet", backbone_name="resnet10t", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,

@@ -23,10 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import (  # noqa: E402
+from benchmarks import (
     bench_detection,
     bench_engine,
     bf16_curve,
@@ -37,7 +34,9 @@ from benchmarks import (  # noqa: E402
     report,
     stats,
 )
-from benchmarks.speed import report_mae  # noqa: E402
+from benchmarks.speed import report_mae
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
 

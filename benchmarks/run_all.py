@@ -23,14 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from benchmarks.cells import (  # noqa: E402
+from benchmarks.cells import (
     Backbone,
     cached_cell,
     cell_code,
@@ -41,9 +37,11 @@ from benchmarks.cells import (  # noqa: E402
     vit_arch,
     vit_label,
 )
-from benchmarks.report import write_all  # noqa: E402
-from benchmarks.tasks import build_task  # noqa: E402
-from medssl.config import read_yaml  # noqa: E402
+from benchmarks.report import write_all
+from benchmarks.tasks import build_task
+from medssl.config import read_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ROOT / "benchmarks" / "configs"
 

@@ -36,10 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.timing_stats import median, median_ci
 
-from benchmarks.timing_stats import median, median_ci  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # name: (img, patch, in_chans, dim, depth, heads, dec_dim, dec_depth, dec_heads)
 CONFIGS = {
