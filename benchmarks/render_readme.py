@@ -99,7 +99,7 @@ def render_demo(result: dict, source: str) -> str:
     """Markdown table of a MedMask run's ``summary.json`` (validation best epoch and held-out test per stage)."""
     test = result.get("test", {})
     run = result.get("_run") or {}  # how the run was made, added beside the copied summary
-    rows = ["random_boxes"] + [k for k in result if k not in ("random_boxes", "test", "_run")]
+    rows = ["random_boxes"] + [k for k in result if k not in ("random_boxes", "test", "_run", "final")]
     where = f" ({run['command']}, {run['seconds'] / 60:.1f} min wall on {run['machine']})" if run else ""
     lines = [f"`{source}`{where}:", "", "| | val R@0.3 | val AP50 | test R@0.3 | test AP50 |",
              "|---|---|---|---|---|"]
@@ -107,6 +107,10 @@ def render_demo(result: dict, source: str) -> str:
         v, t = result.get(row) or {}, test.get(row) or {}
         cells = [f"{d[k]:.3f}" if k in d else "-" for d in (v, t) for k in ("R@0.3", "AP50")]
         lines.append(f"| {row.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    final = result.get("final")
+    if final:
+        lines += ["", f"Handed over as `final.pt`: {final['stage'].replace('_', ' ')} (the best stage on validation "
+                      f"{final['select']}, {final['val']:.3f})."]
     return "\n".join(lines) + "\n"
 
 

@@ -99,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_tables(results: dict, where: str, cfg: dict) -> None:
     test = results.pop("test", None)
+    final = results.pop("final", None)
     for title, table in ((f"validation ({where}, best epoch)", results), (f"held-out test ({where})", test)):
         if table:
             print(f"\n{title}:")
             for name, summary in table.items():
                 if summary:
                     print(f"  {name:18s} R@0.3={summary['R@0.3']:.3f}  AP50={summary.get('AP50', float('nan')):.3f}")
+    if final:
+        print(f"\nfinal model: {final['stage']} (best validation {final['select']} {final['val']:.3f}) -> "
+              f"{final['checkpoint']}")
     print(json.dumps({"summary": str(Path(cfg["out"]) / "summary.json")}))
 
 

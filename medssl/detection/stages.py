@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterable
@@ -436,8 +437,38 @@ def run_stages(cfg: dict, stages: Iterable[str], init: str | Path | None = None,
     if dist.is_main:
         summary_file = out / "summary.json"
         previous = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-        merged = {**previous, **{k: v for k, v in results.items() if k != "test"}}  # keep earlier stages
+        merged = {**previous, **{k: v for k, v in results.items() if k not in ("test", "final")}}  # keep earlier
         if test:
             merged["test"] = {**previous.get("test", {}), **test}
+        merged["final"] = results["final"] = hand_over(out, merged, cfg["eval"]["select"])
         _write_json(summary_file, merged)
     return results
+
+
+def hand_over(out: Path, summary: dict[str, Any], select: str) -> dict[str, Any]:
+    """Copy the best stage's ``best.pt`` to ``out/final.pt``: the run never hands over a model that is worse on
+    validation than one of its earlier stages (teaching can lose what the feature MAE gained).
+
+    Args:
+        out: the run folder (one sub-folder per finished stage).
+        summary: validation summary per stage (``summary.json``'s entries).
+        select: the validation metric that picks (``eval.select``; ties go to the earlier stage).
+
+    Returns:
+        ``{"stage", "select", "val", "checkpoint"}``, as stored under ``final`` in ``summary.json``.
+    """
+    import shutil
+
+    ran = [s for s in STAGES if isinstance(summary.get(s), dict) and (out / s / "best.pt").is_file()]
+    if not ran:
+        raise FileNotFoundError(f"{out}: no finished stage to hand over")
+    def score(stage: str) -> float:
+        v = summary[stage].get(select)
+        return float("-inf") if v is None or math.isnan(float(v)) else float(v)
+
+    best = max(ran, key=lambda s: (score(s), -STAGES.index(s)))
+    tmp = out / ".final.pt.tmp"
+    shutil.copyfile(out / best / "best.pt", tmp)
+    os.replace(tmp, out / "final.pt")
+    log.info("final model: %s (validation %s %.3f) -> %s", best, select, summary[best][select], out / "final.pt")
+    return {"stage": best, "select": select, "val": float(summary[best][select]), "checkpoint": str(out / "final.pt")}

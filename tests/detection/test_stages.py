@@ -28,7 +28,7 @@ def test_three_stages_end_to_end(tiny_root, tmp_path):
     torch.manual_seed(0)
     cfg = _cfg(tiny_root, tmp_path / "run", "eval.pseudo_truth=target_truth")
     results = stages.run_stages(cfg, STAGES)
-    assert set(results) == {"random_boxes", "test", *STAGES}
+    assert set(results) == {"random_boxes", "test", "final", *STAGES}
     assert set(results["test"]) == {"random_boxes", *STAGES}  # held-out split, each stage's best
     assert results["test"]["teaching"]["num_images"] == 1
     for stage in STAGES:
@@ -47,6 +47,15 @@ def test_three_stages_end_to_end(tiny_root, tmp_path):
         assert h["true_per_image"] == round(len(truth["annotations"]) / len(truth["images"]), 4)
         assert {"pseudo_precision", "pseudo_recall", "pseudo_per_image"} <= set(h)
     assert (tmp_path / "run" / "froc_all.png").is_file()
+    # the run hands over its best stage on validation (ties: the earlier), never a worse later one
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    best = max(STAGES, key=lambda s: (summary[s]["R@0.3"], -STAGES.index(s)))
+    assert summary["final"] == results["final"] == {"stage": best, "select": "R@0.3", "val": summary[best]["R@0.3"],
+                                                    "checkpoint": str(tmp_path / "run" / "final.pt")}
+    assert (tmp_path / "run" / "final.pt").read_bytes() == (tmp_path / "run" / best / "best.pt").read_bytes()
+    summary["teaching"]["R@0.3"] = 2.0  # a better teaching stage is handed over instead
+    assert stages.hand_over(tmp_path / "run", summary, "R@0.3")["stage"] == "teaching"
+    assert (tmp_path / "run" / "final.pt").read_bytes() == (tmp_path / "run" / "teaching" / "best.pt").read_bytes()
     # predict on a folder: JSON + overlays
     preds = predict_files(tmp_path / "run" / "teaching" / "best.pt", [tiny_root / "demo" / "images" / "test"],
                                  tmp_path / "pred")
