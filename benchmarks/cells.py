@@ -69,6 +69,7 @@ _OWN = ("medssl", "benchmarks", "data_tools")  # packages whose sources are fing
 _SIZE_NAMES = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}
 _FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # frozen-encoder features, shared by probe cells
 _LOADED: dict[str, nn.Module] = {}  # the last loaded backbone (copied for every cell)
+_IDENTITY: dict[tuple, str] = {}  # backbone files (path, size, mtime) -> content identity
 
 
 @dataclass
@@ -94,14 +95,16 @@ class Backbone:
         A pretrained source is named by the SHA-256 of its files' bytes (a folder: every file in it), so a
         retrained backbone at the same path gets new cells and a copied one keeps its cells.
         """
-        ident = f"{self.kind}:{self.source}"
         p = Path(self.source)
-        if self.kind == "vit" and p.exists():
-            from medssl.data.holdout import file_sha256
+        if self.kind != "vit" or not p.exists():
+            return f"{self.kind}:{self.source}"
+        from medssl.data.holdout import file_sha256
 
-            files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-            ident = f"{self.kind}:" + ",".join(f"{q.name}:{file_sha256(q)}" for q in files)
-        return ident
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        stamp = tuple((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in files)
+        if stamp not in _IDENTITY:  # hashed once per process while the files stay as they are
+            _IDENTITY[stamp] = f"{self.kind}:" + ",".join(f"{q.name}:{file_sha256(q)}" for q in files)
+        return _IDENTITY[stamp]
 
 
 def vit_arch(model: nn.Module) -> dict[str, Any]:
@@ -240,6 +243,11 @@ def lr_grid(hp: dict[str, Any]) -> list[float]:
     return [float(v) for v in grid]
 
 
+def _finite(score: float) -> float:
+    """A validation score for comparisons: NaN (nothing learned, or an empty class) ranks below everything."""
+    return -math.inf if math.isnan(score) else score
+
+
 def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed: int, hp: dict[str, Any],
              img_size: int, norm: tuple[float, float] = (0.5, 0.25), device: str | None = None) -> dict[str, Any]:
     """Train and evaluate one cell; returns test metrics and run facts.
@@ -291,7 +299,7 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
         res = fit(trained, train, val, loss_fn, score, cfg, param_groups=groups, augment=augment)
         seconds += res.seconds
         val_by_lr[f"{lr:g}"] = res.best_score
-        if best is None or res.best_score > best["res"].best_score:
+        if best is None or _finite(res.best_score) > _finite(best["res"].best_score):
             best = {"lr": lr, "res": res, "trained": trained, "test": test, "cfg": cfg, "n_train": len(train)}
     assert best is not None
     out, tgt = predict(best["trained"], best["test"], batch_size=64)

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.run_all import load_config
+from benchmarks.run_all import load_config, task_specs
 from benchmarks.tasks import build_task
 
 
@@ -23,10 +23,7 @@ def test_files(cfg: dict) -> dict[str, list[str]]:
     """{task name: its test files} for every task of a run_all config."""
     img = int(cfg.get("img_size", 64))
     out = {}
-    for spec in cfg["tasks"]:
-        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-        for k in ("label_fractions", "seeds", "protocols", "self_pretraining"):
-            spec.pop(k, None)
+    for spec, _ in task_specs(cfg):
         task = build_task(spec, img)
         if not task.test_files:
             raise ValueError(f"task {task.name} declares no test files: it cannot be held out of a pool")

@@ -85,15 +85,23 @@ def resolve_backbones(cfg: dict[str, Any], img_size: int) -> list[Backbone]:
     return rows + list(twins.values())
 
 
-def pretraining_pool(source: str) -> str | None:
-    """The shard folder a backbone was pretrained on: `provenance.data` of its `config.json` (the backbone
-    folder, a run folder's `backbone/`, or the `backbone/` of the run a checkpoint file lies in)."""
+def provenance(source: str) -> dict[str, Any]:
+    """`provenance` of a backbone's `config.json` (the backbone folder, a run folder's `backbone/`, or the
+    `backbone/` of the run a checkpoint file lies in); {} where there is none."""
     p = Path(source)
     for folder in ([p, p / "backbone"] if p.is_dir() else []) + [q / "backbone" for q in p.parents[:3]]:
         cfg = folder / "config.json"
         if cfg.is_file():
-            return (json.loads(cfg.read_text()).get("provenance") or {}).get("data")
-    return None
+            return json.loads(cfg.read_text()).get("provenance") or {}
+    return {}
+
+
+def pretraining_pool(source: str) -> str | None:
+    """The shard folder a backbone was pretrained on (`provenance.data`)."""
+    data = provenance(source).get("data")
+    if data and not Path(data).is_absolute() and not Path(data).exists() and (ROOT / data).exists():
+        return str(ROOT / data)  # an older backbone recorded its pool relative to the repository
+    return data
 
 
 def check_pools(task: Any, backbones: list[Backbone]) -> None:
@@ -102,7 +110,7 @@ def check_pools(task: Any, backbones: list[Backbone]) -> None:
     Raises:
         ValueError: a pretrained row names no pool (set `pool:` in its entry), or the task declares no test files.
     """
-    from medssl.data.holdout import check_disjoint, keys_of, read_pool_keys
+    from medssl.data.holdout import POOL_RECORD, check_disjoint, file_sha256, keys_of, read_pool_keys
 
     rows = [b for b in backbones if b.kind == "vit"]
     if not rows:
@@ -115,7 +123,30 @@ def check_pools(task: Any, backbones: list[Backbone]) -> None:
         if not bb.pool:
             raise ValueError(f"backbone {bb.source}: no pretraining pool recorded in its config.json; name it with "
                              "`pool: SHARD_FOLDER` in the config entry")
+        recorded = provenance(bb.source).get("pool_record")
+        if recorded and file_sha256(Path(bb.pool) / POOL_RECORD) != recorded:
+            raise ValueError(f"backbone {bb.source}: its pool {bb.pool} changed since it was pretrained (pool.json "
+                             "differs from the one recorded in its provenance): the check would read another pool")
         check_disjoint(read_pool_keys(bb.pool), test, f"task {task.name}, backbone {bb.source} (pool {bb.pool})")
+
+
+def task_specs(cfg: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(task spec for `build_task`, its own run options: label_fractions / seeds / protocols) per config task."""
+    out = []
+    for spec in cfg["tasks"]:
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        out.append((spec, {k: spec.pop(k) for k in ("label_fractions", "seeds", "protocols") if k in spec}))
+    return out
+
+
+def check_search(cfg: dict[str, Any], protocols: list[str]) -> None:
+    """Every trained protocol searches as many learning rates (`lr_grid`): no row gets a larger tuning budget."""
+    from benchmarks.cells import lr_grid
+
+    sizes = {p: len(lr_grid(cfg.get(p, {}))) for p in {*protocols, "scratch"} if p not in ("knn",)}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"the rows would get unequal learning-rate searches {sizes}: give every protocol an "
+                         "lr_grid of the same size")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg["device"] = args.device
     if args.threads or cfg.get("threads"):
         torch.set_num_threads(int(args.threads or cfg["threads"]))
-    task_specs = [t if isinstance(t, dict) else {"name": t} for t in cfg["tasks"]]
+    specs = task_specs(cfg)
     if args.tasks:
-        task_specs = [t for t in task_specs if t["name"] in args.tasks]
-        if not task_specs:
+        specs = [t for t in specs if t[0]["name"] in args.tasks]
+        if not specs:
             raise ValueError(f"--tasks {args.tasks}: none of them is in {cfg_path}")
     out = args.out or ROOT / "benchmarks" / "results" / cfg.get("name", cfg_path.stem)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     device = cfg.get("device") if cfg.get("device") not in (None, "auto") else None
     rows, tasks_info, code_info, t_start, missing = [], {}, {}, time.time(), []
-    for spec in task_specs:
-        spec = dict(spec)
-        per_task = {k: spec.pop(k) for k in ("label_fractions", "seeds", "protocols") if k in spec}
+    for spec, per_task in specs:
         for key, flag in (("label_fractions", args.fractions), ("seeds", args.seeds), ("protocols", args.protocols)):
             if flag:  # the command line wins over a task's own list
                 per_task.pop(key, None)
@@ -190,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         cnn = Backbone("cnn", cnn_name, "none (from scratch)", "-",
                        "U-Net" if cnn_name == "unet" else cnn_name.replace("resnet", "ResNet-"))
         protocols = per_task.get("protocols", cfg["protocols"])
+        if not det:
+            check_search(cfg, protocols)
         plan = [(bb, p) for bb in backbones for p in protocols  # a row may run a subset of the budgets
                 if p != "knn" or task.kind == "classification"]  # kNN classifies
         if cfg.get("baselines", True):

@@ -112,5 +112,6 @@ def run(args: argparse.Namespace) -> int:
     if holdout is not None:
         print(f"held out (test images of {', '.join(sorted(holdout))}): {len(dropped)} source files")
     code = build_shards.run_build(specs, args)
-    write_pool_record(args.out, specs, dropped)
+    if not args.part:  # the build wrote pool.json; add what was held out and why
+        write_pool_record(args.out, dropped)
     return code

@@ -201,7 +201,22 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
         return backbone
     if dist.is_main:
         save_backbone(_fp32_model(engine, cfg), backbone, architecture=_architecture(engine.module, cfg),
-                      data=str(d["shards"]), steps=engine.step, epochs=t["epochs"], mean=d["mean"], std=d["std"],
-                      mask_ratio=ratio, final_loss=losses[-1] if losses else None)
+                      data=_pool_path(d["shards"]), steps=engine.step, epochs=t["epochs"], mean=d["mean"],
+                      std=d["std"], mask_ratio=ratio, final_loss=losses[-1] if losses else None,
+                      pool_record=_pool_record_hash(d["shards"]))
         log.info("backbone exported to %s", backbone)
     return backbone
+
+
+def _pool_path(shards: str) -> str:
+    """The shard folder as an absolute path where it is one (a backbone names its pool wherever it is read)."""
+    p = Path(shards)
+    return str(p.resolve()) if p.is_dir() else str(shards)
+
+
+def _pool_record_hash(shards: str) -> str | None:
+    """SHA-256 of the pool's ``pool.json`` (what the pool held by content when this backbone was pretrained)."""
+    from medssl.data.holdout import POOL_RECORD, file_sha256
+
+    record = Path(shards) / POOL_RECORD
+    return file_sha256(record) if record.is_file() else None

@@ -26,6 +26,7 @@ from data_tools.shards_build.report import (
     write_json,
 )
 from data_tools.shards_build.worker import results, unit_record
+from medssl.data.holdout import write_pool_record
 from medssl.data.shard_writer import (
     ShardWriter,
     finished_shards,
@@ -93,6 +94,8 @@ def build(specs: Sequence[dict[str, Any]], out: str | os.PathLike, cfg: Config, 
     summary["this_run"] = _write_units(dest, todo, cfg, workers, samples_per_shard, progress)
     summary["stats"] = finish_stats(dest)
     write_info(dest)
+    if part is None:
+        write_pool_record(dest)  # the pool by content: every source file whose samples the folder holds
     if part is not None and finished:
         write_json(dest / PART_DONE, {"part": part[0], "parts": part[1], "units": len(units),
                                       "samples": summary["stats"]["samples"], "plan": fingerprint})

@@ -19,6 +19,7 @@ from typing import Any
 
 from data_tools.shards_build.build import CONFIG, PART_DONE, part_dir
 from data_tools.shards_build.report import MANIFEST, STATS_DIR, finish_stats, read_manifest, shard_stats, write_json
+from medssl.data.holdout import write_pool_record
 from medssl.data.shard_writer import INFO_NAME, SHARD_PATTERN, finished_shards, write_info
 
 MERGED = "_merged.json"
@@ -97,6 +98,7 @@ def merge(out: str | os.PathLike) -> dict[str, Any]:
     summary = {"parts": parts, "shards": len(counts), "samples": info["splits"]["train"]["num_samples"],
                "inputs": stats["inputs"], "burned_in": stats["burned_in"],
                "images_in_two_parts": _shared_images(read_manifest(out))}
+    write_pool_record(out)  # what the merged pool holds, by content (checked against test sets by run_all)
     write_json(out / MERGED, {**summary, "state": "done"})
     return summary
 

@@ -7,13 +7,16 @@ image is identified by its **content keys**:
 - ``file:<sha256>`` of the file's bytes;
 - ``pixels:<sha256>`` of the decoded pixel array (shape + float32 values): the same image re-encoded
   losslessly (another transfer syntax, ``.nii`` vs ``.nii.gz``) has the same key;
-- ``instance:<SOPInstanceUID>`` and ``series:<SeriesInstanceUID>`` for DICOM: a lossy copy of a test image, or
-  another slice of a test series, is refused too.
+- ``instance:``, ``series:``, ``study:`` and ``patient:`` for DICOM (SOPInstanceUID, SeriesInstanceUID,
+  StudyInstanceUID, PatientID, read from the header): a lossy copy of a test image, another slice of a test
+  series, another series of a test study or another study of a test patient is refused too.
 
-A task declares the files its test split comes from (``TaskData.info["test_files"]``; where one subject
-gives several files, e.g. a template and its tissue maps, it declares them all). A pool records the keys of
-its source files in ``pool.json`` (``write_pool_record``), and ``check_disjoint`` refuses a pool that shares
-any key with a task's test files. Keys are computed once per file content and cached by the file's sha256.
+A task declares the files its test split comes from (``TaskData.test_files``; where one subject gives several
+files without DICOM ids, e.g. a template and its tissue maps, it declares them all). ``build_shards`` records
+the keys of every source file whose samples a shard folder holds in its ``pool.json`` (``write_pool_record``,
+read from the manifest), and ``check_disjoint`` refuses a pool that shares any key with a task's test files.
+Re-encodings that change the pixels (resampling, cropping, lossy compression without DICOM ids) are not
+recognised. Keys are computed once per file content and cached by the file's sha256.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from typing import Any
 import numpy as np
 
 POOL_RECORD = "pool.json"
+KINDS = ("file", "pixels", "instance", "series", "study", "patient")  # most specific first, for messages
 _KEYS: dict[str, list[str]] = {}  # file sha256 -> content keys (files do not change under one sha256)
+
+
+def _rank(key: str) -> int:
+    return KINDS.index(key.split(":", 1)[0])
 
 
 class PoolOverlapError(ValueError):
@@ -45,12 +53,30 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _dicom_ids(path: str | Path) -> dict[str, str]:
+    """The identifying UIDs / IDs of a DICOM file from its header alone (whether or not its pixels decode)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - not DICOM, or unreadable: no header ids
+        return {}
+    ids = {"instance": ds.get("SOPInstanceUID"), "series": ds.get("SeriesInstanceUID"),
+           "study": ds.get("StudyInstanceUID"), "patient": ds.get("PatientID")}
+    return {k: str(v).strip() for k, v in ids.items() if v is not None and str(v).strip()}
+
+
 def content_keys(path: str | Path) -> list[str]:
-    """The content keys of one image file (see the module docstring), sorted; unreadable files get ``file:`` only."""
+    """The content keys of one image file (see the module docstring), sorted.
+
+    DICOM ids come from the header, so a copy whose pixels do not decode here (a codec missing) is still
+    known by its instance, series, study and patient; a file that is neither readable DICOM nor a decodable
+    image has its ``file:`` key only.
+    """
     digest = file_sha256(path)
     if digest in _KEYS:
         return _KEYS[digest]
-    keys = {f"file:{digest}"}
+    keys = {f"file:{digest}"} | {f"{k}:{v}" for k, v in _dicom_ids(path).items()}
     try:
         from medssl.data.imaging import read_image
 
@@ -59,11 +85,7 @@ def content_keys(path: str | Path) -> list[str]:
             img = read_image(path)
         px = np.ascontiguousarray(img.pixels, dtype=np.float32)
         keys.add("pixels:" + hashlib.sha256(repr(px.shape).encode() + px.tobytes()).hexdigest())
-        for kind in ("instance", "series"):
-            uid = (img.uids or {}).get(kind)
-            if uid:
-                keys.add(f"{kind}:{uid}")
-    except Exception:  # noqa: BLE001 - a file that does not decode is still identified by its bytes
+    except Exception:  # noqa: BLE001 - a file that does not decode is still identified by its bytes and header
         pass
     _KEYS[digest] = sorted(keys)
     return _KEYS[digest]
@@ -74,20 +96,31 @@ def keys_of(files: Iterable[str | Path]) -> dict[str, list[str]]:
     return {str(f): content_keys(f) for f in files}
 
 
-def write_pool_record(folder: str | Path, sources: Sequence[dict[str, Any]],
-                      held_out: dict[str, list[str]] | None = None) -> Path:
-    """Write ``folder/pool.json``: every source file of a pool with its content keys, and what was held out.
+def pool_inputs(folder: str | Path) -> list[str]:
+    """The source files whose samples a shard folder holds: the inputs of its ``manifest.jsonl``'s written records
+    (what was built, including anything an earlier build left there, not what the last command was given)."""
+    manifest = Path(folder) / "manifest.jsonl"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no manifest; not a shard folder written by build_shards")
+    files: list[str] = []
+    for line in manifest.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("status") == "written":
+            files += rec["input"] if isinstance(rec["input"], list) else [rec["input"]]
+    return sorted(set(files))
+
+
+def write_pool_record(folder: str | Path, held_out: dict[str, str] | None = None) -> Path:
+    """Write ``folder/pool.json``: every source file whose samples the shard folder holds, with its content keys,
+    and the files held out because a task tests on them.
 
     Args:
-        folder: the pool's shard folder.
-        sources: ``{"path", "source"}`` per file given to the builder.
-        held_out: {path: reason} of files left out because a task tests on them.
+        folder: a shard folder (its ``manifest.jsonl`` says which inputs were written).
+        held_out: {path: reason} of files left out of the build because a task tests on them.
     """
-    rows = [{"path": str(s["path"]), "source": s.get("source", ""), "keys": content_keys(s["path"])}
-            for s in sources]
+    rows = [{"path": f, "keys": content_keys(f)} for f in pool_inputs(folder)]
     record = {"files": rows, "held_out": held_out or {}}
     path = Path(folder) / POOL_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
@@ -123,7 +156,7 @@ def held_out_sources(sources: Sequence[dict[str, Any]], test_keys: dict[str, lis
     owner = {k: path for path, keys in test_keys.items() for k in keys}
     kept, dropped = [], {}
     for s in sources:
-        hit = next((k for k in content_keys(s["path"]) if k in owner), None)
+        hit = min((k for k in content_keys(s["path"]) if k in owner), key=_rank, default=None)
         if hit is None:
             kept.append(s)
         else:
@@ -140,8 +173,8 @@ def check_disjoint(pool_keys: dict[str, list[str]], test_keys: dict[str, list[st
         what: names the pool and task in the message.
     """
     owner = {k: path for path, keys in test_keys.items() for k in keys}
-    hits = [(p, k) for p, keys in pool_keys.items() for k in keys if k in owner]
+    hits = [(p, min(shared, key=_rank)) for p, keys in pool_keys.items() if (shared := [k for k in keys if k in owner])]
     if hits:
         shown = "; ".join(f"{p} ({k.split(':')[0]} of test file {owner[k]})" for p, k in hits[:5])
-        raise PoolOverlapError(f"{what}: the pretraining pool holds {len({p for p, _ in hits})} test image file(s): "
+        raise PoolOverlapError(f"{what}: the pretraining pool holds {len(hits)} test image file(s): "
                                f"{shown}{' ...' if len(hits) > 5 else ''}")

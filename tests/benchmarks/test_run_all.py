@@ -23,13 +23,16 @@ MICRO_HP = {"epochs": 1, "min_steps": 2, "batch_size": 8, "lr": 1e-3, "evals": 1
 def micro(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
-    write_pool_record(tmp / "pool", [])  # pretrained on nothing: disjoint from every test set
+    (tmp / "pool").mkdir()
+    (tmp / "pool" / "manifest.jsonl").write_text("")
+    write_pool_record(tmp / "pool")  # pretrained on nothing: disjoint from every test set
     save_backbone(build_vit(32, 2, 2, 8, 32, 1), tmp / "bb", data=str(tmp / "pool"))
     cfg = {"name": "micro", "img_size": 32, "threads": 1, "device": "cpu",
            "backbones": [{"source": str(tmp / "bb"), "pretraining": "MAE", "data": "toy"}],
            "tasks": [{"name": "brain_tissue", "slab": 4, "gap": 2, "step": 4}, {"name": "image_qc", "planes": 1}],
            "protocols": ["probe", "finetune", "knn"], "label_fractions": [5, 1.0], "seeds": [0],
-           "probe": MICRO_HP, "finetune": {**MICRO_HP, "lr_grid": [1e-3, 1e-4]}, "scratch": MICRO_HP,
+           "probe": {**MICRO_HP, "lr_grid": [1e-2, 1e-3]}, "finetune": {**MICRO_HP, "lr_grid": [1e-3, 1e-4]},
+           "scratch": {**MICRO_HP, "lr_grid": [1e-3, 3e-3]},
            "knn": {"blocks": 2, "k_grid": [1, 3]}}
     (tmp / "micro.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp / "results"
@@ -59,9 +62,10 @@ def test_outputs_and_table(micro):
     cells = list((out / "cells").glob("*.json"))
     assert len(cells) == 24
     loaded = [json.loads(p.read_text()) for p in cells]
-    tuned = [c for c in loaded if "val_by_lr" in c and len(c["val_by_lr"]) == 2]  # finetune: 2 rates tried
-    assert len(tuned) == 8 and all(c["val_score"] == max(c["val_by_lr"].values()) for c in tuned)
-    assert all(c["lr"] in (1e-3, 1e-4) and c["val_by_lr"][f"{c['lr']:g}"] == c["val_score"] for c in tuned)
+    tuned = [c for c in loaded if "val_by_lr" in c]  # every trained row searched 2 rates, kept the best on val
+    assert len(tuned) == 20 and all(len(c["val_by_lr"]) == 2 for c in tuned)
+    assert all(c["val_score"] == max(c["val_by_lr"].values()) and c["val_by_lr"][f"{c['lr']:g}"] == c["val_score"]
+               for c in tuned)
     knn = [c for c in loaded if "k" in c]
     assert len(knn) == 4 and all(c["val_score"] == max(c["val_by_k"].values()) for c in knn)
     code = json.loads((out / "code.json").read_text())
@@ -82,6 +86,15 @@ def test_resume_uses_cache(micro, capsys):
     assert log.count("(cached)") == 10 and "s)" not in log.replace("(cached)", "")
     after = {p.name: p.stat().st_mtime for p in (out / "cells").glob("*.json")}
     assert before == after
+
+
+def test_unequal_searches_are_refused(micro, tmp_path):
+    tmp, _ = micro
+    cfg = yaml.safe_load((tmp / "micro.yaml").read_text())
+    cfg["scratch"] = MICRO_HP  # the CNN would try one rate where the ViTs try two
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="unequal learning-rate searches"):
+        run_all.main(["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")])
 
 
 def test_bad_backbone_and_task(tmp_path):

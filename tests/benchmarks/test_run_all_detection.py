@@ -53,7 +53,9 @@ def test_task_version_follows_what_decides_the_result(mammo):
 
 def test_detection_rows_in_the_table(mammo, tmp_path):
     torch.manual_seed(0)
-    write_pool_record(tmp_path / "pool", [])  # pretrained on nothing: disjoint from the test images
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "manifest.jsonl").write_text("")
+    write_pool_record(tmp_path / "pool")  # pretrained on nothing: disjoint from the test images
     save_backbone(build_vit(32, 2, 2, 8, 64, 1), tmp_path / "bb", data=str(tmp_path / "pool"))
     det_hp = {"epochs": 1, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-4, "cnn": "resnet10t"}
     cfg = {"name": "micro_det", "img_size": 32, "threads": 1, "device": "cpu",

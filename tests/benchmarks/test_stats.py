@@ -1,22 +1,25 @@
-"""Seed-paired statistics: bootstrap interval and sign test by hand, comparisons, claims and the verdict."""
+"""Seed-paired statistics: t-interval and sign test by hand, comparisons, claims and the verdict."""
 
 import math
 
 import numpy as np
 import pytest
 
-from benchmarks.stats import bootstrap_ci, claim, comparisons, paired, sign_test, verdict, verdict_sentence
+from benchmarks.stats import claim, comparisons, paired, sign_test, t_interval, verdict, verdict_sentence
 
 
-def test_bootstrap_and_sign_test_by_hand():
-    assert bootstrap_ci([0.2, 0.2, 0.2]) == (pytest.approx(0.2), pytest.approx(0.2))  # no spread, no width
-    lo, hi = bootstrap_ci([0.0, 1.0])  # resampled means are 0, 0.5 or 1 with chances 1/4, 1/2, 1/4
-    assert (lo, hi) == (0.0, 1.0)
+def test_t_interval_and_sign_test_by_hand():
+    lo, hi = t_interval([0.1, 0.2, 0.3])  # mean 0.2, sd 0.1, t(0.975, 2 df) = 4.3027
+    assert (lo, hi) == (pytest.approx(0.2 - 4.302653 * 0.1 / math.sqrt(3)), pytest.approx(0.2 + 4.302653 * 0.1
+                                                                                          / math.sqrt(3)))
+    assert t_interval([0.2, 0.2, 0.2]) == (pytest.approx(0.2), pytest.approx(0.2))  # no spread, no width
+    assert all(math.isnan(v) for v in t_interval([0.3]))  # one seed decides nothing
     d = np.random.default_rng(1).normal(0.1, 0.05, 200)
-    lo, hi = bootstrap_ci(d)  # many seeds: the normal-theory interval
     se = d.std(ddof=1) / math.sqrt(len(d))
-    assert lo == pytest.approx(d.mean() - 1.96 * se, abs=0.2 * se) and hi == pytest.approx(d.mean() + 1.96 * se,
-                                                                                            abs=0.2 * se)
+    assert t_interval(d)[0] == pytest.approx(d.mean() - 1.972 * se, rel=1e-3)  # many seeds: ~ the normal interval
+    # five seeds, one against: the percentile bootstrap would say [+0.010, +0.100]; the t-interval spans zero
+    lo, hi = t_interval([0.1, 0.1, 0.1, 0.1, -0.05])
+    assert lo < 0 < hi
     assert sign_test([1, 1, 1, 1, 1]) == pytest.approx(2 / 32)  # two-sided: 2 * 0.5^5
     assert sign_test([1, 1, 1, -1, 0]) == pytest.approx(2 * 5 / 16)  # zero dropped; P(X <= 1 | n=4) = 5/16
     assert sign_test([0, 0]) == 1.0
@@ -47,10 +50,10 @@ def test_pairs_by_seed_and_claims():
     assert vs_cnn["seeds"] == [0, 1, 2, 3] and vs_cnn["diffs"] == pytest.approx([0.01, -0.03, 0.02, -0.03])
     assert not vs_cnn["decided"] and vs_cnn["up"] == 2 and vs_cnn["down"] == 2
     assert claim(vs_rnd).startswith("a, 8 labels: mae (finetune) vs ViT-Ti/8 random init (finetune): **better** (auc "
-                                     "+0.104, 95% CI [+0.100, +0.108] over 5 seeds (5 up / 0 down, sign test p = 0.062")
+                                     "+0.104, 95% CI [+0.097, +0.111] over 5 seeds (5 up / 0 down, sign test p = 0.062")
     assert "no difference shown (auc -0.007" in claim(vs_cnn)  # -0.0075
     v = verdict(comps)
-    assert v == {"tasks": {"a": False}, "pays_off": False, "tasks_yes": 0, "tasks_total": 1}
+    assert v == {"tasks": {"a": False}, "protocol": "finetune", "pays_off": False, "tasks_yes": 0, "tasks_total": 1}
     assert "does **not** pay off" in verdict_sentence(v)
 
 
@@ -60,8 +63,13 @@ def test_verdict_needs_both_baselines_at_every_low_budget_in_most_tasks():
     cells = _cells("a", "classification", "auc", 8, good) + _cells("b", "classification", "auc", 8, good)
     cells += _cells("a", "classification", "auc", 1, {k: [0.5, 0.5, 0.5] for k in good})  # all labels: not counted
     cells += _cells("c", "segmentation", "dice", 8, {**good, ("cnn", "cnn", "scratch"): [0.95, 0.96, 0.97]})
+    # a kNN row that wins everywhere does not count: the verdict reads the primary protocol only
+    cells += _cells("c", "segmentation", "dice", 8, {("mae", "pretrained", "knn"): [0.99, 0.99, 0.99],
+                                                     ("rnd", "random", "knn"): [0.1, 0.1, 0.1]})
     v = verdict(comparisons(cells))
     assert v["tasks"] == {"a": True, "b": True, "c": False} and v["pays_off"]
-    assert verdict_sentence(v).startswith("MAE pretraining pays off in 2 of 3 tasks (a, b)")
+    assert verdict_sentence(v).startswith("MAE pretraining pays off in 2 of 3 tasks (a, b): a pretrained ViT "
+                                          "(finetune) better than both")
+    assert verdict(comparisons(cells), protocol="knn")["tasks"] == {"a": False, "b": False, "c": True}
     nan = paired(cells, {"row": "mae", "protocol": "finetune"}, {"row": "nope", "protocol": "x"}, "auc")
     assert nan["seeds"] == [] and not nan["decided"] and math.isnan(nan["mean"])
