@@ -35,7 +35,8 @@ def transforms(cfg: dict, kind: str) -> Any:
                            mean=d["mean"], std=d["std"])
 
 
-_COLLATE = partial(collate_detection, pad_to_multiple=32)
+PAD_MULTIPLE = 32  # batches pad to this (every backbone stride and ViT patch divides it); predict pads alike
+_COLLATE = partial(collate_detection, pad_to_multiple=PAD_MULTIPLE)
 
 
 def epoch_batches(ds: Dataset, cfg: dict, seed: int, rank: int, world_size: int) -> EpochBatches:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -12,13 +14,15 @@ import torch
 
 from medssl.data.coco import read_image
 from medssl.detection.config import DEFAULTS
-from medssl.detection.data import transforms
+from medssl.detection.data import PAD_MULTIPLE, transforms
 from medssl.detection.detr import DeformableDETR, DetrConfig, build_detector, postprocess
 from medssl.metrics.detection import froc_preprocess
 from medssl.train.checkpoint import load_checkpoint, load_exact
 from medssl.train.dist import resolve_device
 
-__all__ = ["load_detector", "predict_files"]
+__all__ = ["PAD_MULTIPLE", "image_files", "load_detector", "predict_files"]
+
+log = logging.getLogger("medssl")
 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[DeformableDETR, dict]:
@@ -36,16 +40,13 @@ def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") ->
     return model.to(resolve_device(device)).eval(), ck.get("data", {})
 
 
-@torch.no_grad()
-def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
-                  score_threshold: float = 0.3, device: str = "cpu") -> list[dict[str, Any]]:
-    """Detect lesions in image files or folders; writes ``predictions.json`` and one overlay PNG each.
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named by `inputs`: files as given, folders searched recursively for image suffixes.
 
-    Returns:
-        per image ``{"file", "boxes" (xyxy pixels), "scores"}`` (after FROC NMS, all scores kept).
+    Raises:
+        FileNotFoundError: an input does not exist, or nothing found is an image.
     """
     from medssl.data.coco import IMAGE_EXTS
-    from medssl.viz import save_detections
 
     files: list[Path] = []
     for item in map(Path, inputs):
@@ -57,21 +58,52 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
             raise FileNotFoundError(f"input image or folder not found: {item}")
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {[str(i) for i in inputs]}")
+    return files
+
+
+@torch.no_grad()
+def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
+                  score_threshold: float = 0.3, device: str = "cpu") -> list[dict[str, Any]]:
+    """Detect lesions in image files or folders; writes ``predictions.json`` and one overlay PNG each.
+
+    Images of any size and aspect ratio are resized as in training (longest side ``data.max_size``) and padded
+    bottom / right to a multiple of 32 with a padding mask, exactly as evaluation batches them, so a ViT
+    backbone gets whole patches. A file that cannot be read or detected on is recorded in ``skipped.json``
+    (file and reason) and the others go on.
+
+    Returns:
+        per image ``{"file", "boxes" (xyxy pixels), "scores", "seconds"}`` (after FROC NMS, all scores kept).
+    """
+    from medssl.data.coco import collate_detection
+    from medssl.viz import save_detections
+
+    files = image_files(inputs)
     dev = resolve_device(device)
     model, data = load_detector(checkpoint, dev)
     cfg = {"data": {**DEFAULTS["data"], **data}, "eval": DEFAULTS["eval"]}
     tf = transforms(cfg, "none")
     out_dir = Path(out_dir)
-    results = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, skipped = [], []
     for f in files:
-        raw = read_image(f)  # [H, W] in [0, 1]
-        img, _ = tf(torch.from_numpy(raw)[None], {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
-        out = model(img[None].to(dev))
-        (det,) = postprocess(out, torch.tensor([raw.shape]), cfg["eval"]["max_dets"])
+        t0 = time.perf_counter()
+        try:
+            raw = read_image(f)  # [H, W] in [0, 1]
+            img, _ = tf(torch.from_numpy(raw)[None], {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
+            images, mask, _ = collate_detection([(img, {})], pad_to_multiple=PAD_MULTIPLE)  # [1, C, H', W']
+            out = model(images.to(dev), mask.to(dev))
+            (det,) = postprocess(out, torch.tensor([raw.shape]), cfg["eval"]["max_dets"])
+        except Exception as exc:  # noqa: BLE001 - one bad file must not end a batch of thousands
+            skipped.append({"file": str(f), "reason": f"{type(exc).__name__}: {exc}"})
+            log.warning("predict: skipping %s: %s", f, skipped[-1]["reason"])
+            continue
         b, s = froc_preprocess(det["boxes"].cpu(), det["scores"].cpu(), iou_threshold=cfg["eval"]["nms_iou"])
+        seconds = time.perf_counter() - t0
         save_detections(out_dir / f"{f.stem}_pred.png", raw, pred_boxes=b, pred_scores=s,
                         score_threshold=score_threshold, title=f"{f.name} (scores >= {score_threshold})")
-        results.append({"file": str(f), "boxes": b.round(1).tolist(), "scores": s.round(4).tolist()})
-    out_dir.mkdir(parents=True, exist_ok=True)
+        results.append({"file": str(f), "boxes": b.round(1).tolist(), "scores": s.round(4).tolist(),
+                        "seconds": round(seconds, 3)})
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=1))
+    if skipped:
+        (out_dir / "skipped.json").write_text(json.dumps(skipped, indent=1))
     return results
