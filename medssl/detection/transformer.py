@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -66,11 +67,17 @@ def flatten_levels(srcs: list[torch.Tensor], masks: list[torch.Tensor], pos: lis
     return src, mask, pos_f, shapes
 
 
-def encoder_reference_points(spatial_shapes: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
-    """Pixel centres of every token, normalised by the valid area: ``(N, S, L, 2)``."""
+def encoder_reference_points(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]], ratios: torch.Tensor
+                             ) -> torch.Tensor:
+    """Pixel centres of every token, normalised by the valid area: ``(N, S, L, 2)``.
+
+    ``spatial_shapes``: ``(L, 2)`` tensor or a list of (h, w) sizes (the list form keeps the sizes out of
+    tensor data, so that a graph export sees them as shapes).
+    """
     refs = []
     dev = ratios.device
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    sizes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
+    for lvl, (h, w) in enumerate(sizes):
         ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=dev),
                                 torch.linspace(0.5, w - 0.5, w, device=dev), indexing="ij")
         ry = ry.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)  # [N, h*w]
@@ -219,9 +226,10 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def encode(self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, shapes: torch.Tensor,
-               ratios: torch.Tensor) -> torch.Tensor:
-        """Run the encoder on flattened tokens ``(N, S, C)`` -> memory ``(N, S, C)``."""
-        ref = encoder_reference_points(shapes, ratios)  # [N, S, L, 2]
+               ratios: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Run the encoder on flattened tokens ``(N, S, C)`` -> memory ``(N, S, C)``; ``sizes``: the levels'
+        (h, w) as ints (default: read from ``shapes``)."""
+        ref = encoder_reference_points(shapes if sizes is None else sizes, ratios)  # [N, S, L, 2]
         for layer in self.encoder:
             src = layer(src, pos, ref, shapes, mask)
         return src
@@ -269,7 +277,7 @@ class DeformableTransformer(nn.Module):
         if hidden is not None:
             masks = [m | h for m, h in zip(masks, hidden)]
         src, mask, pos_f, shapes = flatten_levels(srcs, masks, pos, self.level_embed)
-        memory = self.encode(src, mask, pos_f, shapes, ratios)  # [N, S, C]
+        memory = self.encode(src, mask, pos_f, shapes, ratios, [tuple(s.shape[-2:]) for s in srcs])  # [N, S, C]
         n, _, c = memory.shape
         out: dict[str, Any] = {}
         if self.two_stage:
