@@ -1,0 +1,72 @@
+"""``python -m medssl.export SOURCE --format onnx|hf --out DIR`` and ``python -m medssl.export check DIR [IMAGES]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from medssl.export.onnx import DEFAULT_RTOL
+
+
+def _export_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="medssl-export", description="Export a backbone, a transfer head or a "
+                                "MedMask detector (ONNX checked in ONNX Runtime; HF-style folder with a card).")
+    p.add_argument("source", help="a medssl.load_backbone source, a head checkpoint (head.pt / model.pt / best.pt) "
+                   "or a MedMask stage checkpoint")
+    p.add_argument("--format", choices=("onnx", "hf"), default="onnx")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="backbone: size to build for; detector: its fixed input canvas (multiples of 32)")
+    p.add_argument("--top-k", type=int, help="detector: detections per image in the graph")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                   help="parity tolerance relative to the output scale (default %(default)s)")
+    p.add_argument("--data-card", help="hf: a data card (markdown) to cite in the model card")
+    p.add_argument("--stats", help="hf: the shards' stats.json, summarised in the model card")
+    return p.parse_args(argv)
+
+
+def _check_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="medssl-export check", description="Re-run ONNX Runtime vs PyTorch parity "
+                                "of an export on your images (random probes when none are given).")
+    p.add_argument("folder", help="export folder (model.onnx + medssl_export.json)")
+    p.add_argument("images", nargs="*", help="image files or folders")
+    p.add_argument("--source", help="the PyTorch model, where the export's recorded source has moved")
+    p.add_argument("--rtol", type=float)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medssl-export`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"]:
+        from medssl.export.runner import check
+
+        a = _check_args(argv[1:])
+        records = check(a.folder, a.images, a.source, a.rtol)
+        for r in records:
+            print(json.dumps(r))
+        bad = sum(not r["ok"] for r in records)
+        print(f"{len(records) - bad} passed, {bad} failed (ONNX Runtime vs PyTorch)")
+        return 1 if bad else 0
+    a = _export_args(argv)
+    from medssl.export.sources import load_exportable
+
+    exp = load_exportable(a.source, size=tuple(a.size) if a.size else None, top_k=a.top_k)
+    if a.format == "onnx":
+        from medssl.export.onnx import META_NAME, export_onnx
+
+        path = export_onnx(exp, a.out, rtol=a.rtol)
+        meta = json.loads((path.parent / META_NAME).read_text())
+        print(f"wrote {path} (max abs difference ONNX Runtime vs PyTorch {meta['parity']['max_abs_diff']:.2e}, "
+              f"tolerance {max(c['tolerance'] for c in meta['parity']['probes']):.2e})")
+    else:
+        from medssl.export.hf import export_hf
+
+        path = export_hf(exp, a.out, data_card=a.data_card, stats=a.stats)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
