@@ -234,12 +234,12 @@ class DeformableTransformer(nn.Module):
             src = layer(src, pos, ref, shapes, mask)
         return src
 
-    def _proposals(self, memory: torch.Tensor, mask: torch.Tensor, shapes: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _proposals(self, memory: torch.Tensor, mask: torch.Tensor, shapes: torch.Tensor,
+                   sizes: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder-output proposals: one box per token (level-dependent size) in logit space."""
         n = memory.shape[0]
         props, start = [], 0
-        for lvl, (h, w) in enumerate(shapes.tolist()):
+        for lvl, (h, w) in enumerate(shapes.tolist() if sizes is None else sizes):
             m = mask[:, start:start + h * w].view(n, h, w)
             vh, vw = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)  # [N]
             gy, gx = torch.meshgrid(torch.arange(h, device=memory.device, dtype=memory.dtype),
@@ -277,11 +277,12 @@ class DeformableTransformer(nn.Module):
         if hidden is not None:
             masks = [m | h for m, h in zip(masks, hidden)]
         src, mask, pos_f, shapes = flatten_levels(srcs, masks, pos, self.level_embed)
-        memory = self.encode(src, mask, pos_f, shapes, ratios, [tuple(s.shape[-2:]) for s in srcs])  # [N, S, C]
+        sizes = [tuple(s.shape[-2:]) for s in srcs]  # the levels' (h, w) as ints, not tensor data
+        memory = self.encode(src, mask, pos_f, shapes, ratios, sizes)  # [N, S, C]
         n, _, c = memory.shape
         out: dict[str, Any] = {}
         if self.two_stage:
-            out_memory, props = self._proposals(memory, mask, shapes)
+            out_memory, props = self._proposals(memory, mask, shapes, sizes)
             enc_logits = self.enc_class_embed(out_memory)  # [N, S, K]
             enc_unact = self.enc_bbox_embed(out_memory) + props  # [N, S, 4]
             k = min(self.num_proposals, enc_logits.shape[1])
