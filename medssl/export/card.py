@@ -1,0 +1,117 @@
+"""The model card (README.md with YAML front matter), generated from what the export knows.
+
+Training data come from the shards' `stats.json` (samples by modality and source) and a data card where one
+is found or given; the config from the run's `config.yaml` beside the weights; the commit from the weights'
+provenance (else the medssl checkout at export time, said as such); metrics only where they were recorded.
+Fields nobody recorded (licence, the data's terms) are left for the user to fill in, and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["find_run_files", "git_commit", "model_card"]
+
+DATA_CARD_NAMES = ("DATA_CARD.md", "data_card.md", "DATACARD.md")
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """The commit of the git checkout holding `path` (default: this medssl), with '+dirty' for local changes."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode:
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def find_run_files(source: str, data: str | None, stats: str | None = None, data_card: str | None = None
+                   ) -> dict[str, Path | None]:
+    """The run's `config.yaml` (beside the source or up to two folders above), the shards' `stats.json` and a
+    data card (given, or found in the data folder)."""
+    found: dict[str, Path | None] = {"config": None, "stats": Path(stats) if stats else None,
+                                     "data_card": Path(data_card) if data_card else None}
+    src = Path(source)
+    if src.exists():
+        folder = src if src.is_dir() else src.parent
+        for cand in (folder, folder.parent, folder.parent.parent):
+            if (cand / "config.yaml").is_file():
+                found["config"] = cand / "config.yaml"
+                break
+    if data and Path(data).is_dir():
+        if found["stats"] is None and (Path(data) / "stats.json").is_file():
+            found["stats"] = Path(data) / "stats.json"
+        if found["data_card"] is None:
+            found["data_card"] = next((Path(data) / n for n in DATA_CARD_NAMES if (Path(data) / n).is_file()), None)
+    for key in ("stats", "data_card"):
+        if found[key] is not None and not found[key].is_file():
+            raise FileNotFoundError(f"{key.replace('_', ' ')} file not found: {found[key]}")
+    return found
+
+
+def _table(rows: dict[str, Any]) -> str:
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()])
+
+
+def model_card(*, title: str, kind: str, source: str, arch: dict[str, Any], provenance: dict[str, Any],
+               metrics: dict[str, Any], files: dict[str, Path | None], usage: str,
+               extra_tags: tuple[str, ...] = ()) -> str:
+    """README.md text: YAML front matter (library, tags, licence left to fill, datasets) and the card body."""
+    stats = json.loads(files["stats"].read_text()) if files.get("stats") else None
+    config = yaml.safe_load(files["config"].read_text()) if files.get("config") else None
+    commit = provenance.get("commit")
+    commit_line = f"`{commit}` (recorded at training)" if commit else \
+        f"`{git_commit() or 'unknown'}` (the medssl checkout at export time; the training commit was not recorded)"
+    data_name = provenance.get("data")
+    front = {"library_name": "timm" if kind == "backbone" else "medssl",
+             "license": None,
+             "tags": ["medssl", "medical-imaging", *extra_tags],
+             "pipeline_tag": {"backbone": "image-feature-extraction", "classify": "image-classification",
+                              "detector": "object-detection"}.get(kind, "image-segmentation"),
+             "datasets": [str(data_name)] if data_name else [],
+             "medssl": {"kind": kind, "source": source, "commit": commit or git_commit()}}
+    lines = ["---", "# license: fill in the licence of these weights (and check the training data's terms)",
+             yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
+             "**Intended use: research only. Not a medical device; not for clinical use or diagnosis.**", "",
+             "## Model", "", _table(arch), "", "## Training data", ""]
+    if data_name:
+        lines.append(f"Trained on: `{data_name}`.")
+    if stats:
+        lines += ["", f"{stats.get('samples', '?')} images (from `{files['stats']}`).", "",
+                  _table({f"modality {k}": v for k, v in stats.get("by_modality", {}).items()}
+                         | {f"source {k}": v for k, v in stats.get("by_source", {}).items()})]
+    if files.get("data_card"):
+        lines += ["", f"Data card: `{files['data_card']}`:", "",
+                  *["> " + ln for ln in files["data_card"].read_text().strip().splitlines()]]
+    if not (data_name or stats or files.get("data_card")):
+        lines.append("Not recorded: fill in what the model was trained on, with its licence and subjects.")
+    lines += ["", "## Training configuration", ""]
+    if config is not None:
+        lines += [f"From `{files['config']}`:", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(),
+                  "```"]
+    else:
+        lines.append("No run config found beside the weights.")
+    prov = {k: v for k, v in provenance.items() if k not in ("commit", "data")}
+    lines += ["", "## Provenance", "", _table({"commit": commit_line, **{k: f"`{v}`" for k, v in prov.items()}}),
+              "", "## Metrics", ""]
+    lines.append(_table({k: v for k, v in metrics.items()}) if metrics else
+                 "None were recorded with these weights; evaluate on your own data before relying on them.")
+    lines += ["", "## Limitations", "",
+              "- Trained and checked on the data above only: other scanners, sites, populations and protocols may "
+              "behave differently.",
+              "- Intensities must be prepared as in training (windowing / percentile clipping to [0, 1], as "
+              "medssl's shard builder does), then normalised with the mean / std above (recorded in config.json; "
+              "the ONNX export applies them in its graph).",
+              "- No evaluation of fairness across patient groups has been made.", "",
+              "## How to use", "", usage, ""]
+    return "\n".join(lines)
