@@ -1,5 +1,5 @@
 """Export a medssl model for use without medssl: ONNX (checked in ONNX Runtime), a Hugging Face-style folder
-with a generated model card, and a runner that follows the export's JSON.
+with a generated model card, a MONAI bundle, and a runner that follows the export's JSON.
 
 A layer of its own: it reads what `medssl.hub`, `medssl.heads.build` and the detector's checkpoint reader give,
 and writes files; no model module knows about it (the detector switches its deformable attention to the
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Exportable", "OnnxModel", "ParityError", "check", "export_hf", "export_onnx", "load_exportable",
-           "predict_onnx"]
+__all__ = ["Exportable", "OnnxModel", "ParityError", "check", "export_bundle", "export_hf", "export_onnx",
+           "load_exportable", "predict_onnx"]
 
 _LAZY = {
     "Exportable": "medssl.export.sources",
@@ -29,6 +29,7 @@ _LAZY = {
     "check": "medssl.export.runner",
     "predict_onnx": "medssl.export.runner",
     "export_hf": "medssl.export.hf",
+    "export_bundle": "medssl.export.bundle",
 }
 
 

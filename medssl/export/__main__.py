@@ -1,4 +1,4 @@
-"""``python -m medssl.export SOURCE --format onnx|hf --out DIR`` and ``python -m medssl.export check DIR [IMAGES]``."""
+"""`python -m medssl.export SOURCE --format onnx|hf|bundle --out DIR`; `python -m medssl.export check DIR [IMAGES]`."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ def _export_args(argv: list[str]) -> argparse.Namespace:
                                 "MedMask detector (ONNX checked in ONNX Runtime; HF-style folder with a card).")
     p.add_argument("source", help="a medssl.load_backbone source, a head checkpoint (head.pt / model.pt / best.pt) "
                    "or a MedMask stage checkpoint")
-    p.add_argument("--format", choices=("onnx", "hf"), default="onnx")
+    p.add_argument("--format", choices=("onnx", "hf", "bundle"), default="onnx",
+                   help="onnx: model.onnx + medssl_export.json; hf: config.json + model.safetensors + README.md "
+                   "(backbones); bundle: a MONAI bundle (configs/, models/model.pt + model.onnx, docs/README.md)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="backbone: size to build for; detector: its fixed input canvas (multiples of 32)")
     p.add_argument("--top-k", type=int, help="detector: detections per image in the graph")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                    help="parity tolerance relative to the output scale (default %(default)s)")
-    p.add_argument("--data-card", help="hf: a data card (markdown) to cite in the model card")
-    p.add_argument("--stats", help="hf: the shards' stats.json, summarised in the model card")
+    p.add_argument("--data-card", help="hf / bundle: a data card (markdown) to quote in the model card")
+    p.add_argument("--stats", help="hf / bundle: the shards' stats.json, summarised in the model card")
     return p.parse_args(argv)
 
 
@@ -60,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((path.parent / META_NAME).read_text())
         print(f"wrote {path} (max abs difference ONNX Runtime vs PyTorch {meta['parity']['max_abs_diff']:.2e}, "
               f"tolerance {max(c['tolerance'] for c in meta['parity']['probes']):.2e})")
-    else:
+    elif a.format == "hf":
         from medssl.export.hf import export_hf
 
-        path = export_hf(exp, a.out, data_card=a.data_card, stats=a.stats)
-        print(f"wrote {path}")
+        print(f"wrote {export_hf(exp, a.out, data_card=a.data_card, stats=a.stats)}")
+    else:
+        from medssl.export.bundle import export_bundle
+
+        print(f"wrote {export_bundle(exp, a.out, rtol=a.rtol, data_card=a.data_card, stats=a.stats)}")
     return 0
 
 

@@ -14,18 +14,10 @@ import medssl
 from medssl.export.__main__ import main
 from medssl.export.onnx import META_NAME, export_onnx, onnx_session
 from medssl.export.sources import load_exportable
-from medssl.heads.build import build_head, head_record, load_head, save_head
+from medssl.heads.build import load_head
 
 ort = pytest.importorskip("onnxruntime")
 TOL = 1e-4  # medssl.export.onnx.DEFAULT_RTOL for outputs of scale <= 1
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    return medssl.save_backbone(vit, tmp_path_factory.mktemp("bb") / "backbone", data="random test weights",
-                                mean=[0.4], std=[0.2])
 
 
 def _normalised(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -51,22 +43,8 @@ def test_backbone_onnx_matches_pytorch_on_fresh_inputs(tiny_backbone, tmp_path):
         assert np.abs(got - want).max() < TOL, shape
 
 
-def _finetuned_classifier(backbone, path):
-    rec = head_record("classify", "finetune", backbone, num_classes=3, img_size=32)
-    model = build_head(rec)
-    torch.manual_seed(1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x, y = torch.rand(8, 1, 32, 32), torch.randint(0, 3, (8,))
-    for _ in range(3):  # a few steps, so that the head is not at its near-zero initialisation
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return save_head(path, model.eval(), rec, classes=["a", "b", "c"])
-
-
-def test_classifier_cli_export_matches_pytorch_and_check_passes(tiny_backbone, tmp_path, capsys):
-    ck = _finetuned_classifier(tiny_backbone, tmp_path / "head.pt")
+def test_classifier_cli_export_matches_pytorch_and_check_passes(classifier_ckpt, tmp_path, capsys):
+    ck = classifier_ckpt
     assert main([str(ck), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
     meta = json.loads((tmp_path / "onnx" / META_NAME).read_text())
     assert meta["kind"] == "classify" and meta["model"]["classes"] == ["a", "b", "c"]
