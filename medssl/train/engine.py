@@ -91,6 +91,7 @@ class TrainConfig:
             multiples of keep_every (0: none); a step is only there if a checkpoint was written at it (a multiple
             of ckpt_every or an epoch end). Under DeepSpeed every checkpoint is kept (no pruning).
         stop_at: leave after this step (checkpointed), as a time-boxed job; resume later.
+        loggers: experiment trackers besides metrics.csv: "mlflow" (local file store), "wandb" (offline).
     """
 
     total_steps: int
@@ -114,6 +115,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     eval_every: int = 1
     select: str | None = None
+    loggers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -125,6 +127,12 @@ class TrainConfig:
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         self.betas = tuple(self.betas)
+        self.loggers = tuple(self.loggers)
+        from medssl.train.trackers import TRACKERS
+
+        bad = sorted(set(self.loggers) - set(TRACKERS))
+        if bad:
+            raise ValueError(f"unknown loggers {bad}; known: {list(TRACKERS)} (metrics.csv is always written)")
 
     @property
     def epoch_steps(self) -> int:
@@ -395,7 +403,8 @@ class Engine:
         if seekable and len(data) < spe * cfg.grad_accum:
             raise ValueError(f"the data gives {len(data)} micro-batches per epoch, fewer than steps_per_epoch "
                              f"{spe} x grad_accum {cfg.grad_accum}")
-        logger = ScalarLogger(self.out_dir, enabled=dist.is_main, resume_step=self.step) if self.out_dir else None
+        logger = ScalarLogger(self.out_dir, enabled=dist.is_main, resume_step=self.step,
+                              trackers=cfg.loggers) if self.out_dir else None
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not dist.is_main, dynamic_ncols=True,
                    desc="train", mininterval=2.0)
         stream = None if seekable else iter(data)
@@ -482,6 +491,9 @@ class Engine:
                     metrics = self._evaluate(epoch)
                     if metrics:
                         record["val"] = metrics
+                        if logger:
+                            logger.track(self.step, **{f"val/{k}": v for k, v in metrics.items()
+                                                       if isinstance(v, (int, float))})
                 self.history.append(record)
                 if dist.is_main:
                     log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "epoch"})
