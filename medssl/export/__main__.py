@@ -23,8 +23,8 @@ def _export_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, help="detector: detections per image in the graph")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                    help="parity tolerance relative to the output scale (default %(default)s)")
-    p.add_argument("--data-card", help="hf / bundle: a data card (markdown) to quote in the model card")
-    p.add_argument("--stats", help="hf / bundle: the shards' stats.json, summarised in the model card")
+    p.add_argument("--data-card", help="a data card (markdown) to quote in the model card (README.md)")
+    p.add_argument("--stats", help="the shards' stats.json, summarised in the model card")
     return p.parse_args(argv)
 
 
@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
         path = export_onnx(exp, a.out, rtol=a.rtol)
         meta = json.loads((path.parent / META_NAME).read_text())
+        from medssl.export.card import card_for
+
+        usage = "\n".join(["```bash", f"python -m medssl.export check {a.out} IMAGES...   # parity on your images",
+                           *([f"python recipes/medmask_detect.py predict --onnx {path} IMAGES..."]
+                             if exp.kind == "detector" else []), "```",
+                           f"Inputs, outputs and pre/post-processing: `{META_NAME}`."])
+        (path.parent / "README.md").write_text(card_for(exp, usage, stats=a.stats, data_card=a.data_card))
         print(f"wrote {path} (max abs difference ONNX Runtime vs PyTorch {meta['parity']['max_abs_diff']:.2e}, "
               f"tolerance {max(c['tolerance'] for c in meta['parity']['probes']):.2e})")
     elif a.format == "hf":

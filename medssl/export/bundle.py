@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medssl.export.card import find_run_files, model_card
+from medssl.export.card import card_for
 from medssl.export.onnx import DEFAULT_RTOL, META_NAME, export_onnx
 from medssl.export.sources import Exportable
 
@@ -143,17 +143,11 @@ def export_bundle(exp: Exportable, out_dir: str | os.PathLike, *, rtol: float = 
                    "onnx_parity": export_meta["parity"]},
     }
     (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=1, default=str))
-    files = find_run_files(exp.source, prov.get("data"), stats, data_card)
-    arch = {"kind": exp.kind, "input": f"{exp.in_chans} x {exp.size[0]} x {exp.size[1]}, intensities in [0, 1]",
-            "normalisation (in the graph)": f"mean {exp.meta['mean']}, std {exp.meta['std']}",
-            "ONNX": f"opset {export_meta['opset']}, dynamic H/W: {export_meta['dynamic']['height_width']}, "
-                    f"max abs difference to PyTorch {export_meta['parity']['max_abs_diff']:.1e}"}
     usage = "\n".join(["```bash", "python -m monai.bundle verify_net_in_out network_def "
                        "--meta_file configs/metadata.json --config_file configs/inference.json",
                        f"python -m medssl.export check {out.name}/models IMAGES...", "```"])
-    (out / "docs" / "README.md").write_text(model_card(
-        title=f"medssl {exp.kind} (MONAI bundle)", kind=exp.kind, source=exp.source, arch=arch, provenance=prov,
-        metrics=metrics, files=files, usage=usage))
+    (out / "docs" / "README.md").write_text(card_for(exp, usage, stats=stats, data_card=data_card,
+                                                     title=f"medssl {exp.kind} (MONAI bundle)"))
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["find_run_files", "git_commit", "model_card"]
+__all__ = ["card_for", "find_run_files", "git_commit", "model_card"]
 
 DATA_CARD_NAMES = ("DATA_CARD.md", "data_card.md", "DATACARD.md")
 
@@ -115,3 +115,53 @@ def model_card(*, title: str, kind: str, source: str, arch: dict[str, Any], prov
               "- No evaluation of fairness across patient groups has been made.", "",
               "## How to use", "", usage, ""]
     return "\n".join(lines)
+
+
+def _describe(exp: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str | None]:
+    """(model table, provenance, metrics, data folder) of an `Exportable`, by kind."""
+    h, w = exp.size
+    io = {"input": f"{exp.in_chans} x {h} x {w}, intensities in [0, 1]"
+                   + (" (other sizes: position embedding resampled)" if exp.dynamic_hw else " (fixed canvas)"),
+          "normalisation": f"mean {exp.meta['mean']}, std {exp.meta['std']}"}
+    bb = exp.meta.get("backbone") or {}
+    prov = dict(bb.get("provenance") or {})
+    vit = {"backbone": f"ViT {bb.get('architecture') or ''} ({bb.get('embed_dim')} wide, {bb.get('depth')} blocks, "
+                       f"patch {bb.get('patch_size')}), from {bb.get('loaded_from', exp.source)}"} if bb else {}
+    metrics = {k: v for k, v in (exp.meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    data = prov.get("data")
+    if exp.kind == "backbone":
+        table = {**vit, **io, "output": f"{exp.meta['embed_dim']}-d embedding (timm forward: cls token after the "
+                                        "final norm)"}
+        metrics.update({k: prov.pop(k) for k in ("final_loss",) if prov.get(k) is not None})
+    elif exp.kind in ("classify", "segment"):
+        rec = exp.meta["record"]
+        classes = exp.meta.get("classes")
+        table = {"head": f"{rec['kind']} ({rec['protocol']}), {rec['num_classes']} classes"
+                         + (f": {', '.join(map(str, classes))}" if classes else ""),
+                 **vit, **io, "output": "logits"}
+        prov = {"backbone source": rec.get("backbone_source"), "backbone provenance": prov or None,
+                "epoch": exp.meta.get("epoch")}
+        data = None
+    else:
+        d, det = exp.meta["data"], exp.meta["detector"]
+        table = {"detector": f"Deformable DETR ({det.get('backbone')} {det.get('backbone_name')}, "
+                             f"{det.get('hidden_dim')} wide, {det.get('enc_layers')}+{det.get('dec_layers')} layers, "
+                             f"{det.get('num_queries')} queries, two-stage {det.get('two_stage')})", **io,
+                 "output": f"top-{exp.meta['top_k']} scores, labels, boxes (xyxy, normalised)"}
+        prov = {"stage": exp.meta.get("stage"), "epoch": exp.meta.get("epoch"),
+                "dataset": f"{d.get('dataset')} in {d.get('data_root')} (train split {d.get('train_split')}, "
+                           f"target {d.get('target_dataset') or d.get('dataset')}/{d.get('target_split')})"}
+        data = str(Path(d.get("data_root", "")) / str(d.get("dataset")))
+        prov["data"] = data
+    return table, {k: v for k, v in prov.items() if v is not None}, metrics, data
+
+
+def card_for(exp: Any, usage: str, *, stats: str | None = None, data_card: str | None = None,
+             title: str | None = None) -> str:
+    """The model card of an `medssl.export.sources.Exportable` (any kind)."""
+    table, prov, metrics, data = _describe(exp)
+    files = find_run_files(exp.source, data, stats, data_card)
+    tags = {"backbone": ("self-supervised", "mae", "vit"), "detector": ("lesion-detection", "deformable-detr")}
+    return model_card(title=title or f"medssl {exp.kind}: {Path(exp.source).name}", kind=exp.kind,
+                      source=exp.source, arch=table, provenance=prov, metrics=metrics, files=files, usage=usage,
+                      extra_tags=tags.get(exp.kind, ()))

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-from medssl.export.card import find_run_files, model_card
+from medssl.export.card import card_for
 from medssl.export.sources import Exportable
 
 __all__ = ["TIMM_ENTRY", "export_hf"]
@@ -47,19 +46,9 @@ def export_hf(exp: Exportable, out_dir: str | os.PathLike, *, data_card: str | N
                                     "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": 0,
                                     "fixed_input_size": False, "license": None}})
     (out / CONFIG_NAME).write_text(json.dumps(conf, indent=2, default=str))
-    files = find_run_files(exp.source, prov.get("data"), stats, data_card)
-    arch: dict[str, Any] = {"architecture": f"ViT ({conf['medssl_architecture'] or 'unnamed'}), timm "
-                                            "VisionTransformer", "width": conf["embed_dim"], "blocks": conf["depth"],
-                            "heads": conf["num_heads"], "patch": conf["patch_size"], "input": f"{conf['in_chans']} "
-                            f"x {h} x {w} (other sizes: position embedding resampled)",
-                            "normalisation": f"mean {conf['mean']}, std {conf['std']} on intensities in [0, 1]",
-                            "output": f"{conf['embed_dim']}-d embedding (cls token after the final norm)"}
-    metrics = {k: prov[k] for k in ("final_loss",) if prov.get(k) is not None}
     usage = "\n".join(["```python", "import medssl, timm",
                        f'vit = medssl.load_backbone("{out.name}", in_chans={conf["in_chans"]})',
                        f'vit = timm.create_model("local-dir:{out.name}", pretrained=True)', "```"])
-    card = model_card(title=f"medssl backbone: {out.name}", kind="backbone", source=exp.source, arch=arch,
-                      provenance={k: v for k, v in conf["provenance"].items() if k != "final_loss"},
-                      metrics=metrics, files=files, usage=usage, extra_tags=("self-supervised", "mae", "vit"))
+    card = card_for(exp, usage, stats=stats, data_card=data_card, title=f"medssl backbone: {out.name}")
     (out / "README.md").write_text(card)
     return out

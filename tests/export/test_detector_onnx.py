@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.config import load_config
+from medssl.config import dump_config, load_config
 from medssl.detection import stages
 from medssl.detection.box_ops import cxcywh_to_xyxy
 from medssl.detection.config import DEFAULTS
@@ -46,6 +46,7 @@ def trained(request, tiny_root, tmp_path_factory):  # noqa: F811
             *TINY, *backbone, "eval.overlays=0"]
     cfg = load_config(DEFAULTS, Path("recipes/configs/medmask_demo.yaml"), sets)
     assert cfg["model"]["two_stage"] and cfg["model"]["with_box_refine"]  # the demo detector, as trained there
+    dump_config(cfg, out / "config.yaml")  # as recipes/medmask_detect.py does
     torch.manual_seed(0)
     stages.train_stage("source_only", cfg, out)
     ck = out / "source_only" / "best.pt"
@@ -118,3 +119,13 @@ def test_predict_onnx_matches_predict_on_the_checkpoint(trained, tiny_root, tmp_
         assert np.abs(np.array(g["scores"]) - np.array(w["scores"])).max() <= 1e-3  # rounded to 4 decimals
         assert np.abs(np.array(g["boxes"]) - np.array(w["boxes"])).max() <= 0.1 + 64 * TOL  # rounded to 0.1 px
     assert len(list((tmp_path / "onnx").glob("*_pred.png"))) == len(got)
+
+
+def test_card_names_the_data_and_config(trained, tiny_root):  # noqa: F811
+    from medssl.export.card import card_for
+
+    kind, ck, _ = trained
+    text = card_for(load_exportable(ck), "usage")
+    assert f"demo in {tiny_root}" in text and "stage | `source_only`" in text
+    assert str(ck.parent.parent / "config.yaml") in text and "two_stage: true" in text
+    assert "not for clinical use" in text and f"Deformable DETR ({kind} " in text

@@ -43,11 +43,15 @@ def test_backbone_onnx_matches_pytorch_on_fresh_inputs(tiny_backbone, tmp_path):
         assert np.abs(got - want).max() < TOL, shape
 
 
-def test_classifier_cli_export_matches_pytorch_and_check_passes(classifier_ckpt, tmp_path, capsys):
+def test_classifier_cli_export_matches_pytorch_and_check_passes(classifier_ckpt, tiny_backbone, tmp_path,
+                                                                 capsys):
     ck = classifier_ckpt
     assert main([str(ck), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
     meta = json.loads((tmp_path / "onnx" / META_NAME).read_text())
     assert meta["kind"] == "classify" and meta["model"]["classes"] == ["a", "b", "c"]
+    card = (tmp_path / "onnx" / "README.md").read_text()  # the generated card beside the ONNX
+    assert "classify (finetune), 3 classes: a, b, c" in card and str(tiny_backbone) in card
+    assert "accuracy | 0.5" in card and "research only" in card
     session = onnx_session(tmp_path / "onnx" / "model.onnx")
     model, _ = load_head(ck)  # untouched: the export switched only its own copy to dynamic sizes
     g = torch.Generator().manual_seed(3)
