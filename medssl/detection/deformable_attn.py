@@ -160,7 +160,8 @@ def _corners(spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor, n_t
     wx = ((1 - fx) * vx[0], fx * vx[1])
     wy = ((1 - fy) * vy[0], fy * vy[1])
     # row of (n, token, head) in value.view(N*S*M, D): (n*S + token)*M + head
-    row_base = (torch.arange(n, device=dev, dtype=itype) * (n_tokens * m)).repeat_interleave(lq).view(-1, 1)
+    row_base = (torch.arange(n, device=dev, dtype=itype) * (n_tokens * m)).view(n, 1, 1).expand(n, lq, 1)
+    row_base = row_base.reshape(n * lq, 1)  # [N*Lq, 1] (a broadcast, not repeat_interleave: exports with symbolic Lq)
     cols = [c.clamp(zero, width - 1) * m for c in (x0, x1)]
     rows = [c.clamp(zero, height - 1) * (width * m) + col_base + row_base for c in (y0, y1)]
     index = _by_head([rows[0] + cols[0], rows[0] + cols[1], rows[1] + cols[0], rows[1] + cols[1]], m)

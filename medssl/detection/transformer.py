@@ -60,7 +60,9 @@ def flatten_levels(srcs: list[torch.Tensor], masks: list[torch.Tensor], pos: lis
     Returns:
         src ``(N, S, C)``, mask ``(N, S)``, pos ``(N, S, C)`` (+ level embedding), shapes ``(L, 2)``.
     """
-    shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
+    dev = srcs[0].device  # scalar_tensor per size, so that a graph export computes the shapes from its input
+    shapes = torch.stack([torch.stack([torch.scalar_tensor(d, dtype=torch.long, device=dev) for d in s.shape[-2:]])
+                          for s in srcs])  # [L, 2]
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [N, S, C]
     mask = torch.cat([m.flatten(1) for m in masks], 1)  # [N, S]
     pos_f = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[i] for i, p in enumerate(pos)], 1)
@@ -78,8 +80,9 @@ def encoder_reference_points(spatial_shapes: torch.Tensor | Sequence[tuple[int, 
     dev = ratios.device
     sizes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
     for lvl, (h, w) in enumerate(sizes):
-        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=dev),
-                                torch.linspace(0.5, w - 0.5, w, device=dev), indexing="ij")
+        # pixel centres 0.5, 1.5, ... (arange, unlike linspace, keeps a symbolic size symbolic in a graph export)
+        ry, rx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32) + 0.5,
+                                torch.arange(w, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
         ry = ry.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)  # [N, h*w]
         rx = rx.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack([rx, ry], -1))

@@ -19,7 +19,9 @@ def _export_args(argv: list[str]) -> argparse.Namespace:
                    "(backbones); bundle: a MONAI bundle (configs/, models/model.pt + model.onnx, docs/README.md)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="backbone: size to build for; detector: its fixed input canvas (multiples of 32)")
+                   help="backbone: size to build for; detector: its nominal size (multiples of 32); with --static "
+                   "the one size the graph takes")
+    p.add_argument("--static", action="store_true", help="fix H and W in the ONNX graph (batch stays dynamic)")
     p.add_argument("--top-k", type=int, help="detector: detections per image in the graph")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                    help="parity tolerance relative to the output scale (default %(default)s)")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _export_args(argv)
     from medssl.export.sources import load_exportable
 
-    exp = load_exportable(a.source, size=tuple(a.size) if a.size else None, top_k=a.top_k)
+    exp = load_exportable(a.source, size=tuple(a.size) if a.size else None, top_k=a.top_k, static=a.static)
     if a.format == "onnx":
         from medssl.export.onnx import META_NAME, export_onnx
 

@@ -121,7 +121,7 @@ def _describe(exp: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
     """(model table, provenance, metrics, data folder) of an `Exportable`, by kind."""
     h, w = exp.size
     io = {"input": f"{exp.in_chans} x {h} x {w}, intensities in [0, 1]"
-                   + (" (other sizes: position embedding resampled)" if exp.dynamic_hw else " (fixed canvas)"),
+                   + (f" (any size, multiples of {exp.multiple})" if exp.dynamic_hw else " (fixed size)"),
           "normalisation": f"mean {exp.meta['mean']}, std {exp.meta['std']}"}
     bb = exp.meta.get("backbone") or {}
     prov = dict(bb.get("provenance") or {})

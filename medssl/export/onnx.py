@@ -1,7 +1,7 @@
 """ONNX export with a parity check in ONNX Runtime right after it.
 
-`export_onnx` writes `model.onnx` (opset 18, dynamic batch; dynamic H/W for ViT backbones and heads, a fixed
-canvas for the detector) and `medssl_export.json` beside it: inputs, outputs, what the graph does to them
+`export_onnx` writes `model.onnx` (opset 18, dynamic batch and H/W, or fixed H/W with `static`) and
+`medssl_export.json` beside it: inputs, outputs, what the graph does to them
 (normalisation, top-k, box decoding), what the runner must do (resize, pad, mask), and the parity result.
 The export fails (`ParityError`) when ONNX Runtime and PyTorch differ by more than the tolerance.
 
@@ -103,9 +103,17 @@ def parity(session: Any, exp: Exportable, inputs: tuple[torch.Tensor, ...], rtol
 
 def _probes(exp: Exportable) -> list[tuple[torch.Tensor, ...]]:
     """Parity probes: batch 2 at the built size, and batch 1 at a non-square size (the detector: a
-    non-square image padded into its canvas)."""
+    non-square image padded into a canvas). The first is the export's example input.
+
+    A dynamic detector's example is non-square and at least 128 px a side, so that no feature level is 1 wide
+    (the exporter would fix a size seen as 1, or an H seen equal to W).
+    """
     h, w = exp.size
     m = exp.multiple
+    if exp.kind == "detector" and exp.dynamic_hw:
+        eh, ew = max(h, 128), max(w, 128) + m
+        return [exp.probe(2, (eh, ew), pad_to=(eh, ew), seed=1),
+                exp.probe(1, (eh + m - 8, ew // 2), pad_to=(eh + m, ew - m), seed=2)]
     if exp.kind == "detector":
         return [exp.probe(2, seed=1), exp.probe(1, (h - m, max(m, w // 2)), seed=2)]
     if exp.dynamic_hw:
@@ -135,16 +143,24 @@ def export_onnx(exp: Exportable, out_dir: str | os.PathLike, *, rtol: float = DE
     example = _probes(exp)[0]
     batch = torch.export.Dim("batch", min=1, max=4096)
     first: dict[int, Any] = {0: batch}
-    if exp.dynamic_hw:
+    if exp.dynamic_hw and exp.kind == "detector":  # sizes as multiples of 32 (the padding), 64 px at least
+        h, w = torch.export.Dim("h", min=2, max=512), torch.export.Dim("w", min=2, max=512)
+        first.update({2: exp.multiple * h, 3: exp.multiple * w})
+    elif exp.dynamic_hw:
         first.update({2: torch.export.Dim("height", min=exp.multiple, max=16384),
                       3: torch.export.Dim("width", min=exp.multiple, max=16384)})
-    dynamic = (first,) + tuple({0: batch} for _ in example[1:])
+    dynamic: tuple[dict[int, Any], ...] = (first,)
+    if exp.kind == "detector":  # the mask [N, H, W] shares the images' batch and size
+        dynamic = (first, {0: batch, **({1: first[2], 2: first[3]} if exp.dynamic_hw else {})})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(exp.graph, example, str(path), input_names=exp.input_names, output_names=exp.output_names,
                           opset_version=opset, dynamo=True, dynamic_shapes=dynamic, external_data=False,
                           verbose=False)
     dims = _graph_dims(path)
+    if exp.dynamic_hw and not all(isinstance(d, str) for d in dims[exp.input_names[0]][2:]):
+        raise RuntimeError(f"{path}: the exporter fixed H and W to {dims[exp.input_names[0]][2:]}; export with "
+                           "--static (and --size) or report the model")
     session = onnx_session(path)
     checks = [parity(session, exp, p, rtol) for p in _probes(exp)]
     meta = export_record(exp, name, opset, dims, checks, rtol)
@@ -170,7 +186,11 @@ def export_record(exp: Exportable, name: str, opset: int, dims: dict[str, list],
            "mean": exp.meta["mean"], "std": exp.meta["std"]}
     if exp.kind == "detector":
         pre.update({"resize": {**exp.meta["resize"], "rule": "medssl.data.coco.make_transforms('none')"},
-                    "canvas": [h, w], "pad": "bottom/right with 0; mask True on padding"})
+                    "pad": "bottom/right with 0 to a multiple of 32 (the batch's largest image); mask True on "
+                           "padding", "pad_to_multiple": 32, "min_size": 64})
+        if not hw_dynamic:
+            pre["canvas"] = [h, w]
+            pre["pad"] = "bottom/right with 0 into the fixed canvas; mask True on padding"
         post = {"scores": "sigmoid, top-k over queries x classes, descending", "labels": "class index",
                 "boxes": "xyxy normalised to the unpadded image: multiply by (w, h, w, h) of the original image",
                 "index": "query * num_classes + class", "top_k": exp.meta["top_k"],

@@ -70,12 +70,16 @@ class OnnxModel:
             r = pre["resize"]
             tf = make_transforms("none", max_size=r["max_size"], sizes=r["sizes"], in_chans=c, mean=[0.0] * c,
                                  std=[1.0] * c)
-            ch, cw = pre["canvas"]
+            imgs = [tf(torch.from_numpy(np.asarray(raw, np.float32))[None],
+                       {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})[0] for raw in raws]  # [C, h, w] each
+            if "canvas" in pre:  # a graph with fixed H, W
+                ch, cw = pre["canvas"]
+            else:
+                k, low = int(pre.get("pad_to_multiple", 32)), int(pre.get("min_size", 64))
+                ch, cw = (max(low, -(-max(int(im.shape[d]) for im in imgs) // k) * k) for d in (1, 2))
             images = np.zeros((len(raws), c, ch, cw), np.float32)
             mask = np.ones((len(raws), ch, cw), bool)
-            for i, raw in enumerate(raws):
-                img, _ = tf(torch.from_numpy(np.asarray(raw, np.float32))[None],
-                            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})  # [C, h, w]
+            for i, img in enumerate(imgs):
                 h, w = img.shape[-2:]
                 if h > ch or w > cw:
                     raise ValueError(f"{self.file}: image resized to {(h, w)} does not fit the canvas {(ch, cw)}")
@@ -142,7 +146,8 @@ def check(folder: str | os.PathLike, images: Sequence[str | os.PathLike] = (), s
     meta = model.meta
     rtol = rtol if rtol is not None else meta["parity"]["rtol"]
     src = source or meta["source"]
-    exp = load_exportable(src, size=tuple(meta["size"]), top_k=meta["model"].get("top_k"))
+    exp = load_exportable(src, size=tuple(meta["size"]), top_k=meta["model"].get("top_k"),
+                          static=not meta["dynamic"]["height_width"])
     records = []
     if images:
         for f in image_files(images):

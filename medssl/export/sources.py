@@ -33,8 +33,10 @@ class Exportable:
         input_names / output_names: graph input and output names.
         in_chans: input channels.
         size: (H, W) the model was built for (the probe size, and the fixed size where H/W are not dynamic).
-        dynamic_hw: whether H and W may change (a ViT's position embedding is resampled in the graph).
+        dynamic_hw: whether H and W may change (a ViT's position embedding is resampled in the graph; the
+            detector's levels, reference points and sampling follow the input's size).
         multiple: H and W should be multiples of this (the ViT's patch size; 32 for the detector's padding).
+        Detector inputs need H, W >= 64 (its coarsest level, stride 64, must not be empty).
         source: what was read (path or registered name).
         meta: mean/std, architecture, provenance, classes, metrics, data config... for the JSON and the card.
     """
@@ -79,24 +81,28 @@ def _read(path: Path) -> dict[str, Any] | None:
     return ck if isinstance(ck, dict) else None
 
 
-def load_exportable(source: str | os.PathLike, *, size: tuple[int, int] | None = None, top_k: int | None = None
-                    ) -> Exportable:
+def load_exportable(source: str | os.PathLike, *, size: tuple[int, int] | None = None, top_k: int | None = None,
+                    static: bool = False) -> Exportable:
     """Wrap a backbone source, a transfer head (`head.pt` / `model.pt` / `best.pt` with a record) or a MedMask
     detector checkpoint for export.
 
     Args:
         source: anything `medssl.load_backbone` accepts, or a head / detector checkpoint.
-        size: (H, W) to build for (backbone) or the detector's fixed canvas (default: its `data.max_size`
-            square, rounded up to 32).
+        size: (H, W) to build for (backbone), the detector's nominal size (default: its `data.max_size` square,
+            rounded up to 32); with `static`, the one size the graph takes.
         top_k: detections per image in the detector graph (default: the run's `eval.max_dets`, else 100).
+        static: fix H and W in the graph (for runtimes that want static shapes); batch stays dynamic.
     """
     path = Path(source)
     ck = _read(path)
     if ck is not None and "detector" in ck and "model" in ck:
-        return _detector(path, ck, size, top_k)
-    if ck is not None and "record" in ck and "model" in ck:
-        return _head(path)
-    return _backbone(source, size)
+        exp = _detector(path, ck, size, top_k)
+    elif ck is not None and "record" in ck and "model" in ck:
+        exp = _head(path)
+    else:
+        exp = _backbone(source, size)
+    exp.dynamic_hw = exp.dynamic_hw and not static
+    return exp
 
 
 def _backbone(source: str | os.PathLike, size: tuple[int, int] | None) -> Exportable:
@@ -144,12 +150,12 @@ def _detector(path: Path, ck: dict[str, Any], size: tuple[int, int] | None, top_
         side = -(-int(data["max_size"]) // 32) * 32
         size = (side, side)
     if size[0] % 32 or size[1] % 32:
-        raise ValueError(f"{path}: detector canvas {size} must be multiples of 32 (the training padding)")
+        raise ValueError(f"{path}: detector size {size} must be multiples of 32 (the training padding)")
     k = int(top_k or DEFAULTS["eval"]["max_dets"])
     graph = DetectorGraph(model, mean, std, k).eval()
     det = dict(ck["detector"])
     return Exportable("detector", graph, ["images", "mask"], ["scores", "labels", "boxes", "index"], c,
-                      (int(size[0]), int(size[1])), False, 32, str(path),
+                      (int(size[0]), int(size[1])), True, 32, str(path),
                       {"mean": mean, "std": std, "detector": det, "data": data, "top_k": k,
                        "stage": ck.get("stage"), "epoch": ck.get("epoch"), "metrics": ck.get("metrics", {}),
                        "resize": {"max_size": data["max_size"], "sizes": data["sizes"]}})

@@ -62,7 +62,8 @@ def test_graph_has_no_custom_op_and_no_grid_sample(trained):
     assert {d for d, _ in ops} <= {"ai.onnx"}, ops
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
     meta = json.loads((folder / META_NAME).read_text())
-    assert meta["dynamic"] == {"batch": True, "height_width": False} and meta["size"] == [64, 64]
+    assert meta["dynamic"] == {"batch": True, "height_width": True} and meta["size"] == [64, 64]
+    assert meta["inputs"]["images"][2:] == ["32*h", "32*w"]
     assert meta["parity"]["max_abs_diff"] <= TOL
 
 
@@ -79,26 +80,54 @@ def _torch_detections(ck: Path, images: torch.Tensor, mask: torch.Tensor, top_k:
     return scores.numpy(), xyxy.numpy(), index.numpy()
 
 
-def test_onnx_boxes_and_scores_equal_pytorch_on_fresh_inputs(trained):
+def _batch(canvas, sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    images, mask = torch.zeros(len(sizes), 1, *canvas), torch.ones(len(sizes), *canvas, dtype=torch.bool)
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.rand(1, h, w, generator=g)
+        mask[i, :h, :w] = False
+    return images, mask
+
+
+# canvases other than the export's example, square and not, with square and non-square images padded in them
+CASES = [((64, 64), [(64, 64), (64, 40), (32, 64)]), ((96, 160), [(96, 160), (80, 100)]), ((256, 96), [(250, 90)])]
+
+
+@pytest.mark.parametrize("canvas, sizes", CASES)
+def test_onnx_boxes_and_scores_equal_pytorch_on_fresh_inputs(trained, canvas, sizes):
     kind, ck, folder = trained
     meta = json.loads((folder / META_NAME).read_text())
     session = onnx_session(folder / "model.onnx")
-    g = torch.Generator().manual_seed(11)
-    images, mask = torch.zeros(3, 1, 64, 64), torch.ones(3, 64, 64, dtype=torch.bool)
-    for i, (h, w) in enumerate([(64, 64), (64, 40), (32, 64)]):  # square, and two non-square images padded
-        images[i, :, :h, :w] = torch.rand(1, h, w, generator=g)
-        mask[i, :h, :w] = False
+    images, mask = _batch(canvas, sizes, seed=11)
     scores, labels, boxes, index = session.run(["scores", "labels", "boxes", "index"],
                                                {"images": images.numpy(), "mask": mask.numpy()})
     want_scores, want_boxes, want_index = _torch_detections(ck, images, mask, meta["model"]["top_k"])
     assert scores.shape == want_scores.shape and boxes.shape[-1] == 4
-    for b in range(3):
+    for b in range(len(sizes)):
         assert sorted(index[b].tolist()) == sorted(want_index[b].tolist()), (kind, b)
         order, want_order = np.argsort(index[b]), np.argsort(want_index[b])
         assert np.abs(scores[b][order] - want_scores[b][want_order]).max() <= TOL
         assert np.abs(boxes[b][order] - want_boxes[b][want_order]).max() <= TOL
         assert (labels[b] == index[b] % 1).all()  # one class
-    assert not np.allclose(boxes[1], boxes[2])  # the padding mask reaches the graph
+    if len(sizes) == 3:
+        assert not np.allclose(boxes[1], boxes[2])  # the padding mask reaches the graph
+
+
+def test_static_export_takes_its_size_only(trained, tmp_path):
+    kind, ck, _ = trained
+    if kind != "resnet":
+        pytest.skip("the static path does not depend on the backbone")
+    exp = load_exportable(ck, size=(64, 96), static=True)
+    path = export_onnx(exp, tmp_path / "static")
+    meta = json.loads((tmp_path / "static" / META_NAME).read_text())
+    assert meta["dynamic"]["height_width"] is False and meta["inputs"]["images"][2:] == [64, 96]
+    assert meta["preprocess"]["canvas"] == [64, 96] and meta["parity"]["max_abs_diff"] <= TOL
+    session = onnx_session(path)
+    images, mask = _batch((64, 96), [(64, 96), (50, 70)], seed=3)
+    (scores,) = session.run(["scores"], {"images": images.numpy(), "mask": mask.numpy()})
+    assert np.abs(np.sort(scores, 1) - np.sort(_torch_detections(ck, images, mask, 100)[0], 1)).max() <= TOL
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(["scores"], {"images": np.zeros((1, 1, 64, 64), np.float32), "mask": np.zeros((1, 64, 64), bool)})
 
 
 def test_predict_onnx_matches_predict_on_the_checkpoint(trained, tiny_root, tmp_path):  # noqa: F811
@@ -112,7 +141,7 @@ def test_predict_onnx_matches_predict_on_the_checkpoint(trained, tiny_root, tmp_
     assert recipe.main(["predict", "--onnx", str(folder / "model.onnx"), "--out", str(tmp_path / "onnx"),
                         str(test_images)]) == 0
     got = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
-    want = predict_files(ck, [test_images], tmp_path / "torch")  # 64 x 64 images fill the 64 x 64 canvas
+    want = predict_files(ck, [test_images], tmp_path / "torch")  # 64 x 64 images: no padding either way
     assert [g["file"] for g in got] == [w["file"] for w in want]
     for g, w in zip(got, want):
         assert len(g["scores"]) == len(w["scores"])
