@@ -48,7 +48,7 @@ def demo_detector_exportable(size: int = 192, top_k: int = 100) -> Exportable:
     set_attn_impl(det, "export")  # as load_exportable does for a checkpoint
     graph = DetectorGraph(det, [0.5], [0.25], top_k).eval()
     return Exportable("detector", graph, ["images", "mask"], ["scores", "labels", "boxes", "index"], 1, (size, size),
-                      False, 32, "demo detector config (random weights)",
+                      True, 32, "demo detector config (random weights)",
                       {"mean": [0.5], "std": [0.25], "top_k": top_k, "resize": {"max_size": size, "sizes": None},
                        "detector": model_cfg})
 
