@@ -158,3 +158,12 @@ def test_card_names_the_data_and_config(trained, tiny_root):  # noqa: F811
     assert f"demo in {tiny_root}" in text and "stage | `source_only`" in text
     assert str(ck.parent.parent / "config.yaml") in text and "two_stage: true" in text
     assert "not for clinical use" in text and f"Deformable DETR ({kind} " in text
+
+
+def test_check_on_user_images(trained, tiny_root, capsys):  # noqa: F811
+    from medssl.export.__main__ import main
+
+    _, _, folder = trained
+    capsys.readouterr()
+    assert main(["check", str(folder), str(tiny_root / "demo" / "images" / "val")]) == 0
+    assert "3 passed, 0 failed" in capsys.readouterr().out
