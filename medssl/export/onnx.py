@@ -9,9 +9,9 @@ Tolerance: float32 rounding is 6e-8 relative per operation; the two runtimes ord
 LayerNorm and softmax differently, so a dot product of length K can differ by about sqrt(K) * 6e-8 of its
 magnitude (K = 3072 in a ViT-B MLP: 3e-6), and that compounds over the depth (a ViT-B has 24 matmul stages
 between normalisations). 1e-4 of the output scale (max |PyTorch output|, at least 1) leaves a 3-10x margin
-over that estimate for ViT-B, while a wrong op (a different interpolation, a missing normalisation, a
-transposed weight) moves outputs by 1e-2 or more. Measured: 2-3e-6 for a 12-block ViT-Ti, 1-4e-7 for
-the tests' 2-block ViT and small detectors.
+over that estimate for ViT-B (an estimate, not a measurement on ViT-B). Measured: 2-3e-6 for a 12-block
+ViT-Ti, 1-4e-7 for the tests' 2-block ViT and small detectors; the same graph checked against other
+weights fails (tests/export/test_onnx.py).
 """
 
 from __future__ import annotations
