@@ -89,3 +89,21 @@ def test_check_fails_against_other_weights(tiny_backbone, tmp_path, capsys):
     other_dir = medssl.save_backbone(other, tmp_path / "other", mean=[0.4], std=[0.2])
     assert main(["check", str(tmp_path / "onnx"), "--source", str(other_dir)]) == 1
     assert "0 passed, 2 failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind, protocol, options", [("segment", "finetune", {"blocks": 2}),
+                                                     ("segment", "probe", {"blocks": 2}),
+                                                     ("classify", "probe", {"probe_blocks": 2})])
+def test_other_heads_export_and_match(tiny_backbone, tmp_path, kind, protocol, options):
+    from medssl.heads.build import build_head, head_record, save_head
+
+    rec = head_record(kind, protocol, tiny_backbone, num_classes=3, img_size=32, **options)
+    ck = save_head(tmp_path / "model.pt", build_head(rec).eval(), rec)
+    exp = load_exportable(ck)
+    session = onnx_session(export_onnx(exp, tmp_path / "onnx"))
+    x = torch.rand(2, 1, 24, 40, generator=torch.Generator().manual_seed(4))  # non-square, not the built size
+    (got,) = session.run(["logits"], {"images": x.numpy()})
+    with torch.no_grad():
+        want = exp.graph(x).numpy()
+    assert got.shape == ((2, 3, 24, 40) if kind == "segment" else (2, 3))
+    assert np.abs(got - want).max() < TOL
