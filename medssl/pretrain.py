@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
               "clip_grad": None, "precision": "auto", "seed": 0, "device": "auto",
               "stop_at": None},
     "output": {"dir": "runs/pretrain", "log_every": 20, "ckpt_every": 1000, "keep_checkpoints": 2,
-               "keep_every": 0, "figure_every": 500},
+               "keep_every": 0, "figure_every": 500, "loggers": []},  # loggers: mlflow, wandb
 }
 
 
@@ -168,7 +168,7 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
                        clip_grad=t["clip_grad"], precision=t["precision"], log_every=o["log_every"],
                        ckpt_every=o["ckpt_every"], keep_checkpoints=o["keep_checkpoints"],
                        keep_every=o["keep_every"], seed=t["seed"],
-                       stop_at=t["stop_at"])
+                       stop_at=t["stop_at"], loggers=tuple(o["loggers"] or ()))
     ratio = cfg["model"]["mask_ratio"]
     engine = Engine(MAETask(model, ratio), tcfg, out, dist, ds_config=ds_config, micro_batch_size=t["batch_size"])
     start = engine.resume() if resume else 0

@@ -8,6 +8,7 @@
     deepspeed --num_accelerators 4 recipes/medmask_detect.py --deepspeed \
         --deepspeed_config recipes/configs/ds_zero2.json --dataset ddsm --data-root DATA
     python recipes/medmask_detect.py predict --checkpoint runs/medmask/teaching/best.pt IMAGES_OR_DIRS...
+    python recipes/medmask_detect.py predict --onnx exported/model.onnx IMAGES_OR_DIRS...   # ONNX Runtime
 
 Config: recipes/configs/medmask_<dataset>.yaml if present, else medmask_default.yaml; `--set a.b=value`
 overrides any key (data.batch_size is per rank). All logic lives in medssl.detection.
@@ -46,7 +47,9 @@ def _train_args(argv: list[str]) -> argparse.Namespace:
 
 def _predict_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="medmask_detect.py predict", description="Detect lesions in images.")
-    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a MedMask stage checkpoint (PyTorch)")
+    src.add_argument("--onnx", help="a detector exported by `python -m medssl.export` (ONNX Runtime, CPU)")
     p.add_argument("--out", default="predictions")
     p.add_argument("--score-threshold", type=float, default=0.3, help="overlay only boxes scoring >= this")
     p.add_argument("--device", default="cpu")
@@ -59,8 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
         a = _predict_args(argv[1:])
-        res = predict_files(a.checkpoint, a.images, a.out, a.score_threshold, a.device)
-        print(f"{len(res)} images -> {Path(a.out) / 'predictions.json'} and overlays in {a.out}")
+        if a.onnx:
+            from medssl.export.runner import predict_onnx
+
+            res = predict_onnx(a.onnx, a.images, a.out, a.score_threshold, DEFAULTS["eval"]["nms_iou"])
+        else:
+            res = predict_files(a.checkpoint, a.images, a.out, a.score_threshold, a.device)
+        skipped = Path(a.out) / "skipped.json"
+        n_skipped = len(json.loads(skipped.read_text())) if skipped.is_file() else 0
+        print(f"{len(res)} images -> {Path(a.out) / 'predictions.json'} and overlays in {a.out}"
+              + (f"; {n_skipped} skipped, reasons in {skipped}" if n_skipped else ""))
         return 0
     a = _train_args(argv)
     path = a.config or next((p for p in (CONFIGS / f"medmask_{a.dataset}.yaml",) if p.is_file()),

@@ -13,6 +13,10 @@ Three paths compute the same function:
   inputs (about 0.14x the memory the reference saves in the encoder case) and needs no compiler.
 * ``ms_deform_attn_triton`` (:mod:`medssl.detection.ms_deform_triton`): Triton forward and backward
   kernels, for CUDA tensors.
+* ``ms_deform_attn_export``: the fused path's corners (the same ``_corners``) read by a plain gather and a
+  weighted sum, for inference graphs (ONNX): no custom autograd Function, no ``embedding_bag``, no
+  ``grid_sample`` (TensorRT has been seen to corrupt ``grid_sample``-based deformable attention). It
+  materialises the ``[.., 4 * levels * points, head_dim]`` samples, so it is for export, not training.
 
 ``ms_deform_attn`` (``impl="auto"``) takes the Triton kernels for CUDA tensors when Triton imports and the
 fused path otherwise (single-threaded on CPU, forward + backward, it measured faster than the per-level
@@ -39,10 +43,10 @@ from medssl.detection.deform_core import KernelDeformAttn as _CoreDeformAttn
 from medssl.detection.deform_core import KernelPair as _Core
 from medssl.detection.deform_core import level_starts
 
-__all__ = ["IMPLS", "MSDeformAttn", "ms_deform_attn", "ms_deform_attn_fused", "ms_deform_attn_projected",
-           "ms_deform_attn_reference", "level_starts", "resolve_impl"]
+__all__ = ["IMPLS", "MSDeformAttn", "ms_deform_attn", "ms_deform_attn_export", "ms_deform_attn_fused",
+           "ms_deform_attn_projected", "ms_deform_attn_reference", "level_starts", "resolve_impl", "set_attn_impl"]
 
-IMPLS = ("auto", "fused", "reference", "triton")
+IMPLS = ("auto", "fused", "reference", "triton", "export")
 _log = logging.getLogger(__name__)
 
 
@@ -155,7 +159,8 @@ def _corners(spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor, n_t
     wx = ((1 - fx) * vx[0], fx * vx[1])
     wy = ((1 - fy) * vy[0], fy * vy[1])
     # row of (n, token, head) in value.view(N*S*M, D): (n*S + token)*M + head
-    row_base = (torch.arange(n, device=dev, dtype=itype) * (n_tokens * m)).repeat_interleave(lq).view(-1, 1)
+    row_base = (torch.arange(n, device=dev, dtype=itype) * (n_tokens * m)).view(n, 1, 1).expand(n, lq, 1)
+    row_base = row_base.reshape(n * lq, 1)  # [N*Lq, 1] (a broadcast, not repeat_interleave: exports with symbolic Lq)
     cols = [c.clamp(zero, width - 1) * m for c in (x0, x1)]
     rows = [c.clamp(zero, height - 1) * (width * m) + col_base + row_base for c in (y0, y1)]
     index = _by_head([rows[0] + cols[0], rows[0] + cols[1], rows[1] + cols[0], rows[1] + cols[1]], m)
@@ -281,6 +286,25 @@ def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor,
     return out.to(value.dtype)
 
 
+def ms_deform_attn_export(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                          sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """Multi-scale deformable attention in an export-friendly form: gather the bilinear corners, weighted sum.
+
+    The corners and their bilinear weights are those of the fused path (:func:`_corners`: zero padding,
+    ``align_corners=False``); instead of ``embedding_bag`` the corner rows are gathered with plain indexing
+    (ONNX ``Gather``) and reduced by a batched matmul with their bilinear x attention weights, ops every
+    ONNX runtime has. Same arguments and result as :func:`ms_deform_attn_reference`; differentiable by
+    autograd, but it materialises every sample, so use it for inference graphs.
+    """
+    n, s, m, d = value.shape
+    lq = sampling_locations.shape[1]
+    c = _corners(spatial_shapes, sampling_locations, s)
+    weights = _corner_weights(c, attention_weights.reshape(n * lq, -1), m)  # [N*Lq*M, K], K = 4*L*P
+    rows = value.reshape(n * s * m, d)[c.index.long()]  # [N*Lq*M, K, D]
+    out = torch.matmul(weights.unsqueeze(1).to(value.dtype), rows)  # [N*Lq*M, 1, D]
+    return out.reshape(n, lq, m * d)
+
+
 class _ProjectedDeformAttn(torch.autograd.Function):
     """``value = input @ W.T + b`` (zero where padded), then deformable attention, saving the projection's
     input instead of ``value``: backward recomputes the projection (one matmul). In Deformable DETR the six
@@ -340,8 +364,8 @@ def ms_deform_attn_projected(input_flatten: torch.Tensor, weight: torch.Tensor, 
 
     The same function as ``ms_deform_attn(F.linear(input_flatten, weight, bias).masked_fill(padding_mask, 0)
     .view(N, S, heads, -1), ...)`` with ``heads = sampling_locations.shape[2]``, for the fused and Triton paths
-    (``impl="reference"`` computes exactly that expression). Under autocast the projection's matmuls run in
-    the autocast dtype, the sampling in float32.
+    (``impl="reference"`` and ``impl="export"`` compute exactly that expression). Under autocast the
+    projection's matmuls run in the autocast dtype, the sampling in float32.
 
     Args:
         input_flatten: ``(N, S, C)`` all levels flattened.
@@ -356,12 +380,12 @@ def ms_deform_attn_projected(input_flatten: torch.Tensor, weight: torch.Tensor, 
     n, s, c = input_flatten.shape
     m = sampling_locations.shape[2]
     impl = resolve_impl(impl, input_flatten.device)
-    if impl == "reference":
+    if impl in ("reference", "export"):
         value = F.linear(input_flatten, weight, bias)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
-        return ms_deform_attn_reference(value.view(n, s, m, c // m), spatial_shapes, sampling_locations,
-                                        attention_weights)
+        fn = ms_deform_attn_reference if impl == "reference" else ms_deform_attn_export
+        return fn(value.view(n, s, m, c // m), spatial_shapes, sampling_locations, attention_weights)
     _check_shapes(input_flatten.view(n, s, m, c // m), spatial_shapes, sampling_locations, attention_weights)
     dev = input_flatten.device.type
     mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else input_flatten.dtype
@@ -420,7 +444,8 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_l
         sampling_locations: ``(N, Lq, heads, L, P, 2)`` in [0, 1] (x, y).
         attention_weights: ``(N, Lq, heads, L, P)``.
         impl: ``"auto"`` (Triton for CUDA tensors when available, else fused), ``"fused"`` (one
-            embedding_bag, fused backward), ``"reference"`` (per-level grid_sample) or ``"triton"``.
+            embedding_bag, fused backward), ``"reference"`` (per-level grid_sample), ``"triton"``, or
+            ``"export"`` (gather + weighted sum, for ONNX graphs).
 
     Returns:
         ``(N, Lq, heads * head_dim)``.
@@ -434,6 +459,9 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_l
     impl = resolve_impl(impl, value.device)
     if impl == "reference":
         return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+    if impl == "export":
+        _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
+        return ms_deform_attn_export(value, spatial_shapes, sampling_locations, attention_weights)
     if impl == "triton":
         fn = _triton_fn()
         if fn is None:
@@ -517,3 +545,14 @@ class MSDeformAttn(nn.Module):
         out = ms_deform_attn_projected(input_flatten, self.value_proj.weight, self.value_proj.bias, spatial_shapes,
                                        loc, attn, padding_mask, self.impl)  # [N, Lq, C]
         return self.output_proj(out)
+
+
+def set_attn_impl(model: nn.Module, impl: str) -> int:
+    """Switch every :class:`MSDeformAttn` in ``model`` to path ``impl`` (e.g. ``"export"`` before ONNX export);
+    returns how many modules were switched. The weights are untouched."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    mods = [mod for mod in model.modules() if isinstance(mod, MSDeformAttn)]
+    for mod in mods:
+        mod.impl = impl
+    return len(mods)

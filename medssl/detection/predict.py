@@ -104,6 +104,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
         results.append({"file": str(f), "boxes": b.round(1).tolist(), "scores": s.round(4).tolist(),
                         "seconds": round(seconds, 3)})
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "skipped.json").unlink(missing_ok=True)  # a list from an earlier run in this folder is not ours
     if skipped:
         (out_dir / "skipped.json").write_text(json.dumps(skipped, indent=1))
     return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,20 +60,29 @@ def flatten_levels(srcs: list[torch.Tensor], masks: list[torch.Tensor], pos: lis
     Returns:
         src ``(N, S, C)``, mask ``(N, S)``, pos ``(N, S, C)`` (+ level embedding), shapes ``(L, 2)``.
     """
-    shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
+    dev = srcs[0].device  # scalar_tensor per size, so that a graph export computes the shapes from its input
+    shapes = torch.stack([torch.stack([torch.scalar_tensor(d, dtype=torch.long, device=dev) for d in s.shape[-2:]])
+                          for s in srcs])  # [L, 2]
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [N, S, C]
     mask = torch.cat([m.flatten(1) for m in masks], 1)  # [N, S]
     pos_f = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[i] for i, p in enumerate(pos)], 1)
     return src, mask, pos_f, shapes
 
 
-def encoder_reference_points(spatial_shapes: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
-    """Pixel centres of every token, normalised by the valid area: ``(N, S, L, 2)``."""
+def encoder_reference_points(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]], ratios: torch.Tensor
+                             ) -> torch.Tensor:
+    """Pixel centres of every token, normalised by the valid area: ``(N, S, L, 2)``.
+
+    ``spatial_shapes``: ``(L, 2)`` tensor or a list of (h, w) sizes (the list form keeps the sizes out of
+    tensor data, so that a graph export sees them as shapes).
+    """
     refs = []
     dev = ratios.device
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=dev),
-                                torch.linspace(0.5, w - 0.5, w, device=dev), indexing="ij")
+    sizes = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
+    for lvl, (h, w) in enumerate(sizes):
+        # pixel centres 0.5, 1.5, ... (arange, unlike linspace, keeps a symbolic size symbolic in a graph export)
+        ry, rx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32) + 0.5,
+                                torch.arange(w, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
         ry = ry.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)  # [N, h*w]
         rx = rx.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack([rx, ry], -1))
@@ -219,19 +229,20 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def encode(self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, shapes: torch.Tensor,
-               ratios: torch.Tensor) -> torch.Tensor:
-        """Run the encoder on flattened tokens ``(N, S, C)`` -> memory ``(N, S, C)``."""
-        ref = encoder_reference_points(shapes, ratios)  # [N, S, L, 2]
+               ratios: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Run the encoder on flattened tokens ``(N, S, C)`` -> memory ``(N, S, C)``; ``sizes``: the levels'
+        (h, w) as ints (default: read from ``shapes``)."""
+        ref = encoder_reference_points(shapes if sizes is None else sizes, ratios)  # [N, S, L, 2]
         for layer in self.encoder:
             src = layer(src, pos, ref, shapes, mask)
         return src
 
-    def _proposals(self, memory: torch.Tensor, mask: torch.Tensor, shapes: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _proposals(self, memory: torch.Tensor, mask: torch.Tensor, shapes: torch.Tensor,
+                   sizes: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder-output proposals: one box per token (level-dependent size) in logit space."""
         n = memory.shape[0]
         props, start = [], 0
-        for lvl, (h, w) in enumerate(shapes.tolist()):
+        for lvl, (h, w) in enumerate(shapes.tolist() if sizes is None else sizes):
             m = mask[:, start:start + h * w].view(n, h, w)
             vh, vw = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)  # [N]
             gy, gx = torch.meshgrid(torch.arange(h, device=memory.device, dtype=memory.dtype),
@@ -269,11 +280,12 @@ class DeformableTransformer(nn.Module):
         if hidden is not None:
             masks = [m | h for m, h in zip(masks, hidden)]
         src, mask, pos_f, shapes = flatten_levels(srcs, masks, pos, self.level_embed)
-        memory = self.encode(src, mask, pos_f, shapes, ratios)  # [N, S, C]
+        sizes = [tuple(s.shape[-2:]) for s in srcs]  # the levels' (h, w) as ints, not tensor data
+        memory = self.encode(src, mask, pos_f, shapes, ratios, sizes)  # [N, S, C]
         n, _, c = memory.shape
         out: dict[str, Any] = {}
         if self.two_stage:
-            out_memory, props = self._proposals(memory, mask, shapes)
+            out_memory, props = self._proposals(memory, mask, shapes, sizes)
             enc_logits = self.enc_class_embed(out_memory)  # [N, S, K]
             enc_unact = self.enc_bbox_embed(out_memory) + props  # [N, S, 4]
             k = min(self.num_proposals, enc_logits.shape[1])

@@ -91,6 +91,7 @@ class TrainConfig:
             multiples of keep_every (0: none); a step is only there if a checkpoint was written at it (a multiple
             of ckpt_every or an epoch end). Under DeepSpeed every checkpoint is kept (no pruning).
         stop_at: leave after this step (checkpointed), as a time-boxed job; resume later.
+        loggers: experiment trackers besides metrics.csv: "mlflow" (local file store), "wandb" (offline).
     """
 
     total_steps: int
@@ -114,6 +115,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     eval_every: int = 1
     select: str | None = None
+    loggers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -125,6 +127,12 @@ class TrainConfig:
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         self.betas = tuple(self.betas)
+        self.loggers = tuple(self.loggers)
+        from medssl.train.trackers import TRACKERS
+
+        bad = sorted(set(self.loggers) - set(TRACKERS))
+        if bad:
+            raise ValueError(f"unknown loggers {bad}; known: {list(TRACKERS)} (metrics.csv is always written)")
 
     @property
     def epoch_steps(self) -> int:
@@ -365,7 +373,8 @@ class Engine:
         """
         cfg, spe = self.cfg, self.cfg.epoch_steps
         batches_of = self._batch_source(data)
-        logger = ScalarLogger(self.out_dir, enabled=self.dist.is_main, resume_step=self.step) if self.out_dir else None
+        logger = ScalarLogger(self.out_dir, enabled=self.dist.is_main, resume_step=self.step,
+                              trackers=cfg.loggers) if self.out_dir else None
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True,
                    desc="train", mininterval=2.0)
         meter = _Meter()
@@ -394,7 +403,7 @@ class Engine:
                 cb(self, self.step, batch)
             epoch_end = (self.step % spe == 0 or self.step == cfg.total_steps) and cfg.steps_per_epoch is not None
             if epoch_end:
-                self._end_epoch(epoch, meter)
+                self._end_epoch(epoch, meter, logger)
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == end or epoch_end:
                 self.save(on_checkpoint() if on_checkpoint else None)
         bar.close()
@@ -470,9 +479,9 @@ class Engine:
                         wait=f"{self.data_wait_fraction:.0%}")
         meter.t0, meter.seen, meter.waited = time.perf_counter(), 0, 0.0
 
-    def _end_epoch(self, epoch: int, meter: _Meter) -> None:
+    def _end_epoch(self, epoch: int, meter: _Meter, logger: ScalarLogger | None = None) -> None:
         """The epoch's history record (time, images/s, mean losses, the task's entries, validation metrics when
-        due); then restart the epoch meter."""
+        due, also sent to the experiment trackers); then restart the epoch meter."""
         seconds = time.perf_counter() - meter.epoch_t0
         ips = meter.epoch_seen * self.dist.world_size / max(seconds, 1e-9)
         record: dict[str, Any] = {"epoch": epoch, "seconds": round(seconds, 2), "images_per_s": round(ips, 2),
@@ -483,6 +492,9 @@ class Engine:
             metrics = self._evaluate(epoch)
             if metrics:
                 record["val"] = metrics
+                if logger:
+                    logger.track(self.step, **{f"val/{k}": v for k, v in metrics.items()
+                                               if isinstance(v, (int, float))})
         self.history.append(record)
         if self.dist.is_main:
             log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "epoch"})

@@ -1,10 +1,12 @@
-"""Run logging: a CSV of scalars per logged step, TensorBoard when installed, a tqdm progress bar."""
+"""Run logging: a CSV of scalars per logged step, TensorBoard when installed, MLflow / W&B when asked for
+(`medssl.train.trackers`), a tqdm progress bar."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,16 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 class ScalarLogger:
-    """Appends rows to `metrics.csv` (resumes an existing file) and mirrors them to TensorBoard if present."""
+    """Appends rows to `metrics.csv` (resumes an existing file) and mirrors them to TensorBoard if present and
+    to the trackers named in `trackers` ("mlflow", "wandb")."""
 
-    def __init__(self, folder: str | os.PathLike, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, folder: str | os.PathLike, enabled: bool = True, resume_step: int = 0,
+                 trackers: Sequence[str] = ()):
         self.enabled = enabled
         self.path = Path(folder) / "metrics.csv"
         self._fields: list[str] | None = None
         self._tb = None
+        self._trackers: list[Any] = []
         if not enabled:
             return
         if self.path.exists():  # keep rows up to the resume point: a resumed run continues the same file
@@ -45,6 +50,10 @@ class ScalarLogger:
             self._tb = SummaryWriter(str(Path(folder) / "tensorboard"))
         except Exception:  # tensorboard not installed
             self._tb = None
+        if trackers:
+            from medssl.train.trackers import make_trackers
+
+            self._trackers = make_trackers(trackers, folder)
 
     def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +76,16 @@ class ScalarLogger:
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
+        self.track(step, **scalars)
+
+    def track(self, step: int, **scalars: float) -> None:
+        """Send scalars to the trackers only (e.g. validation metrics, which have no CSV column)."""
+        if self.enabled:
+            for t in self._trackers:
+                t.log_metrics(step, {k: float(v) for k, v in scalars.items()})
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for t in self._trackers:
+            t.close()

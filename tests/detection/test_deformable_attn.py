@@ -11,13 +11,15 @@ from medssl.detection.deformable_attn import (
     MSDeformAttn,
     level_starts,
     ms_deform_attn,
+    ms_deform_attn_export,
     ms_deform_attn_fused,
     ms_deform_attn_projected,
     ms_deform_attn_reference,
     resolve_impl,
+    set_attn_impl,
 )
 
-CPU_PATHS = [ms_deform_attn_reference, ms_deform_attn_fused]
+CPU_PATHS = [ms_deform_attn_reference, ms_deform_attn_fused, ms_deform_attn_export]
 
 
 def _bilinear_loop(value, shapes, loc, attn):
@@ -287,3 +289,39 @@ def test_module_matches_huggingface_layer(coords):
         results.append([out.detach(), q.grad, mem.grad] + [p.grad for _, p in sorted(mod.named_parameters())])
     for got, ref_ in zip(*results, strict=True):
         torch.testing.assert_close(got, ref_)
+
+
+# ------------------------------------------------------------------------------ the export form (ONNX graphs)
+@pytest.mark.parametrize("shapes", [((5, 4), (3, 2), (1, 1)), ((7, 5), (3, 3)), ((6, 9), (3, 5), (2, 3), (1, 2))])
+def test_export_form_equals_reference_float64_and_fused_float32(shapes):
+    """The reference authors' check (FACTS.md): float64 default allclose, float32 rtol 1e-2 / atol 1e-3;
+    against the training op (fused) the float32 difference is also held to 1e-5."""
+    args64 = _inputs(torch.float64, n=3, lq=7, m=4, d=5, p=4, seed=3, shapes=shapes)
+    torch.testing.assert_close(ms_deform_attn_export(*args64), ms_deform_attn_reference(*args64))
+    torch.testing.assert_close(ms_deform_attn_export(*args64), ms_deform_attn_fused(*args64))
+    args32 = _inputs(torch.float32, n=3, lq=7, m=4, d=5, p=4, seed=4, shapes=shapes)
+    out = ms_deform_attn_export(*args32)
+    torch.testing.assert_close(out, ms_deform_attn_fused(*args32), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(out, ms_deform_attn_reference(*args32), rtol=1e-2, atol=1e-3)
+    assert (out - ms_deform_attn_fused(*args32)).abs().max() < 1e-5
+    assert torch.equal(ms_deform_attn(*args32, impl="export"), out)
+
+
+def test_export_form_projected_and_module_switch():
+    """impl="export" through the projection (padding mask included) and set_attn_impl on a module."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3).double()
+    with torch.no_grad():  # non-trivial offsets and weights
+        attn.sampling_offsets.weight.normal_(0, 0.3)
+        attn.attention_weights.weight.normal_(0, 0.3)
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    s = int((shapes[:, 0] * shapes[:, 1]).sum())
+    query, x = torch.randn(2, 7, 16, dtype=torch.float64), torch.randn(2, s, 16, dtype=torch.float64)
+    ref = torch.rand(2, 7, 2, 2, dtype=torch.float64)
+    pad = torch.zeros(2, s, dtype=torch.bool)
+    pad[1, 20:] = True
+    expected = attn(query, ref, x, shapes, pad)  # fused (training) path
+    assert set_attn_impl(attn, "export") == 1 and attn.impl == "export"
+    torch.testing.assert_close(attn(query, ref, x, shapes, pad), expected)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        set_attn_impl(attn, "cuda-op")
