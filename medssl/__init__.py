@@ -9,7 +9,7 @@ Public entry points::
 
 from __future__ import annotations
 
-from typing import Any
+from medssl.utils import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,10 +31,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the public API lazily so that `import medssl` stays cheap."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'medssl' has no attribute {name!r}")
+__getattr__ = lazy_exports("medssl", _LAZY)  # imported on first use

@@ -15,7 +15,7 @@ Command line: ``medssl-export SOURCE --format onnx --out DIR`` (or ``python -m m
 
 from __future__ import annotations
 
-from typing import Any
+from medssl.utils import lazy_exports
 
 __all__ = ["Exportable", "OnnxModel", "ParityError", "check", "export_bundle", "export_hf", "export_onnx",
            "load_exportable", "predict_onnx"]
@@ -33,10 +33,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import lazily: `import medssl.export` needs neither onnx nor onnxruntime."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'medssl.export' has no attribute {name!r}")
+__getattr__ = lazy_exports("medssl.export", _LAZY)  # imported on first use
