@@ -112,13 +112,14 @@ def risk(ds: Any) -> dict[str, Any] | None:
         return {"rule": "flag", **found, "why": "BurnedInAnnotation YES"}
     if flag == "NO":
         return None
-    unflagged = "BurnedInAnnotation absent" if flag is None else f"BurnedInAnnotation {flag!r}"
+    unflagged = "BurnedInAnnotation absent" if flag is None else "BurnedInAnnotation neither YES nor NO"
     if sop in RISKY_SOP_CLASSES:
         return {"rule": "sop-class", **found, "why": f"SOP class {RISKY_SOP_CLASSES[sop]}, {unflagged}"}
     if modality in RISKY_MODALITIES:
         return {"rule": "modality", **found, "why": f"modality {modality} ({RISKY_MODALITIES[modality]}), "
                 f"{unflagged}"}
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    value = ds.get("ImageType") or []
+    image_type = [str(v).upper() for v in ([value] if isinstance(value, str) else value)]  # one value: a str
     hit = next((t for t in RISKY_IMAGE_TYPES if t in image_type), None)
     if hit:
         return {"rule": "image-type", **found, "why": f"ImageType {hit}, {unflagged}"}

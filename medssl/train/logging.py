@@ -81,11 +81,19 @@ class ScalarLogger:
     def track(self, step: int, **scalars: float) -> None:
         """Send scalars to the trackers only (e.g. validation metrics, which have no CSV column)."""
         if self.enabled:
-            for t in self._trackers:
-                t.log_metrics(step, {k: float(v) for k, v in scalars.items()})
+            for t in list(self._trackers):
+                try:
+                    t.log_metrics(step, {k: float(v) for k, v in scalars.items()})
+                except Exception as err:  # noqa: BLE001 - a tracker never costs the run: warn once, drop it
+                    log.warning("logger %s dropped at step %d: %s: %s", type(t).__name__, step,
+                                type(err).__name__, err)
+                    self._trackers.remove(t)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         for t in self._trackers:
-            t.close()
+            try:
+                t.close()
+            except Exception as err:  # noqa: BLE001 - as in track
+                log.warning("logger %s did not close cleanly: %s: %s", type(t).__name__, type(err).__name__, err)

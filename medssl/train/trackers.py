@@ -137,4 +137,6 @@ def make_trackers(names: Sequence[str], folder: str | os.PathLike, run_name: str
                        WandbTracker(folder, run_name, params or {}))
         except ImportError as err:
             log.warning("logger %r skipped: %s (pip install 'medssl[tracking]')", name, err)
+        except Exception as err:  # noqa: BLE001 - an unreachable store must not cost the training run
+            log.warning("logger %r skipped: %s: %s", name, type(err).__name__, err)
     return out

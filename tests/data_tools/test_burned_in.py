@@ -134,6 +134,7 @@ def test_risk_rules_on_headers():
         ({"SOPClassUID": "1.3.6.1.4.1.9590.100.1", "Modality": "US"}, "modality"),  # a private class
         ({"SOPClassUID": CT, "Modality": "CT", "ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]},
          "image-type"),
+        ({"SOPClassUID": CT, "Modality": "CT", "ImageType": "SCREEN SAVE"}, "image-type"),  # one value: a str
         ({"SOPClassUID": CT, "Modality": "CT", "ConversionType": "WSD"}, "sc-equipment"),
         ({"SOPClassUID": US, "Modality": "US", "BurnedInAnnotation": "MAYBE"}, "sop-class"),
         ({"SOPClassUID": CT, "Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]}, None),
@@ -143,6 +144,8 @@ def test_risk_rules_on_headers():
         found = burned_in.risk(ds(**attrs))
         assert (found and found["rule"]) == rule, (attrs, found)
     assert burned_in.risk(ds(SOPClassUID=US, Modality="US"))["sop_class"] == "Ultrasound Image Storage"
+    odd = burned_in.risk(ds(SOPClassUID=US, Modality="US", BurnedInAnnotation="DOE^JANE"))["why"]
+    assert "DOE" not in odd and "neither YES nor NO" in odd  # a flag's text never reaches a published reason
     assert burned_in.hint_risk("us")["rule"] == "modality" and burned_in.hint_risk(None) is None
     assert burned_in.hint_risk("OT") is None  # the default hint of every picture file
 

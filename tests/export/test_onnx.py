@@ -107,3 +107,19 @@ def test_other_heads_export_and_match(tiny_backbone, tmp_path, kind, protocol, o
         want = exp.graph(x).numpy()
     assert got.shape == ((2, 3, 24, 40) if kind == "segment" else (2, 3))
     assert np.abs(got - want).max() < TOL
+
+
+def test_parity_never_passes_non_finite_outputs(monkeypatch):
+    """NaN compares as 'not larger' everywhere: an all-NaN ONNX output must fail the check, not pass it."""
+    from medssl.export import onnx as ox
+
+    class Session:
+        def run(self, names, feeds):
+            return [np.full((1, 3), np.nan, np.float32)]
+
+    class Exp:
+        kind, input_names, output_names = "backbone", ["x"], ["y"]
+
+    monkeypatch.setattr(ox, "_run_torch", lambda exp, inputs: [np.zeros((1, 3))])
+    res = ox.parity(Session(), Exp(), (torch.zeros(1, 1, 8, 8),))
+    assert res["ok"] is False and res["max_abs_diff"] == float("inf")

@@ -94,3 +94,22 @@ def test_wandb_offline_run_read_back(toy_shards, tmp_path, monkeypatch):
             config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in updates})
     assert {s: h["loss"] for s, h in history.items()} == pytest.approx(_csv(out))
     assert config["model"]["name"] == "mae_vit_tiny_patch8" and config["train"]["epochs"] == 1
+
+
+def test_a_failing_tracker_is_dropped_not_fatal(tmp_path, caplog):
+    from medssl.train.logging import ScalarLogger
+
+    class Broken:
+        def log_metrics(self, step, metrics):
+            raise ConnectionError("store unreachable")
+
+        def close(self):
+            raise ConnectionError("store unreachable")
+
+    logger = ScalarLogger(tmp_path)
+    logger._trackers.append(Broken())
+    logger.log(1, loss=0.5)  # the CSV row is written; the tracker's failure is logged and it is dropped
+    logger.log(2, loss=0.4)
+    logger.close()
+    assert "dropped at step 1" in caplog.text and logger._trackers == []
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
