@@ -112,7 +112,8 @@ def finish_stats(out: Path, seed: int = 0) -> dict[str, Any]:
             keys.setdefault(m, []).extend((shard.name, k) for k in ks)
     records = read_manifest(out)
     status = Counter(r["status"] for r in records)
-    reasons = Counter(r["reason"] for r in records if r.get("reason") and r["status"] != "written")
+    reasons = Counter(public_reason(r["reason"], r.get("input")) for r in records
+                      if r.get("reason") and r["status"] != "written")
     stats = {"samples": sum(by_mod.values()), "by_modality": dict(by_mod), "by_source": dict(by_src),
              "inputs": dict(status), "reasons": dict(reasons.most_common()),
              "burned_in": burned_in_stats(out, records),
@@ -123,6 +124,18 @@ def finish_stats(out: Path, seed: int = 0) -> dict[str, Any]:
     for mod, cands in sorted(keys.items()):
         _contact_sheet(out, mod, rng.sample(cands, min(SHEET_SAMPLES, len(cands))))
     return stats
+
+
+def public_reason(reason: str, inputs: str | list[str] | None) -> str:
+    """A manifest reason fit for `stats.json` and the summary: the input's path, and every trailing part of it
+    (a folder named after a patient, the file name), replaced by ``<file>``. The manifest keeps the full text
+    (it is private; `stats.json` is meant to be published)."""
+    for path in [inputs] if isinstance(inputs, str) else list(inputs or []):
+        parts = Path(str(path)).parts
+        for tail in sorted({"/".join(parts[k:]) for k in range(len(parts))} | {str(path)}, key=len, reverse=True):
+            if tail and tail != "/":
+                reason = reason.replace(tail, "<file>")
+    return reason
 
 
 def burned_in_stats(out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:

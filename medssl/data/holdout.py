@@ -7,14 +7,16 @@ image is identified by its **content keys**:
 - ``file:<sha256>`` of the file's bytes;
 - ``pixels:<sha256>`` of the decoded pixel array (shape + float32 values): the same image re-encoded
   losslessly (another transfer syntax, ``.nii`` vs ``.nii.gz``) has the same key;
-- ``instance:``, ``series:``, ``study:`` and ``patient:`` for DICOM (SOPInstanceUID, SeriesInstanceUID,
-  StudyInstanceUID, PatientID, read from the header): a lossy copy of a test image, another slice of a test
-  series, another series of a test study or another study of a test patient is refused too.
+- ``instance:``, ``series:``, ``study:`` and ``patient:`` for DICOM (SHA-256 of the SOPInstanceUID,
+  SeriesInstanceUID, StudyInstanceUID and PatientID, read from the header; never the ids in clear): a lossy copy
+  of a test image, another slice of a test series, another series of a test study or another study of a test
+  patient is refused too.
 
 A task declares the files its test split comes from (``TaskData.test_files``; where one subject gives several
 files without DICOM ids, e.g. a template and its tissue maps, it declares them all). ``build_shards`` records
 the keys of every source file whose samples a shard folder holds in its ``pool.json`` (``write_pool_record``,
-read from the manifest), and ``check_disjoint`` refuses a pool that shares any key with a task's test files.
+read from the manifest; it names source paths, so keep it private like the manifest), and ``check_disjoint``
+refuses a pool that shares any key with a task's test files.
 Re-encodings that change the pixels (resampling, cropping, lossy compression without DICOM ids) are not
 recognised. Keys are computed once per file content and cached by the file's sha256.
 """
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 POOL_RECORD = "pool.json"
+POOL_VERSION = 2  # keys as computed here (hashed DICOM ids); a record of another version is refused, never compared
 KINDS = ("file", "pixels", "instance", "series", "study", "patient")  # most specific first, for messages
 _KEYS: dict[str, list[str]] = {}  # file sha256 -> content keys (files do not change under one sha256)
 
@@ -63,7 +66,9 @@ def _dicom_ids(path: str | Path) -> dict[str, str]:
         return {}
     ids = {"instance": ds.get("SOPInstanceUID"), "series": ds.get("SeriesInstanceUID"),
            "study": ds.get("StudyInstanceUID"), "patient": ds.get("PatientID")}
-    return {k: str(v).strip() for k, v in ids.items() if v is not None and str(v).strip()}
+    # hashed: a pool record must not carry identifiers in clear (two hashes of one id still match)
+    return {k: hashlib.sha256(str(v).strip().encode()).hexdigest()[:32] for k, v in ids.items()
+            if v is not None and str(v).strip()}
 
 
 def content_keys(path: str | Path) -> list[str]:
@@ -119,7 +124,7 @@ def write_pool_record(folder: str | Path, held_out: dict[str, str] | None = None
         held_out: {path: reason} of files left out of the build because a task tests on them.
     """
     rows = [{"path": f, "keys": content_keys(f)} for f in pool_inputs(folder)]
-    record = {"files": rows, "held_out": held_out or {}}
+    record = {"version": POOL_VERSION, "files": rows, "held_out": held_out or {}}
     path = Path(folder) / POOL_RECORD
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -139,7 +144,12 @@ def read_pool_keys(folder: str | Path) -> dict[str, list[str]]:
         raise FileNotFoundError(f"{path}: no pool record; cannot check the pool against test sets by content "
                                 "(build the pool with data_tools.make_demo lumid, or write one with "
                                 "medssl.data.holdout.write_pool_record)")
-    return {r["path"]: list(r["keys"]) for r in json.loads(path.read_text())["files"]}
+    record = json.loads(path.read_text())
+    if record.get("version") != POOL_VERSION:
+        raise ValueError(f"{path}: a pool record of version {record.get('version')}, not {POOL_VERSION}: its keys "
+                         "would not compare with today's; rewrite it with medssl.data.holdout.write_pool_record("
+                         f"{str(path.parent)!r})")
+    return {r["path"]: list(r["keys"]) for r in record["files"]}
 
 
 def held_out_sources(sources: Sequence[dict[str, Any]], test_keys: dict[str, list[str]]

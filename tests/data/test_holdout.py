@@ -93,6 +93,10 @@ def test_pool_record_and_check(files, tmp_path):
         check_disjoint(read_pool_keys(tmp_path / "leaky"), test, "task t")
     with pytest.raises(FileNotFoundError, match="no pool record"):
         read_pool_keys(tmp_path / "nothing")
+    old = json.loads(record.read_text())
+    (tmp_path / "pool" / "pool.json").write_text(json.dumps({**old, "version": 1}))  # keys of another making
+    with pytest.raises(ValueError, match="version 1, not 2"):
+        read_pool_keys(tmp_path / "pool")
 
 
 def test_build_records_what_the_folder_holds_not_what_it_was_given(files, tmp_path):

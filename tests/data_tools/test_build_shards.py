@@ -359,3 +359,21 @@ def test_a_worker_that_dies_does_not_stop_the_job(tmp_path):
     statuses = [r["status"] for _, r in results]
     assert statuses == ["written", "failed", "written"]
     assert "worker process died" in results[1][1]["reason"]
+
+
+def test_published_reasons_name_no_path(tmp_path, capsys):
+    """A bad file in a folder named after a patient: its reason reaches stats.json and the summary without the
+    path (the private manifest keeps it)."""
+    import json as _json
+
+    from data_tools.build_shards import main as build
+
+    folder = tmp_path / "src" / "DOE^JANE_4471823"
+    folder.mkdir(parents=True)
+    (folder / "img.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    assert build([str(tmp_path / "src"), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    stats = (out / "stats.json").read_text()
+    assert _json.loads(stats)["reasons"] and "DOE" not in stats and "4471823" not in stats
+    assert "DOE" not in capsys.readouterr().out
+    assert "DOE^JANE_4471823" in (out / "manifest.jsonl").read_text()  # private: it holds source paths
