@@ -208,10 +208,36 @@ def find_text(frame: np.ndarray) -> list[tuple[int, int, int, int, str]]:
     return words
 
 
+CT_OCR_WINDOWS = (im.Window("soft", -160.0, 240.0), im.Window("wide", -1000.0, 1000.0))  # as samples show CT
+
+
+def renderings(image: im.ImageData, frame: np.ndarray) -> list[np.ndarray]:
+    """One frame of `image` as OCR must read it: on its own range, and as a sample will show it (the modality's
+    window: VOI, percentiles, or for CT the usual HU windows). Text a few grey levels above a dark ground is
+    invisible on the raw range of a 16-bit frame with one saturated pixel, yet plain in the written sample."""
+    one = replace(image, pixels=frame, is_volume=False)  # [H, W]
+    out = [frame]
+    for window in CT_OCR_WINDOWS if image.modality in im.CT_MODALITIES else (None,):
+        try:
+            out.append(im.normalise(one, window)[0])
+        except Exception:  # noqa: BLE001 - a frame that cannot be windowed is still read on its own range
+            pass
+    return out
+
+
+def _words(image: im.ImageData, frame: np.ndarray) -> list[tuple[int, int, int, int, str]]:
+    """Every word `find_text` reads in any rendering of the frame, once per box."""
+    found: dict[tuple[int, int, int, int], str] = {}
+    for picture in renderings(image, frame):
+        for x0, y0, x1, y1, text in find_text(picture):
+            found.setdefault((x0, y0, x1, y1), text)
+    return [(*box, text) for box, text in found.items()]
+
+
 def clean(image: im.ImageData) -> tuple[im.ImageData, list[list[int]], int]:
-    """Blank every word the OCR engine finds (box + margin) in every frame / slice, read the frame again and
-    blank what now reads (up to `BLANK_PASSES` times: a word next to a stronger one is often found only
-    once that one is gone), then read it a last time.
+    """Blank every word the OCR engine finds (box + margin, in any of the frame's `renderings`) in every frame /
+    slice, read the frame again and blank what now reads (up to `BLANK_PASSES` times: a word next to a stronger
+    one is often found only once that one is gone), then read it a last time.
 
     Returns the cleaned image, the blanked regions [[frame, x0, y0, x1, y1], ...] and the number of words
     that still read in the cleaned frames (the image must then be left out).
@@ -224,7 +250,7 @@ def clean(image: im.ImageData) -> tuple[im.ImageData, list[list[int]], int]:
         dark = frame.max() if image.photometric == "MONOCHROME1" else frame.min()
         h, w = frame.shape
         for _ in range(BLANK_PASSES):
-            words = find_text(frame)
+            words = _words(image, frame)
             if not words:
                 break
             for x0, y0, x1, y1, _ in words:
@@ -233,5 +259,5 @@ def clean(image: im.ImageData) -> tuple[im.ImageData, list[list[int]], int]:
                 frame[box[1]:box[3], box[0]:box[2]] = dark
                 regions.append([i, *box])
         else:
-            left += len(find_text(frame))
+            left += len(_words(image, frame))
     return replace(image, pixels=pixels), regions, left

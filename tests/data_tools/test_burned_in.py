@@ -272,3 +272,23 @@ def test_ocr_cleans_each_frame_of_a_multi_frame_file_on_its_own():
     cleaned, regions, left = burned_in.clean(img)
     assert left == 0 and regions and {r[0] for r in regions} == {1}  # only the frame with text is touched
     assert np.array_equal(cleaned.pixels[0], img.pixels[0]) and not burned_in.find_text(cleaned.pixels[1])
+
+
+@needs_ocr
+def test_ocr_reads_the_frame_as_the_sample_will_show_it():
+    """16-bit frame, text 150 grey levels above the ground, one saturated pixel: invisible on the raw range, plain
+    in the VOI window the written sample uses. The text is found and blanked, not kept as 'no text found'."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    mask = Image.new("L", (400, 120), 0)
+    ImageDraw.Draw(mask).text((20, 30), "DOE JANE 4471823", fill=255, font=ImageFont.load_default(size=22))
+    rng = np.random.default_rng(0)
+    frame = 1000.0 + rng.normal(0, 5, (120, 400)) + 150.0 * (np.asarray(mask) > 127)
+    frame[0, 0] = 65535.0
+    img = im.ImageData(pixels=frame.astype(np.float32), spacing=(None, None), modality="US",
+                       voi=[im.Window.from_level_width("voi", 1100, 300)])
+    assert not burned_in.find_text(img.pixels)  # the raw range hides it
+    cleaned, regions, left = burned_in.clean(img)
+    assert regions and left == 0
+    shown = im.normalise(cleaned)[0]  # the sample's rendering reads nothing any more
+    assert not [w for w in burned_in.find_text(shown) if any(m in w[-1] for m in ("DOE", "JANE", "4471823"))]
