@@ -149,6 +149,18 @@ def check_search(cfg: dict[str, Any], protocols: list[str]) -> None:
                          "lr_grid of the same size")
 
 
+def missing_summary(missing: list[tuple[str, float, int]]) -> str:
+    """'brain_level all labels, seeds 0-4: 25 cells; ...': the cells not run yet, by task and label budget."""
+    groups: dict[tuple[str, float], list[int]] = {}
+    for task, frac, seed in missing:
+        groups.setdefault((task, frac), []).append(seed)
+    parts = []
+    for (task, frac), seeds in groups.items():
+        budget = "all labels" if frac == 1 else (f"{frac:g} labels" if frac > 1 else f"{100 * frac:g} % labels")
+        parts.append(f"{task} {budget}, seeds {', '.join(map(str, sorted(set(seeds))))}: {len(seeds)} cells")
+    return "; ".join(parts)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML config (default: configs/default.yaml)")
@@ -241,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         job = functools.partial(run_cell, task, bb, protocol, frac, seed, hp, img, device=device)
                     if args.report_only and not (out / "cells" / f"{key}.json").is_file():
-                        missing.append(f"{task.name} {frac:g} seed {seed} {bb.label} {bb.pretraining} {protocol}")
+                        missing.append((task.name, frac, seed))
                         continue
                     res, hit = cached_cell(out / "cells", key, job,
                                            meta={k: code[k] for k in ("commit", "fingerprint")})
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Config `{cfg_path.name}`, image size {img}, seeds {cfg['seeds']}, device "
               f"{device or ('cuda' if torch.cuda.is_available() else 'cpu')}, {time.time() - t_start:.0f} s.")
     if missing:
-        header += f"\n\nPARTIAL TABLE: {len(missing)} cells not run yet: " + "; ".join(missing)
+        header += f"\n\nPARTIAL TABLE: {len(missing)} cells not run yet: " + missing_summary(missing)
         print(f"{len(missing)} cells missing (not run with --report-only)")
     (out / "tasks.json").write_text(json.dumps(tasks_info, indent=1, default=str))
     (out / "code.json").write_text(json.dumps(code_info, indent=1))

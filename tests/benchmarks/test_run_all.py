@@ -112,7 +112,8 @@ def test_report_only_lists_missing_cells(micro):
     assert run_all.main(["--config", str(tmp / "micro.yaml"), "--out", str(out), "--tasks", "brain_tissue",
                          "--seeds", "0", "7", "--report-only"]) == 0
     md = (out / "results.md").read_text()
-    assert "PARTIAL TABLE: 10 cells not run yet" in md and "seed 7" in md
+    assert "PARTIAL TABLE: 10 cells not run yet: brain_tissue 5 labels, seeds 7: 5 cells; brain_tissue all " \
+           "labels, seeds 7: 5 cells" in md
     assert len(list((out / "cells").glob("*.json"))) == 24  # nothing was trained
 
 
@@ -128,7 +129,8 @@ def test_changed_code_recomputes_its_cells(micro, monkeypatch):
     monkeypatch.setattr(run_all, "cell_code", edited)
     assert run_all.main(["--config", str(tmp / "micro.yaml"), "--out", str(out), "--report-only"]) == 0
     md = (out / "results.md").read_text()
-    assert "PARTIAL TABLE: 10 cells not run yet" in md and md.count("brain_tissue 5 seed 0") == 5
+    assert "PARTIAL TABLE: 10 cells not run yet: brain_tissue 5 labels, seeds 0: 5 cells; brain_tissue all " \
+           "labels, seeds 0: 5 cells" in md
     assert "image_qc" not in md.split("PARTIAL TABLE")[1].split("\n")[0]
     assert len(list((out / "cells").glob("*.json"))) == 24  # nothing was trained
 
