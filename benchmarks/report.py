@@ -299,11 +299,10 @@ def write_all(rows: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], fold
     comps = comparisons(rows)
     answer = verdict(comps)
     md = markdown(agg, tasks, comps)
-    if verdict_sentence(answer):
-        header = (header + "\n\n" if header else "") + verdict_sentence(answer)
     header = (header + "\n\n" if header else "") + f"Cells computed at commit {commits_summary(agg)}."
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.md").write_text(header + "\n\n" + md + "\n")
+    answer_line = f"**Answer:** {verdict_sentence(answer)}\n\n" if verdict_sentence(answer) else ""
+    (folder / "results.md").write_text(header + "\n\n" + answer_line + md + "\n")
     write_csv(agg, folder / "results.csv")
     (folder / "results.json").write_text(json.dumps({"header": header, "tasks": tasks, "aggregated": agg,
                                                      "comparisons": comps, "verdict": answer, "cells": rows},

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     hp = dict(cfg.get("detection" if det else protocol, {}))
                     extra = {"task_version": task.info["version"]} if "version" in task.info else {}
-                    key = cell_key(task=spec, img=img, bb=bb.identity(), protocol=protocol, fraction=frac,
+                    key = cell_key(task=spec, img=img, bb=bb.identity(), protocol=protocol, fraction=float(frac),
                                    seed=seed, hp=hp, code=code["fingerprint"], **extra)
                     t0 = time.time()
                     if det:
