@@ -228,6 +228,16 @@ def probe_features(model: nn.Module, key: str, splits: dict[str, torch.Tensor], 
     return _FEATURES[key]
 
 
+def frozen_features(task: TaskData, bb: Backbone, model: nn.Module, seed: int, norm: tuple[float, float]
+                    ) -> dict[str, torch.Tensor]:
+    """Every split through a frozen probe's `features()`, cached per backbone, task, blocks and pooling (the probe
+    and kNN protocols share them; a random-init backbone's features depend on the seed)."""
+    mean, std = norm
+    key = cell_key(bb=bb.identity(), task=task.name, info=task.summary(), blocks=model.indices,
+                   pool=getattr(model, "pool", None), norm=norm, seed=seed if bb.kind == "vit_random" else None)
+    return probe_features(model, key, {k: (v[0] - mean) / std for k, v in task.splits.items()})
+
+
 def evaluate_outputs(task: TaskData, out: torch.Tensor, tgt: torch.Tensor) -> dict[str, Any]:
     """Metrics of the test split from model outputs (logits)."""
     if task.kind == "segmentation":
@@ -276,6 +286,8 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
         def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(out.float(), y, weight=None if w is None else w.to(out.device))
     augment = random_hflip if hp.get("hflip", True) and protocol != "probe" else None
+    images = None if protocol == "probe" else (ds(xtr[keep], ytr[keep]), ds(*task.splits["val"]),
+                                                ds(*task.splits["test"]))  # normalised once for every rate
     best: dict[str, Any] | None = None
     val_by_lr: dict[str, float] = {}
     seconds = 0.0
@@ -284,17 +296,13 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
         model, groups = _build(task, bb, protocol, {**hp, "lr": lr}, img_size)
         trained = model
         if protocol == "probe":  # train the head on frozen features, computed once per backbone and task
-            fkey = cell_key(bb=bb.identity(), task=task.name, info=task.summary(), head=repr(model.head),
-                            blocks=model.indices, pool=getattr(model, "pool", None), norm=norm,
-                            seed=seed if bb.kind == "vit_random" else None)
-            feats = probe_features(model, fkey, {k: (v[0] - mean) / std for k, v in task.splits.items()})
+            feats = frozen_features(task, bb, model, seed, norm)
             train = TensorDataset(feats["train"][keep], ytr[keep])
             val = TensorDataset(feats["val"], task.splits["val"][1])
             test = TensorDataset(feats["test"], task.splits["test"][1])
             trained = model.head
         else:
-            train = ds(xtr[keep], ytr[keep])
-            val, test = ds(*task.splits["val"]), ds(*task.splits["test"])
+            train, val, test = images
         cfg = _fit_config({**hp, "lr": lr}, len(train), seed, device)
         res = fit(trained, train, val, loss_fn, score, cfg, param_groups=groups, augment=augment)
         seconds += res.seconds
@@ -317,12 +325,9 @@ def _knn_cell(task: TaskData, bb: Backbone, keep: torch.Tensor, seed: int, hp: d
 
     if task.kind != "classification":
         raise ValueError(f"the knn protocol classifies; task {task.name} is {task.kind}")
-    mean, std = norm
     torch.manual_seed(seed)
     model, _ = _build(task, bb, "probe", hp, img_size)
-    fkey = cell_key(bb=bb.identity(), task=task.name, info=task.summary(), knn=True, blocks=model.indices,
-                    pool=getattr(model, "pool", None), norm=norm, seed=seed if bb.kind == "vit_random" else None)
-    feats = probe_features(model, fkey, {k: (v[0] - mean) / std for k, v in task.splits.items()})
+    feats = frozen_features(task, bb, model, seed, norm)
     ytr = task.splits["train"][1][keep]
     xtr = feats["train"][keep]
     t = float(hp.get("temperature", 0.07))
