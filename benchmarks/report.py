@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.stats import PRIMARY, claim, comparisons, verdict, verdict_sentence
+from benchmarks.stats import PRIMARY, beats_both, claim, comparisons, verdict, verdict_sentence
 
 METRICS = {"classification": [("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("auc", "AUC")],
            "segmentation": [("dice", "Dice"), ("iou", "IoU")],
@@ -87,7 +87,7 @@ def _beats(agg: list[dict[str, Any]], comps: list[dict[str, Any]]) -> None:
             continue
         worst = min(mine, key=lambda c: c["ci"][0])
         text = f"{worst['mean']:+.3f} [{worst['ci'][0]:+.3f}, {worst['ci'][1]:+.3f}] vs {worst['b']['name']}"
-        a["verdict"] = f"**yes**: {text}" if all(c["decided"] and c["ci"][0] > 0 for c in mine) else f"no: {text}"
+        a["verdict"] = f"**yes**: {text}" if beats_both(mine) else f"no: {text}"
 
 
 def budgets(rows: list[dict[str, Any]]) -> list[float]:

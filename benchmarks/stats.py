@@ -107,7 +107,7 @@ def claim(c: dict[str, Any]) -> str:
     return f"{what}: **{'better' if lo > 0 else 'worse'}** ({stats})."
 
 
-def _beats_both(comps: list[dict[str, Any]]) -> bool:
+def beats_both(comps: list[dict[str, Any]]) -> bool:
     """Whether these comparisons of one pretrained row include both baselines, each with an interval above 0."""
     return {c["b"]["role"] for c in comps} >= {"cnn", "random"} and all(c["decided"] and c["ci"][0] > 0
                                                                           for c in comps)
@@ -125,7 +125,7 @@ def verdict(comps: list[dict[str, Any]], protocol: str = "finetune") -> dict[str
         by_budget: dict[float, dict[str, list[dict[str, Any]]]] = {}
         for c in low:
             by_budget.setdefault(c["fraction"], {}).setdefault(c["a"]["row"], []).append(c)
-        tasks[task] = bool(by_budget) and all(any(_beats_both(cs) for cs in rows.values())
+        tasks[task] = bool(by_budget) and all(any(beats_both(cs) for cs in rows.values())
                                               for rows in by_budget.values())
     n_yes = sum(tasks.values())
     return {"tasks": tasks, "protocol": protocol, "pays_off": n_yes > len(tasks) / 2, "tasks_yes": n_yes,
