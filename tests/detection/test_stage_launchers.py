@@ -120,4 +120,7 @@ def test_detector_predicts_after_its_backbone_folder_is_gone(tiny_root, tmp_path
     before = predict_files(res["checkpoint"], images, tmp_path / "p1")
     shutil.rmtree(folder)
     after = predict_files(res["checkpoint"], images, tmp_path / "p2")
-    assert before == after and len(before[0]["boxes"]) > 0
+    def timeless(preds):  # "seconds" is wall time: it differs between two runs by nature
+        return [{k: v for k, v in p.items() if k != "seconds"} for p in preds]
+
+    assert timeless(before) == timeless(after) and len(before[0]["boxes"]) > 0
