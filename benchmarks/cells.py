@@ -64,7 +64,8 @@ CODE_ENTRIES = {
 }
 # any other task spec is a custom task (benchmarks.tasks.custom)
 TASK_MODULES = {"brain_tissue": "benchmarks.tasks.brain", "brain_level": "benchmarks.tasks.brain",
-                "image_qc": "benchmarks.tasks.qc", "lesion_detection": "benchmarks.tasks.lesions"}
+                "image_qc": "benchmarks.tasks.qc", "ct_organs": "benchmarks.tasks.organs",
+                "lesion_detection": "benchmarks.tasks.lesions"}
 _OWN = ("medssl", "benchmarks", "data_tools")  # packages whose sources are fingerprinted
 _SIZE_NAMES = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}
 _FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # frozen-encoder features, shared by probe cells

