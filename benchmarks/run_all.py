@@ -85,6 +85,16 @@ def resolve_backbones(cfg: dict[str, Any], img_size: int) -> list[Backbone]:
     return rows + list(twins.values())
 
 
+def primary_source(cfg: dict[str, Any]) -> str | None:
+    """The pretrained row the answer reads: the entry marked `primary: true`, else the first pretrained entry.
+    Other pretrained rows are levers, reported beside it but not counted in the verdict (no best-of-n)."""
+    entries = [{"source": e} if isinstance(e, str) else e for e in cfg.get("backbones") or []]
+    marked = [str(e["source"]) for e in entries if e.get("primary")]
+    if len(marked) > 1:
+        raise ValueError(f"backbones: {len(marked)} entries say primary: true; one row answers the question")
+    return marked[0] if marked else (str(entries[0]["source"]) if entries else None)
+
+
 def provenance(source: str) -> dict[str, Any]:
     """`provenance` of a backbone's `config.json` (the backbone folder, a run folder's `backbone/`, or the
     `backbone/` of the run a checkpoint file lies in); {} where there is none."""
@@ -210,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     img = int(cfg.get("img_size", 64))
     backbones = resolve_backbones(cfg, img)
+    primary = primary_source(cfg)
     if not backbones:
         raise ValueError("no ViT backbone: list at least one source under 'backbones' or pass --backbone")
     cfg["resolved_rows"] = [b.__dict__ for b in backbones]
@@ -261,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"task": task.name, "kind": task.kind, "fraction": frac, "seed": seed,
                                  "row": f"{bb.pretraining} | {bb.data} | {bb.label}", "protocol": protocol,
                                  "pretraining": bb.pretraining, "data": bb.data, "backbone": bb.label,
-                                 "role": role, "pretrain_epochs": bb.epochs, "key": key, **res})
+                                 "role": role, "pretrain_epochs": bb.epochs, "key": key,
+                                 "primary": role == "pretrained" and bb.source == primary, **res})
                     m = res["metrics"]
                     main_metric = m.get("dice", m.get("auc", m.get("r@0.3", float("nan"))))
                     print(f"[{time.time() - t_start:6.0f}s] {task.name} frac={frac:g} seed={seed} "

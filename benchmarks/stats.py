@@ -81,6 +81,7 @@ def comparisons(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                  metric)
                     out.append({"task": task, "fraction": frac, "n_train": c["n_train"], "metric": metric,
                                 "a": {"row": row, "protocol": protocol, "role": c["role"],
+                                      **({"primary": c["primary"]} if "primary" in c else {}),
                                       "name": c["pretraining"] if c["role"] == "pretrained" else
                                       f"{c['backbone']} random init"},
                                 "b": {"row": other[0], "protocol": other[1], "role": rows[other]["role"],
@@ -117,11 +118,12 @@ def verdict(comps: list[dict[str, Any]], protocol: str = "finetune") -> dict[str
     """Does pretraining pay off? Per task: at every low label budget (all labels excluded), a pretrained row with
     the primary `protocol` beats BOTH baselines, the random-init ViT with the same protocol and the CNN, with 95%
     intervals above zero (an intersection-union test: requiring every comparison adds no false-positive chance;
-    one named protocol keeps "any protocol wins" from doing so). Overall: yes where that holds in most tasks."""
+    one named protocol keeps "any protocol wins" from doing so; likewise only the primary pretrained row counts
+    where cells name one, so "any of several pretrained rows wins" does not). Overall: yes in most tasks."""
     tasks: dict[str, bool] = {}
     for task in dict.fromkeys(c["task"] for c in comps if c["a"]["role"] == "pretrained"):
         low = [c for c in comps if c["task"] == task and c["a"]["role"] == "pretrained" and c["fraction"] != 1
-               and c["a"]["protocol"] == protocol]
+               and c["a"]["protocol"] == protocol and c["a"].get("primary", True)]
         by_budget: dict[float, dict[str, list[dict[str, Any]]]] = {}
         for c in low:
             by_budget.setdefault(c["fraction"], {}).setdefault(c["a"]["row"], []).append(c)

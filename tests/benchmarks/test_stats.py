@@ -73,3 +73,22 @@ def test_verdict_needs_both_baselines_at_every_low_budget_in_most_tasks():
     assert verdict(comparisons(cells), protocol="knn")["tasks"] == {"a": False, "b": False, "c": True}
     nan = paired(cells, {"row": "mae", "protocol": "finetune"}, {"row": "nope", "protocol": "x"}, "auc")
     assert nan["seeds"] == [] and not nan["decided"] and math.isnan(nan["mean"])
+
+
+def test_verdict_reads_only_the_primary_pretrained_row():
+    """Two pretrained rows: a lever row that wins must not turn the answer (no best-of-n)."""
+    cells = []
+    for seed in range(5):
+        for row, role, primary, auc in (("cnn", "cnn", False, 0.60), ("rand", "random", False, 0.60),
+                                        ("mae", "pretrained", True, 0.60 + (0.01, -0.01, 0.02, -0.02, 0.0)[seed]),
+                                        ("lever", "pretrained", False, 0.80 + 0.01 * seed)):
+            cells.append({"task": "t", "kind": "classification", "fraction": 8, "n_train": 8, "seed": seed,
+                          "row": row, "protocol": "scratch" if role == "cnn" else "finetune", "role": role,
+                          "backbone": "cnn" if role == "cnn" else "ViT", "pretraining": row, "primary": primary,
+                          "metrics": {"auc": auc}})
+    comps = comparisons(cells)
+    assert {c["a"]["row"] for c in comps if c["a"].get("primary")} == {"mae"}
+    assert verdict(comps)["tasks"] == {"t": False}  # the lever beats both, the primary row does not
+    for c in cells:
+        c.pop("primary")
+    assert verdict(comparisons(cells))["tasks"] == {"t": True}  # without a primary row: any pretrained row
