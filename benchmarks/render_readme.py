@@ -1,4 +1,4 @@
-"""Render README.md's speed figures from a results file written by ``benchmarks/speed.py --json``.
+"""Render the speed, MedMask and transfer figures of the docs pages (docs/*.md) from result files.
 
     python benchmarks/speed.py --only detection --threads 1 --json benchmarks/results/speed.json
     python benchmarks/profile_detector.py --threads 1 --json benchmarks/results/detector_profile.json
@@ -9,8 +9,9 @@ Accepts the result files of speed.py, profile_detector.py, bench_engine.py and b
 ``--section medmask`` the ``results.json`` of medmask_ablation.py, between the ``<!-- medmask:begin -->``
 and ``<!-- medmask:end -->`` markers; with ``--section transfer`` the ``results.json`` of run_all.py.
 
-Only the text between the ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` markers is replaced; the
-file is written atomically (temporary file, then rename).
+Only the text between the ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` markers is replaced, in the
+docs page that holds the section (``TARGETS``; ``--target`` names another file); the file is written atomically
+(temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ from benchmarks.speed import report_mae
 ROOT = Path(__file__).resolve().parents[1]
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
+
+# The file that holds each section's markers (the README keeps a newcomer's page; the figures live in docs/).
+TARGETS = {
+    "speed": "docs/speed.md",
+    "demo": "docs/medmask.md",
+    "medmask": "docs/medmask.md",
+    "transfer": "docs/transfer.md",
+}
 
 
 def render(result: dict, source: str) -> str:
@@ -89,7 +98,7 @@ def replace_section(text: str, body: str, section: str = "speed") -> str:
     replaced by ``body``; ValueError without exactly one pair."""
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise ValueError(f"README must contain one {begin} ... {end} pair")
+        raise ValueError(f"the file must contain one {begin} ... {end} pair")
     head, rest = text.split(begin)
     _, tail = rest.split(end)
     return f"{head}{begin}\n{body}{end}{tail}"
@@ -196,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+",
                         help="JSON files written by speed.py, profile_detector.py or bf16_curve.py --json")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--target", "--readme", dest="target", type=Path, default=None,
+                        help="the file whose markers to fill (default: the section's page in TARGETS)")
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
     parser.add_argument("--section", default="speed",
-                        help="README markers to fill: speed (default), medmask (medmask_ablation results.json), "
+                        help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
                              "demo (a MedMask run's summary.json) or transfer (run_all.py's results.json)")
     args = parser.parse_args(argv)
+    target = args.target or ROOT / TARGETS.get(args.section, TARGETS["speed"])
     parts = []
     for path in args.results:
         try:
@@ -217,14 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         print(body)
         return 0
     try:
-        text = replace_section(args.readme.read_text(), body, args.section)
+        text = replace_section(target.read_text(), body, args.section)
     except ValueError as err:
-        print(f"{args.readme}: {err}", file=sys.stderr)
+        print(f"{target}: {err}", file=sys.stderr)
         return 2
-    tmp = args.readme.with_name(args.readme.name + ".tmp")
+    tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, args.readme)
-    print(f"rewrote the {args.section} section of {args.readme} from {', '.join(map(str, args.results))}")
+    os.replace(tmp, target)
+    print(f"rewrote the {args.section} section of {target} from {', '.join(map(str, args.results))}")
     return 0
 
 

@@ -137,3 +137,16 @@ def test_paired_gains_from_cells(tmp_path):
     assert lines[-2] == "| stage 2 (MAE + distillation) | +0.100 +- 0.141 (1 / 0 / 1) |  |"
     assert lines[-1] == "| teaching | +0.000 +- 0.141 (1 / 1 / 0) | -0.100 +- 0.000 (0 / 2 / 0) |"
     assert paired_gains({"meta": {"fingerprint": "other"}, "table": table}, cells) == []
+
+
+def test_every_section_is_in_its_page():
+    """Each section's markers are in the page render_readme writes it to, once, and nowhere else."""
+    from pathlib import Path
+
+    from benchmarks.render_readme import TARGETS
+
+    root = Path(__file__).resolve().parents[2]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    for section, target in TARGETS.items():
+        holders = [p for p in pages if f"<!-- {section}:begin -->" in p.read_text()]
+        assert holders == [root / target], (section, holders)
