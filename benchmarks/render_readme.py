@@ -201,6 +201,12 @@ def render_transfer(result: dict, source: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def render_file(path: Path, section: str = "speed") -> str:
+    """The text one result file contributes to ``section`` (its part of the text between the markers)."""
+    renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer}.get(section, render)
+    return renderer(json.loads(path.read_text()), str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+",
@@ -216,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = []
     for path in args.results:
         try:
-            result = json.loads(path.read_text())
-            renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer}.get(
-                args.section, render)
-            parts.append(renderer(result, str(path)))
+            parts.append(render_file(path, args.section))
         except (OSError, json.JSONDecodeError, KeyError) as err:
             print(f"{path}: not a results file for the {args.section} section ({err!r})", file=sys.stderr)
             return 2
