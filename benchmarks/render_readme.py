@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import (
+    bench_build,
     bench_detection,
     bench_engine,
     bf16_curve,
@@ -35,7 +36,7 @@ from benchmarks import (
     report,
     stats,
 )
-from benchmarks.speed import report_mae
+from benchmarks.speed import report_mae, report_mae_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,8 @@ TARGETS = {
     "demo": "docs/medmask.md",
     "medmask": "docs/medmask.md",
     "transfer": "docs/transfer.md",
+    "mae-runs": "docs/speed.md",
+    "build": "docs/speed.md",
 }
 
 
@@ -201,9 +204,18 @@ def render_transfer(result: dict, source: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def render_table(result: dict, source: str) -> str:
+    """Markdown for a file of speed.py's MAE runs side by side (``runs``, section mae-runs) or of bench_build.py
+    (``rows``, section build): the file and how it was made, then its table."""
+    how = result.get("transcribed") or f"measured {result['machine']['date']}, commit {result['machine']['commit']}"
+    table = bench_build.report(result) if "rows" in result else report_mae_runs([r["mae"] for r in result["runs"]])
+    return "\n".join([f"`{source}`: {how}.", "", *table]) + "\n"
+
+
 def render_file(path: Path, section: str = "speed") -> str:
     """The text one result file contributes to ``section`` (its part of the text between the markers)."""
-    renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer}.get(section, render)
+    renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer,
+                "mae-runs": render_table, "build": render_table}.get(section, render)
     return renderer(json.loads(path.read_text()), str(path))
 
 
@@ -216,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
     parser.add_argument("--section", default="speed",
                         help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
-                             "demo (a MedMask run's summary.json) or transfer (run_all.py's results.json)")
+                             "demo (a MedMask run's summary.json), transfer (run_all.py's results.json), "
+                             "mae-runs (speed.py MAE runs side by side) or build (bench_build.py's file)")
     args = parser.parse_args(argv)
     target = args.target or ROOT / TARGETS.get(args.section, TARGETS["speed"])
     parts = []
