@@ -1,6 +1,6 @@
 """ONNX Runtime vs PyTorch eager on CPU: a backbone's forward and the detector's predict, same inputs.
 
-    python -m medssl.export.speed --json docs/export_speed.json --readme README.md
+    python -m medssl.export.speed --json docs/export_speed.json --readme docs/speed.md
 
 Both run the same exported graph module (normalisation included; the detector with top-k and box decoding):
 PyTorch eager as medssl trains it (the detector with its training deformable-attention op), ONNX Runtime on
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the measurement here")
-    p.add_argument("--readme", help="replace the block between the export-speed markers in this file")
+    p.add_argument("--readme", help="replace the block between the export-speed markers in this file "
+                                    "(docs/speed.md)")
     a = p.parse_args(argv)
     result = run(a.backbone, a.img_size, a.det_size, a.batch, a.rounds, a.threads)
     command = "python -m medssl.export.speed " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
