@@ -107,7 +107,7 @@ def run(backbone: str, img_size: int, det_size: int, batch: int, rounds: int, th
 
 
 def render(result: dict[str, Any], command: str) -> str:
-    """The README block (between the export-speed markers)."""
+    """The docs block (between the export-speed markers of docs/speed.md)."""
     lines = [START, "", "ONNX Runtime vs PyTorch eager on CPU (`medssl/export/speed.py`): the same exported module "
              "and inputs, calls interleaved; ratio = PyTorch time / ONNX Runtime time per pair (> 1: ONNX Runtime "
              "faster), median [min, max] over the pairs.", "",
@@ -124,7 +124,7 @@ def render(result: dict[str, Any], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line; prints the README block."""
+    """Command line; prints the docs block."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="vit_small_patch16")
     p.add_argument("--img-size", type=int, default=224)

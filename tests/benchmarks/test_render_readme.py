@@ -1,4 +1,4 @@
-"""README speed figures rendered from a results file; bf16 skipped where the CPU has no native bf16."""
+"""docs/ figures rendered from result files (render_readme); bf16 skipped where the CPU has no native bf16."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_bf16_curve_compare_and_render():
 
 
 def test_demo_and_ablation_sections(tmp_path):
-    """A MedMask summary.json and an ablation table rendered into their own README markers."""
+    """A MedMask summary.json and an ablation table rendered into their own markers."""
     from benchmarks.medmask_ablation import aggregate
     from benchmarks.render_readme import render_ablation, render_demo
 
