@@ -226,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", "--readme", dest="target", type=Path, default=None,
                         help="the file whose markers to fill (default: the section's page in TARGETS)")
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
-    parser.add_argument("--section", default="speed",
+    parser.add_argument("--section", default="speed", choices=sorted(TARGETS),
                         help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
                              "demo (a MedMask run's summary.json), transfer (run_all.py's results.json), "
                              "mae-runs (speed.py MAE runs side by side) or build (bench_build.py's file)")
     args = parser.parse_args(argv)
-    target = args.target or ROOT / TARGETS.get(args.section, TARGETS["speed"])
+    target = args.target or ROOT / TARGETS[args.section]
     parts = []
     for path in args.results:
         try:
