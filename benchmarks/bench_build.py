@@ -99,10 +99,14 @@ def run(quick: bool = False, rounds: int = 3) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        dicom_series(tmp / "dicom", series=2 if quick else 4, slices=16 if quick else 40)
-        source = nifti_volumes(tmp / "nifti", copies=2 if quick else 4)
-        inputs = {"dicom": (tmp / "dicom", None, f"{DICOM_SLICE} series"), "nifti": (tmp / "nifti", "MR", source)}
-        for name, (src, modality, what) in inputs.items():
+        series, slices, copies = (2, 16, 2) if quick else (4, 40, 4)
+        dicom_series(tmp / "dicom", series=series, slices=slices)
+        source = nifti_volumes(tmp / "nifti", copies=copies)
+        t1 = "the MNI152 T1 (197 x 233 x 189)" if source == MNI_T1 else f"`{source}`"
+        inputs = {"dicom": (tmp / "dicom", None, f"{DICOM_SLICE} series",
+                            f"DICOM: {series} CT series x {slices} slices of the real 512 x 512 `{DICOM_SLICE}`"),
+                  "nifti": (tmp / "nifti", "MR", source, f"NIfTI: {copies} copies of {t1}, axial")}
+        for name, (src, modality, what, label) in inputs.items():
             runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
             for r in range(rounds):
                 for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
@@ -110,13 +114,26 @@ def run(quick: bool = False, rounds: int = 3) -> list[dict[str, Any]]:
             for workers, results in runs.items():
                 best = sorted(results, key=lambda x: x["wall_s"])[(len(results) - 1) // 2]  # median (lower) round
                 sps = best["samples"] / best["wall_s"]
-                rows.append({"input": name, "source": what, "workers": workers, **best,
+                rows.append({"input": name, "source": what, "what": label, "workers": workers, **best,
                              "rounds_wall_s": [round(x["wall_s"], 2) for x in results],
                              "samples_per_s": sps, "samples_per_s_per_worker": sps / workers,
                              "samples_per_cpu_s": best["samples"] / best["cpu_s"]})
             one, two = (next(r for r in rows if r["input"] == name and r["workers"] == w) for w in (1, 2))
             two["speedup_vs_1_worker"] = two["samples_per_s"] / one["samples_per_s"]
     return rows
+
+
+def report(result: dict[str, Any]) -> list[str]:
+    """The markdown table of a result file: per input and worker count, samples, wall and CPU seconds, rates."""
+    lines = ["| input | workers | samples | wall s | CPU s | samples/s (wall) | samples per CPU second |",
+             "|---|---|---|---|---|---|---|"]
+    seen = set()
+    for r in result["rows"]:
+        what = r.get("what", f"{r['input']} ({r.get('source', '')})")
+        lines.append(f"|{' ' if what in seen else f' {what} '}| {r['workers']} | {r['samples']} | {r['wall_s']:.1f} | "
+                     f"{r['cpu_s']:.1f} | {r['samples_per_s']:.1f} | {r['samples_per_cpu_s']:.1f} |")
+        seen.add(what)
+    return lines
 
 
 def machine() -> dict[str, Any]:
@@ -153,14 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print(f"# shard builder, {before['cpus']} CPUs, load average {before['load_avg'][0]:.1f} at the start")
-    print("| input | workers | samples | wall s | CPU s | samples/s | per worker | per CPU s | vs 1 worker |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        speedup = f"{r['speedup_vs_1_worker']:.2f}x" if "speedup_vs_1_worker" in r else ""
-        print(f"| {r['input']} ({r['source']}) | {r['workers']} | {r['samples']} | {r['wall_s']:.1f} | "
-              f"{r['cpu_s']:.1f} | {r['samples_per_s']:.1f} | {r['samples_per_s_per_worker']:.1f} | "
-              f"{r['samples_per_cpu_s']:.1f} | {speedup} |")
-    print(f"written {args.json}")
+    print("\n".join(report(result)))
+    print("2 vs 1 worker, wall: " + ", ".join(f"{r['input']} {r['speedup_vs_1_worker']:.2f}x" for r in rows
+                                              if "speedup_vs_1_worker" in r))
+    print(f"written {args.json}; docs/speed.md: python benchmarks/render_readme.py --section build {args.json}")
     return 0
 
 

@@ -55,7 +55,7 @@ def compare(fp32: tuple[list[int], list[float], list[float]], bf16: tuple[list[i
 
 
 def report(result: dict) -> list[str]:
-    """Markdown lines for the README."""
+    """Markdown lines for docs/speed.md."""
     r = result["compare"]
     return [f"bf16 vs fp32 MAE pretraining (`benchmarks/bf16_curve.py`: demo config, {result['epochs']} epochs, "
             f"{len(r['steps'])} logged points, same seed): final loss {r['final_loss_bf16']:.4f} (bf16) vs "

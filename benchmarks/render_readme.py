@@ -1,4 +1,4 @@
-"""Render README.md's speed figures from a results file written by ``benchmarks/speed.py --json``.
+"""Render the speed, MedMask and transfer figures of the docs pages (docs/*.md) from result files.
 
     python benchmarks/speed.py --only detection --threads 1 --json benchmarks/results/speed.json
     python benchmarks/profile_detector.py --threads 1 --json benchmarks/results/detector_profile.json
@@ -9,8 +9,9 @@ Accepts the result files of speed.py, profile_detector.py, bench_engine.py and b
 ``--section medmask`` the ``results.json`` of medmask_ablation.py, between the ``<!-- medmask:begin -->``
 and ``<!-- medmask:end -->`` markers; with ``--section transfer`` the ``results.json`` of run_all.py.
 
-Only the text between the ``<!-- speed:begin -->`` and ``<!-- speed:end -->`` markers is replaced; the
-file is written atomically (temporary file, then rename).
+Only the text between the ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` markers is replaced, in the
+docs page that holds the section (``TARGETS``; ``--target`` names another file); the file is written atomically
+(temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import (
+    bench_build,
     bench_detection,
     bench_engine,
     bf16_curve,
@@ -34,11 +36,21 @@ from benchmarks import (
     report,
     stats,
 )
-from benchmarks.speed import report_mae
+from benchmarks.speed import report_mae, report_mae_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
+
+# The file that holds each section's markers (the README keeps a newcomer's page; the figures live in docs/).
+TARGETS = {
+    "speed": "docs/speed.md",
+    "demo": "docs/medmask.md",
+    "medmask": "docs/medmask.md",
+    "transfer": "docs/transfer.md",
+    "mae-runs": "docs/speed.md",
+    "build": "docs/speed.md",
+}
 
 
 def render(result: dict, source: str) -> str:
@@ -89,7 +101,7 @@ def replace_section(text: str, body: str, section: str = "speed") -> str:
     replaced by ``body``; ValueError without exactly one pair."""
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-        raise ValueError(f"README must contain one {begin} ... {end} pair")
+        raise ValueError(f"the file must contain one {begin} ... {end} pair")
     head, rest = text.split(begin)
     _, tail = rest.split(end)
     return f"{head}{begin}\n{body}{end}{tail}"
@@ -192,23 +204,38 @@ def render_transfer(result: dict, source: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def render_table(result: dict, source: str) -> str:
+    """Markdown for a file of speed.py's MAE runs side by side (``runs``, section mae-runs) or of bench_build.py
+    (``rows``, section build): the file and how it was made, then its table."""
+    how = result.get("transcribed") or f"measured {result['machine']['date']}, commit {result['machine']['commit']}"
+    table = bench_build.report(result) if "rows" in result else report_mae_runs([r["mae"] for r in result["runs"]])
+    return "\n".join([f"`{source}`: {how}.", "", *table]) + "\n"
+
+
+def render_file(path: Path, section: str = "speed") -> str:
+    """The text one result file contributes to ``section`` (its part of the text between the markers)."""
+    renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer,
+                "mae-runs": render_table, "build": render_table}.get(section, render)
+    return renderer(json.loads(path.read_text()), str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+",
                         help="JSON files written by speed.py, profile_detector.py or bf16_curve.py --json")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--target", "--readme", dest="target", type=Path, default=None,
+                        help="the file whose markers to fill (default: the section's page in TARGETS)")
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
-    parser.add_argument("--section", default="speed",
-                        help="README markers to fill: speed (default), medmask (medmask_ablation results.json), "
-                             "demo (a MedMask run's summary.json) or transfer (run_all.py's results.json)")
+    parser.add_argument("--section", default="speed", choices=sorted(TARGETS),
+                        help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
+                             "demo (a MedMask run's summary.json), transfer (run_all.py's results.json), "
+                             "mae-runs (speed.py MAE runs side by side) or build (bench_build.py's file)")
     args = parser.parse_args(argv)
+    target = args.target or ROOT / TARGETS[args.section]
     parts = []
     for path in args.results:
         try:
-            result = json.loads(path.read_text())
-            renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer}.get(
-                args.section, render)
-            parts.append(renderer(result, str(path)))
+            parts.append(render_file(path, args.section))
         except (OSError, json.JSONDecodeError, KeyError) as err:
             print(f"{path}: not a results file for the {args.section} section ({err!r})", file=sys.stderr)
             return 2
@@ -217,14 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         print(body)
         return 0
     try:
-        text = replace_section(args.readme.read_text(), body, args.section)
+        text = replace_section(target.read_text(), body, args.section)
     except ValueError as err:
-        print(f"{args.readme}: {err}", file=sys.stderr)
+        print(f"{target}: {err}", file=sys.stderr)
         return 2
-    tmp = args.readme.with_name(args.readme.name + ".tmp")
+    tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, args.readme)
-    print(f"rewrote the {args.section} section of {args.readme} from {', '.join(map(str, args.results))}")
+    os.replace(tmp, target)
+    print(f"rewrote the {args.section} section of {target} from {', '.join(map(str, args.results))}")
     return 0
 
 

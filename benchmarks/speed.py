@@ -4,7 +4,7 @@
     python benchmarks/speed.py --quick    # fewer repeats, CPU demo config only for the MAE step
     python benchmarks/speed.py --only mae
     python benchmarks/speed.py --only detection --json benchmarks/results/speed.json   # then:
-    python benchmarks/render_readme.py benchmarks/results/speed.json                   # README speed figures
+    python benchmarks/render_readme.py benchmarks/results/speed.json                   # docs/speed.md figures
 
 MAE training step (forward, backward, AdamW; batch 32; mask 0.75, norm_pix): medssl vs HuggingFace
 `ViTMAEForPreTraining` configured identically vs an MAE built from timm blocks the way the official code
@@ -271,6 +271,38 @@ def report_mae(rows: list[dict], peak_flops: float) -> list[str]:
         lines.append(f"| {r['config']} | {r['impl']} | {r['images_per_s']:.1f} | {vs} | {faster} | {model} | "
                      f"{achieved / 1e9:.1f} G | {achieved / peak_flops:.0%} | {r['peak_mem_mb']:.0f} |")
     return lines
+
+
+MAE_LABELS = {"vit_s16_224_dec256x4": "ViT-S/16, 224, decoder 256 x 4",
+              "demo_cpu_tiny8_64": "CPU demo, ViT-Ti/8, 64, decoder 128 x 2"}
+PEER_LABELS = {"hf": "HF `ViTMAEForPreTraining`", "timm_official": "timm blocks, official MAE code"}
+
+
+def report_mae_runs(runs: list[list[dict]]) -> list[str]:
+    """One table for several runs of the MAE step (each run: the ``mae`` rows of a results file): per config and
+    peer, medssl's whole-step speed-up per run, the model-only medians and the peak memory of both sides."""
+    n = range(1, len(runs) + 1)
+    lines = ["| config | peer | " + " | ".join(f"whole step, run {i} (rounds medssl faster)" for i in n)
+             + f" | model only, {' / '.join(f'run {i}' for i in n)} | peak memory medssl vs peer, "
+             + " / ".join(f"run {i}" for i in n) + " |", "|---|---|" + "---|" * (len(runs) + 2)]
+    first = runs[0]
+    for config in dict.fromkeys(r["config"] for r in first):
+        ours = [next(r for r in run if r["config"] == config and r["impl"] == "medssl") for run in runs]
+        for k, impl in enumerate(dict.fromkeys(r["impl"] for r in first if r["config"] == config and
+                                               r["impl"] != "medssl")):
+            peer = [next(r for r in run if r["config"] == config and r["impl"] == impl) for run in runs]
+            steps = [f"{_ratio_text(r['medssl_speedup_median'], r['medssl_speedup_ci95'])}, "
+                     f"{r['medssl_faster_rounds']}/{r['rounds']}" for r in peer]
+            model = " / ".join(f"{r['model_speedup_median']:.3f}x" for r in peer)
+            memory = " / ".join(f"{o['peak_mem_mb']:.0f} vs {r['peak_mem_mb']:.0f} MB" for o, r in zip(ours, peer))
+            label = MAE_LABELS.get(config, config) if k == 0 else ""
+            lines.append(f"|{f' {label} ' if label else ' '}| {PEER_LABELS.get(impl, impl)} | " + " | ".join(steps)
+                         + f" | {model} | {memory} |")
+    speeds = [f"{MAE_LABELS.get(c, c).split(',')[0]} " + " / ".join(
+        f"{next(r for r in run if r['config'] == c and r['impl'] == 'medssl')['images_per_s']:.1f}" for run in runs)
+        for c in dict.fromkeys(r["config"] for r in first)]
+    return lines + ["", f"medssl's images/s (median round), {' / '.join(f'run {i}' for i in n)}: "
+                    + ", ".join(speeds) + "."]
 
 
 def bf16_plan(mode: str, info: dict) -> tuple[bool, str]:

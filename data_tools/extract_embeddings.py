@@ -138,7 +138,7 @@ def load_expert(source: str, *, img_size: int = 224, grid: int = 4, seed: int = 
     if scheme == "biomedparse":
         raise ValueError("BiomedParse is not run by medssl: generate its (101, 512) <stem>_embedding.npy files with "
                          "MedMask's generate_embedings.py in BiomedParse's environment; MedMask reads them as they "
-                         "are (see the README, expert embeddings)")
+                         "are (see docs/medmask.md, expert embeddings)")
     return _backbone_expert(source, img_size, grid, seed, device)
 
 

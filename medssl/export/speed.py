@@ -1,6 +1,6 @@
 """ONNX Runtime vs PyTorch eager on CPU: a backbone's forward and the detector's predict, same inputs.
 
-    python -m medssl.export.speed --json docs/export_speed.json --readme README.md
+    python -m medssl.export.speed --json docs/export_speed.json --readme docs/speed.md
 
 Both run the same exported graph module (normalisation included; the detector with top-k and box decoding):
 PyTorch eager as medssl trains it (the detector with its training deformable-attention op), ONNX Runtime on
@@ -107,7 +107,7 @@ def run(backbone: str, img_size: int, det_size: int, batch: int, rounds: int, th
 
 
 def render(result: dict[str, Any], command: str) -> str:
-    """The README block (between the export-speed markers)."""
+    """The docs block (between the export-speed markers of docs/speed.md)."""
     lines = [START, "", "ONNX Runtime vs PyTorch eager on CPU (`medssl/export/speed.py`): the same exported module "
              "and inputs, calls interleaved; ratio = PyTorch time / ONNX Runtime time per pair (> 1: ONNX Runtime "
              "faster), median [min, max] over the pairs.", "",
@@ -124,7 +124,7 @@ def render(result: dict[str, Any], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line; prints the README block."""
+    """Command line; prints the docs block."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="vit_small_patch16")
     p.add_argument("--img-size", type=int, default=224)
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the measurement here")
-    p.add_argument("--readme", help="replace the block between the export-speed markers in this file")
+    p.add_argument("--readme", help="replace the block between the export-speed markers in this file "
+                                    "(docs/speed.md)")
     a = p.parse_args(argv)
     result = run(a.backbone, a.img_size, a.det_size, a.batch, a.rounds, a.threads)
     command = "python -m medssl.export.speed " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

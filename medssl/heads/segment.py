@@ -203,7 +203,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float 
     Args:
         logits: [N, C, H, W].
         target: [N, H, W] class indices (ignore_index pixels are skipped).
-        dice_weight, ce_weight: weights of the two terms.
+        dice_weight: weight of the Dice term.
+        ce_weight: weight of the cross-entropy term.
         weight: optional [C] class weights for the cross-entropy.
     """
     if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):

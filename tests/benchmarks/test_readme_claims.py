@@ -1,4 +1,4 @@
-"""The README's transfer section, its answer and every claim sentence, follows from the committed results file."""
+"""The transfer section (docs/transfer.md), its answer and every claim sentence, follows from the committed results."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.render_readme import render_transfer
+from benchmarks.render_readme import TARGETS, render_transfer
 from benchmarks.stats import comparisons, verdict
 
 ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / TARGETS["transfer"]  # the page that holds the transfer markers
 
 
 def _section() -> tuple[str, Path]:
-    text = (ROOT / "README.md").read_text()
+    text = PAGE.read_text()
     m = re.search(r"<!-- transfer:begin -->\n(.*?)<!-- transfer:end -->", text, re.S)
-    assert m, "README.md has no transfer section"
+    assert m, f"{PAGE} has no transfer section"
     source = re.match(r"`([^`]+results\.json)`", m.group(1))
     assert source, "the transfer section does not start with its results file"
     return m.group(1), ROOT / source.group(1)

@@ -1,4 +1,4 @@
-"""README speed figures rendered from a results file; bf16 skipped where the CPU has no native bf16."""
+"""docs/ figures rendered from result files (render_readme); bf16 skipped where the CPU has no native bf16."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_bf16_curve_compare_and_render():
 
 
 def test_demo_and_ablation_sections(tmp_path):
-    """A MedMask summary.json and an ablation table rendered into their own README markers."""
+    """A MedMask summary.json and an ablation table rendered into their own markers."""
     from benchmarks.medmask_ablation import aggregate
     from benchmarks.render_readme import render_ablation, render_demo
 
@@ -137,3 +137,39 @@ def test_paired_gains_from_cells(tmp_path):
     assert lines[-2] == "| stage 2 (MAE + distillation) | +0.100 +- 0.141 (1 / 0 / 1) |  |"
     assert lines[-1] == "| teaching | +0.000 +- 0.141 (1 / 1 / 0) | -0.100 +- 0.000 (0 / 2 / 0) |"
     assert paired_gains({"meta": {"fingerprint": "other"}, "table": table}, cells) == []
+
+
+def test_every_section_is_in_its_page():
+    """Each section's markers are in the page render_readme writes it to, once, and nowhere else."""
+    from pathlib import Path
+
+    from benchmarks.render_readme import TARGETS
+
+    root = Path(__file__).resolve().parents[2]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    for section, target in TARGETS.items():
+        holders = [p for p in pages if f"<!-- {section}:begin -->" in p.read_text()]
+        assert holders == [root / target], (section, holders)
+
+
+def test_mae_runs_and_build_tables():
+    """speed.py's MAE runs side by side and bench_build.py's table, from hand-made rows."""
+    from benchmarks.bench_build import report
+    from benchmarks.render_readme import render_table
+
+    def peer(med: float, mem: float) -> dict:
+        return {"config": "demo_cpu_tiny8_64", "impl": "hf", "medssl_speedup_median": med,
+                "medssl_speedup_ci95": [med - 0.1, med + 0.1], "medssl_faster_rounds": 9, "rounds": 15,
+                "model_speedup_median": med - 0.01, "peak_mem_mb": mem}
+
+    runs = [{"mae": [{"config": "demo_cpu_tiny8_64", "impl": "medssl", "images_per_s": ips, "peak_mem_mb": 250.0},
+                     peer(med, 300.0)]} for ips, med in ((98.5, 1.05), (106.7, 1.0))]
+    text = render_table({"transcribed": "by hand", "runs": runs}, "runs.json")
+    assert text.startswith("`runs.json`: by hand.\n")
+    assert ("| CPU demo, ViT-Ti/8, 64, decoder 128 x 2 | HF `ViTMAEForPreTraining` | 1.050x [0.950, 1.150], 9/15 | "
+            "1.000x [0.900, 1.100], 9/15 | 1.040x / 0.990x | 250 vs 300 MB / 250 vs 300 MB |") in text
+    assert "run 1 / run 2: CPU demo 98.5 / 106.7." in text
+    rows = [{"input": "dicom", "what": "DICOM: x", "workers": w, "samples": 160, "wall_s": 9.71, "cpu_s": 5.9,
+             "samples_per_s": 160 / 9.71, "samples_per_cpu_s": 160 / 5.9} for w in (1, 2)]
+    assert report({"rows": rows})[2:] == ["| DICOM: x | 1 | 160 | 9.7 | 5.9 | 16.5 | 27.1 |",
+                                          "| | 2 | 160 | 9.7 | 5.9 | 16.5 | 27.1 |"]

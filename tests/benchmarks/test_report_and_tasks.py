@@ -94,7 +94,7 @@ def test_summary_table_budgets_by_pretraining_length(tmp_path):
     assert "| 4 labelled |" in markdown(agg, {}, comparisons(rows))
     paths = curve_charts(agg, tmp_path)
     assert [p.name for p in paths] == ["t_curves.png"] and paths[0].stat().st_size > 10_000
-    # the README section is rendered from the results file with the same lines
+    # the transfer section (docs/transfer.md) is rendered from the results file with the same lines
     from benchmarks.render_readme import render_transfer
 
     write_all(rows, {"t": {"kind": "segmentation", "data": "toy", "samples": {"train": 10}}}, tmp_path, "Config x.")

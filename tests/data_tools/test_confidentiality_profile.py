@@ -2,7 +2,7 @@
 Profile (Table E.1-1, as tabulated by the `dicom-anonymizer` package), plus private tags, nested sequences and
 an overlay, filled with marker values; none of the markers may reach any output that leaves the machine
 (shards, `_info.json`, `stats.json`, the build config, cached statistics, contact sheets, the printed log).
-The manifest holds source paths and stays private (README, section 1)."""
+The manifest holds source paths and stays private (docs/privacy.md)."""
 
 from __future__ import annotations
 

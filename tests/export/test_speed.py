@@ -1,4 +1,4 @@
-"""The ONNX Runtime vs PyTorch timing: interleaved pairs on the same inputs, rendered into a README block."""
+"""The ONNX Runtime vs PyTorch timing: interleaved pairs on the same inputs, rendered into a docs block."""
 
 from __future__ import annotations
 
@@ -19,3 +19,15 @@ def test_measure_and_render(tiny_backbone, tmp_path):
                     "commit": "abc"}, "python -m medssl.export.speed")
     assert block.startswith(START) and block.endswith(END)
     assert f"| {row['torch_ms']:.1f} | {row['onnxruntime_ms']:.1f} | {row['ratio_median']:.2f}x" in block
+
+
+def test_docs_block_is_rendered_from_its_record():
+    """The block in docs/speed.md is what render makes of docs/export_speed.json, byte for byte."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    record = json.loads((root / "docs" / "export_speed.json").read_text())
+    text = (root / "docs" / "speed.md").read_text()
+    block = text[text.index(START):text.index(END) + len(END)]
+    assert render(record, record["command"]) == block
