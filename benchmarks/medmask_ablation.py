@@ -16,7 +16,7 @@ best-on-validation checkpoint: FROC R@0.3, mean sensitivity over the FROC points
 Stage runs are shared: a stage is trained once per seed for a given chain of stage configs (the
 ``source_only`` run feeds every stage-2 row of its seed; the full stage 2 feeds stage 3) and kept under
 ``OUT/stages/<key>/``; a row's result is a cached cell (``OUT/cells/<key>.json``) keyed by its resolved
-config, seed, the demo set's arguments and the fingerprint of the detection code (`benchmarks.cells`), so a
+config, seed, the demo set's arguments and the fingerprint of the detection code (`benchmarks.provenance`), so a
 re-run after a code change recomputes and an interrupted run continues where it stopped. Teaching rows
 log the pseudo-labels' precision / recall against the target pool's true boxes per epoch
 (``eval.pseudo_truth``: a diagnostic, never a training signal).
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.cells import cached_cell, cell_key, code_files, code_fingerprint, git_commit
+from benchmarks.provenance import cached_cell, cell_key, code_files, code_fingerprint, git_commit
 from medssl.config import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.cells import code_files, code_fingerprint
 from benchmarks.medmask_ablation import CODE_ENTRIES, run_config
+from benchmarks.provenance import code_files, code_fingerprint
 from medssl.config import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ One table per task and label fraction, one row per (backbone, protocol), mean +-
 The best mean of each metric column is bold. The last column says whether a pretrained row beats
 BOTH baselines on the task's main metric (the from-scratch CNN and the best random-init ViT row
 with the same labels): only then has pretraining earned its place. Each table names the commit(s)
-its cells were computed at (a cell's `commit`, see benchmarks/cells.py; "+dirty": with uncommitted
+its cells were computed at (a cell's `commit`, see benchmarks/provenance.py; "+dirty": with uncommitted
 changes to the code that computes it), and so does the CSV's `commits` column.
 """
 

@@ -9,7 +9,7 @@ a from-scratch CNN (timm ResNet-18 / small U-Net) and each ViT architecture at r
 go to one folder: results.md / .csv / .json, one bar chart per task, config.resolved.yaml, tasks.json,
 code.json (per task: the fingerprinted source files, their fingerprint and commit) and cells/ (one JSON
 per finished cell: a re-run skips them, so an interrupted run resumes). A cell's key includes the
-fingerprint of the code that computes it (benchmarks/cells.py), so editing a model, head, task or the
+fingerprint of the code that computes it (benchmarks/provenance.py), so editing a model, head, task or the
 training loop recomputes the cells it affects; each cell records the commit it came from.
 """
 
@@ -26,17 +26,8 @@ from typing import Any
 import torch
 import yaml
 
-from benchmarks.cells import (
-    Backbone,
-    cached_cell,
-    cell_code,
-    cell_key,
-    load_vit,
-    run_cell,
-    run_detection_cell,
-    vit_arch,
-    vit_label,
-)
+from benchmarks.cells import Backbone, load_vit, run_cell, run_detection_cell, vit_arch, vit_label
+from benchmarks.provenance import cached_cell, cell_code, cell_key
 from benchmarks.report import write_all
 from benchmarks.tasks import build_task
 from medssl.config import read_yaml

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from benchmarks import run_all
-from benchmarks.cells import git_commit
+from benchmarks.provenance import git_commit
 from medssl.data.holdout import write_pool_record
 from medssl.hub import save_backbone
 from medssl.models.vit import build_vit
