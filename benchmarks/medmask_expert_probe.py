@@ -30,13 +30,14 @@ def expert_name(demo: Path, folder: str) -> str:
 def provenance(demo: Path, folder: str) -> str:
     """What the expert behind an embeddings folder was trained on, from its backbone's provenance record."""
     from data_tools.extract_embeddings import EXPERT_FILE
+    from medssl.hub import backbone_config
 
     record = demo / folder / EXPERT_FILE
     source = json.loads(record.read_text()).get("source", "") if record.is_file() else ""
-    config = Path(source) / "config.json"
-    if not config.is_file():
+    config = backbone_config(source) if source else {}
+    if not config:
         return f"`{source}`: no training record (a registry name is a seeded random init)" if source else "-"
-    prov = json.loads(config.read_text()).get("provenance", {})
+    prov = config.get("provenance", {})
     text = f"{prov.get('data', '?')}"
     if "epochs" in prov:
         text += f", {prov['epochs']} epochs"

@@ -87,14 +87,10 @@ def primary_source(cfg: dict[str, Any]) -> str | None:
 
 
 def provenance(source: str) -> dict[str, Any]:
-    """`provenance` of a backbone's `config.json` (the backbone folder, a run folder's `backbone/`, or the
-    `backbone/` of the run a checkpoint file lies in); {} where there is none."""
-    p = Path(source)
-    for folder in ([p, p / "backbone"] if p.is_dir() else []) + [q / "backbone" for q in p.parents[:3]]:
-        cfg = folder / "config.json"
-        if cfg.is_file():
-            return json.loads(cfg.read_text()).get("provenance") or {}
-    return {}
+    """`provenance` of a backbone's `config.json` (`medssl.hub.backbone_config`); {} where there is none."""
+    from medssl.hub import backbone_config
+
+    return backbone_config(source).get("provenance") or {}
 
 
 def pretraining_pool(source: str) -> str | None:

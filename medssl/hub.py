@@ -42,6 +42,7 @@ from medssl.models.vit import (
 from medssl.train.checkpoint import load_checkpoint, load_exact, strip_prefixes
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+ARCH_KEYS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans", "mlp_ratio")  # in config.json
 FORMAT = "medssl-backbone"
 
 
@@ -60,15 +61,34 @@ def _deepspeed_model_file(folder: Path) -> Path | None:
     return None
 
 
+def _backbone_folder(path: Path) -> Path | None:
+    """The backbone folder (`config.json` + `model.safetensors`) a source path names: itself, or the `backbone/`
+    of a finished medssl training run; None for anything else."""
+    if not path.is_dir():
+        return None
+    if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+        return path
+    return _backbone_folder(path / "backbone") if (path / "backbone" / CONFIG_NAME).is_file() else None
+
+
+def backbone_config(source: str | os.PathLike) -> dict[str, Any]:
+    """The `config.json` of a backbone source, without reading its weights: a backbone folder's, a training run's
+    `backbone/`, or that of the run a checkpoint file lies in (up to three folders up); {} where there is none."""
+    p = Path(source)
+    for folder in ([p, p / "backbone"] if p.is_dir() else []) + [q / "backbone" for q in p.parents[:3]]:
+        if (folder / CONFIG_NAME).is_file():
+            return json.loads((folder / CONFIG_NAME).read_text())
+    return {}
+
+
 def _read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """Return (state dict, known config, description) for a file or folder."""
     path = Path(source)
     if path.is_dir():
-        if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
-            cfg = json.loads((path / CONFIG_NAME).read_text())
-            return load_file(str(path / WEIGHTS_NAME)), cfg, f"backbone folder {path}"
-        if (path / "backbone" / CONFIG_NAME).is_file():  # a finished medssl training run
-            return _read_source(path / "backbone")
+        folder = _backbone_folder(path)
+        if folder is not None:
+            cfg = json.loads((folder / CONFIG_NAME).read_text())
+            return load_file(str(folder / WEIGHTS_NAME)), cfg, f"backbone folder {folder}"
         ds = _deepspeed_model_file(path) or _deepspeed_model_file(path / "checkpoints")
         if ds is not None:
             return _read_source(ds)
@@ -245,10 +265,21 @@ def backbone_record(source: str | os.PathLike) -> dict[str, Any]:
     """The architecture record of a backbone source (no model is built): enough for `build_backbone_model`.
 
     A detector or classifier stores this record in its checkpoint, so that it can be rebuilt on a machine
-    where the source no longer exists; the weights then come from the checkpoint itself.
+    where the source no longer exists; the weights then come from the checkpoint itself. A backbone folder's
+    architecture is read from its `config.json` alone (its weights file is not opened); any other source's
+    (or an old config's that lacks some of `ARCH_KEYS`) from its state dict.
     """
-    state, meta, where = _source(source)
-    arch = _arch_from_state(strip_prefixes(state), meta, where) if state is not None else meta["arch"]
+    folder = _backbone_folder(Path(source))
+    meta = json.loads((folder / CONFIG_NAME).read_text()) if folder is not None else {}
+    if all(k in meta for k in ARCH_KEYS):
+        img = meta["img_size"]
+        arch = {k: int(meta[k]) for k in ("embed_dim", "depth", "in_chans", "patch_size")}
+        arch.update(img_size=(img, img) if isinstance(img, int) else tuple(img), num_heads=int(meta["num_heads"]),
+                    mlp_ratio=float(meta["mlp_ratio"]))
+        where = f"backbone folder {folder}"
+    else:
+        state, meta, where = _source(source)
+        arch = _arch_from_state(strip_prefixes(state), meta, where) if state is not None else meta["arch"]
     keep = {k: v for k, v in meta.items() if k in ("architecture", "mean", "std", "provenance", "source")}
     return {**arch, "img_size": list(arch["img_size"]), "meta": keep, "where": where}
 

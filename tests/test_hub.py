@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import medssl
@@ -95,3 +96,31 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": {}, "obj": fractions.Fraction(1, 3)}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only"):
         medssl.load_backbone(tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize("make", ["vit", "mae"])
+def test_backbone_record_reads_config_json_alone(tmp_path, make):
+    from medssl.hub import backbone_config, backbone_record
+    from medssl.models.vit import build_vit
+
+    model = build_vit(32, 2, 2, 8, 32, 1, mlp_ratio=2.0) if make == "vit" else _mae()
+    medssl.save_backbone(model, tmp_path / "run" / "backbone", data="unit-test")
+    folder = tmp_path / "run" / "backbone"
+    from_weights = tmp_path / "old"  # an old config.json without the architecture: read from the state dict
+    from_weights.mkdir()
+    (from_weights / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    cfg = json.loads((folder / "config.json").read_text())
+    (from_weights / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "depth"}))
+    expected = backbone_record(from_weights)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")  # never opened
+    for source in (folder, tmp_path / "run"):
+        rec = backbone_record(source)
+        assert rec["where"] == f"backbone folder {folder}"
+        assert {k: v for k, v in rec.items() if k not in ("where", "meta")} == \
+               {k: v for k, v in expected.items() if k not in ("where", "meta")}
+        assert rec["meta"]["provenance"]["data"] == "unit-test"
+    with pytest.raises(SafetensorError):  # the weights themselves are read where they are loaded
+        medssl.load_backbone(folder)
+    assert backbone_config(tmp_path / "run")["provenance"]["data"] == "unit-test"
+    assert backbone_config(tmp_path / "run" / "checkpoints" / "checkpoint-3.pt") == cfg  # the run a file lies in
+    assert backbone_config(tmp_path / "elsewhere.pt") == {}
