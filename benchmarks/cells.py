@@ -28,13 +28,14 @@ from torch.utils.data import TensorDataset
 from benchmarks.provenance import cell_key
 from benchmarks.tasks import TaskData
 from medssl.heads.classify import FineTuneClassifier, LinearProbe, class_weights, layer_decay_groups
+from medssl.heads.features import FeatureCache, subset
 from medssl.heads.fit import FitConfig, auc_score, dice_score, fit, predict, random_hflip
 from medssl.heads.segment import DenseProbe, UNet, ViTSegmenter, dice_ce_loss
 from medssl.metrics.classification import classification_report
 from medssl.metrics.segmentation import SegmentationMeter
 
 _SIZE_NAMES = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}
-_FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # frozen-encoder features, shared by probe cells
+FEATURES = FeatureCache(4)  # frozen-encoder features, shared by the probe and kNN cells of a backbone
 _LOADED: dict[str, nn.Module] = {}  # the last loaded backbone (copied for every cell)
 _IDENTITY: dict[tuple, str] = {}  # backbone files (path, size, mtime) -> content identity
 
@@ -182,27 +183,14 @@ def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_
     raise ValueError(f"unknown protocol {protocol!r} for a ViT (use probe or finetune)")
 
 
-@torch.no_grad()
-def probe_features(model: nn.Module, key: str, splits: dict[str, torch.Tensor], batch_size: int = 64
-                   ) -> dict[str, torch.Tensor]:
-    """Features of every split from a frozen probe's `features()`, computed once per key and reused."""
-    if key not in _FEATURES:
-        if len(_FEATURES) >= 4:
-            _FEATURES.pop(next(iter(_FEATURES)))
-        model.eval()
-        _FEATURES[key] = {k: torch.cat([model.features(x[i:i + batch_size]).float().cpu()
-                                        for i in range(0, len(x), batch_size)]) for k, x in splits.items()}
-    return _FEATURES[key]
-
-
-def frozen_features(task: TaskData, bb: Backbone, model: nn.Module, seed: int, norm: tuple[float, float]
-                    ) -> dict[str, torch.Tensor]:
+def task_features(task: TaskData, bb: Backbone, model: nn.Module, seed: int, norm: tuple[float, float]
+                  ) -> dict[str, TensorDataset]:
     """Every split through a frozen probe's `features()`, cached per backbone, task, blocks and pooling (the probe
     and kNN protocols share them; a random-init backbone's features depend on the seed)."""
     mean, std = norm
     key = cell_key(bb=bb.identity(), task=task.name, info=task.summary(), blocks=model.indices,
                    pool=getattr(model, "pool", None), norm=norm, seed=seed if bb.kind == "vit_random" else None)
-    return probe_features(model, key, {k: (v[0] - mean) / std for k, v in task.splits.items()})
+    return FEATURES.get(key, model, {k: TensorDataset((x - mean) / std, y) for k, (x, y) in task.splits.items()})
 
 
 def evaluate_outputs(task: TaskData, out: torch.Tensor, tgt: torch.Tensor) -> dict[str, Any]:
@@ -261,17 +249,15 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
     for lr in lr_grid(hp):
         torch.manual_seed(seed)  # the head / random-init weights depend on the seed, not on the lr
         model, groups = _build(task, bb, protocol, {**hp, "lr": lr}, img_size)
-        trained = model
-        if protocol == "probe":  # train the head on frozen features, computed once per backbone and task
-            feats = frozen_features(task, bb, model, seed, norm)
-            train = TensorDataset(feats["train"][keep], ytr[keep])
-            val = TensorDataset(feats["val"], task.splits["val"][1])
-            test = TensorDataset(feats["test"], task.splits["test"][1])
-            trained = model.head
+        probe = protocol == "probe"
+        if probe:  # the head trains on frozen features, computed once per backbone and task
+            feats = task_features(task, bb, model, seed, norm)
+            train, val, test, trained = subset(feats["train"], keep), feats["val"], feats["test"], model.head
         else:
-            train, val, test = images
+            (train, val, test), trained = images, model
         cfg = _fit_config({**hp, "lr": lr}, len(train), seed, device)
-        res = fit(trained, train, val, loss_fn, score, cfg, param_groups=groups, augment=augment)
+        res = fit(model, None if probe else train, None if probe else val, loss_fn, score, cfg, param_groups=groups,
+                  augment=augment, features=(train, val) if probe else None)
         seconds += res.seconds
         val_by_lr[f"{lr:g}"] = res.best_score
         if best is None or _finite(res.best_score) > _finite(best["res"].best_score):
@@ -294,13 +280,12 @@ def _knn_cell(task: TaskData, bb: Backbone, keep: torch.Tensor, seed: int, hp: d
         raise ValueError(f"the knn protocol classifies; task {task.name} is {task.kind}")
     torch.manual_seed(seed)
     model, _ = _build(task, bb, "probe", hp, img_size)
-    feats = frozen_features(task, bb, model, seed, norm)
-    ytr = task.splits["train"][1][keep]
-    xtr = feats["train"][keep]
+    feats = task_features(task, bb, model, seed, norm)
+    xtr, ytr = subset(feats["train"], keep).tensors
+    (xval, yval), (xtest, _) = feats["val"].tensors, feats["test"].tensors
     t = float(hp.get("temperature", 0.07))
-    k, by_k = select_k(xtr, ytr, feats["val"], task.splits["val"][1], task.num_classes, auc_score,
-                       hp.get("k_grid", (1, 3, 5, 10, 20)), t)
-    probs = knn_probs(xtr, ytr, feats["test"], k, task.num_classes, t)
+    k, by_k = select_k(xtr, ytr, xval, yval, task.num_classes, auc_score, hp.get("k_grid", (1, 3, 5, 10, 20)), t)
+    probs = knn_probs(xtr, ytr, xtest, k, task.num_classes, t)
     return {"metrics": evaluate_outputs(task, probs.log(), task.splits["test"][1]), "val_score": by_k[k], "k": k,
             "val_by_k": {str(j): v for j, v in by_k.items()}, "n_train": len(xtr), "best_epoch": None,
             "epochs": 0, "seconds": 0.0, "params_trained": 0}

@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 # Entry modules per cell kind whose import closure computes the cell (see the module docstring).
 CODE_ENTRIES = {
-    "dense": ("medssl.heads.build", "medssl.heads.classify", "medssl.heads.segment",
+    "dense": ("medssl.heads.build", "medssl.heads.classify", "medssl.heads.segment", "medssl.heads.features",
               "medssl.heads.fit", "medssl.heads.knn", "medssl.metrics.classification",
               "medssl.metrics.segmentation", "medssl.hub", "medssl.models.vit"),
     "detection": ("medssl.detection.stages", "medssl.detection.evaluation", "medssl.hub", "medssl.models.vit"),

@@ -8,6 +8,7 @@ it is read or decoded.
 
 `EpochBatches` is one dataset; `PairedBatches` adds a second (e.g. unlabelled target images) cycled alongside
 the first, its cycle `c` ordered by `(seed, e, c)`, so its position is a function of the step as well.
+`ordered_batches` is one pass in dataset order, for evaluation and feature extraction.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medssl.utils import seed_everything, stable_seed
 
-__all__ = ["EpochBatches", "PairedBatches", "epoch_order"]
+__all__ = ["EpochBatches", "PairedBatches", "epoch_order", "ordered_batches"]
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, weights: Sequence[float] | None = None,
@@ -32,6 +33,16 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, weights: Se
         w = torch.as_tensor(weights, dtype=torch.double)
         return torch.multinomial(w, num_samples or n, replacement=True, generator=g).tolist()
     return torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+
+
+def ordered_batches(ds: Dataset, batch_size: int) -> Iterator[Any]:
+    """The dataset's batches in order, once: in-memory tensors are sliced directly (a per-sample collate dominates
+    small CPU runs), any other dataset goes through a DataLoader."""
+    if isinstance(ds, TensorDataset):
+        for i in range(0, len(ds), batch_size):
+            yield tuple(t[i:i + batch_size] for t in ds.tensors)
+        return
+    yield from DataLoader(ds, batch_size=batch_size)
 
 
 class _Seeded(Dataset):

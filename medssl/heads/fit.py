@@ -4,7 +4,8 @@
 checkpoints and exact `--resume` when given a run folder; `fit` is the in-process form the benchmarks use.
 AdamW, per-iteration linear warmup + half-cycle cosine, the run's precision, seeded, and the weights of the
 best validation epoch restored at the end ("early best on val"). Heads marked `cacheable` (frozen-encoder
-probes with `features()` and `head`) are trained on features computed once, which makes probes cheap on CPU.
+probes with `features()` and `head`) are trained on features computed once (`medssl.heads.features`), or on
+features the caller computed before (a `FeatureCache` shared by several runs), which makes probes cheap on CPU.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import Dataset, Sampler
 
 from medssl.config import renamed_key
-from medssl.data.epochs import EpochBatches
+from medssl.data.epochs import EpochBatches, ordered_batches
+from medssl.heads.features import frozen_features
 from medssl.train.checkpoint import save_checkpoint
 from medssl.train.dist import DistInfo, resolve_device
 from medssl.train.engine import Engine, TrainConfig
@@ -89,35 +91,6 @@ class FitResult:
     engine: Any = None  # the Engine that trained (world size, global batch, images/s, data wait)
 
 
-class _Batches:
-    """Mini-batches of a dataset: direct tensor indexing for an in-memory `TensorDataset` (no per-sample
-    collate, which dominates small CPU runs), a DataLoader otherwise. Re-iterable, one pass per epoch."""
-
-    def __init__(self, data: Dataset, batch_size: int, shuffle: bool = False, sampler: Sampler | None = None,
-                 generator: torch.Generator | None = None, drop_last: bool = False, num_workers: int = 0):
-        self.data, self.bs, self.shuffle, self.sampler = data, batch_size, shuffle, sampler
-        self.gen, self.drop_last, self.workers = generator, drop_last, num_workers
-        self.fast = isinstance(data, TensorDataset) and num_workers == 0
-
-    def __len__(self) -> int:
-        n = len(self.sampler) if self.sampler is not None else len(self.data)
-        return n // self.bs if self.drop_last else math.ceil(n / self.bs)
-
-    def __iter__(self):
-        if not self.fast:
-            yield from DataLoader(self.data, batch_size=self.bs, shuffle=self.shuffle, sampler=self.sampler,
-                                  generator=self.gen, drop_last=self.drop_last, num_workers=self.workers)
-            return
-        n = len(self.data)
-        if self.sampler is not None:
-            order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        else:
-            order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
-        for i in range(0, len(self) * self.bs, self.bs):
-            idx = order[i:i + self.bs]
-            yield tuple(t[idx] for t in self.data.tensors)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset, batch_size: int = 64, device: str | torch.device | None = None,
             bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,21 +103,11 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 64, device: str |
     model.eval()
     outs, tgts = [], []
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed bf16
-    for x, y in _Batches(data, batch_size):
+    for x, y in ordered_batches(data, batch_size):
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
             outs.append(model(x.to(dev, dtype)).float().cpu())
         tgts.append(y)
     return torch.cat(outs), torch.cat(tgts)
-
-
-@torch.no_grad()
-def _cache_features(model: nn.Module, data: Dataset, batch_size: int, dev: torch.device) -> TensorDataset:
-    model.eval()
-    feats, tgts = [], []
-    for x, y in _Batches(data, batch_size):
-        feats.append(model.features(x.to(dev)).float())
-        tgts.append(y.to(dev))
-    return TensorDataset(torch.cat(feats), torch.cat(tgts))
 
 
 class SupervisedTask(Task):
@@ -206,12 +169,13 @@ class SupervisedTask(Task):
         self.best_state = state.get("best_state")
 
 
-def train_supervised(model: nn.Module, train_set: Dataset, val_set: Dataset | None,
+def train_supervised(model: nn.Module, train_set: Dataset | None, val_set: Dataset | None,
                      loss_fn: Callable[..., torch.Tensor], score_fn: Callable[[torch.Tensor, torch.Tensor], float],
                      cfg: FitConfig, param_groups: list[dict] | None = None, sampler: Sampler | None = None,
                      augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                      dist: DistInfo | None = None, out_dir: str | Path | None = None, resume: bool = False,
-                     ds_config: dict | None = None, best_extra: dict[str, Any] | None = None) -> FitResult:
+                     ds_config: dict | None = None, best_extra: dict[str, Any] | None = None,
+                     features: tuple[Dataset, Dataset | None] | None = None) -> FitResult:
     """Train `model` on the engine and keep the weights of the best validation score (higher is better).
 
     Args:
@@ -229,6 +193,8 @@ def train_supervised(model: nn.Module, train_set: Dataset, val_set: Dataset | No
         resume: continue from the newest checkpoint in `out_dir`.
         ds_config: DeepSpeed config when `dist` is DeepSpeed.
         best_extra: entries stored beside the best weights in `out_dir/best.pt`.
+        features: a `cacheable` model's precomputed (train, val) `features()` datasets (e.g. entries of a
+            `medssl.heads.features.FeatureCache`): its head trains on them, `train_set` / `val_set` are not read.
 
     Returns:
         FitResult; `model` holds the best weights on return.
@@ -238,10 +204,15 @@ def train_supervised(model: nn.Module, train_set: Dataset, val_set: Dataset | No
     dist = dist or DistInfo(device=resolve_device(cfg.device))
     model.to(dist.device)
     cached = bool(getattr(model, "cacheable", False))
+    if features is not None and not cached:
+        raise ValueError(f"fit: features are given, but {type(model).__name__} is not a cacheable probe")
+    if features is None and train_set is None:
+        raise ValueError("fit: no train_set (and no precomputed features)")
     trained = model.head if cached else model
     if cached:
-        train_set = _cache_features(model, train_set, cfg.batch_size, dist.device)
-        val_set = _cache_features(model, val_set, cfg.batch_size, dist.device) if val_set is not None else None
+        train_set, val_set = features or (
+            frozen_features(model, train_set, cfg.batch_size, dist.device),
+            frozen_features(model, val_set, cfg.batch_size, dist.device) if val_set is not None else None)
         augment = None
     weights = num = None
     if sampler is not None:
@@ -275,16 +246,18 @@ def train_supervised(model: nn.Module, train_set: Dataset, val_set: Dataset | No
                      seconds=time.time() - t0, engine=engine)
 
 
-def fit(model: nn.Module, train_set: Dataset, val_set: Dataset | None, loss_fn: Callable[..., torch.Tensor],
+def fit(model: nn.Module, train_set: Dataset | None, val_set: Dataset | None, loss_fn: Callable[..., torch.Tensor],
         score_fn: Callable[[torch.Tensor, torch.Tensor], float], cfg: FitConfig,
         param_groups: list[dict] | None = None, sampler: Sampler | None = None,
         augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        log: Callable[[str], None] | None = None) -> FitResult:
+        log: Callable[[str], None] | None = None, features: tuple[Dataset, Dataset | None] | None = None
+        ) -> FitResult:
     """In-process `train_supervised` (one device, no files): what the benchmarks call.
 
-    `log`, if given, receives one line per evaluation.
+    `log`, if given, receives one line per evaluation; `features`: precomputed probe features (`train_supervised`).
     """
-    res = train_supervised(model, train_set, val_set, loss_fn, score_fn, cfg, param_groups, sampler, augment)
+    res = train_supervised(model, train_set, val_set, loss_fn, score_fn, cfg, param_groups, sampler, augment,
+                           features=features)
     if log:
         for h in res.history:
             log(f"epoch {h['epoch']}: loss {h['loss']:.4f} val {h['val']:.4f}")

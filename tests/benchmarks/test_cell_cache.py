@@ -98,6 +98,7 @@ def test_key_follows_the_code_of_its_cell_kind(clone):
         "benchmarks/provenance.py": {"brain_tissue", "image_qc", "lesion_detection"},
         "medssl/heads/build.py": {"brain_tissue", "image_qc", "lesion_detection"},
         "medssl/heads/knn.py": {"brain_tissue", "image_qc"},
+        "medssl/heads/features.py": {"brain_tissue", "image_qc", "lesion_detection"},
     }
     for rel, affected in edits.items():
         path = clone / rel
