@@ -27,16 +27,18 @@ from torch.utils.data import TensorDataset
 
 from benchmarks.provenance import cell_key
 from benchmarks.tasks import TaskData
-from medssl.heads.classify import FineTuneClassifier, LinearProbe, class_weights, layer_decay_groups
+from medssl.heads.build import build_head, head_record
+from medssl.heads.classify import class_weights, layer_decay_groups
 from medssl.heads.features import FeatureCache, subset
 from medssl.heads.fit import FitConfig, auc_score, dice_score, fit, predict, random_hflip
-from medssl.heads.segment import DenseProbe, UNet, ViTSegmenter, dice_ce_loss
+from medssl.heads.segment import UNet, dice_ce_loss
 from medssl.metrics.classification import classification_report
 from medssl.metrics.segmentation import SegmentationMeter
 
 _SIZE_NAMES = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}
 FEATURES = FeatureCache(4)  # frozen-encoder features, shared by the probe and kNN cells of a backbone
-_LOADED: dict[str, nn.Module] = {}  # the last loaded backbone (copied for every cell)
+_LOADED: dict[str, tuple[dict[str, Any], nn.Module]] = {}  # the last pretrained backbone (copied for every cell)
+TWIN_ARCH = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")  # a random-init twin's identity
 _IDENTITY: dict[tuple, str] = {}  # backbone files (path, size, mtime) -> content identity
 
 
@@ -45,7 +47,7 @@ class Backbone:
     """A table row's model: a ViT source (path or registry name), a random-init twin, or a CNN."""
 
     kind: str  # "vit" | "vit_random" | "cnn"
-    source: str  # load_backbone source; for vit_random a JSON architecture; "resnet18"/"unet" for cnn
+    source: str  # load_backbone source; for vit_random a JSON architecture (`twin_source`); "resnet18"/"unet" for cnn
     pretraining: str
     data: str
     label: str  # Backbone column, e.g. "ViT-Ti/4"
@@ -75,11 +77,10 @@ class Backbone:
         return _IDENTITY[stamp]
 
 
-def vit_arch(model: nn.Module) -> dict[str, Any]:
-    """Architecture of a loaded timm ViT (to build its random-init twin)."""
-    return {"embed_dim": int(model.embed_dim), "depth": len(model.blocks),
-            "num_heads": int(model.blocks[0].attn.num_heads), "patch_size": int(model.patch_embed.patch_size[0]),
-            "mlp_ratio": model.blocks[0].mlp.fc1.out_features / model.embed_dim}
+def twin_source(record: dict[str, Any]) -> str:
+    """A random-init twin's `Backbone.source`: the JSON of an architecture record's `TWIN_ARCH` entries."""
+    return json.dumps({k: float(record[k]) if k == "mlp_ratio" else int(record[k]) for k in TWIN_ARCH},
+                      sort_keys=True)
 
 
 def vit_label(arch: dict[str, Any]) -> str:
@@ -87,21 +88,25 @@ def vit_label(arch: dict[str, Any]) -> str:
     return f"ViT-{_SIZE_NAMES.get(arch['embed_dim'], arch['embed_dim'])}/{arch['patch_size']}"
 
 
-def load_vit(bb: Backbone, img_size: int, in_chans: int = 1) -> nn.Module:
-    """A fresh copy of the row's ViT (pretrained weights or random init)."""
+def vit_backbone(bb: Backbone, img_size: int, in_chans: int = 1) -> tuple[dict[str, Any], nn.Module | None]:
+    """The row's ViT: its architecture record (`medssl.hub.backbone_record`) and a fresh copy of the pretrained
+    ViT (loaded once per process, whichever cell comes first: the cells' random draws do not depend on it), or
+    the random-init twin's record and None (the head builds it, from the cell's seed)."""
     if bb.kind == "vit":
         from medssl import load_backbone
+        from medssl.hub import backbone_record
 
         key = f"{bb.identity()}|{img_size}|{in_chans}"
         if key not in _LOADED:
             _LOADED.clear()  # keep one backbone in memory
-            _LOADED[key] = load_backbone(bb.source, img_size=img_size, in_chans=in_chans)
-        return copy.deepcopy(_LOADED[key])
-    from medssl.models.vit import build_vit
-
-    a = json.loads(bb.source)
-    return build_vit(a["embed_dim"], a["depth"], a["num_heads"], a["patch_size"], img_size, in_chans,
-                     a["mlp_ratio"])
+            with torch.random.fork_rng(devices=[]):  # loading builds a ViT first: never draw from the cell's seed
+                _LOADED[key] = (backbone_record(bb.source), load_backbone(bb.source, img_size=img_size,
+                                                                          in_chans=in_chans))
+        record, vit = _LOADED[key]
+        return record, copy.deepcopy(vit)
+    record = {**json.loads(bb.source), "img_size": [img_size, img_size], "in_chans": in_chans,
+              "meta": {"source": "random initialisation"}, "where": "random init"}
+    return record, None
 
 
 def label_subset(targets: torch.Tensor, fraction: float, seed: int, stratify: bool) -> np.ndarray:
@@ -155,6 +160,20 @@ def layer_decay(bb: Backbone, hp: dict[str, Any]) -> float:
     return float(hp.get("layer_decay", 0.75))
 
 
+def head_options(seg: bool, protocol: str, hp: dict[str, Any], depth: int) -> dict[str, Any]:
+    """The `medssl.heads.build.head_record` options of a ViT row, every one from the protocol's config section
+    (`pool`, `blocks`, `decoder_dim`, `drop_path`) or the benchmark's own default."""
+    if protocol == "probe":
+        k = min(int(hp.get("blocks", 4)), depth)
+        return {"blocks": k} if seg else {"pool": hp.get("pool", "cls+mean"), "probe_blocks": k}
+    if protocol == "finetune":
+        dp = float(hp.get("drop_path", 0.1))
+        if seg:
+            return {"blocks": int(hp.get("blocks", 4)), "decoder_dim": int(hp.get("decoder_dim", 64)), "drop_path": dp}
+        return {"pool": "mean", "drop_path": dp}
+    raise ValueError(f"unknown protocol {protocol!r} for a ViT (use probe or finetune)")
+
+
 def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_size: int
            ) -> tuple[nn.Module, list[dict] | None]:
     c, seg = task.num_classes, task.kind == "segmentation"
@@ -166,21 +185,14 @@ def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_
         import timm
 
         return timm.create_model("resnet18", pretrained=False, num_classes=c, in_chans=1), None
-    vit = load_vit(bb, img_size)
-    depth = len(vit.blocks)
-    if protocol == "probe":
-        k = min(int(hp.get("blocks", 4)), depth)
-        model = DenseProbe(vit, c, num_blocks=k) if seg else LinearProbe(vit, c, pool=hp.get("pool", "cls+mean"),
-                                                                          num_blocks=k)
-        return model, None
+    record, vit = vit_backbone(bb, img_size)
+    options = head_options(seg, protocol, hp, record["depth"])
+    model = build_head(head_record("segment" if seg else "classify", protocol, record, c, img_size, **options), vit)
     if protocol == "finetune":
-        dp = float(hp.get("drop_path", 0.1))
-        model = (ViTSegmenter(vit, c, blocks=int(hp.get("blocks", 4)), decoder_dim=int(hp.get("decoder_dim", 64)),
-                              drop_path_rate=dp) if seg else FineTuneClassifier(vit, c, drop_path_rate=dp))
-        groups = layer_decay_groups(model, depth, float(hp.get("lr", 1e-3)), float(hp.get("weight_decay", 0.05)),
-                                    layer_decay(bb, hp))
+        groups = layer_decay_groups(model, record["depth"], float(hp.get("lr", 1e-3)),
+                                    float(hp.get("weight_decay", 0.05)), layer_decay(bb, hp))
         return model, groups
-    raise ValueError(f"unknown protocol {protocol!r} for a ViT (use probe or finetune)")
+    return model, None
 
 
 def task_features(task: TaskData, bb: Backbone, model: nn.Module, seed: int, norm: tuple[float, float]
@@ -296,7 +308,8 @@ def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, 
     """Train the MedMask detector with the row's backbone on a label subset; score the held-out test split.
 
     CNN rows train a timm ResNet from scratch (`bb.source`, e.g. resnet18); ViT rows put the row's ViT
-    (pretrained or its random-init twin, written to `work/init_backbone`) under the simple feature pyramid.
+    (pretrained, loaded by the detector from `bb.source`, or its random-init twin, built from its architecture
+    record under the stage's seed) under the simple feature pyramid.
     "finetune" trains the whole detector; "probe" freezes the ViT (its pyramid, the transformer and the heads
     train).
     """
@@ -320,13 +333,10 @@ def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, 
     if bb.kind == "cnn":
         backbone = {"backbone": "resnet", "backbone_name": bb.source, "backbone_weights": None,
                     "backbone_freeze": False}
-    else:
-        from medssl import save_backbone
-
-        torch.manual_seed(seed)  # the random-init twin depends on the seed
-        folder = work / "init_backbone"
-        save_backbone(load_vit(bb, size, chans), folder, source=bb.source if bb.kind == "vit" else "random init")
-        backbone = {"backbone": "vit", "backbone_name": str(folder), "img_size": size,
+    else:  # the detector loads a pretrained row's weights itself; a twin is its seeded random init
+        pretrained = bb.kind == "vit"
+        backbone = {"backbone": "vit", "backbone_name": bb.source if pretrained else None,
+                    "backbone_arch": None if pretrained else vit_backbone(bb, size, chans)[0], "img_size": size,
                     "backbone_freeze": protocol == "probe"}
     cfg = detection_config(task, backbone, hp, seed, len(splits["train"]), device, work)
     t0, init, res = time.time(), None, {}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from benchmarks.cells import Backbone, load_vit, run_cell, run_detection_cell, vit_arch, vit_label
+from benchmarks.cells import Backbone, run_cell, run_detection_cell, twin_source, vit_label
 from benchmarks.provenance import cached_cell, cell_code, cell_key
 from benchmarks.report import write_all
 from benchmarks.tasks import build_task
@@ -49,20 +49,19 @@ def load_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def resolve_backbones(cfg: dict[str, Any], img_size: int) -> list[Backbone]:
+def resolve_backbones(cfg: dict[str, Any]) -> list[Backbone]:
     """Pretrained rows from the config, their random-init twins, extra random rows, and the CNN marker."""
     rows: list[Backbone] = []
     twins: dict[str, Backbone] = {}
     for entry in cfg.get("backbones") or []:
         entry = {"source": entry} if isinstance(entry, str) else dict(entry)
         src = str(entry["source"])
-        from medssl.hub import list_backbones
+        from medssl.hub import backbone_record, list_backbones
 
         if not Path(src).exists() and src not in list_backbones():
             raise FileNotFoundError(f"backbone {src!r}: no such file/folder and not a registered name "
                                     f"({', '.join(list_backbones())})")
-        vit = load_vit(Backbone("vit", src, "", "", ""), img_size)
-        arch = vit_arch(vit)
+        arch = backbone_record(src)
         is_random = src in list_backbones() and not Path(src).exists()
         fractions = entry.get("fractions")
         if not is_random:
@@ -70,7 +69,7 @@ def resolve_backbones(cfg: dict[str, Any], img_size: int) -> list[Backbone]:
                                  entry.get("label", vit_label(arch)), epochs=entry.get("epochs"),
                                  fractions=tuple(float(f) for f in fractions) if fractions else None,
                                  pool=entry.get("pool") or pretraining_pool(src)))
-        key = json.dumps(arch, sort_keys=True)
+        key = twin_source(arch)
         if is_random or cfg.get("random_init", True):
             twins.setdefault(key, Backbone("vit_random", key, "none (random init)", "-", vit_label(arch), epochs=0))
     return rows + list(twins.values())
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / cfg.get("name", cfg_path.stem)
     out.mkdir(parents=True, exist_ok=True)
     img = int(cfg.get("img_size", 64))
-    backbones = resolve_backbones(cfg, img)
+    backbones = resolve_backbones(cfg)
     primary = primary_source(cfg)
     if not backbones:
         raise ValueError("no ViT backbone: list at least one source under 'backbones' or pass --backbone")

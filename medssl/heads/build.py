@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +35,42 @@ OLD_HEAD_FILES = ("model.pt",)  # what recipes/finetune_segment.py wrote before
 PROTOCOLS = {"classify": ("probe", "finetune"), "segment": ("probe", "frozen", "finetune")}
 
 
-def head_record(kind: str, protocol: str, backbone: str | os.PathLike, num_classes: int, img_size: int,
-                in_chans: int = 1, **options: Any) -> dict[str, Any]:
+def head_record(kind: str, protocol: str, backbone: str | os.PathLike | Mapping[str, Any], num_classes: int,
+                img_size: int, in_chans: int = 1, **options: Any) -> dict[str, Any]:
     """The record of a transfer model: head kind, protocol, options and the backbone's architecture.
 
     Args:
         kind: "classify" or "segment".
         protocol: classify: probe | finetune; segment: probe | frozen | finetune.
-        backbone: a `medssl.load_backbone` source (its architecture is read; its weights are not).
+        backbone: a `medssl.load_backbone` source (its architecture is read; its weights are not), or an
+            architecture record (`medssl.hub.backbone_record`; e.g. a random-init baseline's): no weights to load.
         options: head options (classify: pool, probe_blocks, drop_path; segment: blocks, decoder_dim, drop_path).
     """
     if kind not in PROTOCOLS:
         raise ValueError(f"head kind must be one of {sorted(PROTOCOLS)}, got {kind!r}")
     if protocol not in PROTOCOLS[kind]:
         raise ValueError(f"model.protocol for {kind} must be one of {PROTOCOLS[kind]}, got {protocol!r}")
+    given = isinstance(backbone, Mapping)
     return {"kind": kind, "protocol": protocol, "num_classes": int(num_classes), "img_size": int(img_size),
-            "in_chans": int(in_chans), "backbone_source": str(backbone), "backbone": backbone_record(backbone),
-            "options": dict(options)}
+            "in_chans": int(in_chans), "backbone_source": None if given else str(backbone),
+            "backbone": dict(backbone) if given else backbone_record(backbone), "options": dict(options)}
 
 
-def build_head(record: dict[str, Any]) -> nn.Module:
-    """The transfer model of a record, randomly initialised (reads no file)."""
+def build_head(record: dict[str, Any], backbone: nn.Module | None = None) -> nn.Module:
+    """The transfer model of a record, randomly initialised (reads no file).
+
+    Args:
+        record: a `head_record`.
+        backbone: the ViT to put the head on, already built for `record["backbone"]` (e.g. loaded once with
+            `medssl.load_backbone` and copied for several heads); default: a fresh one built from the record.
+    """
     o = record["options"]
-    vit = build_backbone_model(record["backbone"], img_size=record["img_size"], in_chans=record["in_chans"])
+    vit = backbone if backbone is not None else build_backbone_model(
+        record["backbone"], img_size=record["img_size"], in_chans=record["in_chans"])
+    arch = record["backbone"]
+    if (vit.embed_dim, len(vit.blocks)) != (arch["embed_dim"], arch["depth"]):
+        raise ValueError(f"build_head: the given backbone ({vit.embed_dim} wide, {len(vit.blocks)} blocks) is not "
+                         f"the record's ({arch['embed_dim']} wide, {arch['depth']} blocks)")
     n, protocol = record["num_classes"], record["protocol"]
     if record["kind"] == "classify":
         if protocol == "probe":
@@ -69,7 +83,10 @@ def build_head(record: dict[str, Any]) -> nn.Module:
 
 
 def init_head(model: nn.Module, record: dict[str, Any]) -> str:
-    """The explicit init step: load the pretrained backbone weights named by the record into `model.backbone`."""
+    """The explicit init step: load the pretrained backbone weights named by the record into `model.backbone`
+    (a record made from an architecture record names none: the backbone stays as built)."""
+    if record["backbone_source"] is None:
+        return record["backbone"].get("where", "architecture record")
     return load_backbone_weights(model.backbone, record["backbone_source"])
 
 
