@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.run_all import load_config, task_specs
+from benchmarks.run_all import task_specs
 from benchmarks.tasks import build_task
+from medssl.config import read_config
 
 
 def test_files(cfg: dict) -> dict[str, list[str]]:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True, help="run_all config whose tasks are held out")
     p.add_argument("--out", type=Path, required=True, help="JSON to write")
     args = p.parse_args(argv)
-    files = test_files(load_config(args.config))
+    files = test_files(read_config(args.config))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(files, indent=1) + "\n")
     print(f"{args.out}: " + ", ".join(f"{t} {len(f)} test files" for t, f in files.items()))

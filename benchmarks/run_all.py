@@ -30,23 +30,11 @@ from benchmarks.cells import Backbone, run_cell, run_detection_cell, twin_source
 from benchmarks.provenance import cached_cell, cell_code, cell_key
 from benchmarks.report import write_all
 from benchmarks.tasks import build_task
-from medssl.config import read_yaml
+from medssl.config import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ROOT / "benchmarks" / "configs"
-
-
-def load_config(path: Path) -> dict[str, Any]:
-    """Read a YAML config; a `_base_: other.yaml` entry is read first and updated (shallow)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config not found")
-    cfg = read_yaml(path.read_text()) or {}
-    if "_base_" in cfg:
-        base = load_config((path.parent / cfg.pop("_base_")).resolve())
-        base.update(cfg)
-        cfg = base
-    return cfg
 
 
 def resolve_backbones(cfg: dict[str, Any]) -> list[Backbone]:
@@ -186,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run (or resume) every cell of the config and write the tables."""
     args = parse_args(argv)
     cfg_path = args.config or CONFIGS / ("quick.yaml" if args.quick else "default.yaml")
-    cfg = load_config(cfg_path)
+    cfg = read_config(cfg_path)
     cfg["backbones"] = list(cfg.get("backbones") or []) + [_cli_backbone(b) for b in args.backbone]
     for k in ("seeds", "protocols"):
         if getattr(args, k):

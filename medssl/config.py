@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RENAMED_KEYS", "dump_config", "load_config", "parse_override", "read_yaml", "renamed_key"]
+__all__ = ["RENAMED_KEYS", "dump_config", "load_config", "parse_override", "read_config", "read_yaml",
+           "renamed_key"]
 
 log = logging.getLogger("medssl")
 _LOGGED: set[str] = set()
@@ -98,20 +99,34 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def _read_file(path: Path) -> tuple[dict[str, Any], Path | None]:
+    """A YAML config file's mapping (without `_base_`) and the `_base_` file it names (relative to it), if any."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = read_yaml(path.read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    base = data.pop("_base_", None)
+    return data, (path.parent / base if base is not None else None)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A config without defaults (e.g. a benchmark's): its `_base_` file first, if it names one, then its own
+    top-level entries, each replacing the base's whole (a section too); no key is checked."""
+    data, base = _read_file(Path(path))
+    return {**(read_config(base) if base is not None else {}), **data}
+
+
 def load_config(defaults: Mapping[str, Any], path: str | os.PathLike | None = None,
                 overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Defaults, then the YAML file (its `_base_` file first, if it names one), then the overrides."""
     cfg = copy.deepcopy(dict(defaults))
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        data = read_yaml(path.read_text()) or {}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{path}: a config must be a mapping, got {type(data).__name__}")
-        base = data.pop("_base_", None)
+        data, base = _read_file(path)
         if base is not None:
-            cfg = load_config(defaults, path.parent / base)
+            cfg = load_config(defaults, base)
         try:
             _merge(cfg, data, "", str(path))
         except (KeyError, TypeError) as exc:

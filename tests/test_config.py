@@ -53,3 +53,19 @@ def test_fit_config_old_field_names():
         assert FitConfig(bf16=False).precision == "fp32"
     with pytest.warns(DeprecationWarning, match="'FitConfig.grad_clip'"):
         assert FitConfig(grad_clip=1.0).clip_grad == 1.0
+
+
+def test_read_config_without_defaults(tmp_path):
+    """A benchmark config: its `_base_` chain first, then its own top-level entries, a section replaced whole."""
+    from medssl.config import read_config
+
+    (tmp_path / "a.yaml").write_text("name: a\nseeds: [0, 1]\nprobe: {lr: 0.1, blocks: 4}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("_base_: ../a.yaml\nname: b\nprobe: {lr: 0.2}\n")
+    (tmp_path / "c.yaml").write_text("_base_: sub/b.yaml\nextra: 1\n")
+    assert read_config(tmp_path / "c.yaml") == {"name": "b", "seeds": [0, 1], "probe": {"lr": 0.2}, "extra": 1}
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        read_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match="mapping"):
+        read_config(tmp_path / "list.yaml")
