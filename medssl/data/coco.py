@@ -72,7 +72,9 @@ _REGISTRY: dict[str, dict[str, SplitSpec]] = {
              "target": SplitSpec("images/target", "annotations/instances_target.json"),
              # the target pool's boxes, known because the demo is generated: the oracle's training set and
              # the pseudo-label diagnostic (eval.pseudo_truth), never seen by the adaptation stages
-             "target_truth": SplitSpec("images/target", "annotations/instances_target_truth.json")},
+             "target_truth": SplitSpec("images/target", "annotations/instances_target_truth.json"),
+             # labelled target-domain images for tuning the generator's knobs (never the test split)
+             "calib": SplitSpec("images/calib", "annotations/instances_calib.json")},
 }
 
 
