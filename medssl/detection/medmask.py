@@ -206,7 +206,9 @@ class ExpertDistiller(nn.Module):
     * ``object`` (ours, region level): the ``regions`` highest-scoring queries of each image are matched,
       through their predicted boxes, to expert region embeddings (the expert's token grid pooled in the
       box, :func:`region_embeddings`; the first ``grid_offset`` rows, e.g. the cls token, are skipped);
-      trained heads, symmetric InfoNCE across all regions of all images of the batch.
+      trained heads, symmetric InfoNCE across all regions of all images of the batch. It needs an expert
+      whose rows hold a token grid (``data_tools.extract_embeddings`` backbones: cls + grid x grid);
+      BiomedParse's 101 object-query rows are no grid (101 - 1 = 100 would pass the shape check).
 
     Args:
         d_model: detector query width.
