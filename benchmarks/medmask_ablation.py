@@ -23,7 +23,8 @@ Two model-selection rules are reported side by side (``selection``): ``best`` (e
 epoch on the labelled target validation split: the reference's rule, which uses target labels) and ``last``
 (no selection: the last epoch). Each row is compared with its ``control`` by paired differences over the
 (set, seed) runs and over the sets' means (`benchmarks.stats.paired`: t-interval, sign test). Generator knobs
-are calibrated on the ``calib`` split (``--split calib`` scores every row there instead), never on test.
+are calibrated on the ``calib`` split (``--split calib`` scores every row there instead, results under
+``OUT_calib``; the stage runs are shared with the test run), never on test.
 
 Stage runs are shared: a stage is trained once per seed for a given chain of stage configs (the
 ``source_only`` run feeds every stage-2 row of its seed; the full stage 2 feeds stage 3) and kept under

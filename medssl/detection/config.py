@@ -13,7 +13,8 @@ STAGES = ("source_only", "cross_domain_mae", "teaching")
 CHECKPOINTS = ("best", "last")
 
 # target_forward: forward the unlabelled target batch in train mode without a loss (BatchNorm statistics adapt:
-#   the AdaBN control of the feature MAE); freeze_bn: BatchNorm layers stay in eval mode (statistics frozen).
+#   the AdaBN control of the feature MAE); freeze_bn: BatchNorm layers stay in eval mode (statistics frozen; no
+#   effect where they are frozen already, as with a pretrained ResNet-50).
 # threshold (teaching): "fixed" (score_threshold), "mrt" (MRT's dynamic threshold from score_threshold, capped
 #   at threshold_max) or "medmask" (MedMask's schedule); keep_better (teaching): validate the teacher and the
 #   student and keep the better (MRT).
