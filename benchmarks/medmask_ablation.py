@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = read_yaml(a.config.read_text())
     spec["set"] = {**(spec.get("set") or {}), "eval.test_split": a.split}
     out = a.out or ROOT / spec.get("out", "benchmarks/results/medmask")
-    if a.split != "test" and a.out is None:
+    work = out  # stage runs live here whatever split is scored: a calibration run reuses the test run's stages
+    if a.split != "test":
         out = out.with_name(f"{out.name}_{a.split}")
     seeds = a.seeds or list(spec.get("seeds", [0, 1, 2]))
     data_seeds: list[int | None] = a.data_seeds or list(spec.get("data_seeds") or [None])
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     log.info("row %r set %s seed %d selection %s", row["name"], g, seed, rule)
                     res, cached = cached_cell(
-                        out / "cells", key, lambda cfg=cfg, row=row: run_row(cfg, row, out, fingerprint),
+                        out / "cells", key, lambda cfg=cfg, row=row: run_row(cfg, row, work, fingerprint),
                         meta={"row": row["name"], "seed": seed, "data_seed": g, "rule": rule,
                               "fingerprint": fingerprint, "commit": commit})
                     cells[(row["name"], g, seed, rule)] = res

@@ -166,3 +166,9 @@ def test_main_end_to_end_tiny(tmp_path):
     assert "none (last epoch)" in text and "| AdaBN | source_only |" in text
     assert medmask_ablation.main(["--config", str(config), "--out", str(out), "--report"]) == 0
     assert json.loads((out / "results.json").read_text())["tables"] == result["tables"]
+    stage_runs = sorted((out / "stages").glob("*/*/metrics.json"))
+    assert medmask_ablation.main(["--config", str(config), "--out", str(out), "--split", "calib"]) == 0
+    calib = json.loads((tmp_path / "out_calib" / "results.json").read_text())
+    assert calib["meta"]["split"] == "calib" and calib["meta"]["test_images"].startswith("2 per set")
+    assert sorted((out / "stages").glob("*/*/metrics.json")) == stage_runs  # scored only: no stage retrained
+    assert not (tmp_path / "out_calib" / "stages").exists()
