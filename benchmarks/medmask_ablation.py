@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 for rule in rules:
                     cfg = run_config(spec, row, seed, g, rule)
-                    key = cell_key(row=row, seed=seed, data_seed=g, rule=rule, config=cfg, demo=demo_args,
+                    what = {k: v for k, v in row.items() if k != "control"}  # the control only pairs rows
+                    key = cell_key(row=what, seed=seed, data_seed=g, rule=rule, config=cfg, demo=demo_args,
                                    code=fingerprint)
                     if a.report:
                         f = out / "cells" / f"{key}.json"
