@@ -248,8 +248,12 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
            comparisons: list[dict[str, Any]] | None = None) -> list[str]:
     """Markdown: the ablation table (reference selection), both selection rules side by side (``tables``, per
     rule), the paired comparisons with their controls and the pseudo-label diagnostics."""
-    lines = [f"MedMask ablation on the target-domain test split ({meta['test_images']} images, "
-             f"{meta['test_lesions']} lesions), CPU demo scale, mean +- std over seeds (n per row) "
+    sets = [g for g in meta.get("data_seeds") or [] if g is not None]
+    where = (f"{meta['test_images']} images, {meta['test_lesions']} lesions" if len(sets) < 2 else
+             f"per generated set {meta['test_images']} images, {meta['test_lesions']} lesions; {len(sets)} sets x "
+             f"{meta['seeds']} seeds")
+    lines = [f"MedMask ablation on the target-domain {meta.get('split', 'test')} split ({where}), CPU demo scale, "
+             "mean +- std over runs (n per row) "
              f"({meta['minutes']:.0f} min of training on {meta['machine']}); `{meta['command']}`:", "",
              "| row | n | R@0.3 | mean sensitivity (FROC points) | AP50 |", "|---|---|---|---|---|"]
     for e in table:
@@ -386,9 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         lesions.add(sum(len(test.gt_boxes_xyxy(i)) for i in range(len(test))))
     m = machine_info("cpu")
     meta = {"seeds": len(seeds), "data_seeds": data_seeds, "selection": rules, "split": a.split,
-            "test_images": _span(sizes) + (f" per set, {len(data_seeds)} generated sets x {len(seeds)} seeds"
-                                          if len(data_seeds) > 1 else ""),
-            "test_lesions": _span(lesions) + (" per set" if len(data_seeds) > 1 else ""),
+            "test_images": _span(sizes), "test_lesions": _span(lesions),
             "minutes": sum(c.get("seconds", 0) for c in cells.values()) / 60,
             "machine": f"{m['cpu']}, {m['cpus']} CPUs, {', '.join(m['cpu_flags'])}",
             "command": " ".join(["python", "benchmarks/medmask_ablation.py", *(argv or sys.argv[1:])]),

@@ -114,9 +114,11 @@ def test_report_puts_rules_side_by_side_and_the_comparisons():
               "last": [{"row": "ctrl", **entry, "R@0.3": (0.45, 0.05)}, {"row": "mae", **entry}]}
     comps = [{"row": "mae", "control": "ctrl", "rule": "best", "unit": "run", "metric": "R@0.3", "seeds": [[0, 0]] * 4,
               "mean": 0.1, "ci": [0.02, 0.18], "decided": True, "up": 4, "down": 0, "p_sign": 0.125}]
-    meta = {"test_images": "160 per set", "test_lesions": "79-81 per set", "minutes": 1.0, "machine": "CPU",
-            "command": "python benchmarks/medmask_ablation.py"}
+    meta = {"test_images": "160", "test_lesions": "79-81", "minutes": 1.0, "machine": "CPU", "seeds": 3,
+            "data_seeds": [0, 1, 2], "command": "python benchmarks/medmask_ablation.py"}
     text = "\n".join(report(tables["best"], meta, tables, comps))
+    assert text.startswith("MedMask ablation on the target-domain test split (per generated set 160 images, 79-81 "
+                           "lesions; 3 sets x 3 seeds), CPU demo scale")
     assert "| ctrl | 0.500 +- 0.100 (n 4) | 0.450 +- 0.050 (n 4) |" in text
     assert "| mae | 0.600 +- 0.100 (n 4) | 0.500 +- 0.100 (n 4) |" in text
     assert ("| mae | ctrl | target validation (reference) | run | 4 | +0.100 (**better**) | [+0.020, +0.180] | "
@@ -169,6 +171,6 @@ def test_main_end_to_end_tiny(tmp_path):
     stage_runs = sorted((out / "stages").glob("*/*/metrics.json"))
     assert medmask_ablation.main(["--config", str(config), "--out", str(out), "--split", "calib"]) == 0
     calib = json.loads((tmp_path / "out_calib" / "results.json").read_text())
-    assert calib["meta"]["split"] == "calib" and calib["meta"]["test_images"].startswith("2 per set")
+    assert calib["meta"]["split"] == "calib" and calib["meta"]["test_images"] == "2"
     assert sorted((out / "stages").glob("*/*/metrics.json")) == stage_runs  # scored only: no stage retrained
     assert not (tmp_path / "out_calib" / "stages").exists()
