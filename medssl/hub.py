@@ -118,9 +118,12 @@ def _arch_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where:
                              "recorded; save it with medssl.save_backbone or pass the config")
         img_size = (side * patch, side * patch)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
-    return dict(embed_dim=embed_dim, depth=depth, in_chans=in_chans, patch_size=patch, img_size=img_size,
+    arch = dict(embed_dim=embed_dim, depth=depth, in_chans=in_chans, patch_size=patch, img_size=img_size,
                 num_heads=int(cfg.get("num_heads") or infer_num_heads(embed_dim)),
                 mlp_ratio=float(fc1.shape[0] / embed_dim) if fc1 is not None else 4.0)
+    if "cls_token" not in state and "pos_embed" in state:  # an MAE pretrained with model.cls_token=false
+        arch["cls_token"] = False
+    return arch
 
 
 def _volume_arch(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: str, depth: int, n_tok: int
@@ -327,6 +330,13 @@ def build_backbone_model(record: dict[str, Any], *, img_size: int | tuple[int, i
         img_size / in_chans: the input the model is built for (default: the record's).
         kw: timm VisionTransformer keywords (num_classes, global_pool, drop_path_rate, dynamic_img_size).
     """
+    if record.get("spatial_dims") == 3:
+        raise ValueError(f"{record.get('where', 'this record')}: a 3-D backbone is MONAI's ViT: use "
+                         "medssl.load_backbone, or medssl.heads.segment3d.build_unetr for segmentation")
+    if record.get("cls_token") is False:  # no class token: pool the patch tokens unless told otherwise
+        kw["class_token"] = False
+        if kw.get("global_pool") in (None, "token"):
+            kw["global_pool"] = "avg"
     target_img = img_size if img_size is not None else record["img_size"]
     if isinstance(target_img, list):
         target_img = tuple(target_img)

@@ -85,3 +85,17 @@ def test_3d_mae_shapes_bf16_and_attention_backends():
         create_mae("mae_vit_tiny_patch16", img_size=40, spatial_dims=3)
     with pytest.raises(ValueError, match="one int or 3 ints"):
         create_mae("mae_vit_tiny_patch16", img_size=(32, 32), spatial_dims=3)
+
+
+def test_2d_mae_without_class_token_loads_as_timm_vit(tmp_path):
+    from medssl import load_backbone
+    from medssl.hub import save_backbone
+
+    mae = create_mae("mae_vit_tiny_patch16", img_size=32, in_chans=1, cls_token=False, depth=2,
+                     decoder_depth=1, decoder_embed_dim=48, decoder_num_heads=4).eval()
+    vit = load_backbone(save_backbone(mae, tmp_path / "bb")).eval()
+    assert vit.cls_token is None and vit.global_pool == "avg"
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():  # average pooling: timm moves the final norm to fc_norm (the MAE fine-tuning layout)
+        torch.testing.assert_close(vit.fc_norm(vit.forward_features(x)), mae.forward_features(x), rtol=1e-5,
+                                   atol=1e-5)
