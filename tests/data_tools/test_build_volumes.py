@@ -171,3 +171,16 @@ def test_crop_stream_resumes_exactly_and_pads(volume_shards, caplog):
         from medssl.data.shards import decode_npy
 
         decode_npy(encode_npy(np.zeros((4, 4), np.uint8)), dims=3)
+
+
+def test_parts_and_merge_equal_one_whole_volume_build(tmp_path):
+    for i, n in enumerate((9, 10, 11)):
+        write_ramp_series(tmp_path / "src" / f"s{i}", n=n)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert bs.main([str(tmp_path / "src"), "--out", str(whole), *ARGS]) == 0
+    for i in range(2):
+        assert bs.main([str(tmp_path / "src"), "--out", str(split), "--part", f"{i}/2", *ARGS]) == 0
+    assert bs.main(["merge", str(split)]) == 0
+    a, b = samples_of(whole), samples_of(split)
+    assert sorted(a) == sorted(b) and len(a) == 3 and all(np.array_equal(a[k][0], b[k][0]) for k in a)
+    assert next(iter(make_loader(split, 8, 3, dims=3))).shape == (3, 1, 8, 8, 8)
