@@ -14,7 +14,7 @@ import numpy as np
 
 from data_tools.shards_build import burned_in
 from data_tools.shards_build.plan import Config, Unit, hash_id, quiet, slug
-from data_tools.shards_build.series import read_series
+from data_tools.shards_build.series import read_series, split_volume
 from medssl.data import imaging as im
 
 Sample = tuple[str, np.ndarray, dict[str, Any]]  # key, image [S, S], metadata
@@ -148,11 +148,19 @@ def _series_samples(unit: Unit, record: dict[str, Any], cfg: Config) -> list[Sam
         record["split"] = parts.split
         record["volumes"] = [{"slices": len(files), "spacing": vol.spacing[0], "first": files[0]}
                              for vol, files in zip(parts.volumes, parts.files)]
-    tag = (lambda j: f"v{j}") if parts.split else (lambda j: "")
     if cfg.dims == 2:
+        tag = (lambda j: f"v{j}") if parts.split else (lambda j: "")
         return [s for j, vol in enumerate(parts.volumes) for s in samples(unit, vol, cfg, tag(j))]
-    found, refused = [], []  # 3-D: a sub-volume that cannot be used leaves the others in
-    for j, vol in enumerate(parts.volumes):
+    return _sub_volume_samples(unit, record, parts.volumes, bool(parts.split), cfg)
+
+
+def _sub_volume_samples(unit: Unit, record: dict[str, Any], volumes: list[im.ImageData], split: bool,
+                        cfg: Config) -> list[Sample]:
+    """3-D samples of the contiguous sub-volumes of one input: one that cannot be used leaves the others in
+    (its reason under `record["volumes"][j]["refused"]`); raises only when none can be used."""
+    tag = (lambda j: f"v{j}") if split else (lambda j: "")
+    found, refused = [], []
+    for j, vol in enumerate(volumes):
         try:
             found += list(volume_samples(unit, vol, cfg, tag(j)))
         except im.UnreadableImage as exc:
@@ -183,7 +191,14 @@ def process_unit(unit: Unit, cfg: Config) -> dict[str, Any]:
             record["modality"] = img.modality
             if risk is not None:
                 record["burned_in"] = [{"input": unit.paths[0], **risk}]
-            found = list(samples(unit, img, cfg))
+            if cfg.dims == 3:  # frames of an enhanced file are positioned: never resample across a gap
+                volumes, split = split_volume(img)
+                if split:
+                    record["split"] = split
+                    record["volumes"] = [{"slices": v.pixels.shape[0], "spacing": v.spacing[0]} for v in volumes]
+                found = _sub_volume_samples(unit, record, volumes, bool(split), cfg)
+            else:
+                found = list(samples(unit, img, cfg))
         if not found:
             return {**record, "status": "skipped", "reason": "no non-empty slices", "samples": []}
         return {**record, "status": "written", "samples": found}

@@ -91,6 +91,8 @@ class ImageData:
         bits: stored bits for integer inputs (raster 8/16), else None.
         direction: for a volume, the unit vector (patient LPS, as DICOM) along which each array axis
             runs, one row per axis of `pixels`; None where unknown.
+        positions: for a volume stacked from positioned planes, each plane's position along the slice
+            normal (mm), in array order (descending); None where unknown. Gaps show here.
     """
 
     pixels: np.ndarray
@@ -105,6 +107,7 @@ class ImageData:
     source_format: str = "dicom"
     bits: int | None = None
     direction: list[list[float]] | None = None
+    positions: list[float] | None = None
 
 
 def check_pixels(path: str | Path, pixels: np.ndarray) -> None:
@@ -174,9 +177,10 @@ def _modality_lut(arr: np.ndarray, ds: Any, apply_modality_lut: Any) -> np.ndarr
     return out * np.float32(1.0 if slope is None else slope) + np.float32(intercept or 0.0)
 
 
-def _frame_order(ds: Any) -> tuple[list[int], float | None] | None:
+def _frame_order(ds: Any) -> tuple[list[int], float | None, list[float], list[float]] | None:
     """Spatial order of the frames of an enhanced multi-frame file (descending position along the
-    slice normal) and the median gap in mm, or None when the frames carry no distinct positions."""
+    slice normal), the median gap in mm, the sorted positions and the orientation, or None when the
+    frames carry no distinct positions."""
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     ori = _functional_attr(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
     if not frames or ori is None or len(ori) != 6:
@@ -192,7 +196,7 @@ def _frame_order(ds: Any) -> tuple[list[int], float | None] | None:
         return None
     order = sorted(range(len(positions)), key=lambda i: -positions[i])
     gaps = np.abs(np.diff(np.asarray(positions)[order]))
-    return order, (float(np.median(gaps)) if len(gaps) else None)
+    return order, (float(np.median(gaps)) if len(gaps) else None), [positions[i] for i in order], list(ori)
 
 
 def _decode_pixels(path: str | Path, ds: Any) -> np.ndarray:
@@ -278,17 +282,19 @@ def dicom_to_image(path: str | Path, ds: Any) -> ImageData:
     check_pixels(path, arr)
     row_sp, col_sp = _pixel_spacing(ds)
     spacing: tuple[float | None, ...] = (row_sp, col_sp) if arr.ndim == 2 else (None, row_sp, col_sp)
-    is_volume = False
+    is_volume, direction, positions = False, None, None
     order_dz = _frame_order(ds) if arr.ndim == 3 and modality in VOLUME_MODALITIES else None
     if order_dz is not None:  # enhanced CT / MR / PET: frames are planes of one volume
-        order, dz = order_dz
+        order, dz, positions, ori = order_dz
         arr, spacing, is_volume = arr[order], (dz, row_sp, col_sp), True  # [Z, H, W]
+        direction = series_direction([float(v) for v in ori])
     return ImageData(
         pixels=arr, spacing=spacing, modality=modality, is_volume=is_volume, photometric=photometric,
         voi=_dicom_windows(ds), voi_lut=voi_lut, body_part=str(ds.get("BodyPartExamined", "") or "") or None,
         uids={"study": str(ds.get("StudyInstanceUID", "")), "series": str(ds.get("SeriesInstanceUID", "")),
               "instance": str(ds.get("SOPInstanceUID", ""))},
-        source_format="dicom", bits=int(ds.get("BitsStored", 0) or 0) or None,
+        source_format="dicom", bits=int(ds.get("BitsStored", 0) or 0) or None, direction=direction,
+        positions=positions,
     )
 
 

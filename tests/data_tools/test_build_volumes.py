@@ -184,3 +184,33 @@ def test_parts_and_merge_equal_one_whole_volume_build(tmp_path):
     a, b = samples_of(whole), samples_of(split)
     assert sorted(a) == sorted(b) and len(a) == 3 and all(np.array_equal(a[k][0], b[k][0]) for k in a)
     assert next(iter(make_loader(split, 8, 3, dims=3))).shape == (3, 1, 8, 8, 8)
+
+
+def test_enhanced_multiframe_with_a_gap_is_split(tmp_path):
+    import copy
+
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))  # 2 frames of 512 x 512, 10 mm apart
+    frame = ds.pixel_array[0]
+    zs = [-159.0 + 10 * k for k in (0, 1, 2, 4, 5, 6, 7)]  # no frame at z = -129: a gap
+    template = ds.PerFrameFunctionalGroupsSequence[0]
+    items = []
+    for z in zs:
+        item = copy.deepcopy(template)
+        pos = item.PlanePositionSequence[0].ImagePositionPatient
+        item.PlanePositionSequence[0].ImagePositionPatient = [pos[0], pos[1], z]
+        items.append(item)
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence(items)
+    ds.NumberOfFrames = len(zs)
+    ds.PixelData = np.stack([frame + 10 * k for k in range(len(zs))]).astype(frame.dtype).tobytes()
+    (tmp_path / "src").mkdir()
+    ds.save_as(tmp_path / "src" / "enhanced.dcm")
+    img = im.read_dicom(tmp_path / "src" / "enhanced.dcm")
+    # normal = row x col = (-1, 0, 0) x (0, 1, 0) = (0, 0, -1): position -z, stacked descending (z ascending)
+    assert img.is_volume and img.positions == [159.0, 149.0, 139.0, 119.0, 109.0, 99.0, 89.0]
+    assert im.orientation_code(img.direction) == "SPR"
+    out = tmp_path / "out"
+    bs.main([str(tmp_path / "src"), "--out", str(out), "--spacing", "5", "--min-volume-slices", "3", *ARGS])
+    (rec,) = manifest(out)
+    assert rec["status"] == "written" and "split into 2 contiguous sub-volumes of 3+4 frames" in rec["split"]
+    shapes = sorted(a.shape[0] for a, _ in samples_of(out).values())
+    assert shapes == [6, 8] and [v["slices"] for v in rec["volumes"]] == [3, 4]  # 3 x 10 mm and 4 x 10 mm at 5 mm
