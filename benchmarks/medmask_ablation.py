@@ -1,17 +1,30 @@
-"""What each MedMask stage adds on the target domain: the ablation table over seeds, one command.
+"""What each MedMask stage adds on the target domain: the ablation table over generated sets and seeds, one command.
 
     python benchmarks/medmask_ablation.py --config benchmarks/configs/medmask.yaml
-    python benchmarks/medmask_ablation.py --config benchmarks/configs/medmask.yaml --seeds 0 --rows source_only oracle
+    python benchmarks/medmask_ablation.py --config benchmarks/configs/medmask.yaml --data-seeds 0 --seeds 0 \
+        --rows source_only "oracle (source + target labels)"
     python benchmarks/medmask_ablation.py --config benchmarks/configs/medmask.yaml --report   # tables from the cache
+    python benchmarks/medmask_ablation.py --config benchmarks/configs/medmask.yaml --split calib  # calibration
 
-Rows (the config's ``rows``; each names the stages it trains, in order, and its config overrides): random
-boxes; ``source_only``; + the feature MAE alone; + the distillation alone; the full stage 2; stage 3
-(teaching) after the full stage 2; a row may name another ``expert`` (e.g. a random ViT, embeddings
-extracted once into ``demo/embeddings_<expert>``); and an oracle (the ``source_only`` detector trained on the labelled
-target-domain pool, which only a generated set can offer). Every row is trained with the recipe's code
+Rows (the config's ``rows``; each names the stages it trains, in order, its config overrides and the
+``control`` it is compared with): random boxes; ``source_only``; the controls (stage 2's schedule without any
+target term, the same with the target batches forwarded in train mode so that BatchNorm statistics adapt, and
+frozen-statistics variants); + the feature MAE alone; + the distillation alone (each mode); the full stage 2;
+stage 3 (teaching) and its published threshold options; a row may name another ``expert`` (e.g. a random
+ViT, embeddings extracted once into ``demo/embeddings_<expert>``); and an oracle (source + target labels, as
+long as the longest row: only a generated set can offer it). Every row is trained with the recipe's code
 (`medssl.detection.stages.train_stage`) on the recipe's config (``recipe``, default
-``recipes/configs/medmask_demo.yaml``) and scored once, on the target-domain test split, with its
-best-on-validation checkpoint: FROC R@0.3, mean sensitivity over the FROC points, COCO AP50.
+``recipes/configs/medmask_demo.yaml``) and scored once on the target-domain test split: FROC R@0.3, mean
+sensitivity over the FROC points, COCO AP50.
+
+Protocol. Every row runs on each generated set (``data_seeds``: the generator's ``--seed``, with the arguments
+of ``demo``, e.g. a 160-image test split; under ``DATA_ROOT/seed<g>``) with each training seed (``seeds``).
+Two model-selection rules are reported side by side (``selection``): ``best`` (each stage hands on its best
+epoch on the labelled target validation split: the reference's rule, which uses target labels) and ``last``
+(no selection: the last epoch). Each row is compared with its ``control`` by paired differences over the
+(set, seed) runs and over the sets' means (`benchmarks.stats.paired`: t-interval, sign test). Generator knobs
+are calibrated on the ``calib`` split (``--split calib`` scores every row there instead, results under
+``OUT_calib``; the stage runs are shared with the test run), never on test.
 
 Stage runs are shared: a stage is trained once per seed for a given chain of stage configs (the
 ``source_only`` run feeds every stage-2 row of its seed; the full stage 2 feeds stage 3) and kept under
@@ -21,8 +34,9 @@ re-run after a code change recomputes and an interrupted run continues where it 
 log the pseudo-labels' precision / recall against the target pool's true boxes per epoch
 (``eval.pseudo_truth``: a diagnostic, never a training signal).
 
-Writes ``OUT/results.json`` / ``results.md`` (mean +- std over seeds), ``OUT/froc.png`` (every row's FROC
-on the test split, sensitivity averaged over seeds) and ``OUT/config.resolved.yaml``.
+Writes ``OUT/results.json`` / ``results.md`` (mean +- std over runs, both selection rules, the paired
+comparisons), ``OUT/froc.png`` (every row's FROC on the test split, reference rule, sensitivity averaged over
+runs) and ``OUT/config.resolved.yaml``.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import stats
 from benchmarks.provenance import cached_cell, cell_key, code_files, code_fingerprint, git_commit
 from medssl.config import read_yaml
 
@@ -47,16 +62,34 @@ log = logging.getLogger("medssl")
 CODE_ENTRIES = ("medssl.detection.stages", "medssl.detection.evaluation", "data_tools.demo_mammo",
                 "data_tools.demo_expert", "benchmarks.medmask_ablation")
 FPI_GRID = np.round(np.linspace(0.0, 2.0, 81), 4)  # false positives per image, for averaging FROC curves
+RULES = {"best": "target validation (reference)", "last": "none (last epoch)"}  # eval.checkpoint values
+METRIC = "R@0.3"
 
 
-def run_config(spec: dict[str, Any], row: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The resolved run config of a row: recipe YAML + the spec's ``set`` + the row's ``set`` (+ seed)."""
+def demo_argv(spec: dict[str, Any], data_seed: int | None) -> list[str] | None:
+    """The generator's command-line arguments of generated set ``data_seed`` (None: the default demo set)."""
+    if data_seed is None:
+        return None
+    args = {**(spec.get("demo") or {}), "seed": data_seed}
+    return [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def data_root(spec: dict[str, Any], data_seed: int | None) -> Path:
+    """DATA_ROOT of generated set ``data_seed``: ``<data_root>/seed<g>`` (the ``data_root`` itself for None)."""
+    root = Path(spec.get("data_root") or ROOT / "demo_data" / "mammo")
+    return root if data_seed is None else root / f"seed{data_seed}"
+
+
+def run_config(spec: dict[str, Any], row: dict[str, Any], seed: int, data_seed: int | None = None,
+               rule: str = "best") -> dict[str, Any]:
+    """The resolved run config of a row: recipe YAML + the spec's ``set`` + the row's ``set`` (+ seed, the
+    generated set ``data_seed``, made here if missing, and the model-selection ``rule``, ``eval.checkpoint``)."""
     from data_tools.demo_mammo import ensure_demo
     from medssl.config import load_config
     from medssl.detection.config import DEFAULTS
 
-    root = Path(spec.get("data_root") or ROOT / "demo_data" / "mammo")
-    demo = ensure_demo(root)
+    root = data_root(spec, data_seed)
+    demo = ensure_demo(root, demo_argv(spec, data_seed))
     recipe = Path(spec.get("recipe") or "recipes/configs/medmask_demo.yaml")
     recipe = recipe if recipe.is_absolute() else ROOT / recipe
     embeddings = demo / "embeddings"
@@ -67,27 +100,31 @@ def run_config(spec: dict[str, Any], row: dict[str, Any], seed: int) -> dict[str
 
             write_embeddings(demo, row["expert"], json.loads((demo / "_info.json").read_text())["args"], embeddings)
     sets = {"data.dataset": "demo", "data.data_root": str(root), "data.embeddings": str(embeddings),
-            "eval.overlays": 0, "eval.pseudo_truth": "target_truth", **(spec.get("set") or {}),
-            **(row.get("set") or {}), "seed": seed}
+            "eval.overlays": 0, "eval.pseudo_truth": "target_truth", "eval.checkpoint": rule,
+            **(spec.get("set") or {}), **(row.get("set") or {}), "seed": seed}
     return load_config(DEFAULTS, recipe, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
                                           for k, v in sets.items()])
 
 
 def _stage_key(cfg: dict[str, Any], chain: list[str], fingerprint: str) -> str:
     """Key of the stage run ``chain[-1]`` reached through ``chain`` with ``cfg``: the shared sections, each
-    stage section of the chain and the demo set's generator arguments (a regenerated set retrains)."""
+    stage section of the chain, which checkpoint each earlier stage handed on (``eval.checkpoint``; a stage's
+    own run serves both rules) and the demo set's generator arguments (a regenerated set retrains)."""
     shared = {k: cfg[k] for k in ("data", "model", "mae", "distill", "train", "seed", "device") if k in cfg}
     if not any(cfg[s]["distill_weight"] > 0 for s in chain if s != "source_only"):  # the expert is not read
         shared["data"] = {k: v for k, v in cfg["data"].items() if k != "embeddings"}
-    shared["eval"] = {k: v for k, v in cfg["eval"].items() if k not in ("overlays", "test_split")}
+        shared.pop("distill")  # nor is a distiller built (source_only rows of every distillation mode share a run)
+    shared["eval"] = {k: v for k, v in cfg["eval"].items() if k not in ("overlays", "test_split", "checkpoint")}
+    handed = cfg["eval"]["checkpoint"] if len(chain) > 1 else None
     info = Path(cfg["data"]["data_root"]) / "demo" / "_info.json"
     demo = json.loads(info.read_text()).get("args") if info.is_file() else None
-    return cell_key(chain=chain, stages={s: cfg[s] for s in chain}, shared=shared, code=fingerprint, demo=demo)
+    return cell_key(chain=chain, stages={s: cfg[s] for s in chain}, shared=shared, code=fingerprint, demo=demo,
+                    handed=handed)
 
 
 def train_chain(cfg: dict[str, Any], chain: list[str], work: Path, fingerprint: str) -> Path:
-    """Train (or reuse) every stage of ``chain`` in order, each from the previous best; returns the last
-    stage's folder."""
+    """Train (or reuse) every stage of ``chain`` in order, each from the previous one's ``eval.checkpoint``
+    (best or last); returns the last stage's folder."""
     from medssl.detection.stages import stage_done, train_stage
 
     init = None
@@ -101,7 +138,7 @@ def train_chain(cfg: dict[str, Any], chain: list[str], work: Path, fingerprint: 
             c = copy.deepcopy(cfg)
             c["out"] = str(run_dir)
             train_stage(stage, c, run_dir, init=init, resume=True)
-        init = sdir / "best.pt"
+        init = sdir / f"{cfg['eval']['checkpoint']}.pt"
     return sdir
 
 
@@ -128,7 +165,7 @@ def score(cfg: dict[str, Any], checkpoint: Path | None) -> dict[str, Any]:
 
 
 def run_row(cfg: dict[str, Any], row: dict[str, Any], work: Path, fingerprint: str) -> dict[str, Any]:
-    """Train and score one row for one seed (``cfg``: its `run_config`)."""
+    """Train and score one row for one seed and selection rule (``cfg``: its `run_config`)."""
     t0 = time.time()
     if not row.get("stages"):
         return {**score(cfg, None), "seconds": round(time.time() - t0, 1)}
@@ -136,7 +173,8 @@ def run_row(cfg: dict[str, Any], row: dict[str, Any], work: Path, fingerprint: s
     metrics = json.loads((sdir / "metrics.json").read_text())
     pseudo = [{k: h[k] for k in h if k.startswith("pseudo_") or k in ("epoch", "true_per_image")}
               for h in metrics.get("history", []) if "pseudo_precision" in h]
-    return {**score(cfg, sdir / "best.pt"), "val_best": metrics.get("best"), "pseudo_labels": pseudo,
+    return {**score(cfg, sdir / f"{cfg['eval']['checkpoint']}.pt"), "val_best": metrics.get("best"),
+            "pseudo_labels": pseudo,
             "stage_dir": str(sdir), "seconds": round(time.time() - t0, 1)}
 
 
@@ -145,9 +183,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def aggregate(rows: list[dict[str, Any]], cells: dict[tuple[str, int], dict[str, Any]], seeds: list[int]
+def aggregate(rows: list[dict[str, Any]], cells: dict[tuple[str, Any], dict[str, Any]], seeds: list[Any]
               ) -> list[dict[str, Any]]:
-    """Per row: mean and std over seeds of R@0.3, mean sensitivity and AP50, the mean FROC, pseudo-label P/R."""
+    """Per row: mean and std over seeds (or any run units, e.g. (set, seed) pairs) of R@0.3, mean sensitivity
+    and AP50, the mean FROC, pseudo-label P/R."""
     out = []
     for row in rows:
         got = [cells[(row["name"], s)] for s in seeds if (row["name"], s) in cells]
@@ -172,15 +211,76 @@ def _num(x: float) -> str:
     return "- (no pseudo-label)" if not np.isfinite(x) else f"{x:.2f}"
 
 
-def report(table: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
-    """Markdown: the ablation table and the pseudo-label diagnostics."""
-    lines = [f"MedMask ablation on the target-domain test split ({meta['test_images']} images, "
-             f"{meta['test_lesions']} lesions), CPU demo scale, mean +- std over seeds (n per row) "
+def compare(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], dict[str, Any]],
+            metric: str = METRIC) -> list[dict[str, Any]]:
+    """Each row with a ``control`` against it, per selection rule: `stats.paired` over the (set, seed) runs both
+    have (unit ``run``) and, with two or more sets, over the per-set means (unit ``set``: the runs of one set
+    share its images, so the set-level interval is the one that covers a new generated set).
+
+    Args:
+        rows: the config's rows.
+        cells: results keyed ``(row name, data seed, training seed, rule)``.
+    """
+    runs = [{"row": r, "protocol": rule, "seed": (g, s), "metrics": c["summary"]}
+            for (r, g, s, rule), c in cells.items()]
+    per_set: dict[tuple[str, Any, str], list[float]] = {}
+    for (r, g, _, rule), c in cells.items():
+        per_set.setdefault((r, g, rule), []).append(float(c["summary"][metric]))
+    sets = [{"row": r, "protocol": rule, "seed": g, "metrics": {metric: float(np.mean(v))}}
+            for (r, g, rule), v in per_set.items()]
+    n_sets = len({g for _, g, _, _ in cells})
+    out = []
+    for row in rows:
+        if not row.get("control"):
+            continue
+        for rule in dict.fromkeys(k[3] for k in cells):
+            a, b = {"row": row["name"], "protocol": rule}, {"row": row["control"], "protocol": rule}
+            for unit, data in (("run", runs), ("set", sets))[: 2 if n_sets > 1 else 1]:
+                res = stats.paired(data, a, b, metric)
+                if res["seeds"]:
+                    out.append({"row": row["name"], "control": row["control"], "rule": rule, "unit": unit,
+                                "metric": metric, **res, "seeds": [list(u) if isinstance(u, tuple) else u
+                                                                   for u in res["seeds"]]})
+    return out
+
+
+def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, list[dict[str, Any]]] | None = None,
+           comparisons: list[dict[str, Any]] | None = None) -> list[str]:
+    """Markdown: the ablation table (reference selection), both selection rules side by side (``tables``, per
+    rule), the paired comparisons with their controls and the pseudo-label diagnostics."""
+    sets = [g for g in meta.get("data_seeds") or [] if g is not None]
+    where = (f"{meta['test_images']} images, {meta['test_lesions']} lesions" if len(sets) < 2 else
+             f"per generated set {meta['test_images']} images, {meta['test_lesions']} lesions; {len(sets)} sets x "
+             f"{meta['seeds']} seeds")
+    lines = [f"MedMask ablation on the target-domain {meta.get('split', 'test')} split ({where}), CPU demo scale, "
+             "mean +- std over runs (n per row) "
              f"({meta['minutes']:.0f} min of training on {meta['machine']}); `{meta['command']}`:", "",
              "| row | n | R@0.3 | mean sensitivity (FROC points) | AP50 |", "|---|---|---|---|---|"]
     for e in table:
         cells = " | ".join(f"{e[m][0]:.3f} +- {e[m][1]:.3f}" for m in ("R@0.3", "mean_sensitivity", "AP50"))
         lines.append(f"| {e['row']} | {e['seeds']} | {cells} |")
+    if tables and len(tables) > 1:
+        rules = list(tables)
+        lines += ["", "Model selection side by side (R@0.3, mean +- std; each stage hands on the checkpoint the rule "
+                  "picks):", "", "| row | " + " | ".join(RULES.get(r, r) for r in rules) + " |",
+                  "|---|" + "---|" * len(rules)]
+        by_rule = {r: {e["row"]: e for e in t} for r, t in tables.items()}
+        for name in dict.fromkeys(e["row"] for t in tables.values() for e in t):
+            vals = [by_rule[r].get(name) for r in rules]
+            lines.append(f"| {name} | " + " | ".join(f"{v[METRIC][0]:.3f} +- {v[METRIC][1]:.3f} (n {v['seeds']})"
+                                                     if v else "-" for v in vals) + " |")
+    if comparisons:
+        lines += ["", f"Paired differences in {comparisons[0]['metric']}, row minus its control (95% t-interval; "
+                  "unit `run`: each (generated set, training seed); unit `set`: the sets' means; a difference "
+                  "is shown only where the interval excludes 0):", "",
+                  "| row | control | selection | unit | n | difference | 95% CI | up / down | sign test p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in comparisons:
+            lo, hi = c["ci"]
+            verdict = ("**better**" if lo > 0 else "**worse**") if c["decided"] else "no difference shown"
+            lines.append(f"| {c['row']} | {c['control']} | {RULES.get(c['rule'], c['rule'])} | {c['unit']} | "
+                         f"{len(c['seeds'])} | {c['mean']:+.3f} ({verdict}) | [{lo:+.3f}, {hi:+.3f}] | "
+                         f"{c['up']} / {c['down']} | {c['p_sign']:.2g} |")
     pl_rows = [e for e in table if e.get("pseudo_labels")]
     for e in pl_rows:
         lines += ["", f"Pseudo-labels of `{e['row']}` against the target pool's true boxes (IoU >= 0.5), per "
@@ -212,64 +312,97 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _span(values: set[int]) -> str:
+    """"160" for one value, "79-81" for several."""
+    return str(min(values)) if len(values) == 1 else f"{min(values)}-{max(values)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "benchmarks" / "configs" / "medmask.yaml")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: the config's `out`)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the config's)")
+    p.add_argument("--data-seeds", type=int, nargs="+", default=None,
+                   help="generated sets (generator seeds; default: the config's `data_seeds`)")
     p.add_argument("--rows", nargs="+", default=None, help="row names to run (default: all)")
+    p.add_argument("--selection", nargs="+", choices=list(RULES), default=None,
+                   help="model-selection rules (default: the config's `selection`)")
+    p.add_argument("--split", default="test",
+                   help="split to score: test (default) or calib (to calibrate the generator's knobs)")
     p.add_argument("--report", action="store_true", help="only write the tables from cached cells")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     spec = read_yaml(a.config.read_text())
+    spec["set"] = {**(spec.get("set") or {}), "eval.test_split": a.split}
     out = a.out or ROOT / spec.get("out", "benchmarks/results/medmask")
+    work = out  # stage runs live here whatever split is scored: a calibration run reuses the test run's stages
+    if a.split != "test":
+        out = out.with_name(f"{out.name}_{a.split}")
     seeds = a.seeds or list(spec.get("seeds", [0, 1, 2]))
+    data_seeds: list[int | None] = a.data_seeds or list(spec.get("data_seeds") or [None])
+    rules = a.selection or list(spec.get("selection") or ["best"])
     rows = [r for r in spec["rows"] if a.rows is None or r["name"] in a.rows]
     files = code_files(list(CODE_ENTRIES))
     fingerprint = code_fingerprint(files)
     commit = git_commit(files)
-    demo_args = json.loads((Path(run_config(spec, rows[0], seeds[0])["data"]["data_root"]) / "demo" / "_info.json")
-                           .read_text())["args"]
     out.mkdir(parents=True, exist_ok=True)
-    cells: dict[tuple[str, int], dict[str, Any]] = {}
-    for seed in seeds:
-        for row in rows:
-            cfg = run_config(spec, row, seed)
-            key = cell_key(row=row, seed=seed, config=cfg, demo=demo_args, code=fingerprint)
-            if a.report:
-                f = out / "cells" / f"{key}.json"
-                if f.is_file():
-                    cells[(row["name"], seed)] = json.loads(f.read_text())
-                continue
-            log.info("row %r seed %d", row["name"], seed)
-            res, cached = cached_cell(out / "cells", key, lambda cfg=cfg, row=row: run_row(cfg, row, out, fingerprint),
-                                      meta={"row": row["name"], "seed": seed, "fingerprint": fingerprint,
-                                            "commit": commit})
-            cells[(row["name"], seed)] = res
-            log.info("row %r seed %d%s: %s", row["name"], seed, " (cached)" if cached else "",
-                     {k: round(v, 3) for k, v in res["summary"].items() if k in ("R@0.3", "AP50")})
-    table = aggregate(rows, cells, seeds)
+    cells: dict[tuple[str, Any, int, str], dict[str, Any]] = {}
+    for g in data_seeds:
+        root = Path(run_config(spec, rows[0], seeds[0], g)["data"]["data_root"])  # generates the set if missing
+        demo_args = json.loads((root / "demo" / "_info.json").read_text())["args"]
+        for seed in seeds:
+            for row in rows:
+                for rule in rules:
+                    cfg = run_config(spec, row, seed, g, rule)
+                    what = {k: v for k, v in row.items() if k != "control"}  # the control only pairs rows
+                    key = cell_key(row=what, seed=seed, data_seed=g, rule=rule, config=cfg, demo=demo_args,
+                                   code=fingerprint)
+                    if a.report:
+                        f = out / "cells" / f"{key}.json"
+                        if f.is_file():
+                            cells[(row["name"], g, seed, rule)] = json.loads(f.read_text())
+                        continue
+                    log.info("row %r set %s seed %d selection %s", row["name"], g, seed, rule)
+                    res, cached = cached_cell(
+                        out / "cells", key, lambda cfg=cfg, row=row: run_row(cfg, row, work, fingerprint),
+                        meta={"row": row["name"], "seed": seed, "data_seed": g, "rule": rule,
+                              "fingerprint": fingerprint, "commit": commit})
+                    cells[(row["name"], g, seed, rule)] = res
+                    log.info("row %r set %s seed %d selection %s%s: %s", row["name"], g, seed, rule,
+                             " (cached)" if cached else "",
+                             {k: round(v, 3) for k, v in res["summary"].items() if k in ("R@0.3", "AP50")})
+    units = [(g, s) for g in data_seeds for s in seeds]
+    tables = {rule: aggregate(rows, {(r, (g, s)): c for (r, g, s, rr), c in cells.items() if rr == rule}, units)
+              for rule in rules}
+    table = tables[rules[0]]
     if not table:
         print("no finished cells")
         return 1
+    comparisons = compare(rows, cells)
     from benchmarks.speed import machine_info
     from medssl.data.coco import build_dataset
 
-    cfg0 = run_config(spec, rows[0], seeds[0])
-    test = build_dataset("demo", cfg0["eval"]["test_split"], cfg0["data"]["data_root"])
+    sizes, lesions = set(), set()
+    for g in data_seeds:
+        cfg_g = run_config(spec, rows[0], seeds[0], g, rules[0])
+        test = build_dataset("demo", cfg_g["eval"]["test_split"], cfg_g["data"]["data_root"])
+        sizes.add(len(test))
+        lesions.add(sum(len(test.gt_boxes_xyxy(i)) for i in range(len(test))))
     m = machine_info("cpu")
-    meta = {"seeds": len(seeds), "test_images": len(test), "test_lesions": sum(len(test.gt_boxes_xyxy(i))
-                                                                             for i in range(len(test))),
+    meta = {"seeds": len(seeds), "data_seeds": data_seeds, "selection": rules, "split": a.split,
+            "test_images": _span(sizes), "test_lesions": _span(lesions),
             "minutes": sum(c.get("seconds", 0) for c in cells.values()) / 60,
             "machine": f"{m['cpu']}, {m['cpus']} CPUs, {', '.join(m['cpu_flags'])}",
             "command": " ".join(["python", "benchmarks/medmask_ablation.py", *(argv or sys.argv[1:])]),
-            "fingerprint": fingerprint, "commit": commit, "demo": demo_args, "date": m["date"]}
+            "fingerprint": fingerprint, "commit": commit,
+            "demo": {str(g): demo_argv(spec, g) for g in data_seeds}, "date": m["date"]}
     import yaml
 
-    (out / "config.resolved.yaml").write_text(yaml.safe_dump({"spec": spec, "seeds": seeds, "run_config": cfg0},
+    (out / "config.resolved.yaml").write_text(yaml.safe_dump({"spec": spec, "seeds": seeds, "run_config": cfg_g},
                                                              sort_keys=False))
-    (out / "results.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1))
-    text = "\n".join(report(table, meta)) + "\n"
+    (out / "results.json").write_text(json.dumps({"meta": meta, "table": table, "tables": tables,
+                                                  "comparisons": comparisons}, indent=1))
+    text = "\n".join(report(table, meta, tables, comparisons)) + "\n"
     (out / "results.md").write_text(text)
     plot(table, out / "froc.png")
     print(text)

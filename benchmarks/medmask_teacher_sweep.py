@@ -48,11 +48,11 @@ def sweep_cell(spec: dict[str, Any], row: dict[str, Any], cell: dict[str, Any], 
     from medssl.detection.evaluation import pseudo_label_quality
     from medssl.detection.predict import load_detector
 
-    cfg = run_config(spec, row, int(cell["seed"]))
+    cfg = run_config(spec, row, int(cell["seed"]), cell.get("data_seed"), cell.get("rule", "best"))
     d = cfg["data"]
     truth = build_dataset(d["target_dataset"] or d["dataset"], cfg["eval"]["pseudo_truth"] or "target_truth",
                           d["data_root"], transforms(cfg, "none"))
-    model, _ = load_detector(Path(cell["stage_dir"]) / "best.pt")
+    model, _ = load_detector(Path(cell["stage_dir"]) / f"{cfg['eval']['checkpoint']}.pt")
     nms = cfg["teaching"]["nms_iou"]
     with torch.no_grad():
         return [{"threshold": t, **pseudo_label_quality(model, truth, cfg, t, nms, torch.device("cpu"))}
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if row is None:
         raise SystemExit(f"{a.config}: no row named {a.row!r}")
     fingerprint = code_fingerprint(code_files(list(CODE_ENTRIES)))
-    cells = sorted((c for c in run_cells(out / "cells", fingerprint) if c.get("row") == a.row and c.get("stage_dir")),
-                   key=lambda c: c["seed"])
+    cells = sorted((c for c in run_cells(out / "cells", fingerprint) if c.get("row") == a.row and c.get("stage_dir")
+                    and c.get("rule", "best") == "best"), key=lambda c: (c.get("data_seed") or 0, c["seed"]))
     if not cells:
         raise SystemExit(f"no cell of row {a.row!r} for the current code under {out / 'cells'}: run "
                          f"`python benchmarks/medmask_ablation.py --config {a.config}` first")

@@ -130,9 +130,10 @@ def render_ablation(result: dict, source: str) -> str:
     """Markdown for a ``benchmarks/medmask_ablation.py`` results file (its table, diagnostics and FROC plot)."""
     png = Path(source).with_name("froc.png")
     lines = [f"`{source}` (commit {result['meta']['commit']}, {result['meta']['date']}):", ""]
-    lines += medmask_ablation.report(result["table"], result["meta"])
+    lines += medmask_ablation.report(result["table"], result["meta"], result.get("tables"), result.get("comparisons"))
     folder = Path(source).parent
-    lines += paired_gains(result, folder / "cells")
+    if not result.get("comparisons"):  # results of the single-set protocol: the seed-paired gains from its cells
+        lines += paired_gains(result, folder / "cells")
     if (folder / "teacher_sweep.json").is_file():  # benchmarks/medmask_teacher_sweep.py, beside it
         sweep = json.loads((folder / "teacher_sweep.json").read_text())
         table = medmask_teacher_sweep.report(sweep["row"], sweep["seeds"], sweep["table"])

@@ -10,6 +10,10 @@ Writes `DIR/lumid-NNNNNN.tar` (per sample `KEY.npy` 2-D uint8/uint16 + `KEY.json
 duplicate / burned-in, with the reason; a series' slice files left out get lines of their own; it holds
 the source paths: keep it private), `DIR/stats.json` and `DIR/contact_<MODALITY>.png`.
 
+`--dims 3` writes whole volumes instead (`KEY.npy` [D, H, W], resampled to `--spacing` mm, isotropic 1.5 by
+default; its `.json` records the spacing, the orientation and the source geometry); the same sources,
+policies, manifest, resume and `--part`. The loader takes random 3-D crops of them (docs/volumes.md).
+
 Images whose pixels may carry identifiers (BurnedInAnnotation YES; unflagged ultrasound, secondary
 captures, photographs, endoscopy, ...) are left out by default; `--burned-in ocr` blanks the text an
 offline OCR engine finds instead, `--burned-in keep` writes them unchecked (see
@@ -36,7 +40,16 @@ from typing import Any
 
 from data_tools.shards_build import burned_in, merge
 from data_tools.shards_build.build import build, part_dir
-from data_tools.shards_build.plan import Config, Unit, discover, hash_id, parse_part, parse_windows, plan_units
+from data_tools.shards_build.plan import (
+    Config,
+    Unit,
+    discover,
+    hash_id,
+    parse_part,
+    parse_spacing,
+    parse_windows,
+    plan_units,
+)
 from data_tools.shards_build.report import burned_in_line, print_summary
 from data_tools.shards_build.worker import process_unit
 
@@ -73,6 +86,11 @@ def load_sources(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """The build options (shared with `data_tools.demo_lumid`)."""
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                        help="2: 2-D planes of SIZE px (default); 3: whole volumes resampled to --spacing, cropped "
+                        "at load time (--size, --fit, --axes, --every, --min-foreground then do not apply)")
+    parser.add_argument("--spacing", default="1.5", help="--dims 3: voxel spacing in mm, one value (isotropic, "
+                        "default 1.5) or D,H,W")
     parser.add_argument("--size", type=int, default=224, help="output side in pixels (default 224)")
     parser.add_argument("--fit", choices=("crop", "pad"), default="crop",
                         help="shorter side to SIZE + centre crop, or longer side + pad (default crop)")
@@ -132,7 +150,7 @@ def config_from_args(args: argparse.Namespace, out: Path) -> Config:
     return Config(size=args.size, fit=args.fit, dtype=args.dtype, axes=axes, every=args.every,
                   min_foreground=args.min_foreground, ct_windows=parse_windows(args.ct_windows),
                   min_volume_slices=args.min_volume_slices, min_size=args.min_size, salt=salt,
-                  burned_in=args.burned_in)
+                  burned_in=args.burned_in, dims=args.dims, spacing=parse_spacing(args.spacing))
 
 
 def run_build(specs: list[dict[str, Any]], args: argparse.Namespace) -> int:

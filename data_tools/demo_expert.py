@@ -138,7 +138,8 @@ def make_lesion_expert(demo_dir: str | Path, generator: dict, *, init: str | Pat
         return backbone
     ext = backbone.parent / "data"
     generate(ext, seed=int(generator["seed"]) + LESION_SEED, height=generator["height"], width=generator["width"],
-             counts={s: int(generator[s]) for s in SPLITS}, abnormal_frac=generator["abnormal_frac"], shift=shift,
+             counts={s: int(generator.get(s, 0)) for s in SPLITS if s != "calib"},
+             abnormal_frac=generator["abnormal_frac"], shift=shift,
              lesion_contrast=generator["lesion_contrast"], lesion_size=generator["lesion_size"],
              distractors=generator["distractors"])
     record = head_record("segment", "finetune", init, num_classes=2, img_size=img_size)

@@ -6,7 +6,8 @@ Writes, deterministically for a given ``--seed`` (and options), the seed layout 
 
     annotations/instances_{train,val,test,target}.json   (target: images only, no annotations)
     annotations/instances_target_truth.json              (the target images WITH their boxes, see mammo_synth)
-    images/{train,val,test,target}/*.png                 (16-bit greyscale)
+    annotations/instances_calib.json                     (with --calib N: the calibration split, see mammo_synth)
+    images/{train,val,test,target,calib}/*.png           (16-bit greyscale)
     embeddings/<stem>_embedding.npy                      (expert embeddings, see extract_embeddings)
     expert/                                              (the MAE expert: shards, pretraining run, backbone)
     _info.json                                           (the arguments; written last = complete)
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", type=int, default=60, help="labelled target-domain validation images")
     parser.add_argument("--test", type=int, default=60, help="labelled target-domain test images")
     parser.add_argument("--target", type=int, default=120, help="unlabelled target-domain images")
+    parser.add_argument("--calib", type=int, default=0,
+                        help="labelled target-domain calibration images: generator knobs are tuned on them, never "
+                             "on test (0: no calibration split)")
     parser.add_argument("--abnormal-frac", type=float, default=0.4, help="fraction of images with lesions")
     parser.add_argument("--shift", type=float, default=1.0,
                         help=f"domain gap of vendor B: 0 = none, 1 = the designed vendor B, up to {MAX_SHIFT}")
@@ -72,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     info = out / "_info.json"
     info.unlink(missing_ok=True)  # incomplete until rewritten at the end
     counts = {s: int(getattr(args, s)) for s in SPLITS}
-    if min(counts.values()) < 1:
-        raise ValueError(f"every split needs at least one image, got {counts}")
+    if min(v for k, v in counts.items() if k != "calib") < 1 or counts["calib"] < 0:
+        raise ValueError(f"every split needs at least one image (calib: 0 or more), got {counts}")
     n_lesions = generate(out, seed=args.seed, height=args.height, width=args.width, counts=counts,
                          abnormal_frac=args.abnormal_frac, shift=args.shift, lesion_contrast=args.lesion_contrast,
                          lesion_size=args.lesion_size,
@@ -112,17 +116,23 @@ def write_embeddings(out: Path, expert: str, args: dict[str, Any], folder: Path)
     return folder
 
 
-def ensure_demo(root: str | Path) -> Path:
-    """Generate the demo set under ``root`` (= DATA_ROOT) with the default options unless it is complete.
+def ensure_demo(root: str | Path, argv: list[str] | None = None) -> Path:
+    """Generate the demo set under ``root`` (= DATA_ROOT) unless it is complete.
 
     Returns ``root/demo``. A set is complete once its ``_info.json`` is written (the last step); a set
-    written by another :data:`VERSION` of this generator is made again.
+    written by another :data:`VERSION` of this generator is made again, and so is one made with other
+    generator arguments than ``argv`` (command-line form, e.g. ``["--seed", "1", "--test", "180"]``; None: the
+    defaults for a new set, any arguments for an existing one).
     """
     out = Path(root) / "demo"
     info = out / "_info.json"
-    if not info.is_file() or json.loads(info.read_text()).get("version") != VERSION:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", str(root), *(argv or [])])
+    old = json.loads(info.read_text()) if info.is_file() else {}
+    want = {k: v for k, v in vars(args).items() if k not in ("func", "out")}
+    have = {k: v for k, v in old.get("args", {}).items() if k != "out"}
+    if old.get("version") != VERSION or (argv is not None and have != want):
         print(f"generating the synthetic mammography demo set under {root} (once)")
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        run(parser.parse_args(["--out", str(root)]))
+        run(args)
     return out

@@ -1,6 +1,7 @@
 """Backbones in other projects: `load_backbone`, `save_backbone`, `list_backbones`.
 
-A backbone is a plain timm `VisionTransformer`. `load_backbone` accepts a folder written by
+A backbone is a plain timm `VisionTransformer` (a 3-D backbone: MONAI's `monai.networks.nets.ViT`, the encoder
+of MONAI's UNETR; see `medssl.models.monai_vit`). `load_backbone` accepts a folder written by
 `save_backbone`, a medssl training output folder or checkpoint (plain, DDP or DeepSpeed), an official MAE
 `.pth` (`{"model": ...}`, with or without the decoder), a plain timm state dict (`.pth` / `.safetensors`),
 or a registered architecture name (random initialisation). Nothing is ever downloaded, and nothing is
@@ -121,10 +122,12 @@ def _arch_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where:
     if "patch_embed.proj.weight" not in state:
         raise ValueError(f"{where}: no 'patch_embed.proj.weight': not a ViT / MAE state dict "
                          f"(first keys: {sorted(state)[:5]})")
-    w = state["patch_embed.proj.weight"]  # [D, C, p, p]
+    w = state["patch_embed.proj.weight"]  # [D, C, p, p] (3-D: [D, C, pd, ph, pw])
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    embed_dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     n_tok = state["pos_embed"].shape[1] - (1 if "cls_token" in state else 0) if "pos_embed" in state else 0
+    if w.ndim == 5:
+        return _volume_arch(state, cfg, where, depth, n_tok)
+    embed_dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     if cfg.get("img_size"):
         img = cfg["img_size"]
         img_size = (img, img) if isinstance(img, int) else tuple(img)
@@ -135,20 +138,46 @@ def _arch_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where:
                              "recorded; save it with medssl.save_backbone or pass the config")
         img_size = (side * patch, side * patch)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
-    return dict(embed_dim=embed_dim, depth=depth, in_chans=in_chans, patch_size=patch, img_size=img_size,
+    arch = dict(embed_dim=embed_dim, depth=depth, in_chans=in_chans, patch_size=patch, img_size=img_size,
                 num_heads=int(cfg.get("num_heads") or infer_num_heads(embed_dim)),
                 mlp_ratio=float(fc1.shape[0] / embed_dim) if fc1 is not None else 4.0)
+    if "cls_token" not in state and "pos_embed" in state:  # an MAE pretrained with model.cls_token=false
+        arch["cls_token"] = False
+    return arch
+
+
+def _volume_arch(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: str, depth: int, n_tok: int
+                 ) -> dict[str, Any]:
+    """Architecture of a 3-D encoder state dict (Conv3d patch embedding); the crop comes from config.json or, for a
+    cubic grid, from the number of position tokens."""
+    w = state["patch_embed.proj.weight"]  # [D, C, pd, ph, pw]
+    patch = [int(p) for p in w.shape[2:]]
+    if cfg.get("img_size"):
+        img_size = tuple(int(v) for v in cfg["img_size"])
+    else:
+        side = round(n_tok ** (1 / 3))
+        if side ** 3 != n_tok:
+            raise ValueError(f"{where}: {n_tok} position tokens are not a cubic grid and no img_size is recorded")
+        img_size = tuple(side * p for p in patch)
+    embed_dim = int(w.shape[0])
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    return dict(embed_dim=embed_dim, depth=depth, in_chans=int(w.shape[1]),
+                patch_size=patch[0] if len(set(patch)) == 1 else patch, img_size=img_size,
+                num_heads=int(cfg.get("num_heads") or infer_num_heads(embed_dim)),
+                mlp_ratio=float(fc1.shape[0] / embed_dim) if fc1 is not None else 4.0, spatial_dims=3,
+                cls_token="cls_token" in state, norm_eps=float(cfg.get("norm_eps", 1e-6)))
 
 
 def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Adapt a [D, C, p, p] patch-embedding kernel to `in_chans` (RGB filters summed for 1 channel)."""
+    """Adapt a [D, C, p, p] (or [D, C, pd, ph, pw]) patch-embedding kernel to `in_chans` (RGB filters summed for
+    1 channel)."""
     c = weight.shape[1]
     if c == in_chans:
         return weight
     if in_chans == 1:
         return weight.sum(dim=1, keepdim=True)
     reps = math.ceil(in_chans / c)
-    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (c / in_chans)
+    return weight.repeat(1, reps, *[1] * (weight.ndim - 2))[:, :in_chans] * (c / in_chans)
 
 
 def filter_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, arch: dict[str, Any]
@@ -225,15 +254,25 @@ def load_backbone(source: str | os.PathLike, *, img_size: int | tuple[int, int] 
 
     Returns:
         `nn.Module`: the timm VisionTransformer (or its `ViTFeatures` wrapper); `.medssl_cfg` holds the
-        architecture, normalisation and provenance.
+        architecture, normalisation and provenance. A 3-D backbone comes back as MONAI's
+        `monai.networks.nets.ViT` (`img_size`: the crop, one int or three; `in_chans` as above), which returns
+        (tokens after the final norm [N, L, D], every block's tokens): the encoder of MONAI's UNETR.
     """
+    state, meta, where = _source(source)
+    if state is not None and strip_prefixes(state).get("patch_embed.proj.weight", torch.zeros(0)).ndim == 5:
+        bad = {"num_classes": num_classes, "global_pool": global_pool, "features_only": features_only,
+               "out_indices": out_indices, "drop_path_rate": drop_path_rate}
+        bad = {k: v for k, v in bad.items() if v not in (None, 0, 0.0, False)}
+        if bad:
+            raise ValueError(f"{where}: a 3-D backbone loads as MONAI's ViT, which takes none of {sorted(bad)} (its "
+                             "forward returns every block's tokens; add heads around it, e.g. MONAI's UNETR)")
+        return _load_volume_backbone(state, meta, where, img_size, in_chans)
     kw: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
     if global_pool is not None:
         kw["global_pool"] = global_pool
     dyn = features_only if dynamic_img_size is None else dynamic_img_size
     if dyn:
         kw["dynamic_img_size"] = True
-    state, meta, where = _source(source)
     arch = _arch_from_state(strip_prefixes(state), meta, where) if state is not None else meta["arch"]
     model = build_backbone_model({**arch, "meta": meta, "where": where}, img_size=img_size, in_chans=in_chans,
                                  attn_impl=attn_impl, **kw)
@@ -247,6 +286,35 @@ def load_backbone(source: str | os.PathLike, *, img_size: int | tuple[int, int] 
         feats.medssl_cfg = model.medssl_cfg
         return feats
     return model
+
+
+def _load_volume_backbone(state: dict[str, torch.Tensor], meta: dict[str, Any], where: str,
+                          img_size: int | tuple[int, ...] | None, in_chans: int | None) -> nn.Module:
+    """A 3-D encoder into MONAI's ViT: renamed keys, position embedding resampled to the crop, channels adapted,
+    the exact key check (only MONAI's unused cross-attention norms may stay at their initialisation)."""
+    from medssl.models.monai_vit import build_monai_vit, to_monai_state_dict, unused_monai_keys
+    from medssl.models.pos_embed import resample_pos_embed_3d
+
+    state = strip_prefixes(dict(state))
+    arch = _arch_from_state(state, meta, where)
+    target = tuple(arch["img_size"]) if img_size is None else (
+        (img_size,) * 3 if isinstance(img_size, int) else tuple(img_size))
+    vit = build_monai_vit(arch, target, in_chans)
+    patch = (arch["patch_size"],) * 3 if isinstance(arch["patch_size"], int) else tuple(arch["patch_size"])
+    state = {k: v for k, v in state.items() if not is_decoder_key(k)}
+    if "pos_embed" in state:
+        old = tuple(s // p for s, p in zip(arch["img_size"], patch))
+        new = tuple(s // p for s, p in zip(target, patch))
+        state["pos_embed"] = resample_pos_embed_3d(state["pos_embed"], new, old)
+    chans = in_chans or arch["in_chans"]
+    state["patch_embed.proj.weight"] = adapt_patch_embed(state["patch_embed.proj.weight"], chans)
+    load_exact(vit, to_monai_state_dict(state), f"{where} (3-D, {arch['embed_dim']} wide, {arch['depth']} blocks)",
+               unused_monai_keys(vit))
+    keep = {k: v for k, v in meta.items() if k not in ("img_size", "in_chans", "arch")}
+    vit.medssl_cfg = {**keep, **arch, "img_size": list(target), "in_chans": chans,
+                      "mean": meta.get("mean") or _default_norm(chans)[0],
+                      "std": meta.get("std") or _default_norm(chans)[1], "loaded_from": where}
+    return vit
 
 
 def _source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], str]:
@@ -293,6 +361,13 @@ def build_backbone_model(record: dict[str, Any], *, img_size: int | tuple[int, i
         img_size / in_chans: the input the model is built for (default: the record's).
         kw: timm VisionTransformer keywords (num_classes, global_pool, drop_path_rate, dynamic_img_size).
     """
+    if record.get("spatial_dims") == 3:
+        raise ValueError(f"{record.get('where', 'this record')}: a 3-D backbone is MONAI's ViT: use "
+                         "medssl.load_backbone, or medssl.heads.segment3d.build_unetr for segmentation")
+    if record.get("cls_token") is False:  # no class token: pool the patch tokens unless told otherwise
+        kw["class_token"] = False
+        if kw.get("global_pool") in (None, "token"):
+            kw["global_pool"] = "avg"
     target_img = img_size if img_size is not None else record["img_size"]
     if isinstance(target_img, list):
         target_img = tuple(target_img)
@@ -356,6 +431,8 @@ def save_backbone(model: nn.Module, folder: str | os.PathLike, **provenance: Any
         arch = dict(embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"],
                     patch_size=c["patch_size"], img_size=c["img_size"], in_chans=c["in_chans"],
                     mlp_ratio=c["mlp_ratio"])
+        if "spatial_dims" in c:  # 3-D (or no class token): what a loader needs to rebuild it
+            arch.update(spatial_dims=c["spatial_dims"], cls_token=c["cls_token"], norm_eps=model.norm.eps)
     elif isinstance(model, VisionTransformer):
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
         arch = dict(embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,

@@ -2,7 +2,9 @@
 
 `recipes/pretrain_lumid.py` is the command-line front; this module holds the procedure and its defaults
 (the paper-scale configuration: ViT-B/16 at 224, mask 0.75, decoder 512 x 8, base lr 1.5e-4, 800 epochs
-with 40 of warmup).
+with 40 of warmup). `data.dims=3` pretrains on volume shards (`build_shards --dims 3`): `data.img_size` is then
+the crop (one int for a cube, or [D, H, W]), the MAE is 3-D (`model.patch_size` one int or three), without a
+class token unless `model.cls_token=true` (MONAI's ViT / UNETR have none).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from medssl.utils import seed_everything
 log = logging.getLogger("medssl")
 
 DEFAULTS: dict[str, Any] = {
-    "data": {"shards": "data/lumid", "img_size": 224, "in_chans": 1, "mean": [0.5], "std": [0.25],
+    "data": {"shards": "data/lumid", "dims": 2, "img_size": 224, "in_chans": 1, "mean": [0.5], "std": [0.25],
              "scale": [0.2, 1.0], "hflip": True, "num_workers": 4, "shuffle_buffer": 2000, "resampled": None,
              "samples_per_epoch": None},
     "model": {"name": "mae_vit_base_patch16", "patch_size": None, "decoder_embed_dim": 512, "decoder_depth": 8,
               "decoder_num_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True, "attn_impl": "auto",
-              "drop_path_rate": 0.0, "init": None},
+              "drop_path_rate": 0.0, "init": None, "cls_token": None},  # cls_token None: 2-D yes, 3-D no
     "train": {"batch_size": 64, "accum_iter": 1, "epochs": 800, "warmup_epochs": 40, "steps": None,
               "base_lr": 1.5e-4, "lr": None, "min_lr": 0.0, "weight_decay": 0.05, "betas": [0.9, 0.95],
               "clip_grad": None, "precision": "auto", "seed": 0, "device": "auto",
@@ -50,6 +52,13 @@ def build_model(cfg: dict[str, Any]) -> MaskedAutoencoder:
                   norm_pix_loss=m["norm_pix_loss"], attn_impl=m["attn_impl"], drop_path_rate=m["drop_path_rate"])
     if m["patch_size"]:
         kwargs["patch_size"] = m["patch_size"]
+    if d["dims"] == 3:
+        kwargs["spatial_dims"] = 3
+        kwargs["cls_token"] = bool(m["cls_token"])  # None: no class token in 3-D (as MONAI's ViT / UNETR)
+    elif d["dims"] != 2:
+        raise ValueError(f"data.dims must be 2 or 3, got {d['dims']!r}")
+    elif m["cls_token"] is not None:
+        kwargs["cls_token"] = bool(m["cls_token"])
     model = create_mae(m["name"], **kwargs)
     if m["init"]:
         report = load_mae_weights(model, m["init"])
@@ -98,7 +107,7 @@ def save_reconstruction_figure(mae: MaskedAutoencoder, imgs: torch.Tensor, mask_
     was_training = mae.training
     mae.eval()
     x = imgs[:max_images].to(next(mae.parameters()).dtype)
-    _, pred, mask = mae(x, mask_ratio=mask_ratio)
+    _, pred, mask = mae(x, mask_ratio=mask_ratio)  # 3-D: the middle plane of each crop is drawn
     target = mae.patchify(x).float()
     pred = pred.float()
     if mae.norm_pix_loss:  # undo the per-patch normalisation for display
@@ -112,7 +121,8 @@ def save_reconstruction_figure(mae: MaskedAutoencoder, imgs: torch.Tensor, mask_
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
     for i in range(rows):
         for j, (title, img) in enumerate((("original", orig), ("masked", masked), ("reconstruction", recon))):
-            axes[i, j].imshow(img[i, 0].cpu().numpy(), cmap="gray")
+            plane = img[i, 0] if img.ndim == 4 else img[i, 0, img.shape[2] // 2]
+            axes[i, j].imshow(plane.cpu().numpy(), cmap="gray")
             axes[i, j].set_axis_off()
             if i == 0:
                 axes[i, j].set_title(title)
@@ -129,7 +139,7 @@ def _architecture(mae: MaskedAutoencoder, cfg: dict[str, Any]) -> str | None:
     arch = name[4:] if name.startswith("mae_") else name
     c = get_cfg(arch)
     same = (c.embed_dim, c.depth, c.patch_size) == (mae.config["embed_dim"], mae.config["depth"], mae.patch_size)
-    return arch if same else None
+    return arch if same and mae.spatial_dims == 2 else None  # the registry holds 2-D ViTs
 
 
 def _fp32_model(engine: Engine, cfg: dict[str, Any]) -> MaskedAutoencoder:
@@ -160,7 +170,6 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
     urls = expand_urls(d["shards"])
     seed_everything(t["seed"])
     model = build_model(cfg)
-    patch = model.patch_size
     total, warmup, eff = plan_steps(cfg, count_samples(urls), dist.world_size)
     lr = t["lr"] or scaled_lr(t["base_lr"], eff)
     tcfg = TrainConfig(total_steps=total, lr=lr, warmup_steps=warmup, min_lr=t["min_lr"],
@@ -176,18 +185,22 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
         dump_config(cfg, out / "config.yaml")
         log.info("MAE pretraining: %d steps (%d warmup), effective batch %d, lr %.3g, %d shard(s), from step %d",
                  total, warmup, eff, lr, len(urls), start)
-    loader = make_loader(urls, d["img_size"], t["batch_size"], num_workers=d["num_workers"], seed=t["seed"],
+    loader = make_loader(urls, model.img_size[-1], t["batch_size"], num_workers=d["num_workers"], seed=t["seed"],
                          rank=dist.rank, world_size=dist.world_size, resampled=d["resampled"],
                          start_step=start * t["accum_iter"], in_chans=d["in_chans"], mean=d["mean"], std=d["std"],
                          scale=tuple(d["scale"]), hflip=d["hflip"], shuffle_buffer=d["shuffle_buffer"],
-                         min_size=patch)
+                         min_size=min(model.patch), dims=d["dims"],
+                         crop_size=model.img_size if d["dims"] == 3 else None)
     def figure(eng: Engine, step: int, imgs: torch.Tensor) -> None:
         every = o["figure_every"]
         if dist.is_main and every and (step % every == 0 or step == total):
             save_reconstruction_figure(eng.module, imgs, ratio, out / "figures" / f"recon-{step:08d}.png")
 
     def corrupt_count() -> dict[str, Any]:
-        return {"corrupt_samples_main_process": int(loader.dataset.corrupt)}
+        counts = {"corrupt_samples_main_process": int(loader.dataset.corrupt)}
+        if d["dims"] == 3:
+            counts["padded_volumes_main_process"] = int(loader.dataset.padded)
+        return counts
 
     losses = engine.fit(loader, callbacks=[figure], on_checkpoint=corrupt_count)
     if dist.is_main and engine.data_wait_fraction is not None:
@@ -203,9 +216,26 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
         save_backbone(_fp32_model(engine, cfg), backbone, architecture=_architecture(engine.module, cfg),
                       data=_pool_path(d["shards"]), steps=engine.step, epochs=t["epochs"], mean=d["mean"],
                       std=d["std"], mask_ratio=ratio, final_loss=losses[-1] if losses else None,
-                      pool_record=_pool_record_hash(d["shards"]))
+                      pool_record=_pool_record_hash(d["shards"]),
+                      **({"volume": volume_record(d["shards"], model.img_size)} if d["dims"] == 3 else {}))
         log.info("backbone exported to %s", backbone)
     return backbone
+
+
+def volume_record(shards: str, crop: tuple[int, ...]) -> dict[str, Any]:
+    """What a 3-D backbone expects of its input, for its `config.json`: the voxel spacing and intensity
+    normalisation of the pool (from the shards' `build_config.json`) and the crop it was pretrained on."""
+    import json
+
+    folder = Path(shards) if Path(shards).is_dir() else Path(expand_urls(shards)[0]).parent
+    try:
+        build = json.loads((folder / "build_config.json").read_text())
+    except (OSError, ValueError):
+        build = {}
+    return {"spacing_mm": build.get("spacing"), "crop_size": list(crop), "axes": "D, H, W (stored as IPL: "
+            "head to feet, front to back, right to left, for an axial acquisition)",
+            "intensity": {"ct_windows_hu": build.get("ct_windows"), "mr": "0.5-99.5 percentile clip of the non-zero "
+                          "voxels, background 0", "stored_dtype": build.get("dtype"), "scaled_to": [0.0, 1.0]}}
 
 
 def _pool_path(shards: str) -> str:

@@ -11,7 +11,6 @@ import json
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +158,7 @@ def _write_units(out: Path, todo: list[Unit], cfg: Config, workers: int, samples
 
 def _check_config(out: Path, cfg: Config) -> None:
     """Refuse to resume into `out` with different options (the salt itself is never written)."""
-    config = {k: v for k, v in asdict(cfg).items() if k != "salt"}
+    config = cfg.recorded()
     config["salt_sha256"] = hashlib.sha256(cfg.salt.encode()).hexdigest()
     config = json.loads(json.dumps(config))  # tuples -> lists, Windows -> dicts
     check_same_options(out / CONFIG, config, "built")

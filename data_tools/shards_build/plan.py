@@ -34,10 +34,26 @@ class Config:
     min_size: int = 32
     salt: str = ""
     burned_in: str = "exclude"  # burned-in text policy: "exclude" | "ocr" | "keep" (see `burned_in`)
+    dims: int = 2  # 2: planes resized to `size`; 3: whole volumes resampled to `spacing` (see `worker.volume_samples`)
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # mm per stored axis [D, H, W] of a 3-D sample
 
     def __post_init__(self) -> None:
         if self.burned_in not in burned_in.POLICIES:
             raise ValueError(f"--burned-in: expected one of {', '.join(burned_in.POLICIES)}, got {self.burned_in!r}")
+        if self.dims not in (2, 3):
+            raise ValueError(f"--dims: expected 2 or 3, got {self.dims!r}")
+        if len(self.spacing) != 3 or not all(float(s) > 0 for s in self.spacing):
+            raise ValueError(f"--spacing: expected 3 positive values in mm, got {self.spacing!r}")
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as recorded in `build_config.json` (salt left out; 3-D options only for a 3-D build, so
+        that 2-D builds made before they existed still resume)."""
+        from dataclasses import asdict
+
+        out = {k: v for k, v in asdict(self).items() if k != "salt"}
+        if self.dims == 2:
+            del out["dims"], out["spacing"]
+        return out
 
 
 @dataclass
@@ -100,6 +116,24 @@ def parse_windows(text: str) -> tuple[im.Window, ...]:
     if len({w.name for w in windows}) != len(windows):
         raise ValueError(f"--ct-windows: duplicate window names in {text!r}")
     return tuple(windows)
+
+
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    """Parse `--spacing`: one value in mm (isotropic) or three, for the stored axes [D, H, W].
+
+    Example:
+        >>> parse_spacing("1.5"), parse_spacing("3,1,1")
+        ((1.5, 1.5, 1.5), (3.0, 1.0, 1.0))
+    """
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError as exc:
+        raise ValueError(f"--spacing: expected MM or D,H,W in mm, got {text!r}") from exc
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise ValueError(f"--spacing: expected one or three positive values in mm, got {text!r}")
+    return values  # type: ignore[return-value]
 
 
 def parse_part(text: str) -> tuple[int, int]:

@@ -165,6 +165,8 @@ def _contact_sheet(out: Path, modality: str, picks: list[tuple[str, str]]) -> No
         ax.axis("off")
     for ax, (shard, key) in zip(axes.ravel(), picks):
         arr, meta = read_sample(out / shard, key)
+        if arr.ndim == 3:  # a volume (--dims 3): its middle plane
+            arr = arr[arr.shape[0] // 2]
         ax.imshow(arr, cmap="gray", vmin=0, vmax=np.iinfo(arr.dtype).max)
         ax.set_title(f"{meta['source'][:14]} {meta.get('window', {}).get('name', '')}", fontsize=6)
     fig.suptitle(f"{modality}: {len(picks)} random samples", fontsize=9)

@@ -9,6 +9,7 @@ contiguous sub-volumes, each with its own even spacing: nothing is ever resample
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import traceback
 from collections import Counter
@@ -52,6 +53,7 @@ class _Slice:
     position: float | None
     number: int
     burned_in: dict[str, Any] | None = None
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient
 
 
 def _read_slice(path: str, policy: str) -> _Slice:
@@ -70,8 +72,10 @@ def _read_slice(path: str, policy: str) -> _Slice:
     if image.pixels.ndim != 2:
         raise im.UnreadableImage(path, "multi-frame file in a series of single-frame slices")
     position = im._slice_position(ds)  # the reader's own rule (position along the slice normal)
+    ori = ds.get("ImageOrientationPatient")
     return _Slice(path, image, str(ds.get("SOPInstanceUID", "") or ""), position,
-                  int(ds.get("InstanceNumber", 0) or 0), risk)
+                  int(ds.get("InstanceNumber", 0) or 0), risk,
+                  tuple(float(v) for v in ori) if ori is not None and len(ori) == 6 else None)
 
 
 def _left(path: str, status: str, reason: str, **extra: Any) -> dict[str, Any]:
@@ -180,7 +184,29 @@ def read_series(paths: list[str], min_slices: int = 1, policy: str = "exclude") 
             photometric=first.photometric, voi=first.voi, voi_lut=first.voi_lut, body_part=first.body_part,
             uids={"study": first.uids["study"], "series": first.uids["series"],
                   "instance": [s.image.uids["instance"] for s in members]},
-            source_format="dicom", bits=first.bits))
+            source_format="dicom", bits=first.bits,
+            direction=im.series_direction(members[0].orientation) if members[0].orientation and spacing
+            else None, positions=[s.position for s in members] if spacing else None))
         parts.files.append([s.path for s in members])
         parts.burned_in += [{"input": s.path, **s.burned_in} for s in members if s.burned_in]
     return parts
+
+
+def split_volume(img: im.ImageData) -> tuple[list[im.ImageData], str | None]:
+    """Cut a volume whose planes carry positions (an enhanced multi-frame file) where they leave a gap or change
+    spacing, by the same rule as a series (`_runs`); returns the sub-volumes and why (None: one volume)."""
+    pos = img.positions
+    if not img.is_volume or pos is None or len(pos) < 2:
+        return [img], None
+    runs, spacing = _runs(pos)
+    if len(runs) == 1:
+        return [img], None
+    parts = []
+    for run in runs:  # consecutive indices
+        sub = [pos[i] for i in run]
+        dz = _runs(sub)[1] if len(sub) > 1 else spacing
+        parts.append(dataclasses.replace(img, pixels=img.pixels[run[0]:run[-1] + 1],
+                                         spacing=(dz, *img.spacing[1:]), positions=sub))
+    sizes = "+".join(str(len(r)) for r in runs)
+    return parts, (f"gaps or uneven spacing between frames (spacing {spacing} mm): split into {len(runs)} "
+                   f"contiguous sub-volumes of {sizes} frames")

@@ -14,7 +14,7 @@ import numpy as np
 
 from data_tools.shards_build import burned_in
 from data_tools.shards_build.plan import Config, Unit, hash_id, quiet, slug
-from data_tools.shards_build.series import read_series
+from data_tools.shards_build.series import read_series, split_volume
 from medssl.data import imaging as im
 
 Sample = tuple[str, np.ndarray, dict[str, Any]]  # key, image [S, S], metadata
@@ -32,8 +32,61 @@ def _read_unit(unit: Unit, policy: str) -> tuple[im.ImageData, dict[str, Any] | 
     return burned_in.screen_dicom(path, ds, policy)
 
 
+def _windows(img: im.ImageData, cfg: Config) -> Sequence[im.Window | None]:
+    """The CT windows of the build for CT with HU values, else one pass with the modality's own rule."""
+    use_windows = img.modality in im.CT_MODALITIES and img.source_format != "raster"  # pictures carry no HU
+    return cfg.ct_windows if use_windows else (None,)
+
+
+def _common_meta(unit: Unit, img: im.ImageData, cfg: Config) -> dict[str, Any]:
+    """The de-identified metadata every sample of an input carries (UIDs salted and hashed)."""
+    spacing = tuple(img.spacing) if img.pixels.ndim == 3 else (None, *img.spacing)
+    return {"modality": img.modality, "body_part": img.body_part or unit.body_part, "source": unit.source,
+            "format": img.source_format, "orig_shape": list(img.pixels.shape),
+            "spacing": [None if s is None else round(float(s), 4) for s in spacing[-img.pixels.ndim:]],
+            "photometric": img.photometric, "dtype": cfg.dtype,
+            "study": hash_id(cfg.salt, img.uids.get("study")),
+            "series": hash_id(cfg.salt, img.uids.get("series"))}
+
+
+def volume_samples(unit: Unit, img: im.ImageData, cfg: Config, volume_tag: str = "") -> Iterator[Sample]:
+    """(key, volume [D, H, W], meta) per CT window (one for other modalities) of a volume, for `--dims 3`.
+
+    The volume is normalised as a 2-D sample would be (`im.normalise`: the same CT windows, MR percentiles),
+    then resampled to `cfg.spacing` mm (`im.resample_volume`) and stored whole; the loader crops it. A 2-D
+    image, a stack of independent frames, a volume of fewer than `cfg.min_volume_slices` slices or one of
+    unknown spacing is refused with the reason (skipped / failed in the manifest).
+    """
+    where = unit.paths[0]
+    if img.pixels.ndim != 3 or not img.is_volume:
+        what = "a 2-D image" if img.pixels.ndim == 2 else "independent frames, not a volume"
+        raise im.UnreadableImage(where, f"{what}: --dims 3 writes volumes only", skip=True)
+    if img.pixels.shape[0] < cfg.min_volume_slices:
+        raise im.UnreadableImage(where, f"volume of {img.pixels.shape[0]} slices (< --min-volume-slices "
+                                 f"{cfg.min_volume_slices})", skip=True)
+    if any(s is None for s in img.spacing):
+        raise im.UnreadableImage(where, f"voxel spacing unknown ({list(img.spacing)}): cannot resample to mm")
+    base = f"{slug(unit.source)}_{hash_id(cfg.salt, unit.uid)}"
+    common = _common_meta(unit, img, cfg)
+    common.update(source_spacing=common.pop("spacing"), spacing=[float(s) for s in cfg.spacing],
+                  orientation=im.orientation_code(img.direction), direction=img.direction, dims=3)
+    for window in _windows(img, cfg):
+        x01, record = im.normalise(img, window)  # [D, H, W] in [0, 1]
+        vol = im.resample_volume(x01, img.spacing, cfg.spacing)  # type: ignore[arg-type]
+        if min(vol.shape[1:]) < cfg.min_size:
+            shape = "x".join(str(n) for n in vol.shape)
+            raise im.UnreadableImage(where, f"volume too small at {list(cfg.spacing)} mm ({shape}, in-plane < "
+                                     f"{cfg.min_size} px)", skip=True)
+        out = im.to_dtype(vol, cfg.dtype)  # [D', H', W']
+        key = f"{base}_{volume_tag}vol" + (f"_{window.name.lower()}" if window is not None else "")
+        yield key, out, {**common, "window": record, "shape": list(out.shape), "instance": None}
+
+
 def samples(unit: Unit, img: im.ImageData, cfg: Config, volume_tag: str = "") -> Iterator[Sample]:
     """(key, image, meta) for every 2-D sample an input yields; `volume_tag` names a sub-volume in keys."""
+    if cfg.dims == 3:
+        yield from volume_samples(unit, img, cfg, volume_tag)
+        return
     base = f"{slug(unit.source)}_{hash_id(cfg.salt, unit.uid)}"
     if min(img.pixels.shape[-2:]) < cfg.min_size:
         shape = "x".join(str(n) for n in img.pixels.shape[-2:])
@@ -42,15 +95,9 @@ def samples(unit: Unit, img: im.ImageData, cfg: Config, volume_tag: str = "") ->
     spacing = tuple(img.spacing) if img.pixels.ndim == 3 else (None, *img.spacing)
     is_volume = img.is_volume and volume.shape[0] >= cfg.min_volume_slices
     axes = cfg.axes if is_volume else (0,)
-    use_windows = img.modality in im.CT_MODALITIES and img.source_format != "raster"  # pictures carry no HU
-    windows: Sequence[im.Window | None] = cfg.ct_windows if use_windows else (None,)
+    windows = _windows(img, cfg)
     instances = img.uids.get("instance")
-    common = {"modality": img.modality, "body_part": img.body_part or unit.body_part, "source": unit.source,
-              "format": img.source_format, "orig_shape": list(img.pixels.shape),
-              "spacing": [None if s is None else round(float(s), 4) for s in spacing[-img.pixels.ndim:]],
-              "photometric": img.photometric, "dtype": cfg.dtype,
-              "study": hash_id(cfg.salt, img.uids.get("study")),
-              "series": hash_id(cfg.salt, img.uids.get("series"))}
+    common = _common_meta(unit, img, cfg)
     for window in windows:
         x01, record = im.normalise(img, window)
         x01 = x01 if x01.ndim == 3 else x01[None]  # [N, H, W]
@@ -101,8 +148,30 @@ def _series_samples(unit: Unit, record: dict[str, Any], cfg: Config) -> list[Sam
         record["split"] = parts.split
         record["volumes"] = [{"slices": len(files), "spacing": vol.spacing[0], "first": files[0]}
                              for vol, files in zip(parts.volumes, parts.files)]
-    tag = (lambda j: f"v{j}") if parts.split else (lambda j: "")
-    return [s for j, vol in enumerate(parts.volumes) for s in samples(unit, vol, cfg, tag(j))]
+    if cfg.dims == 2:
+        tag = (lambda j: f"v{j}") if parts.split else (lambda j: "")
+        return [s for j, vol in enumerate(parts.volumes) for s in samples(unit, vol, cfg, tag(j))]
+    return _sub_volume_samples(unit, record, parts.volumes, bool(parts.split), cfg)
+
+
+def _sub_volume_samples(unit: Unit, record: dict[str, Any], volumes: list[im.ImageData], split: bool,
+                        cfg: Config) -> list[Sample]:
+    """3-D samples of the contiguous sub-volumes of one input: one that cannot be used leaves the others in
+    (its reason under `record["volumes"][j]["refused"]`); raises only when none can be used."""
+    tag = (lambda j: f"v{j}") if split else (lambda j: "")
+    found, refused = [], []
+    for j, vol in enumerate(volumes):
+        try:
+            found += list(volume_samples(unit, vol, cfg, tag(j)))
+        except im.UnreadableImage as exc:
+            refused.append(exc)
+            if "volumes" in record:
+                record["volumes"][j]["refused"] = exc.reason
+    if not found and refused:
+        raise refused[0] if len(refused) == 1 else im.UnreadableImage(
+            unit.paths[0], f"no usable sub-volume: {'; '.join(sorted({e.reason for e in refused}))[:200]}",
+            skip=all(e.skip for e in refused))
+    return found
 
 
 def process_unit(unit: Unit, cfg: Config) -> dict[str, Any]:
@@ -122,7 +191,14 @@ def process_unit(unit: Unit, cfg: Config) -> dict[str, Any]:
             record["modality"] = img.modality
             if risk is not None:
                 record["burned_in"] = [{"input": unit.paths[0], **risk}]
-            found = list(samples(unit, img, cfg))
+            if cfg.dims == 3:  # frames of an enhanced file are positioned: never resample across a gap
+                volumes, split = split_volume(img)
+                if split:
+                    record["split"] = split
+                    record["volumes"] = [{"slices": v.pixels.shape[0], "spacing": v.spacing[0]} for v in volumes]
+                found = _sub_volume_samples(unit, record, volumes, bool(split), cfg)
+            else:
+                found = list(samples(unit, img, cfg))
         if not found:
             return {**record, "status": "skipped", "reason": "no non-empty slices", "samples": []}
         return {**record, "status": "written", "samples": found}

@@ -17,7 +17,8 @@ Each sample is ``(image, target)``: ``image`` a float tensor ``[C, H, W]`` norma
 the SAME geometry for :func:`make_transforms` ``("weak_strong")``); ``target`` a dict of tensors:
 ``boxes`` [M, 4] cxcywh normalised by the transformed size, ``labels`` [M] int64 contiguous 0-based
 indices into ``dataset.categories`` (sorted by COCO category id), ``image_id`` int64 (the COCO id),
-``orig_size`` and ``size`` [2] as (h, w). :func:`collate_detection` pads to a batch with a padding
+``orig_size`` and ``size`` [2] as (h, w), ``hflip`` (bool: the view is mirrored, so that per-image
+side data such as expert token grids can be mirrored too). :func:`collate_detection` pads to a batch with a padding
 mask (True on padding, the DETR convention). For evaluation, ``dataset.gt_boxes_xyxy(i)`` gives the
 original-pixel boxes and ``dataset.coco`` the ground-truth dict (for ``medssl.metrics.detection``).
 
@@ -71,7 +72,9 @@ _REGISTRY: dict[str, dict[str, SplitSpec]] = {
              "target": SplitSpec("images/target", "annotations/instances_target.json"),
              # the target pool's boxes, known because the demo is generated: the oracle's training set and
              # the pseudo-label diagnostic (eval.pseudo_truth), never seen by the adaptation stages
-             "target_truth": SplitSpec("images/target", "annotations/instances_target_truth.json")},
+             "target_truth": SplitSpec("images/target", "annotations/instances_target_truth.json"),
+             # labelled target-domain images for tuning the generator's knobs (never the test split)
+             "calib": SplitSpec("images/calib", "annotations/instances_calib.json")},
 }
 
 
@@ -287,6 +290,34 @@ class CocoDetection(Dataset):
         return self.transforms(img, target)
 
 
+class ConcatDetection(Dataset):
+    """Several detection datasets read as one (e.g. source and target labels for an oracle), in order."""
+
+    def __init__(self, parts: Sequence[Dataset]) -> None:
+        if not parts:
+            raise ValueError("ConcatDetection needs at least one dataset")
+        self.parts = list(parts)
+        self._where = [(k, i) for k, ds in enumerate(self.parts) for i in range(len(ds))]
+        self.images = [im for ds in self.parts for im in ds.images]
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def file_of(self, i: int) -> Path:
+        """Path of the i-th image."""
+        k, j = self._where[i]
+        return self.parts[k].file_of(j)
+
+    def gt_boxes_xyxy(self, i: int) -> np.ndarray:
+        """Ground-truth boxes of the i-th image, ``(M, 4)`` xyxy in original pixels."""
+        k, j = self._where[i]
+        return self.parts[k].gt_boxes_xyxy(j)
+
+    def __getitem__(self, i: int) -> tuple[Any, dict[str, torch.Tensor]]:
+        k, j = self._where[i]
+        return self.parts[k][j]
+
+
 class UnlabelledImages(Dataset):
     """Target-domain images without labels: every image file under a folder (sorted, recursive).
 
@@ -399,7 +430,8 @@ class DetectionTransform:
 
     def __call__(self, img: torch.Tensor, target: dict) -> tuple[Any, dict]:
         """``img`` [1, H, W] in [0, 1], target boxes xyxy pixels -> normalised image(s), cxcywh target."""
-        if self.kind != "none" and torch.rand(()) < self.flip_p:
+        flipped = self.kind != "none" and bool(torch.rand(()) < self.flip_p)
+        if flipped:
             img, target = _hflip(img, target)
         short = None
         if self.sizes is not None:
@@ -409,7 +441,7 @@ class DetectionTransform:
         b = target["boxes"]  # [M, 4] xyxy pixels
         cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,
                               (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], dim=-1).reshape(-1, 4)
-        target = {**target, "boxes": cxcywh, "size": torch.tensor([h, w])}
+        target = {**target, "boxes": cxcywh, "size": torch.tensor([h, w]), "hflip": torch.tensor(flipped)}
         if self.kind == "strong":
             return self._finish(_photometric(img, *self.jitter)), target
         if self.kind == "weak_strong":

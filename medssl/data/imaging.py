@@ -89,6 +89,10 @@ class ImageData:
         uids: clear-text study / series / instance UIDs (hash them before writing anything).
         source_format: "dicom", "nifti" or "raster".
         bits: stored bits for integer inputs (raster 8/16), else None.
+        direction: for a volume, the unit vector (patient LPS, as DICOM) along which each array axis
+            runs, one row per axis of `pixels`; None where unknown.
+        positions: for a volume stacked from positioned planes, each plane's position along the slice
+            normal (mm), in array order (descending); None where unknown. Gaps show here.
     """
 
     pixels: np.ndarray
@@ -102,6 +106,8 @@ class ImageData:
     uids: dict[str, Any] = field(default_factory=dict)
     source_format: str = "dicom"
     bits: int | None = None
+    direction: list[list[float]] | None = None
+    positions: list[float] | None = None
 
 
 def check_pixels(path: str | Path, pixels: np.ndarray) -> None:
@@ -171,9 +177,10 @@ def _modality_lut(arr: np.ndarray, ds: Any, apply_modality_lut: Any) -> np.ndarr
     return out * np.float32(1.0 if slope is None else slope) + np.float32(intercept or 0.0)
 
 
-def _frame_order(ds: Any) -> tuple[list[int], float | None] | None:
+def _frame_order(ds: Any) -> tuple[list[int], float | None, list[float], list[float]] | None:
     """Spatial order of the frames of an enhanced multi-frame file (descending position along the
-    slice normal) and the median gap in mm, or None when the frames carry no distinct positions."""
+    slice normal), the median gap in mm, the sorted positions and the orientation, or None when the
+    frames carry no distinct positions."""
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     ori = _functional_attr(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
     if not frames or ori is None or len(ori) != 6:
@@ -189,7 +196,7 @@ def _frame_order(ds: Any) -> tuple[list[int], float | None] | None:
         return None
     order = sorted(range(len(positions)), key=lambda i: -positions[i])
     gaps = np.abs(np.diff(np.asarray(positions)[order]))
-    return order, (float(np.median(gaps)) if len(gaps) else None)
+    return order, (float(np.median(gaps)) if len(gaps) else None), [positions[i] for i in order], list(ori)
 
 
 def _decode_pixels(path: str | Path, ds: Any) -> np.ndarray:
@@ -275,17 +282,19 @@ def dicom_to_image(path: str | Path, ds: Any) -> ImageData:
     check_pixels(path, arr)
     row_sp, col_sp = _pixel_spacing(ds)
     spacing: tuple[float | None, ...] = (row_sp, col_sp) if arr.ndim == 2 else (None, row_sp, col_sp)
-    is_volume = False
+    is_volume, direction, positions = False, None, None
     order_dz = _frame_order(ds) if arr.ndim == 3 and modality in VOLUME_MODALITIES else None
     if order_dz is not None:  # enhanced CT / MR / PET: frames are planes of one volume
-        order, dz = order_dz
+        order, dz, positions, ori = order_dz
         arr, spacing, is_volume = arr[order], (dz, row_sp, col_sp), True  # [Z, H, W]
+        direction = series_direction([float(v) for v in ori])
     return ImageData(
         pixels=arr, spacing=spacing, modality=modality, is_volume=is_volume, photometric=photometric,
         voi=_dicom_windows(ds), voi_lut=voi_lut, body_part=str(ds.get("BodyPartExamined", "") or "") or None,
         uids={"study": str(ds.get("StudyInstanceUID", "")), "series": str(ds.get("SeriesInstanceUID", "")),
               "instance": str(ds.get("SOPInstanceUID", ""))},
-        source_format="dicom", bits=int(ds.get("BitsStored", 0) or 0) or None,
+        source_format="dicom", bits=int(ds.get("BitsStored", 0) or 0) or None, direction=direction,
+        positions=positions,
     )
 
 
@@ -390,8 +399,15 @@ def read_nifti(path: str | Path, modality: str | None = None, volume_index: int 
     spacing = tuple(z if z > 0 else None for z in zooms[::-1])
     if modality is None:
         modality = "CT" if float(vol.min()) < -500 else "MR"
+    cols = np.asarray(img.affine, float)[:3, :3]  # RAS direction (times spacing) of the data axes i, j, k
+    norms = np.linalg.norm(cols, axis=0)
+    direction = None
+    if np.all(norms > 0):
+        ras_to_lps = np.array([-1.0, -1.0, 1.0])
+        # the array axes run along -k, -j, -i (transposed and flipped above)
+        direction = [((-cols[:, c] / norms[c] * ras_to_lps).round(6) + 0.0).tolist() for c in (2, 1, 0)]
     return ImageData(pixels=vol, spacing=spacing, modality=modality.upper(), is_volume=vol.shape[0] > 1,
-                     source_format="nifti")
+                     source_format="nifti", direction=direction)
 
 
 # ---------------------------------------------------------------------------------------- raster
@@ -429,6 +445,72 @@ def read_image(path: str | Path, modality: str | None = None) -> ImageData:
     if name.endswith(RASTER_SUFFIXES):
         return read_raster(path, modality)
     return read_dicom(path)
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+
+def series_direction(orientation: Sequence[float]) -> list[list[float]]:
+    """Axis directions (patient LPS) of a [Z, H, W] volume built from slices with ImageOrientationPatient
+    `orientation`, stacked by descending position along the slice normal (as `order_series`).
+
+    Axis 0 runs against the normal (row x column cosines), axis 1 (rows) along the column cosines
+    `orientation[3:]`, axis 2 (columns) along the row cosines `orientation[:3]`.
+
+    Example:
+        >>> series_direction([1, 0, 0, 0, 1, 0])  # axial: head to feet, anterior to posterior, right to left
+        [[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    """
+    if len(orientation) != 6:
+        raise ValueError(f"ImageOrientationPatient needs 6 values, got {list(orientation)}")
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    normal = np.cross(row, col)
+    return [(v.round(6) + 0.0).tolist() for v in (-normal, col, row)]  # + 0.0: no -0.0
+
+
+def orientation_code(direction: Sequence[Sequence[float]] | None) -> str | None:
+    """Letters of the patient direction each array axis runs towards (its largest LPS component), e.g.
+    "IPL" for an axial volume stored head to feet, front to back, right to left; None when unknown."""
+    if direction is None:
+        return None
+    letters = (("R", "L"), ("A", "P"), ("I", "S"))  # negative, positive along x, y, z of LPS
+    out = ""
+    for vec in direction:
+        v = np.asarray(vec, float)
+        k = int(np.argmax(np.abs(v)))
+        out += letters[k][int(v[k] > 0)]
+    return out
+
+
+def resample_volume(volume: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
+    """Trilinear resampling of a [D, H, W] volume from `spacing` to exactly `target` mm per axis.
+
+    An axis of n voxels becomes floor(n * spacing / target) voxels; output voxel i lies at
+    (i + 0.5) * target mm from the outer edge of the first input voxel (the field of view keeps its
+    origin; nothing is extrapolated). Values are interpolated inside the volume only, so the input
+    must be one contiguous, evenly spaced volume (a series with a gap is split before).
+    No antialiasing filter is applied when shrinking.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if volume.ndim != 3 or len(spacing) != 3 or len(target) != 3:
+        raise ValueError(f"need a 3-D volume and 3 spacings, got shape {volume.shape}, {spacing} -> {target}")
+    if any(s is None or not s > 0 for s in spacing) or any(not t > 0 for t in target):
+        raise ValueError(f"spacings must be positive, got {list(spacing)} -> {list(target)}")
+    scale = [float(s) / float(t) for s, t in zip(spacing, target)]
+    size = [math.floor(n * f + 1e-6) for n, f in zip(volume.shape, scale)]
+    if min(size) < 1:
+        raise ValueError(f"volume {volume.shape} at {list(spacing)} mm is thinner than one {list(target)} mm voxel")
+    if all(math.isclose(f, 1.0, rel_tol=1e-9) for f in scale):
+        return volume.astype(np.float32, copy=False)
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]  # [1, 1, D, H, W]
+    # the given scale (not the rounded sizes) maps the coordinates, so the spacing is exactly `target` (up to the
+    # < 1e-6 relative nudge that keeps torch's floor(n * scale) from losing a voxel to float rounding)
+    scale = [max(f, m / n) for f, m, n in zip(scale, size, volume.shape)]
+    out = F.interpolate(x, scale_factor=scale, mode="trilinear", align_corners=False,
+                        recompute_scale_factor=False)
+    return out[0, 0].numpy()  # [D', H', W']
 
 
 # ------------------------------------------------------------------------------------ intensities

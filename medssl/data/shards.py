@@ -1,4 +1,4 @@
-"""The MAE pretraining loader over LUMID WebDataset shards (`key.npy` 2-D image + `key.json`).
+"""The MAE pretraining loader over LUMID WebDataset shards (`key.npy` 2-D image or 3-D volume + `key.json`).
 
 The stream is a pure function of (seed, rank, worker) and addressable by position: each reader's shards per
 epoch, the shuffle (a seeded permutation of each block of `shuffle_buffer` consecutive samples, restarted at
@@ -6,6 +6,8 @@ every block) and each sample's augmentation (seeded by its position) are fixed i
 seeks straight to the resume point through the per-shard sample counts of `_info.json` and reads at most one
 block: resuming costs the same at any step and yields exactly the batches an uninterrupted run would.
 A corrupt sample keeps its position and is replaced by the next readable one (counted, never fatal).
+Volume shards (`build_shards --dims 3`, `dims=3` here) go through the same stream; each volume gives one random
+crop of `img_size`^3 voxels (a volume smaller than the crop is zero-padded, counted and logged).
 
 Example:
     >>> loader = make_loader("shards/lumid-{000000..000009}.tar", img_size=224, batch_size=64)  # doctest: +SKIP
@@ -169,20 +171,22 @@ def read_shard(url: str, start: int, stop: int) -> Iterator[dict[str, Any] | Non
         yield None
 
 
-def decode_npy(data: bytes) -> np.ndarray:
-    """Decode `.npy` bytes (no pickle) to a 2-D array; raises ValueError on anything else."""
+def decode_npy(data: bytes, dims: int = 2) -> np.ndarray:
+    """Decode `.npy` bytes (no pickle) to a `dims`-D array (2-D image, 3-D volume); ValueError on anything else."""
     arr = np.load(io.BytesIO(data), allow_pickle=False)
-    if arr.ndim == 3 and arr.shape[0] == 1:
+    if arr.ndim == dims + 1 and arr.shape[0] == 1:
         arr = arr[0]
-    if arr.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {arr.shape}")
+    if arr.ndim != dims:
+        what = "2-D image" if dims == 2 else f"{dims}-D volume"
+        raise ValueError(f"expected a {what}, got shape {arr.shape}"
+                         + (" (2-D shards: set data.dims=2)" if dims == 3 and arr.ndim == 2 else ""))
     if arr.dtype not in (np.uint8, np.uint16, np.float16, np.float32):
         raise ValueError(f"unsupported dtype {arr.dtype}")
     return arr
 
 
 def to_unit_tensor(arr: np.ndarray) -> torch.Tensor:
-    """uint8 / uint16 / float image -> float32 [1, H, W] in [0, 1]."""
+    """uint8 / uint16 / float image or volume -> float32 [1, H, W] (or [1, D, H, W]) in [0, 1]."""
     if arr.dtype == np.uint8:
         x = torch.from_numpy(arr.astype(np.float32) / 255.0)
     elif arr.dtype == np.uint16:
@@ -218,6 +222,33 @@ def random_resized_crop(img: torch.Tensor, size: int, scale: tuple[float, float]
     return out
 
 
+def random_crop_3d(vol: torch.Tensor, size: Sequence[int], hflip: bool, g: torch.Generator) -> torch.Tensor:
+    """A random `size` crop of a [C, D, H, W] volume (+ optional left-right flip of the last axis) with
+    generator `g`; an axis shorter than the crop is zero-padded evenly on both sides first."""
+    pad: list[int] = []
+    for n, s in zip(reversed(vol.shape[1:]), reversed(list(size))):  # F.pad wants the last axis first
+        extra = max(0, s - n)
+        pad += [extra // 2, extra - extra // 2]
+    if any(pad):
+        vol = F.pad(vol, pad)
+    starts = [int(torch.randint(0, n - s + 1, (1,), generator=g)) for n, s in zip(vol.shape[1:], size)]
+    (z, y, x), (sd, sh, sw) = starts, size
+    out = vol[:, z:z + sd, y:y + sh, x:x + sw]
+    if hflip and torch.rand(1, generator=g).item() < 0.5:
+        out = out.flip(-1)
+    return out.contiguous()  # [C, sd, sh, sw]
+
+
+def shards_dims(urls: Sequence[str]) -> int | None:
+    """2 or 3 as recorded in the `build_config.json` beside local shards (None where none is found)."""
+    for folder in sorted({os.path.dirname(u) for u in urls if not _is_remote(u)}):
+        try:
+            return int(json.loads((Path(folder) / "build_config.json").read_text()).get("dims", 2))
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
 class _LocalCounter:
     """Stand-in for multiprocessing.Value in processes that cannot share one."""
 
@@ -245,15 +276,27 @@ class ShardStream(IterableDataset):
                  mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.25,),
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
-                 shuffle_buffer: int = 1000, start_step: int = 0, min_size: int = 1):
+                 shuffle_buffer: int = 1000, start_step: int = 0, min_size: int = 1, dims: int = 2,
+                 crop_size: Sequence[int] | None = None):
         super().__init__()
         if batch_size < 1 or shuffle_buffer < 1 or start_step < 0:
             raise ValueError(f"batch_size and shuffle_buffer must be >= 1 and start_step >= 0, got {batch_size}, "
                              f"{shuffle_buffer}, {start_step}")
+        if dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {dims}")
         self.urls, self.img_size, self.batch_size = list(urls), img_size, batch_size
+        self.dims = dims
+        recorded = shards_dims(self.urls)
+        if recorded is not None and recorded != dims:
+            raise ValueError(f"the shards in {os.path.dirname(self.urls[0])} were built with --dims {recorded}, "
+                             f"the loader reads {dims}-D samples (set data.dims={recorded})")
+        self.crop = tuple(int(c) for c in (crop_size or (img_size,) * 3))  # 3-D: [D, H, W] of a crop
+        if dims == 3 and (len(self.crop) != 3 or min(self.crop) < 1):
+            raise ValueError(f"crop_size must be 3 positive ints, got {crop_size}")
         self.in_chans = in_chans
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        view = (-1,) + (1,) * dims
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(*view)
+        self.std = torch.tensor(std, dtype=torch.float32).view(*view)
         if len(self.mean) not in (1, in_chans) or len(self.std) not in (1, in_chans):
             raise ValueError(f"mean/std must have 1 or {in_chans} values, got {list(mean)} / {list(std)}")
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
@@ -264,12 +307,19 @@ class ShardStream(IterableDataset):
             raise ValueError(f"no samples could be read from {len(self.urls)} shard(s) ({self.urls[:3]}"
                              f"{' ...' if len(self.urls) > 3 else ''}): empty or unreadable tar files")
         self._corrupt = multiprocessing.Value("q", 0)  # shared with forked DataLoader workers
+        self._padded = multiprocessing.Value("q", 0)  # volumes smaller than the crop (zero-padded)
         self._logged = 0  # corrupt samples this process has seen (for sparse logging)
+        self._logged_padded = 0
 
     @property
     def corrupt(self) -> int:
         """Corrupt samples skipped so far, over this process and its (forked) loader workers."""
         return int(self._corrupt.value)
+
+    @property
+    def padded(self) -> int:
+        """Volumes smaller than the crop (zero-padded) decoded so far, over this process and its forked workers."""
+        return int(self._padded.value)
 
     def _count_corrupt(self) -> None:
         with self._corrupt.get_lock():
@@ -278,6 +328,7 @@ class ShardStream(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:  # spawned workers: count locally (a Value cannot be pickled)
         state = dict(self.__dict__)
         state["_corrupt"] = _LocalCounter(self.corrupt)
+        state["_padded"] = _LocalCounter(self.padded)
         return state
 
     def epoch_shards(self, slot: int, slots: int, epoch: int) -> np.ndarray:
@@ -326,9 +377,11 @@ class ShardStream(IterableDataset):
         try:
             if sample is None:
                 raise ValueError("missing: its shard is shorter than _info.json lists or broke")
-            arr = decode_npy(sample["npy"])
-            if min(arr.shape) < self.min_size:
+            arr = decode_npy(sample["npy"], self.dims)
+            if self.dims == 2 and min(arr.shape) < self.min_size:
                 raise ValueError(f"image {arr.shape} is smaller than one patch ({self.min_size} px)")
+            if self.dims == 3 and any(n < c for n, c in zip(arr.shape, self.crop)):
+                self._note_padded(sample, arr.shape)
             return arr, ""
         except Exception as exc:  # missing .npy, bad bytes, wrong shape
             self._count_corrupt()
@@ -338,8 +391,20 @@ class ShardStream(IterableDataset):
                 log.warning("skipping corrupt sample %s (%d in this reader so far): %s", where, self._logged, exc)
             return None, f"{where}: {exc}"
 
+    def _note_padded(self, sample: dict[str, Any], shape: tuple[int, ...]) -> None:
+        with self._padded.get_lock():
+            self._padded.value += 1
+        self._logged_padded += 1
+        if self._logged_padded <= 20 or self._logged_padded % 1000 == 0:
+            log.warning("volume %s in %s %s is smaller than the %s crop: zero-padded (%d in this reader so far)",
+                        sample.get("__key__", "?"), sample.get("__url__", "?"), tuple(shape), self.crop,
+                        self._logged_padded)
+
     def _augment(self, arr: np.ndarray, slot: int, pos: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(stable_seed(self.seed, 3, slot, pos))
+        if self.dims == 3:
+            vol = random_crop_3d(to_unit_tensor(arr), self.crop, self.hflip, g)  # [1, D, H, W]
+            return (vol.expand(self.in_chans, -1, -1, -1) - self.mean) / self.std  # [C, D, H, W]
         img = random_resized_crop(to_unit_tensor(arr), self.img_size, self.scale, self.ratio, self.hflip, g)
         return (img.expand(self.in_chans, -1, -1) - self.mean) / self.std  # [C, S, S]
 
@@ -372,13 +437,14 @@ class ShardStream(IterableDataset):
                     fill(j + 1)
                 batch.append(self._augment(window[j][1], slot, window[i][0]))
             del window[:bs]
-            yield torch.stack(batch)  # [B, C, S, S]
+            yield torch.stack(batch)  # [B, C, S, S] (3-D: [B, C, D, H, W])
 
 
 def make_loader(urls: str | Sequence[str], img_size: int, batch_size: int, *, num_workers: int = 0,
                 seed: int = 0, rank: int = 0, world_size: int = 1, resampled: bool | None = None,
                 start_step: int = 0, **stream_kwargs: Any) -> DataLoader:
-    """DataLoader over the shard stream; yields normalised [B, C, img_size, img_size] float batches forever.
+    """DataLoader over the shard stream; yields normalised [B, C, img_size, img_size] float batches forever
+    ([B, C, D, H, W] crops with `dims=3`).
 
     `resampled` defaults to True when several processes or workers read, so that no reader runs dry.
     `start_step` (batches this rank has already taken) seeks without reading the samples before it.

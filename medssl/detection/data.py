@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medssl.data.coco import build_dataset, collate_detection, make_transforms
+from medssl.data.coco import ConcatDetection, build_dataset, collate_detection, make_transforms
 from medssl.data.epochs import EpochBatches
 
 __all__ = ["Indexed", "build_splits", "epoch_batches", "eval_loader", "to_device", "transforms"]
@@ -58,13 +58,16 @@ def to_device(targets: list[dict], device: torch.device) -> list[dict]:
 
 
 def build_splits(cfg: dict) -> dict[str, Dataset]:
-    """Labelled train (weak aug), val (no aug) and unlabelled target (weak+strong views) datasets."""
+    """Labelled train (weak aug; ``data.train_split`` may list several splits, concatenated), val (no aug) and
+    unlabelled target (weak+strong views) datasets."""
     d = cfg["data"]
     if d["registry"]:
         from medssl.data.coco import load_registry
 
         load_registry(d["registry"])
     target_name = d["target_dataset"] or d["dataset"]
-    return {"train": build_dataset(d["dataset"], d["train_split"], d["data_root"], transforms(cfg, "weak")),
+    names = d["train_split"] if isinstance(d["train_split"], list) else [d["train_split"]]
+    parts = [build_dataset(d["dataset"], n, d["data_root"], transforms(cfg, "weak")) for n in names]
+    return {"train": parts[0] if len(parts) == 1 else ConcatDetection(parts),
             "val": build_dataset(d["dataset"], d["val_split"], d["data_root"], transforms(cfg, "none")),
             "target": build_dataset(target_name, d["target_split"], d["data_root"], transforms(cfg, "weak_strong"))}

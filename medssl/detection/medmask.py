@@ -4,15 +4,18 @@
   the padding mask, and a light deformable decoder reconstructs the backbone's coarsest map
   (detached) from the encoder memory; MSE on the masked, non-padding positions.
 * :class:`ExpertDistiller` maps the last decoder layer's queries and a VFM embedding per image to a
-  shared space with TRAINED projection heads (the public reference rebuilds them at random on every
-  call) and applies InfoNCE (same image positive, the batch's other images negative) or the margin
-  form. :class:`EmbeddingStore` reads ``<image stem>_embedding.npy`` files.
+  shared space: image level with TRAINED projection heads (InfoNCE or margin), the public reference's
+  index-wise form with fixed random projections (``medmask``; the reference rebuilds them at random on
+  every call), or region level through the predicted boxes (``object``). :class:`EmbeddingStore` reads
+  ``<image stem>_embedding.npy`` files.
 * Teacher tools for the MRT-style teaching stage: :func:`ema_update`, :func:`pseudo_labels`,
-  :func:`reset_non_decoder`.
+  :func:`reset_non_decoder`, and the pseudo-label score thresholds of MRT (:func:`mrt_threshold`) and
+  MedMask (:func:`medmask_threshold`).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,8 @@ from torchvision.ops import nms
 from medssl.detection.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
 from medssl.detection.transformer import DeformableDecoderLayer, encoder_reference_points
 
-__all__ = ["EmbeddingStore", "ExpertDistiller", "FeatureMAE", "ema_update", "pseudo_labels",
-           "random_token_masks", "reset_non_decoder"]
+__all__ = ["DISTILL_MODES", "EmbeddingStore", "ExpertDistiller", "FeatureMAE", "ema_update", "medmask_threshold",
+           "mrt_threshold", "pseudo_labels", "random_token_masks", "region_embeddings", "reset_non_decoder"]
 
 
 def random_token_masks(pad_masks: list[torch.Tensor], ratio: float, generator: torch.Generator | None = None
@@ -159,41 +162,100 @@ class _Proj(nn.Sequential):
         super().__init__(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
 
 
+DISTILL_MODES = ("infonce", "margin", "medmask", "object")
+MEDMASK_PROJ_DIM = 256  # the reference's projection width (Linear(256->256) and Linear(512->256))
+_DEFAULT_MARGIN = {"margin": 0.2, "medmask": 1.0}
+
+
+def region_embeddings(tokens: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Expert region embeddings: the token grid averaged inside each box, weighted by the overlap area.
+
+    Args:
+        tokens: ``(g*g, D)`` expert tokens of one image, row-major over a ``g x g`` grid covering the image.
+        boxes: ``(K, 4)`` xyxy boxes normalised to the image (clipped to [0, 1] here).
+
+    Returns:
+        ``(K, D)``: per box, sum over cells of (cell-box overlap area) x token / the box's total overlap; a box
+        that overlaps no cell gets zeros.
+    """
+    g = math.isqrt(tokens.shape[0])
+    if g * g != tokens.shape[0]:
+        raise ValueError(f"expert tokens must form a square grid, got {tokens.shape[0]} rows")
+    b = boxes.clamp(0, 1).to(tokens.dtype)  # [K, 4]
+    edges = torch.arange(g + 1, dtype=tokens.dtype, device=tokens.device) / g  # [g + 1]
+    ox = (torch.minimum(b[:, 2:3], edges[None, 1:]) - torch.maximum(b[:, 0:1], edges[None, :-1])).clamp(min=0)
+    oy = (torch.minimum(b[:, 3:4], edges[None, 1:]) - torch.maximum(b[:, 1:2], edges[None, :-1])).clamp(min=0)
+    w = (oy[:, :, None] * ox[:, None, :]).flatten(1)  # [K, g*g] overlap areas, row-major like the tokens
+    return (w @ tokens) / w.sum(-1, keepdim=True).clamp(min=1e-12)  # [K, D]
+
+
 class ExpertDistiller(nn.Module):
     """Contrastive distillation from VFM embeddings into the detector's decoder queries.
 
-    Both sides are mean-pooled over their queries/rows, projected by trained 2-layer heads to
-    ``proj_dim`` and L2-normalised.
+    Modes (``distill.mode``):
+
+    * ``infonce`` / ``margin`` (ours, image level): both sides mean-pooled over their queries / rows,
+      projected by trained 2-layer heads to ``proj_dim``, L2-normalised; symmetric InfoNCE over the batch
+      (same image positive), or the hinge ``relu(margin - sim(i, i) + sim(i, j))`` averaged over i != j.
+    * ``medmask``: the public MedMask reference. Queries L2-normalised per query; both sides truncated to
+      the shorter length n (101 for BiomedParse) and paired index-wise (query i with expert row i);
+      projected by FIXED random ``Linear(C -> 256)`` and ``Linear(D -> 256)`` (never trained: the
+      reference draws them afresh on every call, we draw them once); flattened to ``(B, n*256)``,
+      L2-normalised; over the batch's pairwise distances d(i, j): ``d^2`` for i == j and
+      ``relu(margin - d)^2`` otherwise (margin 1), averaged over all B x B terms.
+    * ``object`` (ours, region level): the ``regions`` highest-scoring queries of each image are matched,
+      through their predicted boxes, to expert region embeddings (the expert's token grid pooled in the
+      box, :func:`region_embeddings`; the first ``grid_offset`` rows, e.g. the cls token, are skipped);
+      trained heads, symmetric InfoNCE across all regions of all images of the batch. It needs an expert
+      whose rows hold a token grid (``data_tools.extract_embeddings`` backbones: cls + grid x grid);
+      BiomedParse's 101 object-query rows are no grid (101 - 1 = 100 would pass the shape check).
 
     Args:
         d_model: detector query width.
         expert_dim: VFM embedding width (512 for BiomedParse).
-        proj_dim: shared space width.
+        proj_dim: shared space width (trained heads; ``medmask`` uses 256).
         temperature: InfoNCE temperature.
-        mode: ``"infonce"`` (symmetric cross-entropy over the batch) or ``"margin"`` (hinge:
-            ``relu(margin - sim(i, i) + sim(i, j))`` averaged over the pairs i != j).
-        margin: hinge margin.
+        mode: one of :data:`DISTILL_MODES`.
+        margin: hinge margin (None: the mode's reference value, 0.2 for ``margin``, 1 for ``medmask``).
+        regions: queries per image in ``object`` mode.
+        grid_offset: leading expert rows that are not grid tokens (``object`` mode).
     """
 
     def __init__(self, d_model: int, expert_dim: int, proj_dim: int = 128, temperature: float = 0.1,
-                 mode: str = "infonce", margin: float = 0.2) -> None:
+                 mode: str = "infonce", margin: float | None = None, regions: int = 8, grid_offset: int = 1) -> None:
         super().__init__()
-        if mode not in ("infonce", "margin"):
-            raise ValueError(f"distillation mode must be 'infonce' or 'margin', got {mode!r}")
+        if mode not in DISTILL_MODES:
+            raise ValueError(f"distillation mode must be one of {DISTILL_MODES}, got {mode!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.student = _Proj(d_model, proj_dim)
-        self.expert = _Proj(expert_dim, proj_dim)
-        self.temperature, self.mode, self.margin = temperature, mode, margin
+        if regions < 1 or grid_offset < 0:
+            raise ValueError(f"regions must be >= 1 and grid_offset >= 0, got {regions}, {grid_offset}")
+        if mode == "medmask":
+            self.student = nn.Linear(d_model, MEDMASK_PROJ_DIM).requires_grad_(False)
+            self.expert = nn.Linear(expert_dim, MEDMASK_PROJ_DIM).requires_grad_(False)
+        else:
+            self.student = _Proj(d_model, proj_dim)
+            self.expert = _Proj(expert_dim, proj_dim)
+        self.temperature, self.mode, self.regions, self.grid_offset = temperature, mode, regions, grid_offset
+        self.margin = _DEFAULT_MARGIN.get(mode, 0.0) if margin is None else float(margin)
 
-    def forward(self, queries: torch.Tensor, embeddings: list[torch.Tensor | None]) -> torch.Tensor:
-        """Contrastive loss over the images that have an embedding (0 if fewer than two).
+    def forward(self, queries: torch.Tensor, embeddings: list[torch.Tensor | None],
+                boxes: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Distillation loss over the images that have an embedding (0 if the batch has no negative).
 
         Args:
             queries: ``(N, Q, C)`` last decoder layer's queries.
             embeddings: per image ``(Qe, De)`` tensor or None (skipped).
+            boxes: ``(N, Q, 4)`` predicted boxes, xyxy normalised to the expert's view of the image (``object``).
+            scores: ``(N, Q)`` query scores that pick the regions (``object``).
         """
         keep = [i for i, e in enumerate(embeddings) if e is not None]
+        if self.mode == "medmask":
+            return self._medmask(queries, embeddings, keep) if keep else queries.sum() * 0.0
+        if self.mode == "object":
+            if boxes is None or scores is None:
+                raise ValueError("object distillation needs the predicted boxes and scores")
+            return self._object(queries, embeddings, keep, boxes, scores)
         if len(keep) < 2:  # no negatives: the term is undefined, contributes nothing
             return queries.sum() * 0.0
         s = F.normalize(self.student(queries[keep].mean(1)), dim=-1)  # [B, P]
@@ -201,12 +263,41 @@ class ExpertDistiller(nn.Module):
         e = F.normalize(self.expert(e), dim=-1)  # [B, P]
         sim = s @ e.T  # [B, B], positives on the diagonal
         if self.mode == "infonce":
-            labels = torch.arange(len(keep), device=sim.device)
-            logits = sim / self.temperature
-            return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+            return self._infonce(sim)
         pos = sim.diag()[:, None]  # [B, 1]
         off = ~torch.eye(len(keep), dtype=torch.bool, device=sim.device)
         return F.relu(self.margin - pos + sim)[off].mean()
+
+    def _infonce(self, sim: torch.Tensor) -> torch.Tensor:
+        labels = torch.arange(len(sim), device=sim.device)
+        logits = sim / self.temperature
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+    def _medmask(self, queries: torch.Tensor, embeddings: list[torch.Tensor | None], keep: list[int]
+                 ) -> torch.Tensor:
+        n = min(queries.shape[1], *(embeddings[i].shape[0] for i in keep))
+        s = F.normalize(queries[keep][:, :n], dim=-1)  # [B, n, C]
+        e = torch.stack([embeddings[i][:n] for i in keep]).to(s)  # [B, n, De]
+        s = F.normalize(self.student(s).flatten(1), dim=-1)  # [B, n*256]
+        e = F.normalize(self.expert(e).flatten(1), dim=-1)  # [B, n*256]
+        d2 = (s[:, None] - e[None]).pow(2).sum(-1)  # [B, B] squared distances, student i to expert j
+        same = torch.eye(len(keep), dtype=torch.bool, device=d2.device)
+        far = F.relu(self.margin - d2.clamp(min=1e-12).sqrt()) ** 2
+        return torch.where(same, d2, far).mean()
+
+    def _object(self, queries: torch.Tensor, embeddings: list[torch.Tensor | None], keep: list[int],
+                boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.regions, queries.shape[1])
+        if len(keep) * k < 2:
+            return queries.sum() * 0.0
+        idx = scores[keep].detach().topk(k, dim=-1).indices  # [B, k]
+        q = torch.gather(queries[keep], 1, idx[..., None].expand(-1, -1, queries.shape[-1]))  # [B, k, C]
+        b = torch.gather(boxes[keep].detach(), 1, idx[..., None].expand(-1, -1, 4))  # [B, k, 4]
+        r = torch.stack([region_embeddings(embeddings[i][self.grid_offset:].to(q), b[j])
+                         for j, i in enumerate(keep)])  # [B, k, De]
+        s = F.normalize(self.student(q.flatten(0, 1)), dim=-1)  # [B*k, P]
+        e = F.normalize(self.expert(r.flatten(0, 1)), dim=-1)  # [B*k, P]
+        return self._infonce(s @ e.T)  # positives: each query with its own region
 
 
 @torch.no_grad()
@@ -270,3 +361,23 @@ def reset_non_decoder(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> in
     for n in names:
         params[n].copy_(snapshot[n])
     return len(names)
+
+
+def mrt_threshold(threshold: float, matched_score: float, t_max: float, t_min: float = 0.25) -> float:
+    """MRT's dynamic pseudo-label threshold, updated once per epoch.
+
+    ``t <- clip(0.9 t + 0.1 * 0.5 * sqrt(s), t_min, t_max)`` with ``s`` the mean score of the student's
+    predictions matched to the source labels during the epoch (MRT starts at 0.3; ``t_max`` 0.45-0.6).
+    """
+    if not 0.0 <= matched_score <= 1.0:
+        raise ValueError(f"matched score must be in [0, 1], got {matched_score}")
+    return float(min(max(0.9 * threshold + 0.1 * 0.5 * math.sqrt(matched_score), t_min), t_max))
+
+
+def medmask_threshold(epoch: int, epochs: int) -> float:
+    """MedMask's pseudo-label threshold schedule: ``(1 - delta) 0.1 + delta 0.8``, ``delta = 2 / (1 + exp(-epoch
+    / epochs)) - 1`` (0.1 at epoch 0, rising towards 0.42 at ``epochs``)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    delta = 2.0 / (1.0 + math.exp(-epoch / epochs)) - 1.0
+    return (1.0 - delta) * 0.1 + delta * 0.8

@@ -201,22 +201,23 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float 
     """Cross-entropy + soft Dice loss (1 - mean soft Dice over the classes present in batch or prediction).
 
     Args:
-        logits: [N, C, H, W].
-        target: [N, H, W] class indices (ignore_index pixels are skipped).
+        logits: [N, C, H, W] (volumes: [N, C, D, H, W]).
+        target: [N, H, W] ([N, D, H, W]) class indices (ignore_index pixels are skipped).
         dice_weight: weight of the Dice term.
         ce_weight: weight of the cross-entropy term.
         weight: optional [C] class weights for the cross-entropy.
     """
-    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"logits must be [N, C, H, W] and target [N, H, W]; got {tuple(logits.shape)} and "
-                         f"{tuple(target.shape)}")
+    if logits.ndim not in (4, 5) or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"logits must be [N, C, H, W] (or [N, C, D, H, W]) and target [N, H, W] ([N, D, H, W]); "
+                         f"got {tuple(logits.shape)} and {tuple(target.shape)}")
     target = target.long()
     ce = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index)
-    valid = (target != ignore_index).unsqueeze(1)  # [N, 1, H, W]
-    prob = logits.float().softmax(dim=1) * valid  # [N, C, H, W]
-    onehot = F.one_hot(target.clamp(min=0) * valid.squeeze(1), logits.shape[1]).permute(0, 3, 1, 2)
-    onehot = onehot.float() * valid  # [N, C, H, W]
-    inter = (prob * onehot).sum(dim=(0, 2, 3))  # [C]
-    denom = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))  # [C]
+    valid = (target != ignore_index).unsqueeze(1)  # [N, 1, *S]
+    prob = logits.float().softmax(dim=1) * valid  # [N, C, *S]
+    onehot = F.one_hot(target.clamp(min=0) * valid.squeeze(1), logits.shape[1]).movedim(-1, 1)
+    onehot = onehot.float() * valid  # [N, C, *S]
+    dims = (0, *range(2, logits.ndim))
+    inter = (prob * onehot).sum(dim=dims)  # [C]
+    denom = prob.sum(dim=dims) + onehot.sum(dim=dims)  # [C]
     dice = (2 * inter + eps) / (denom + eps)
     return ce_weight * ce + dice_weight * (1 - dice.mean())

@@ -3,7 +3,10 @@
 Parameter names are the official ones (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.*`, `norm`,
 `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.N.*`, `decoder_norm`, `decoder_pred`),
 so an official MAE pretraining checkpoint loads straight in. Unlike the reference, any number of input
-channels and non-square images work.
+channels and non-square images work, and volumes too: `spatial_dims=3` takes [N, C, D, H, W] crops with cubic
+or anisotropic patches (a Conv3d patch embedding under the same name, a 3-D sin-cos position embedding, the
+same masking, decoder and loss on [N, L, prod(patch) * C] patches). `cls_token=False` drops the class token
+(MONAI's ViT and UNETR have none; see `medssl.hub` for loading a 3-D encoder there).
 
 Example:
     >>> mae = create_mae("mae_vit_tiny_patch16", img_size=64, in_chans=1, decoder_embed_dim=128,
@@ -16,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,42 +29,106 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from medssl.models.attention import attention_class
-from medssl.models.pos_embed import sincos_2d
+from medssl.models.pos_embed import sincos_nd
 from medssl.models.vit import get_cfg
 
 
-def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+def _tuple(x: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
+    out = (int(x),) * n if isinstance(x, int) else tuple(int(v) for v in x)
+    if len(out) != n:
+        raise ValueError(f"{what} {x!r} must be one int or {n} ints for {n}-D inputs")
+    return out
+
+
+class PatchEmbed3d(nn.Module):
+    """Volume to patch tokens: a Conv3d with stride = kernel = patch, flattened row-major over (d, h, w).
+
+    The attribute names (`proj`) match timm's `PatchEmbed`, so the state-dict key is `patch_embed.proj.weight`
+    ([D, C, pd, ph, pw]) in 2-D and 3-D alike.
+    """
+
+    def __init__(self, img_size: tuple[int, int, int], patch_size: tuple[int, int, int], in_chans: int,
+                 embed_dim: int):
+        super().__init__()
+        self.img_size, self.patch_size = tuple(img_size), tuple(patch_size)
+        self.grid_size = tuple(s // p for s, p in zip(img_size, patch_size))
+        self.num_patches = math.prod(self.grid_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"input volume {tuple(x.shape[2:])} does not match the model's {self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # [N, D, d, h, w] -> [N, L, D]
+
+
+def patchify(imgs: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """[N, C, S1, .., Sn] -> [N, L, p1*..*pn*C]: patches row-major over the grid, each flattened with the channel
+    innermost (the reference's 2-D `nchpwq -> nhwpqc`, for any n)."""
+    n_, c, *sizes = imgs.shape
+    n = len(patch)
+    if len(sizes) != n or any(s % p for s, p in zip(sizes, patch)):
+        raise ValueError(f"images of shape {tuple(imgs.shape)} do not fit patch size {tuple(patch)}")
+    grid = [s // p for s, p in zip(sizes, patch)]
+    shape = [n_, c] + [v for g, p in zip(grid, patch) for v in (g, p)]
+    x = imgs.reshape(shape)  # [N, C, g1, p1, .., gn, pn]
+    x = x.permute(0, *range(2, 2 + 2 * n, 2), *range(3, 3 + 2 * n, 2), 1)  # [N, g1..gn, p1..pn, C]
+    return x.reshape(n_, math.prod(grid), math.prod(patch) * c)
+
+
+def unpatchify(x: torch.Tensor, patch: Sequence[int], grid: Sequence[int], chans: int) -> torch.Tensor:
+    """[N, L, p1*..*pn*C] -> [N, C, g1*p1, .., gn*pn] (inverse of `patchify`)."""
+    n = len(patch)
+    if x.shape[1] != math.prod(grid) or x.shape[2] != math.prod(patch) * chans:
+        raise ValueError(f"patch tensor {tuple(x.shape)} does not fit grid {tuple(grid)}, patch {tuple(patch)}, "
+                         f"{chans} ch")
+    x = x.reshape(x.shape[0], *grid, *patch, chans)  # [N, g1..gn, p1..pn, C]
+    order = [0, 2 * n + 1] + [v for i in range(n) for v in (1 + i, 1 + n + i)]
+    x = x.permute(*order)  # [N, C, g1, p1, .., gn, pn]
+    return x.reshape(x.shape[0], chans, *[g * p for g, p in zip(grid, patch)])
 
 
 class MaskedAutoencoder(nn.Module):
     """MAE: ViT encoder on the visible patches, light transformer decoder predicting the removed pixels."""
 
-    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+    def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int | Sequence[int] = 16, in_chans: int = 3,
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512,
                  decoder_depth: int = 8, decoder_num_heads: int = 16, mlp_ratio: float = 4.0,
-                 norm_pix_loss: bool = False, attn_impl: str | None = None, drop_path_rate: float = 0.0):
+                 norm_pix_loss: bool = False, attn_impl: str | None = None, drop_path_rate: float = 0.0,
+                 spatial_dims: int = 2, cls_token: bool = True):
         super().__init__()
-        self.img_size, self.patch_size, self.in_chans = _pair(img_size), patch_size, in_chans
-        gh, gw = self.img_size[0] // patch_size, self.img_size[1] // patch_size
-        if gh < 1 or gw < 1:
-            raise ValueError(f"img_size {self.img_size} is smaller than one patch ({patch_size} px)")
-        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
-            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {patch_size}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims, self.in_chans = spatial_dims, in_chans
+        self.img_size = _tuple(img_size, spatial_dims, "img_size")
+        self.patch = _tuple(patch_size, spatial_dims, "patch_size")  # per axis
+        # an int where the patch is cubic / square (what 2-D callers read), else the per-axis tuple
+        self.patch_size: int | tuple[int, ...] = self.patch[0] if len(set(self.patch)) == 1 else self.patch
+        if any(s < p for s, p in zip(self.img_size, self.patch)):
+            raise ValueError(f"img_size {self.img_size} is smaller than one patch ({self.patch_size} px)")
+        if any(s % p for s, p in zip(self.img_size, self.patch)):
+            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         for dim, heads, what in ((embed_dim, num_heads, "encoder"), (decoder_embed_dim, decoder_num_heads,
                                                                       "decoder")):
             if dim % heads:
                 raise ValueError(f"{what} width {dim} is not divisible by its {heads} heads")
-        self.grid = (gh, gw)
+        if spatial_dims == 2 and (embed_dim % 4 or decoder_embed_dim % 4):
+            raise ValueError(f"widths {embed_dim} / {decoder_embed_dim} must be divisible by 4 for the 2-D sin-cos "
+                             "position embedding")
+        self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch))
         self.norm_pix_loss = norm_pix_loss
+        self.num_prefix = 1 if cls_token else 0
         norm = functools.partial(nn.LayerNorm, eps=1e-6)  # as the reference
         attn = attention_class(attn_impl)
 
         # encoder
-        self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
-        num_patches = gh * gw
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        if spatial_dims == 2:
+            self.patch_embed = PatchEmbed(self.img_size, self.patch, in_chans, embed_dim)
+        else:
+            self.patch_embed = PatchEmbed3d(self.img_size, self.patch, in_chans, embed_dim)  # type: ignore[assignment]
+        num_patches = math.prod(self.grid)
+        if cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix, embed_dim), requires_grad=False)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i],
@@ -69,29 +138,34 @@ class MaskedAutoencoder(nn.Module):
         # decoder
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix, decoder_embed_dim),
                                               requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
                   norm_layer=norm, attn_layer=attn) for _ in range(decoder_depth)])
         self.decoder_norm = norm(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans, bias=True)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, math.prod(self.patch) * in_chans, bias=True)
 
-        self.config = dict(img_size=list(self.img_size), patch_size=patch_size, in_chans=in_chans,
+        patch_cfg = self.patch_size if isinstance(self.patch_size, int) else list(self.patch_size)
+        self.config = dict(img_size=list(self.img_size), patch_size=patch_cfg, in_chans=in_chans,
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                            decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
                            decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
                            norm_pix_loss=norm_pix_loss)
+        if spatial_dims != 2 or not cls_token:  # 2-D configs stay as they were
+            self.config.update(spatial_dims=spatial_dims, cls_token=cls_token)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """The reference initialisation: fixed sin-cos pos embeds, xavier Linear/patch conv, N(0, .02) tokens."""
-        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], self.grid, cls_token=True)[None])
+        cls = self.num_prefix == 1
+        self.pos_embed.data.copy_(sincos_nd(self.pos_embed.shape[-1], self.grid, cls_token=cls)[None])
         self.decoder_pos_embed.data.copy_(
-            sincos_2d(self.decoder_pos_embed.shape[-1], self.grid, cls_token=True)[None])
+            sincos_nd(self.decoder_pos_embed.shape[-1], self.grid, cls_token=cls)[None])
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # the conv seen as a Linear
-        nn.init.normal_(self.cls_token, std=0.02)
+        if cls:
+            nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
 
@@ -107,25 +181,15 @@ class MaskedAutoencoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------- patches
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> [N, L, p*p*C], channel innermost (the reference's `nchpwq -> nhwpqc`)."""
-        p = self.patch_size
-        n, c, h, w = imgs.shape
-        if c != self.in_chans or h % p or w % p:
+        """[N, C, H, W] -> [N, L, p*p*C] (3-D: [N, C, D, H, W] -> [N, L, pd*ph*pw*C]), channel innermost."""
+        if imgs.ndim != 2 + self.spatial_dims or imgs.shape[1] != self.in_chans:
             raise ValueError(f"images of shape {tuple(imgs.shape)} do not fit {self.in_chans} channels and "
-                             f"patch size {p}")
-        x = imgs.reshape(n, c, h // p, p, w // p, p)  # [N, C, h, p, w, q]
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(n, (h // p) * (w // p), p * p * c)
+                             f"{self.spatial_dims}-D patch size {self.patch_size}")
+        return patchify(imgs, self.patch)
 
-    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """[N, L, p*p*C] -> [N, C, H, W] (inverse of `patchify`; grid defaults to the model's)."""
-        p, c = self.patch_size, self.in_chans
-        gh, gw = grid or self.grid
-        if x.shape[1] != gh * gw or x.shape[2] != p * p * c:
-            raise ValueError(f"patch tensor {tuple(x.shape)} does not fit grid {gh}x{gw}, patch {p}, {c} ch")
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)  # [N, h, w, p, q, C]
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, gh * p, gw * p)
+    def unpatchify(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """[N, L, prod(p)*C] -> [N, C, *S] (inverse of `patchify`; grid defaults to the model's)."""
+        return unpatchify(x, self.patch, grid or self.grid, self.in_chans)
 
     @staticmethod
     def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -151,32 +215,45 @@ class MaskedAutoencoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------- passes
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        """Embed, add pos (before masking), mask, prepend cls (+ its zero pos row), run the blocks."""
+        """Embed, add pos (before masking), mask, prepend cls (+ its zero pos row) if any, run the blocks."""
         x = self.patch_embed(imgs)  # [N, L, D]
-        x = x + self.pos_embed[:, 1:, :]
+        x = x + self.pos_embed[:, self.num_prefix:, :]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, keep, D]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)  # [N, 1 + keep, D]
+        if self.num_prefix:
+            cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)  # [N, 1 + keep, D]
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder on every patch (no masking), as a backbone runs: [N, (1 +) L, D] after the final norm."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, self.num_prefix:, :]  # [N, L, D]
+        if self.num_prefix:
+            cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)  # [N, 1 + L, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Append mask tokens, unshuffle, add pos, decode; returns [N, L, p*p*C] (cls row removed)."""
-        x = self.decoder_embed(x)  # [N, 1 + keep, Dd]
+        """Append mask tokens, unshuffle, add pos, decode; returns [N, L, prod(p)*C] (cls row removed)."""
+        k = self.num_prefix
+        x = self.decoder_embed(x)  # [N, k + keep, Dd]
         n, length = ids_restore.shape
-        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd] in shuffled order
+        mask_tokens = self.mask_token.expand(n, length + k - x.shape[1], -1)
+        x_ = torch.cat([x[:, k:, :], mask_tokens], dim=1)  # [N, L, Dd] in shuffled order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed  # [N, 1 + L, Dd]
+        x = torch.cat([x[:, :k, :], x_], dim=1) + self.decoder_pos_embed  # [N, k + L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1 + L, p*p*C]
-        return x[:, 1:, :]
+        x = self.decoder_pred(self.decoder_norm(x))  # [N, k + L, prod(p)*C]
+        return x[:, k:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-patch MSE averaged over removed patches; norm_pix: target by its mean and unbiased std."""
-        target = self.patchify(imgs)  # [N, L, p*p*C]
+        """Per-patch MSE averaged over removed patches; norm_pix: target by its mean and unbiased std (any N-D
+        patch: the statistics are over the patch's prod(p)*C values)."""
+        target = self.patchify(imgs)  # [N, L, prod(p)*C]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
@@ -185,7 +262,7 @@ class MaskedAutoencoder(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
-        """Returns (loss, pred [N, L, p*p*C], mask [N, L] with 1 = removed)."""
+        """Returns (loss, pred [N, L, prod(p)*C], mask [N, L] with 1 = removed)."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask

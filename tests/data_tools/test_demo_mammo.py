@@ -221,7 +221,42 @@ def test_ensure_demo_remakes_other_versions(tmp_path, monkeypatch):
     assert calls == [str(tmp_path)]
 
 
-@pytest.mark.parametrize("extra, match", [(("--val", "0"), "at least one image"), (("--height", "16"), "height"),
+def test_calibration_split(tmp_path):
+    """--calib N: labelled vendor-B images of a stream of their own; every other split's bytes are unchanged."""
+    _run(tmp_path / "a")
+    _run(tmp_path / "b", "--calib", "3")
+    a, b = tmp_path / "a" / "demo", tmp_path / "b" / "demo"
+    assert not (a / "images" / "calib").exists() and not (a / "annotations" / "instances_calib.json").exists()
+    for split in ("train", "val", "test", "target"):
+        assert _digest(a / "images" / split) == _digest(b / "images" / split)
+        assert _coco(a, split) == _coco(b, split)
+    calib = _coco(b, "calib")
+    assert len(calib["images"]) == 3 and len(list((b / "images" / "calib").glob("*.png"))) == 3
+    assert all(im["file_name"].startswith("calib_") for im in calib["images"])
+    test_ids = {im["id"] for im in _coco(b, "test")["images"]}
+    assert not test_ids & {im["id"] for im in calib["images"]}
+    report = validate(b)
+    assert report.ok, report.errors
+
+
+def test_ensure_demo_remakes_other_arguments(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo_mammo, "run", lambda args: calls.append((args.seed, args.test)) or 0)
+    p = argparse.ArgumentParser()
+    demo_mammo.add_arguments(p)
+    args = {k: v for k, v in vars(p.parse_args(["--out", "elsewhere", "--seed", "2"])).items() if k != "func"}
+    info = tmp_path / "demo" / "_info.json"
+    info.parent.mkdir()
+    info.write_text(json.dumps({"version": demo_mammo.VERSION, "args": args}))
+    demo_mammo.ensure_demo(tmp_path, ["--seed", "2"])  # the same arguments (wherever it was written): kept
+    demo_mammo.ensure_demo(tmp_path)  # no arguments asked for: any complete set is kept
+    assert calls == []
+    demo_mammo.ensure_demo(tmp_path, ["--seed", "2", "--test", "160"])
+    assert calls == [(2, 160)]
+
+
+@pytest.mark.parametrize("extra, match", [(("--val", "0"), "at least one image"),
+                                          (("--calib", "-1"), "calib"), (("--height", "16"), "height"),
                                           (("--shift", "-0.1"), "shift"), (("--shift", "2.5"), "shift"),
                                           (("--lesion-contrast", "0"), "lesion-contrast"),
                                           (("--distractors", "-1"), "distractors"),

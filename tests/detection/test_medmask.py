@@ -15,9 +15,12 @@ from medssl.detection.medmask import (
     ExpertDistiller,
     FeatureMAE,
     ema_update,
+    medmask_threshold,
+    mrt_threshold,
     non_decoder_names,
     pseudo_labels,
     random_token_masks,
+    region_embeddings,
     reset_non_decoder,
 )
 
@@ -145,6 +148,95 @@ def test_distiller_matches_direct_formula(mode):
     assert dist(q[:1], embs[:1]).item() == 0.0  # no negatives
     with pytest.raises(ValueError, match="mode"):
         ExpertDistiller(16, 8, mode="cosine")
+
+
+def test_medmask_distillation_hand_computed():
+    """The reference form on a case worked by hand: identity-like fixed projections (2 -> 256, the rest zero),
+    queries truncated to the expert's 2 rows and L2-normalised per query, flattened, normalised; margin 1."""
+    dist = ExpertDistiller(2, 2, mode="medmask")
+    assert dist.margin == 1.0 and dist.student.out_features == 256 and dist.expert.out_features == 256
+    assert not any(p.requires_grad for p in dist.parameters())  # fixed random projections, never trained
+    with torch.no_grad():
+        for lin in (dist.student, dist.expert):
+            lin.weight.zero_()
+            lin.weight[:2] = torch.eye(2)
+            lin.bias.zero_()
+    q = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [9.0, 9.0]],  # -> [.6, .8], [1, 0]; query 2 truncated away
+                      [[0.0, 2.0], [0.0, -1.0], [9.0, 9.0]],  # -> [0, 1], [0, -1]
+                      [[5.0, 5.0], [5.0, 5.0], [5.0, 5.0]]], requires_grad=True)  # no embedding: skipped
+    embs = [torch.tensor([[0.6, 0.8], [1.0, 0.0]]), torch.tensor([[0.6, 0.8], [0.8, 0.6]]), None]
+    # flattened and normalised: s0 = e0 = [.6, .8, 1, 0] / sqrt2, s1 = [0, 1, 0, -1] / sqrt2,
+    # e1 = [.6, .8, .8, .6] / sqrt2
+    # d2(s0, e0) = 0; d2(s1, e1) = (.36 + .04 + .64 + 2.56) / 2 = 1.8 (same image: d^2)
+    # d2(s0, e1) = (.04 + .36) / 2 = 0.2 -> (1 - sqrt(.2))^2; d2(s1, e0) = 2.4 / 2 = 1.2 -> d > 1 -> 0
+    expected = (0.0 + 1.8 + (1 - math.sqrt(0.2)) ** 2 + 0.0) / 4
+    loss = dist(q, embs)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert q.grad[:2, :2].abs().sum() > 0 and q.grad[:, 2].abs().sum() == 0 and q.grad[2].abs().sum() == 0
+    assert dist(q, embs).item() == pytest.approx(expected, rel=1e-6)  # the same projections on every call
+
+
+def test_region_embeddings_match_brute_force():
+    torch.manual_seed(0)
+    g, d = 3, 5
+    tokens = torch.randn(g * g, d, dtype=torch.float64)
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.9], [0.0, 0.0, 1.0, 1.0], [0.4, 0.4, 0.45, 0.41],
+                          [-0.2, 0.7, 0.3, 1.3], [0.34, 0.0, 0.66, 0.32]], dtype=torch.float64)
+    got = region_embeddings(tokens, boxes)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.clamp(0, 1).tolist()):
+        acc, total = torch.zeros(d, dtype=torch.float64), 0.0
+        for r in range(g):
+            for c in range(g):
+                ox = max(0.0, min(x1, (c + 1) / g) - max(x0, c / g))
+                oy = max(0.0, min(y1, (r + 1) / g) - max(y0, r / g))
+                acc += ox * oy * tokens[r * g + c]
+                total += ox * oy
+        torch.testing.assert_close(got[k], acc / total)
+    torch.testing.assert_close(got[1], tokens.mean(0))  # the whole image: the plain mean
+    with pytest.raises(ValueError, match="square grid"):
+        region_embeddings(torch.randn(5, d), boxes)
+
+
+def test_object_distillation_matches_direct_formula():
+    torch.manual_seed(0)
+    dist = ExpertDistiller(8, 4, proj_dim=6, temperature=0.5, mode="object", regions=2, grid_offset=1)
+    q = torch.randn(3, 4, 8)
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.9], [0.0, 0.6, 0.3, 1.0], [0.2, 0.2, 0.8, 0.8]])
+    boxes = boxes[None].repeat(3, 1, 1)
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
+    embs = [torch.randn(1 + 4, 4), None, torch.randn(1 + 4, 4)]  # cls + a 2 x 2 grid
+    loss = dist(q, embs, boxes, scores)
+    picks = [(0, 0), (0, 2), (2, 3), (2, 2)]  # the two highest-scoring queries of each image with an embedding
+    s = [F.normalize(dist.student(q[i, j]), dim=0) for i, j in picks]
+    e = [F.normalize(dist.expert(region_embeddings(embs[i][1:], boxes[i, j:j + 1])[0]), dim=0) for i, j in picks]
+    sim = [[float((s[a] @ e[b]).detach()) / 0.5 for b in range(4)] for a in range(4)]
+    row = [-(sim[a][a] - math.log(sum(math.exp(sim[a][b]) for b in range(4)))) for a in range(4)]
+    col = [-(sim[b][b] - math.log(sum(math.exp(sim[a][b]) for a in range(4)))) for b in range(4)]
+    assert loss.item() == pytest.approx(0.5 * (sum(row) / 4 + sum(col) / 4), rel=1e-5)
+    with pytest.raises(ValueError, match="boxes"):
+        dist(q, embs)
+
+
+def test_mrt_threshold_hand_computed():
+    assert mrt_threshold(0.3, 0.64, t_max=0.5) == pytest.approx(0.9 * 0.3 + 0.1 * 0.5 * 0.8)  # 0.31
+    assert mrt_threshold(0.25, 0.0, t_max=0.5) == pytest.approx(0.25)  # 0.225 clipped up to 0.25
+    assert mrt_threshold(0.6, 1.0, t_max=0.45) == pytest.approx(0.45)  # 0.59 clipped down to t_max
+    t = 0.3
+    for _ in range(2):
+        t = mrt_threshold(t, 0.81, t_max=0.6)
+    assert t == pytest.approx(0.9 * (0.9 * 0.3 + 0.045) + 0.045)  # 0.3285
+    with pytest.raises(ValueError, match="matched score"):
+        mrt_threshold(0.3, 1.5, t_max=0.5)
+
+
+def test_medmask_threshold_schedule_hand_computed():
+    assert medmask_threshold(0, 10) == pytest.approx(0.1)
+    delta = 2 / (1 + math.exp(-0.5)) - 1  # 0.24492
+    assert medmask_threshold(5, 10) == pytest.approx(0.1 + 0.7 * delta)  # 0.27144
+    assert medmask_threshold(10, 10) == pytest.approx(0.1 + 0.7 * (2 / (1 + math.exp(-1)) - 1))  # 0.42349
+    with pytest.raises(ValueError, match="epochs"):
+        medmask_threshold(0, 0)
 
 
 def test_ema_update_formula():

@@ -100,3 +100,99 @@ def test_operating_threshold():
                        "sensitivity": np.array([0, 0.5, 0.7, 0.9])}}
     assert operating_threshold(curve, 0.3) == 0.5
     assert operating_threshold(curve, 0.05) == 1.0  # nothing qualifies: show nothing
+
+
+def _bn_means(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_target_forward_adapts_bn_statistics_and_freeze_bn_keeps_them():
+    """AdaBN control: the target batch goes through the detector in train mode with no loss, so BatchNorm running
+    statistics move by exactly what a train-mode forward of that batch gives; freeze_bn keeps them."""
+    import copy
+
+    from medssl.detection.detr import build_detector, demo_detector_config
+
+    torch.manual_seed(0)
+    det = build_detector(demo_detector_config(backbone_name="resnet10t", hidden_dim=32, nheads=2, enc_layers=1,
+                                              dec_layers=1, dim_feedforward=64, num_queries=6))
+    x, tx = torch.randn(2, 1, 64, 64), torch.randn(2, 1, 64, 64) * 3 + 1
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    targets = [{"labels": torch.zeros(1, dtype=torch.int64), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
+    batch = ((x, mask, targets, [None, None]), ((tx, tx), mask, targets, [None, None]))
+    sc = {**DEFAULTS["cross_domain_mae"], "mae_weight": 0.0, "distill_weight": 0.0}
+    runs = {}
+    for name, extra in {"plain": {}, "adabn": {"target_forward": True},
+                        "frozen": {"target_forward": True, "freeze_bn": True}}.items():
+        model = stages.StageModel("cross_domain_mae", {**sc, **extra}, copy.deepcopy(det), None, None, None,
+                                  paired=True).train()
+        runs[name] = (model(batch), _bn_means(model.detector))
+    expected = copy.deepcopy(det).train()
+    expected(x, mask)
+    with torch.no_grad():
+        expected(tx, mask)  # the source batch then the target batch, both in train mode
+    for a, b in zip(runs["adabn"][1], _bn_means(expected)):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(runs["adabn"][1], runs["plain"][1]))
+    for a, b in zip(runs["frozen"][1], _bn_means(det)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # statistics frozen
+    # the target forward adds no loss term: the losses equal the plain run's
+    assert set(runs["adabn"][0]) == set(runs["plain"][0]) == {"loss", "det"}
+    assert runs["adabn"][0]["loss"].item() == pytest.approx(runs["plain"][0]["loss"].item(), rel=1e-6)
+
+
+def test_teaching_threshold_per_epoch():
+    """The task's threshold logic: fixed stays, MedMask's schedule follows the epoch, MRT updates once per finished
+    epoch from that epoch's matched source scores (not again on a repeated call) and keeps t without a match."""
+    from types import SimpleNamespace
+
+    from medssl.train.dist import DistInfo
+
+    engine = SimpleNamespace(dist=DistInfo())
+
+    def task(rule: str) -> SimpleNamespace:
+        model = SimpleNamespace(threshold=0.3, matched=[0.0, 0])
+        return SimpleNamespace(sc={**DEFAULTS["teaching"], "threshold": rule, "epochs": 4, "threshold_max": 0.5},
+                               model=model, threshold_epoch=0)
+
+    t = task("fixed")
+    assert stages.StageTask._threshold(t, engine, 3) == 0.3
+    t = task("medmask")
+    assert stages.StageTask._threshold(t, engine, 2) == pytest.approx(0.1 + 0.7 * (2 / (1 + np.exp(-0.5)) - 1))
+    t = task("mrt")
+    assert stages.StageTask._threshold(t, engine, 0) == 0.3  # epoch 0 starts at score_threshold
+    t.model.matched = [1.28, 2]  # epoch 0 matched two source predictions, mean score 0.64
+    t.model.threshold = stages.StageTask._threshold(t, engine, 1)
+    assert t.model.threshold == pytest.approx(0.9 * 0.3 + 0.05 * 0.8) and t.model.matched == [0.0, 0]
+    assert stages.StageTask._threshold(t, engine, 1) == pytest.approx(0.31)  # epoch 1 again (a resume): no update
+    assert stages.StageTask._threshold(t, engine, 2) == pytest.approx(0.31)  # nothing matched in epoch 1: kept
+
+
+def test_stage_options_end_to_end(tiny_root, tmp_path):
+    """Controls and teaching options through the stage machinery: a stage 2 without MAE reads no target batch
+    (unless target_forward), eval.checkpoint=last hands over last.pt, teaching with MRT's threshold and
+    keep_better saves as best.pt the model whose validation score it reports, an oracle trains on two splits."""
+    from medssl.detection.evaluation import evaluate
+    from medssl.detection.predict import load_detector
+
+    cfg = _cfg(tiny_root, tmp_path / "run", "cross_domain_mae.mae_weight=0", "cross_domain_mae.distill_weight=0",
+               "eval.checkpoint=last", "teaching.threshold=mrt", "teaching.keep_better=true",
+               "teaching.distill_weight=0", "teaching.mae_weight=0", "train.precision=fp32")  # scored as below
+    task = stages.StageTask("cross_domain_mae", cfg, build_splits(cfg), tmp_path, load_init=False)
+    assert not task.paired
+    cfg2 = _cfg(tiny_root, tmp_path / "run", "cross_domain_mae.mae_weight=0", "cross_domain_mae.target_forward=true")
+    assert stages.StageTask("cross_domain_mae", cfg2, build_splits(cfg2), tmp_path, load_init=False).paired
+    res = stages.train_stage("cross_domain_mae", cfg, tmp_path / "run")
+    assert res["checkpoint"] == str(tmp_path / "run" / "cross_domain_mae" / "last.pt")
+    res = stages.train_stage("teaching", cfg, tmp_path / "run", init=res["checkpoint"])
+    hist = res["history"]
+    assert hist[0]["pseudo_threshold"] == 0.0 and hist[1]["pseudo_threshold"] >= 0.25  # MRT's floor
+    assert all("kept_student" in h["val"] for h in hist)
+    model, _ = load_detector(tmp_path / "run" / "teaching" / "best.pt", torch.device("cpu"))
+    again = evaluate(model, build_splits(cfg)["val"], cfg, torch.device("cpu"))[0]
+    assert again["R@0.3"] == pytest.approx(res["best"]["R@0.3"])
+    oracle = build_splits(_cfg(tiny_root, tmp_path, 'data.train_split=["train", "target_truth"]'))["train"]
+    truth = json.loads((tiny_root / "demo" / "annotations" / "instances_target_truth.json").read_text())
+    assert len(oracle) == 4 + 3 and oracle.file_of(5) == tiny_root / "demo" / "images" / "target" / "target_00001.png"
+    n_truth = sum(a["image_id"] == truth["images"][1]["id"] for a in truth["annotations"])
+    assert len(oracle.gt_boxes_xyxy(5)) == n_truth and len(oracle[5][1]["labels"]) == n_truth

@@ -142,3 +142,23 @@ def test_prune_keeps_newest_and_snapshots(tmp_path):
     assert left() == [520, 1040, 1066, 1092]
     prune_checkpoints(tmp_path, keep=2)
     assert left() == [1066, 1092]
+
+
+@pytest.mark.parametrize("eval_precision, autocast", [("fp32", False), ("train", True)])
+def test_evaluation_runs_in_float32_unless_asked(tmp_path, eval_precision, autocast):
+    """The best epoch is chosen on the numbers the final scoring computes (float32), not on bf16 ones."""
+    seen = []
+
+    class Probe(_Recorder):
+        def evaluate(self, engine, epoch):
+            seen.append((torch.is_autocast_enabled("cpu"), self.model(torch.ones(1, 4)).dtype))
+            return {"score": float(epoch)}
+
+    g = torch.Generator().manual_seed(0)
+    data = EpochBatches(TensorDataset(torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)), 4, seed=0)
+    cfg = TrainConfig(total_steps=2, lr=0.1, steps_per_epoch=2, precision="bf16", select="score", ckpt_every=0,
+                      eval_precision=eval_precision)
+    Engine(Probe(), cfg, tmp_path, DistInfo()).fit(data)
+    assert seen == [(autocast, torch.bfloat16 if autocast else torch.float32)]
+    with pytest.raises(ValueError, match="eval_precision"):
+        TrainConfig(total_steps=2, lr=0.1, eval_precision="bf16")

@@ -1,0 +1,176 @@
+"""benchmarks/medmask_ablation.py: the config's rows resolve, stage runs are shared where they should be, the
+paired comparisons against each row's control by hand, the report's side-by-side selection rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import stats
+from benchmarks.medmask_ablation import _stage_key, compare, demo_argv, report
+from medssl.config import load_config, read_yaml
+from medssl.detection.config import DEFAULTS
+
+CONFIG = Path("benchmarks/configs/medmask.yaml")
+
+
+def _cfg(spec: dict, row: dict, rule: str = "best", seed: int = 0) -> dict:
+    """A row's config as `run_config` resolves it, without generating the data set."""
+    sets = {"data.dataset": "demo", "data.data_root": "/nonexistent", "eval.checkpoint": rule,
+            **(spec.get("set") or {}), **(row.get("set") or {}), "seed": seed}
+    return load_config(DEFAULTS, Path(spec["recipe"]), [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
+                                                        for k, v in sets.items()])
+
+
+def test_config_rows_resolve_and_controls_exist():
+    spec = read_yaml(CONFIG.read_text())
+    names = [r["name"] for r in spec["rows"]]
+    assert len(names) == len(set(names))
+    assert len(spec["data_seeds"]) >= 3 and len(spec["seeds"]) >= 3 and spec["selection"] == ["best", "last"]
+    assert spec["demo"]["test"] >= 150 and spec["demo"]["calib"] > 0
+    for row in spec["rows"]:
+        assert row.get("control") is None or row["control"] in names
+        cfg = _cfg(spec, row)  # every override is a known key
+        assert cfg["cross_domain_mae"]["epochs"] == 2 and cfg["teaching"]["epochs"] == 2
+    rows = {r["name"]: r for r in spec["rows"]}
+    adabn = _cfg(spec, rows["AdaBN control (target forward, no loss)"])["cross_domain_mae"]
+    assert adabn["target_forward"] and adabn["mae_weight"] == 0 and adabn["distill_weight"] == 0
+    oracle = _cfg(spec, rows["oracle (source + target labels)"])
+    longest = max(sum(_cfg(spec, r)[s]["epochs"] for s in r["stages"]) for r in spec["rows"] if r["stages"]
+                  and "oracle" not in r["name"])
+    assert oracle["data"]["train_split"] == ["train", "target_truth"] and oracle["source_only"]["epochs"] == longest
+    medmask = _cfg(spec, rows["+ distillation (medmask reference)"])
+    assert medmask["distill"]["mode"] == "medmask" and medmask["distill"]["margin"] is None  # the mode's 1
+    assert medmask["cross_domain_mae"]["distill_weight"] == 1
+
+
+def test_demo_argv_parses_as_the_generator_arguments():
+    import argparse
+
+    from data_tools import demo_mammo
+
+    argv = demo_argv({"demo": {"test": 160, "calib": 100}}, 2)
+    assert argv == ["--test", "160", "--calib", "100", "--seed", "2"]
+    p = argparse.ArgumentParser()
+    demo_mammo.add_arguments(p)
+    a = p.parse_args(argv)
+    assert (a.seed, a.test, a.calib, a.train) == (2, 160, 100, 200)
+    assert demo_argv({}, None) is None
+
+
+def test_stage_runs_shared_across_rules_and_distillation_modes():
+    spec = read_yaml(CONFIG.read_text())
+    rows = {r["name"]: r for r in spec["rows"]}
+    so = ["source_only"]
+    s2 = ["source_only", "cross_domain_mae"]
+    keys = {(name, rule): _stage_key(_cfg(spec, rows[name], rule), so, "f")
+            for name in ("source_only", "+ distillation (medmask reference)", "+ distillation (object-level)",
+                         "stage 2 (MAE + distillation)") for rule in ("best", "last")}
+    assert len(set(keys.values())) == 1  # one source_only run feeds every row and both rules
+    assert _stage_key(_cfg(spec, rows["oracle (source + target labels)"]), so, "f") != keys[("source_only", "best")]
+    stage2 = {rule: _stage_key(_cfg(spec, rows["stage 2 (MAE + distillation)"], rule), s2, "f")
+              for rule in ("best", "last")}
+    assert stage2["best"] != stage2["last"]  # stage 2 starts from source_only's best.pt or its last.pt
+    modes = {_stage_key(_cfg(spec, rows[n]), s2, "f") for n in ("+ distillation", "+ distillation (medmask reference)",
+                                                                 "+ distillation (object-level)")}
+    assert len(modes) == 3
+
+
+def _cells(values: dict[tuple[str, int, int, str], float]) -> dict:
+    return {k: {"summary": {"R@0.3": v}} for k, v in values.items()}
+
+
+def test_compare_pairs_each_row_with_its_control_by_hand():
+    rows = [{"name": "ctrl"}, {"name": "mae", "control": "ctrl"}]
+    v = {}
+    for rule, shift in (("best", 0.0), ("last", 0.05)):
+        for g in (0, 1):
+            for s in (0, 1):
+                v[("ctrl", g, s, rule)] = 0.1 * g + 0.01 * s
+                v[("mae", g, s, rule)] = v[("ctrl", g, s, rule)] + [0.1, 0.2, 0.0, 0.1][2 * g + s] + shift
+    out = compare(rows, _cells(v))
+    assert [(c["rule"], c["unit"]) for c in out] == [("best", "run"), ("best", "set"), ("last", "run"), ("last", "set")]
+    run = out[0]
+    diffs = [0.1, 0.2, 0.0, 0.1]  # (set, seed) = (0, 0), (0, 1), (1, 0), (1, 1)
+    assert run["diffs"] == pytest.approx(diffs) and run["seeds"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert run["mean"] == pytest.approx(0.1)
+    half = 3.182446305284263 * np.std(diffs, ddof=1) / 2  # t(0.975, 3) x sd / sqrt(4)
+    assert run["ci"] == pytest.approx([0.1 - half, 0.1 + half])
+    assert (run["up"], run["down"], run["p_sign"]) == (3, 0, 0.25)
+    per_set = out[1]
+    assert per_set["seeds"] == [0, 1] and per_set["diffs"] == pytest.approx([0.15, 0.05])
+    assert per_set["ci"] == pytest.approx(stats.t_interval([0.15, 0.05]))
+    assert out[2]["mean"] == pytest.approx(0.15)
+    one_set = compare(rows, _cells({k: x for k, x in v.items() if k[1] == 0}))
+    assert [c["unit"] for c in one_set] == ["run", "run"]  # no set-level unit with a single set
+
+
+def test_report_puts_rules_side_by_side_and_the_comparisons():
+    entry = {"R@0.3": (0.5, 0.1), "mean_sensitivity": (0.4, 0.1), "AP50": (0.2, 0.0), "seeds": 4}
+    tables = {"best": [{"row": "ctrl", **entry}, {"row": "mae", **entry, "R@0.3": (0.6, 0.1)}],
+              "last": [{"row": "ctrl", **entry, "R@0.3": (0.45, 0.05)}, {"row": "mae", **entry}]}
+    comps = [{"row": "mae", "control": "ctrl", "rule": "best", "unit": "run", "metric": "R@0.3", "seeds": [[0, 0]] * 4,
+              "mean": 0.1, "ci": [0.02, 0.18], "decided": True, "up": 4, "down": 0, "p_sign": 0.125}]
+    meta = {"test_images": "160", "test_lesions": "79-81", "minutes": 1.0, "machine": "CPU", "seeds": 3,
+            "data_seeds": [0, 1, 2], "command": "python benchmarks/medmask_ablation.py"}
+    text = "\n".join(report(tables["best"], meta, tables, comps))
+    assert text.startswith("MedMask ablation on the target-domain test split (per generated set 160 images, 79-81 "
+                           "lesions; 3 sets x 3 seeds), CPU demo scale")
+    assert "| ctrl | 0.500 +- 0.100 (n 4) | 0.450 +- 0.050 (n 4) |" in text
+    assert "| mae | 0.600 +- 0.100 (n 4) | 0.500 +- 0.100 (n 4) |" in text
+    assert ("| mae | ctrl | target validation (reference) | run | 4 | +0.100 (**better**) | [+0.020, +0.180] | "
+            "4 / 0 | 0.12 |") in text
+
+
+def test_main_end_to_end_tiny(tmp_path):
+    """The whole protocol at toy scale: two generated sets (with a calibration split), one seed, both selection
+    rules, a control; cells, tables, comparisons and the report written; a re-run reads every cell back."""
+    import yaml
+
+    from benchmarks import medmask_ablation
+    from tests.detection.conftest import TINY
+
+    tiny = dict(s.split("=", 1) for s in TINY)
+    tiny = {k: json.loads(v) if v.startswith("[") else v for k, v in tiny.items()}
+    spec = {"recipe": "recipes/configs/medmask_demo.yaml", "data_root": str(tmp_path / "data"), "data_seeds": [0, 1],
+            "seeds": [0], "selection": ["best", "last"],
+            "demo": {"train": 4, "val": 3, "test": 2, "target": 3, "calib": 2, "height": 64, "width": 64,
+                     "abnormal_frac": 0.7, "expert": "vit_tiny_patch16", "embed_size": 32, "embed_grid": 2},
+            "set": {**tiny, "teaching.epochs": 1},
+            "rows": [{"name": "source_only", "stages": ["source_only"]},
+                     {"name": "AdaBN", "stages": ["source_only", "cross_domain_mae"], "control": "source_only",
+                      "set": {"cross_domain_mae.mae_weight": 0, "cross_domain_mae.distill_weight": 0,
+                              "cross_domain_mae.target_forward": True}}]}
+    config = tmp_path / "spec.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert medmask_ablation.main(["--config", str(config), "--out", str(out)]) == 0
+    for g in (0, 1):
+        info = json.loads((tmp_path / "data" / f"seed{g}" / "demo" / "_info.json").read_text())
+        assert info["args"]["seed"] == g and info["images"]["calib"] == 2
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["tables"]) == {"best", "last"} and all(e["seeds"] == 2 for t in result["tables"].values()
+                                                              for e in t)
+    assert [(c["rule"], c["unit"]) for c in result["comparisons"]] == [("best", "run"), ("best", "set"),
+                                                                         ("last", "run"), ("last", "set")]
+    assert len(list((out / "cells").glob("*.json"))) == 2 * 2 * 2
+    # source_only trained once per set (both rules), stage 2 once per set and rule
+    runs = {p.parent.name for p in (out / "stages").glob("*/*/metrics.json")}
+    assert sum(1 for p in (out / "stages").glob("*/source_only/metrics.json")) == 2
+    assert sum(1 for p in (out / "stages").glob("*/cross_domain_mae/metrics.json")) == 4 and runs
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    last = [c for c in cells if c["row"] == "source_only" and c["rule"] == "last"]
+    assert all(c["stage_dir"].endswith("source_only") for c in last)
+    text = (out / "results.md").read_text()
+    assert "none (last epoch)" in text and "| AdaBN | source_only |" in text
+    assert medmask_ablation.main(["--config", str(config), "--out", str(out), "--report"]) == 0
+    assert json.loads((out / "results.json").read_text())["tables"] == result["tables"]
+    stage_runs = sorted((out / "stages").glob("*/*/metrics.json"))
+    assert medmask_ablation.main(["--config", str(config), "--out", str(out), "--split", "calib"]) == 0
+    calib = json.loads((tmp_path / "out_calib" / "results.json").read_text())
+    assert calib["meta"]["split"] == "calib" and calib["meta"]["test_images"] == "2"
+    assert sorted((out / "stages").glob("*/*/metrics.json")) == stage_runs  # scored only: no stage retrained
+    assert not (tmp_path / "out_calib" / "stages").exists()
