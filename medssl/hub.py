@@ -335,15 +335,17 @@ def backbone_record(source: str | os.PathLike) -> dict[str, Any]:
     A detector or classifier stores this record in its checkpoint, so that it can be rebuilt on a machine
     where the source no longer exists; the weights then come from the checkpoint itself. A backbone folder's
     architecture is read from its `config.json` alone (its weights file is not opened); any other source's
-    (or an old config's that lacks some of `ARCH_KEYS`) from its state dict.
+    (a 3-D backbone's, or an old config's that lacks some of `ARCH_KEYS`) from its state dict.
     """
     folder = _backbone_folder(Path(source))
     meta = json.loads((folder / CONFIG_NAME).read_text()) if folder is not None else {}
-    if all(k in meta for k in ARCH_KEYS):
+    if all(k in meta for k in ARCH_KEYS) and meta.get("spatial_dims", 2) == 2:  # a 3-D one: from its weights
         img = meta["img_size"]
         arch = {k: int(meta[k]) for k in ("embed_dim", "depth", "in_chans", "patch_size")}
         arch.update(img_size=(img, img) if isinstance(img, int) else tuple(img), num_heads=int(meta["num_heads"]),
                     mlp_ratio=float(meta["mlp_ratio"]))
+        if meta.get("cls_token") is False:  # `save_backbone` records a missing class token
+            arch["cls_token"] = False
         where = f"backbone folder {folder}"
     else:
         state, meta, where = _source(source)
@@ -439,6 +441,8 @@ def save_backbone(model: nn.Module, folder: str | os.PathLike, **provenance: Any
                     patch_size=model.patch_embed.patch_size[0], img_size=list(model.patch_embed.img_size),
                     in_chans=model.patch_embed.proj.in_channels,
                     mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim)
+        if model.cls_token is None:  # as a 2-D MAE without one records it; configs with one stay as they were
+            arch["cls_token"] = False
     else:
         raise TypeError(f"save_backbone takes a MaskedAutoencoder or a timm VisionTransformer, "
                         f"got {type(model).__name__}")

@@ -98,12 +98,17 @@ def test_pickled_objects_are_refused(tmp_path):
         medssl.load_backbone(tmp_path / "evil.pth")
 
 
-@pytest.mark.parametrize("make", ["vit", "mae"])
+@pytest.mark.parametrize("make", ["vit", "mae", "vit_no_cls", "mae_no_cls"])
 def test_backbone_record_reads_config_json_alone(tmp_path, make):
     from medssl.hub import backbone_config, backbone_record
     from medssl.models.vit import build_vit
 
-    model = build_vit(32, 2, 2, 8, 32, 1, mlp_ratio=2.0) if make == "vit" else _mae()
+    no_cls = make.endswith("no_cls")
+    if make.startswith("vit"):
+        model = build_vit(32, 2, 2, 8, 32, 1, mlp_ratio=2.0, **({"class_token": False, "global_pool": "avg"}
+                                                                  if no_cls else {}))
+    else:
+        model = _mae(cls_token=not no_cls)
     medssl.save_backbone(model, tmp_path / "run" / "backbone", data="unit-test")
     folder = tmp_path / "run" / "backbone"
     from_weights = tmp_path / "old"  # an old config.json without the architecture: read from the state dict
@@ -119,6 +124,7 @@ def test_backbone_record_reads_config_json_alone(tmp_path, make):
         assert {k: v for k, v in rec.items() if k not in ("where", "meta")} == \
                {k: v for k, v in expected.items() if k not in ("where", "meta")}
         assert rec["meta"]["provenance"]["data"] == "unit-test"
+        assert rec.get("cls_token", True) is not no_cls
     with pytest.raises(SafetensorError):  # the weights themselves are read where they are loaded
         medssl.load_backbone(folder)
     assert backbone_config(tmp_path / "run")["provenance"]["data"] == "unit-test"
