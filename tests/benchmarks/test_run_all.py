@@ -159,3 +159,18 @@ def test_rows_with_own_budgets_and_pretraining_epochs(micro):
     assert ("| Labels | ResNet-18 from scratch, scratch | ViT-32/8 random init, finetune | MAE short, finetune | "
             "MAE long, finetune |") in md
     assert (out / "brain_level_curves.png").is_file()
+
+
+def test_primary_row_is_the_first_pretrained_entry_or_the_marked_one(tmp_path):
+    folder = tmp_path / "bb"
+    folder.mkdir()
+    other = tmp_path / "bb2"
+    other.mkdir()
+    # a registry name that is no file is a random-init row: it never answers the question
+    assert run_all.primary_source({"backbones": ["vit_tiny_patch16", str(folder), str(other)]}) == str(folder)
+    assert run_all.primary_source({"backbones": [str(folder), {"source": str(other), "primary": True}]}) == str(other)
+    with pytest.raises(ValueError, match="one entry answers"):
+        run_all.primary_source({"backbones": [{"source": str(folder), "primary": True},
+                                              {"source": str(other), "primary": True}]})
+    with pytest.raises(ValueError, match="one entry answers"):
+        run_all.primary_source({"backbones": [str(folder), str(folder)]})

@@ -91,4 +91,24 @@ def test_verdict_reads_only_the_primary_pretrained_row():
     assert verdict(comps)["tasks"] == {"t": False}  # the lever beats both, the primary row does not
     for c in cells:
         c.pop("primary")
-    assert verdict(comparisons(cells))["tasks"] == {"t": True}  # without a primary row: any pretrained row
+    with pytest.raises(ValueError, match="none marked primary"):  # best-of-n is refused, not answered
+        verdict(comparisons(cells))
+
+
+def test_folds_of_one_task_vote_once():
+    """Two folds of a task (one family): it passes only when both folds do; a lone task keeps its own vote."""
+    def cells_for(task, family, up):
+        out = []
+        for seed in range(5):
+            for row, role, auc in (("cnn", "cnn", 0.6), ("rand", "random", 0.6),
+                                   ("mae", "pretrained", 0.6 + (0.05 + 0.01 * seed if up else (-1) ** seed * 0.01))):
+                out.append({"task": task, "family": family, "kind": "classification", "fraction": 8, "n_train": 8,
+                            "seed": seed, "row": row, "protocol": "scratch" if role == "cnn" else "finetune",
+                            "role": role, "backbone": "cnn" if role == "cnn" else "ViT", "pretraining": row,
+                            "primary": role == "pretrained", "metrics": {"auc": auc}})
+        return out
+
+    v = verdict(comparisons(cells_for("f@a", "f", True) + cells_for("f@b", "f", False) + cells_for("g", "g", True)))
+    assert v["tasks"] == {"f": False, "g": True} and v["tasks_total"] == 2
+    v = verdict(comparisons(cells_for("f@a", "f", True) + cells_for("f@b", "f", True)))
+    assert v["tasks"] == {"f": True} and v["pays_off"]

