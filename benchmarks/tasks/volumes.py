@@ -1,0 +1,43 @@
+"""Volume tasks' samples: seeded training crops and a deterministic tiling of whole volumes (3-D tasks).
+
+A 3-D task trains on fixed cubes of `crop` voxels cut from its training volumes at seeded positions (the task's
+seed, not a cell's: every row trains on the same crops) and is scored on every voxel of its validation and test
+volumes once: each volume is padded evenly with air (image 0, background label) to a multiple of the crop along
+every axis and cut into non-overlapping tiles, so the Dice over the tiles is the Dice over the padded volume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def pad_to(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`volume` [D, H, W] padded evenly with zeros (air / background) to at least `shape`."""
+    pads = [((max(s, n) - n) // 2, max(s, n) - n - (max(s, n) - n) // 2) for n, s in zip(volume.shape, shape)]
+    return np.pad(volume, pads)
+
+
+def tiles(image: np.ndarray, labels: np.ndarray, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every voxel of a volume once: images [T, 1, c, c, c] and labels [T, c, c, c], tiles in (z, y, x) order."""
+    shape = tuple(-(-n // crop) * crop for n in image.shape)  # each axis up to a multiple of the crop
+    x, y = pad_to(image, shape), pad_to(labels, shape)
+    nz, ny, nx = (s // crop for s in shape)
+
+    def cut(v: np.ndarray) -> np.ndarray:  # [nz*c, ny*c, nx*c] -> [nz*ny*nx, c, c, c]
+        v = v.reshape(nz, crop, ny, crop, nx, crop).transpose(0, 2, 4, 1, 3, 5)
+        return v.reshape(-1, crop, crop, crop)
+
+    return torch.from_numpy(cut(x).copy()).float()[:, None], torch.from_numpy(cut(y).copy()).long()
+
+
+def random_crops(image: np.ndarray, labels: np.ndarray, crop: int, count: int, seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` crops at seeded uniform positions of the volume (padded to the crop where smaller):
+    images [count, 1, c, c, c] and labels [count, c, c, c]."""
+    x, y = pad_to(image, (crop,) * 3), pad_to(labels, (crop,) * 3)
+    rng = np.random.default_rng(seed)
+    starts = [[int(rng.integers(0, n - crop + 1)) for n in x.shape] for _ in range(count)]
+    box = [tuple(slice(s, s + crop) for s in st) for st in starts]
+    return (torch.from_numpy(np.stack([x[b] for b in box])).float()[:, None],
+            torch.from_numpy(np.stack([y[b] for b in box])).long())
