@@ -7,7 +7,8 @@ the body's bounding box (HU > -500). Samples are cubes of `img_size` voxels (64:
 so its position embedding is used as pretrained; 64^3 at 2 mm is a 128 mm cube):
 
 - train: the one training subject gives `train_crops` (16) crops at seeded positions (`crop_seed`; the same for
-  every row and cell), all of the labelled budget;
+  every row and cell; every other crop centred on a voxel of each organ class in turn, so that every class
+  present in the volume is seen), all of the labelled budget;
 - val / test: each whole volume tiled without overlap after even padding with air (`benchmarks.tasks.volumes`),
   so Dice counts every voxel once.
 

@@ -68,6 +68,10 @@ def test_tiles_cover_every_voxel_once_and_crops_lie_inside():
     assert np.array_equal(seen, np.arange(1, vol.size))  # each voxel exactly once (0 is also the padding)
     cx, cy = random_crops(vol, vol.astype(np.int64), 4, 5, seed=1)
     assert cx.shape == (5, 1, 4, 4, 4) and torch.equal(cx[:, 0].long(), cy)
+    dot = np.zeros((20, 20, 20), np.int64)
+    dot[17, 2, 9] = 4  # one foreground voxel near a corner: every other crop holds it
+    _, cy = random_crops(dot.astype(np.float32), dot, 4, 6, seed=0)
+    assert [int(cy[k].sum()) for k in (1, 3, 5)] == [4, 4, 4]
     labels = np.array([[[0, 3], [5, 0]]] * 2)  # [2, 2, 2]
     up = resample_volume(labels.astype(np.float32), (2, 2, 2), (1, 1, 1), mode="nearest")
     assert up.shape == (4, 4, 4) and set(np.unique(up)) == {0, 3, 5} and up[0, 0, 3] == 3
