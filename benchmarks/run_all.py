@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         if not det:
             check_search(cfg, protocols)
         plan = [(bb, p) for bb in vits for p in protocols  # a row may run a subset of the budgets
-                if p != "knn" or task.kind == "classification"]  # kNN classifies
+                if (p != "knn" or task.kind == "classification")  # kNN classifies
+                and (p == "finetune" or getattr(task, "spatial_dims", 2) == 2)]  # 3-D ViT rows: UNETR fine-tuned
         if cfg.get("baselines", True):
             plan.insert(0, (cnn, "scratch"))
         for frac in per_task.get("label_fractions", cfg["label_fractions"]):
