@@ -83,7 +83,7 @@ def custom_task(spec: dict[str, Any], img_size: int) -> TaskData:
 
 def _volume_task(spec: dict[str, Any], img_size: int, fractions: tuple[float, ...], seed: int) -> TaskData:
     """A 3-D segmentation task from `image,mask[,patient]` volume pairs (see the module docstring)."""
-    from benchmarks.tasks.volumes import random_crops, read_pair, tiles
+    from benchmarks.tasks.volumes import files_of, random_crops, read_pair, tiles
     from medssl.data.imaging import Window, apply_window, percentile_window
 
     _check(spec, ("csv", "num_classes"))
@@ -114,8 +114,10 @@ def _volume_task(spec: dict[str, Any], img_size: int, fractions: tuple[float, ..
                          f"(fractions {list(fractions)})")
     out = {k: (torch.cat([x for x, _ in v]), torch.cat([y for _, y in v])) for k, v in parts.items()}
     classes = list(spec.get("class_names") or [str(i) for i in range(n)])
-    test_files = sorted({str(resolve_path(csv_path.parent, r["image"])) for r, s in zip(rows, split) if s == "test"})
+    test_files = sorted({str(f) for r, s in zip(rows, split) if s == "test"  # a DICOM series: each of its files
+                         for f in files_of(resolve_path(csv_path.parent, r["image"]))})
     return TaskData(str(spec["name"]), "segmentation", str(spec.get("data", spec["csv"])), n, classes, out, grp,
                     {"spacing_mm": float(spec.get("spacing", 2.0)), "crop": img_size,
+                     "train_crops_per_volume": int(spec.get("train_crops", 16)),
                      "window": list(window) if window else "0.5-99.5 percentile of non-zero voxels"},
                     test_files=test_files)
