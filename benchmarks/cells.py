@@ -2,9 +2,11 @@
 
 Protocols: "probe" (frozen encoder: multi-block `LinearProbe` / `DenseProbe`), "finetune" (whole
 ViT with layer-wise lr decay: `FineTuneClassifier` / `ViTSegmenter`), "scratch" (the CNN baselines:
-timm ResNet-18 / small U-Net, trained from random init). Every row of a task is trained on the same
-label subset (drawn from the seed), with the same schedule per protocol, and selected on the same
-validation split; the test split is scored once, with the best-on-validation weights.
+timm ResNet-18 / small U-Net, trained from random init). Volume tasks (`TaskData.spatial_dims == 3`) take
+3-D backbones only (a 2-D one is refused, and the reverse): the ViT rows fine-tune MONAI's UNETR on the
+backbone (`medssl.heads.segment3d.build_unetr`), the CNN row is the same U-Net in 3-D.
+Every row of a task is trained on the same label subset (drawn from the seed), with the same schedule per
+protocol, and selected on the same validation split; the test split is scored once, with the best-on-validation weights.
 
 Cache: a finished cell is stored as `cells/<key>.json` and reused while its key is unchanged; the key, the
 fingerprint of the code that computes the cell and the commit it records: `benchmarks.provenance`.
@@ -27,6 +29,7 @@ from torch.utils.data import TensorDataset
 
 from benchmarks.provenance import cell_key
 from benchmarks.tasks import TaskData
+from medssl import hub
 from medssl.heads.build import build_head, head_record
 from medssl.heads.classify import class_weights, layer_decay_groups
 from medssl.heads.features import FeatureCache, subset
@@ -78,9 +81,30 @@ class Backbone:
 
 
 def twin_source(record: dict[str, Any]) -> str:
-    """A random-init twin's `Backbone.source`: the JSON of an architecture record's `TWIN_ARCH` entries."""
-    return json.dumps({k: float(record[k]) if k == "mlp_ratio" else int(record[k]) for k in TWIN_ARCH},
-                      sort_keys=True)
+    """A random-init twin's `Backbone.source`: the JSON of an architecture record's `TWIN_ARCH` entries (and
+    `spatial_dims: 3` for a 3-D backbone)."""
+    arch: dict[str, Any] = {k: float(record[k]) if k == "mlp_ratio" else int(record[k]) for k in TWIN_ARCH}
+    if record.get("spatial_dims", 2) == 3:
+        arch["spatial_dims"] = 3
+    return json.dumps(arch, sort_keys=True)
+
+
+def backbone_dims(bb: Backbone) -> int | None:
+    """2 or 3: the inputs a ViT row takes (images or volumes); None for the CNN, built for the task's."""
+    if bb.kind == "cnn":
+        return None
+    record = json.loads(bb.source) if bb.kind == "vit_random" else hub.backbone_record(bb.source)
+    return int(record.get("spatial_dims", 2))
+
+
+def check_dims(task: TaskData, bb: Backbone) -> None:
+    """Refuse a row whose backbone takes inputs of other dimensions than the task's (ValueError)."""
+    dims, want = backbone_dims(bb), task.spatial_dims
+    if dims not in (None, want):
+        what = {2: "images (2-D)", 3: "volumes (3-D)"}
+        raise ValueError(f"backbone {bb.label} ({bb.source}) takes {what[dims]}, task {task.name} holds "
+                         f"{what[want]}: a {want}-D task needs a {want}-D backbone"
+                         + (" (pretrained on `build_shards --dims 3` volumes)" if want == 3 else ""))
 
 
 def vit_label(arch: dict[str, Any]) -> str:
@@ -93,18 +117,16 @@ def vit_backbone(bb: Backbone, img_size: int, in_chans: int = 1) -> tuple[dict[s
     ViT (loaded once per process, whichever cell comes first: the cells' random draws do not depend on it), or
     the random-init twin's record and None (the head builds it, from the cell's seed)."""
     if bb.kind == "vit":
-        from medssl import load_backbone
-        from medssl.hub import backbone_record
-
         key = f"{bb.identity()}|{img_size}|{in_chans}"
         if key not in _LOADED:
             _LOADED.clear()  # keep one backbone in memory
             with torch.random.fork_rng(devices=[]):  # loading builds a ViT first: never draw from the cell's seed
-                _LOADED[key] = (backbone_record(bb.source), load_backbone(bb.source, img_size=img_size,
-                                                                          in_chans=in_chans))
+                _LOADED[key] = (hub.backbone_record(bb.source), hub.load_backbone(bb.source, img_size=img_size,
+                                                                                  in_chans=in_chans))
         record, vit = _LOADED[key]
         return record, copy.deepcopy(vit)
-    record = {**json.loads(bb.source), "img_size": [img_size, img_size], "in_chans": in_chans,
+    arch = json.loads(bb.source)
+    record = {**arch, "img_size": [img_size] * arch.get("spatial_dims", 2), "in_chans": in_chans,
               "meta": {"source": "random initialisation"}, "where": "random init"}
     return record, None
 
@@ -187,23 +209,46 @@ def head_options(seg: bool, protocol: str, hp: dict[str, Any], depth: int) -> di
 
 def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_size: int
            ) -> tuple[nn.Module, list[dict] | None]:
-    c, seg = task.num_classes, task.kind == "segmentation"
+    c, seg, dims = task.num_classes, task.kind == "segmentation", task.spatial_dims
+    check_dims(task, bb)
+    if dims == 3 and not seg:
+        raise ValueError(f"task {task.name}: 3-D classification has no table rows yet (3-D tasks segment)")
     if bb.kind == "cnn":
         if protocol != "scratch":
             raise ValueError(f"CNN baselines train from scratch only, not {protocol!r}")
         if seg:
-            return UNet(1, c, base=int(hp.get("unet_base", 16)), levels=int(hp.get("unet_levels", 3))), None
+            return UNet(1, c, base=int(hp.get("unet_base", 16)), levels=int(hp.get("unet_levels", 3)),
+                        spatial_dims=dims), None
         import timm
 
         return timm.create_model("resnet18", pretrained=False, num_classes=c, in_chans=1), None
     record, vit = vit_backbone(bb, img_size)
-    options = head_options(seg, protocol, hp, record["depth"])
-    model = build_head(head_record("segment" if seg else "classify", protocol, record, c, img_size, **options), vit)
+    if dims == 3:
+        model = _unetr(record, vit, protocol, c, hp)
+    else:
+        options = head_options(seg, protocol, hp, record["depth"])
+        model = build_head(head_record("segment" if seg else "classify", protocol, record, c, img_size, **options),
+                           vit)
     if protocol == "finetune":
         groups = layer_decay_groups(model, record["depth"], float(hp.get("lr", 1e-3)),
                                     float(hp.get("weight_decay", 0.05)), layer_decay(bb, hp))
         return model, groups
     return model, None
+
+
+def _unetr(record: dict[str, Any], vit: nn.Module | None, protocol: str, num_classes: int, hp: dict[str, Any]
+           ) -> nn.Module:
+    """A 3-D ViT row's model: MONAI's UNETR on the row's ViT (the pretrained copy, or the twin built here from
+    the cell's seed); `unetr_feature_size` (default 16) sets the decoder width. Fine-tuning only."""
+    from medssl.heads.segment3d import build_unetr
+    from medssl.models.monai_vit import build_monai_vit
+
+    if protocol != "finetune":
+        raise ValueError(f"3-D ViT rows fine-tune UNETR (protocol finetune), not {protocol!r}")
+    if vit is None:  # the random-init twin: MONAI's ViT of the record's architecture
+        vit = build_monai_vit(record)
+        vit.medssl_cfg = {**record, "cls_token": False, "loaded_from": "random init"}
+    return build_unetr(vit, num_classes, feature_size=int(hp.get("unetr_feature_size", 16)))
 
 
 def task_features(task: TaskData, bb: Backbone, model: nn.Module, seed: int, norm: tuple[float, float]
@@ -287,7 +332,8 @@ def run_cell(task: TaskData, bb: Backbone, protocol: str, fraction: float, seed:
         if best is None or _finite(res.best_score) > _finite(best["res"].best_score):
             best = {"lr": lr, "res": res, "trained": trained, "test": test, "cfg": cfg, "n_train": len(train)}
     assert best is not None
-    out, tgt = predict(best["trained"], best["test"], batch_size=64)
+    eval_bs = 64 if task.spatial_dims == 2 else best["cfg"].batch_size  # volumes: [B, C, S, S, S] logits
+    out, tgt = predict(best["trained"], best["test"], batch_size=eval_bs)
     res = best["res"]
     return {"metrics": evaluate_outputs(task, out, tgt), "val_score": res.best_score, "best_epoch": res.best_epoch,
             "epochs": best["cfg"].epochs, "lr": best["lr"], "val_by_lr": val_by_lr, "n_train": best["n_train"],

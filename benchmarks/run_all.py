@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from benchmarks.cells import Backbone, run_cell, run_detection_cell, twin_source, vit_label
+from benchmarks.cells import Backbone, backbone_dims, run_cell, run_detection_cell, twin_source, vit_label
 from benchmarks.provenance import cached_cell, cell_code, cell_key
 from benchmarks.report import write_all
 from benchmarks.tasks import build_task
@@ -117,6 +117,24 @@ def check_pools(task: Any, backbones: list[Backbone]) -> None:
             raise ValueError(f"backbone {bb.source}: its pool {bb.pool} changed since it was pretrained (pool.json "
                              "differs from the one recorded in its provenance): the check would read another pool")
         check_disjoint(read_pool_keys(bb.pool), test, f"task {task.name}, backbone {bb.source} (pool {bb.pool})")
+
+
+def task_rows(task: Any, backbones: list[Backbone]) -> list[Backbone]:
+    """The ViT rows that take the task's inputs: 3-D backbones for volume tasks, 2-D ones for the rest (the others
+    are left out of this task's table, with one printed line).
+
+    Raises:
+        ValueError: no row of the config takes the task's inputs.
+    """
+    dims = getattr(task, "spatial_dims", 2)
+    rows = [bb for bb in backbones if backbone_dims(bb) == dims]
+    if not rows:
+        raise ValueError(f"task {task.name} holds {dims}-D inputs, and no backbone of the config does: list a "
+                         f"{dims}-D backbone under 'backbones' (3-D: pretrained on `build_shards --dims 3` volumes)")
+    if len(rows) < len(backbones):
+        print(f"{task.name}: {dims}-D task; rows of other dimensions left out: "
+              f"{', '.join(f'{b.label} ({b.pretraining})' for b in backbones if b not in rows)}")
+    return rows
 
 
 def task_specs(cfg: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -211,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             if flag:  # the command line wins over a task's own list
                 per_task.pop(key, None)
         task = build_task(spec, img)
-        check_pools(task, backbones)  # before any cell: no pretrained row may have seen a test image
+        vits = task_rows(task, backbones)  # the rows of the task's dimensions (2-D images or 3-D volumes)
+        check_pools(task, vits)  # before any cell: no pretrained row may have seen a test image
         if task.name in tasks_info:
             raise ValueError(f"two tasks of {cfg_path} are both named {task.name}: their cells would be merged; "
                              "give each fold its own test subject or name")
@@ -226,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         protocols = per_task.get("protocols", cfg["protocols"])
         if not det:
             check_search(cfg, protocols)
-        plan = [(bb, p) for bb in backbones for p in protocols  # a row may run a subset of the budgets
-                if p != "knn" or task.kind == "classification"]  # kNN classifies
+        plan = [(bb, p) for bb in vits for p in protocols  # a row may run a subset of the budgets
+                if (p != "knn" or task.kind == "classification")  # kNN classifies
+                and (p == "finetune" or getattr(task, "spatial_dims", 2) == 2)]  # 3-D ViT rows: UNETR fine-tuned
         if cfg.get("baselines", True):
             plan.insert(0, (cnn, "scratch"))
         for frac in per_task.get("label_fractions", cfg["label_fractions"]):

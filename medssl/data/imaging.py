@@ -482,18 +482,22 @@ def orientation_code(direction: Sequence[Sequence[float]] | None) -> str | None:
     return out
 
 
-def resample_volume(volume: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
-    """Trilinear resampling of a [D, H, W] volume from `spacing` to exactly `target` mm per axis.
+def resample_volume(volume: np.ndarray, spacing: Sequence[float], target: Sequence[float],
+                    mode: str = "trilinear") -> np.ndarray:
+    """Trilinear (or nearest) resampling of a [D, H, W] volume from `spacing` to exactly `target` mm per axis.
 
     An axis of n voxels becomes floor(n * spacing / target) voxels; output voxel i lies at
     (i + 0.5) * target mm from the outer edge of the first input voxel (the field of view keeps its
     origin; nothing is extrapolated). Values are interpolated inside the volume only, so the input
     must be one contiguous, evenly spaced volume (a series with a gap is split before).
-    No antialiasing filter is applied when shrinking.
+    No antialiasing filter is applied when shrinking. `mode="nearest"` (label maps) gives each output voxel
+    the value of the input voxel whose centre is nearest, on the same grid.
     """
     import torch
     import torch.nn.functional as F
 
+    if mode not in ("trilinear", "nearest"):
+        raise ValueError(f"mode must be trilinear or nearest, got {mode!r}")
     if volume.ndim != 3 or len(spacing) != 3 or len(target) != 3:
         raise ValueError(f"need a 3-D volume and 3 spacings, got shape {volume.shape}, {spacing} -> {target}")
     if any(s is None or not s > 0 for s in spacing) or any(not t > 0 for t in target):
@@ -508,8 +512,8 @@ def resample_volume(volume: np.ndarray, spacing: Sequence[float], target: Sequen
     # the given scale (not the rounded sizes) maps the coordinates, so the spacing is exactly `target` (up to the
     # < 1e-6 relative nudge that keeps torch's floor(n * scale) from losing a voxel to float rounding)
     scale = [max(f, m / n) for f, m, n in zip(scale, size, volume.shape)]
-    out = F.interpolate(x, scale_factor=scale, mode="trilinear", align_corners=False,
-                        recompute_scale_factor=False)
+    kw: dict = {"mode": "nearest-exact"} if mode == "nearest" else {"mode": "trilinear", "align_corners": False}
+    out = F.interpolate(x, scale_factor=scale, recompute_scale_factor=False, **kw)
     return out[0, 0].numpy()  # [D', H', W']
 
 

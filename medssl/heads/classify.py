@@ -125,7 +125,9 @@ class FineTuneClassifier(nn.Module):
 
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)(cls_token|reg_token|pos_embed|patch_embed|mask_token)(?:\.|$)")
+# embeddings (layer 0); MONAI's ViT (a 3-D backbone, UNETR's encoder) names them patch_embedding(.position_embeddings)
+_EMBED = re.compile(r"(?:^|\.)(cls_token|reg_token|pos_embed|patch_embed|patch_embedding|mask_token)(?:\.|$)")
+_TOKENS = re.compile(r"(?:^|\.)(cls_token|reg_token|pos_embed|position_embeddings|mask_token)(?:\.|$)")  # no decay
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -161,7 +163,7 @@ def layer_decay_groups(model: nn.Module, depth: int, lr: float, weight_decay: fl
 
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-    tokens = [n for n, _ in model.named_parameters() if _EMBED.search(n) and "patch_embed" not in n]
+    tokens = [n for n, _ in model.named_parameters() if _TOKENS.search(n)]
     groups = param_groups(model, weight_decay, no_weight_decay=[*tokens, *skip],
                           layer_id=lambda n: layer_id(n, depth), layer_decay=layer_decay, num_layers=depth + 1)
     for g in groups:

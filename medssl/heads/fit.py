@@ -266,11 +266,12 @@ def fit(model: nn.Module, train_set: Dataset | None, val_set: Dataset | None, lo
 
 
 def random_hflip(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip half of a batch left-right; masks ([N, H, W] targets) are flipped with their images."""
+    """Flip half of a batch left-right (the last axis); masks ([N, H, W] or [N, D, H, W] targets, one axis fewer
+    than the images) are flipped with their images."""
     flip = torch.rand(x.shape[0], device=x.device) < 0.5  # [N]
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)  # [N, C, H, W]
-    if y.ndim == 3:
-        y = torch.where(flip.view(-1, 1, 1), y.flip(-1), y)  # [N, H, W]
+    x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)  # [N, C, H, W] / [N, C, D, H, W]
+    if y.ndim == x.ndim - 1:
+        y = torch.where(flip.view(-1, *[1] * (y.ndim - 1)), y.flip(-1), y)  # [N, H, W] / [N, D, H, W]
     return x, y
 
 

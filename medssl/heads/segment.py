@@ -39,10 +39,11 @@ def _grid(patch: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
     return patch.transpose(1, 2).reshape(n, d, h, w)  # [N, D, h, w]
 
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
+def _conv_block(cin: int, cout: int, spatial_dims: int = 2) -> nn.Sequential:
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if spatial_dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        conv(cin, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU(inplace=True),
+        conv(cout, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU(inplace=True),
     )
 
 
@@ -160,39 +161,45 @@ class DenseProbe(nn.Module):
 
 
 class UNet(nn.Module):
-    """Small U-Net baseline (from scratch), `levels` poolings, channels base * 2**level.
+    """Small U-Net baseline (from scratch), `levels` poolings, channels base * 2**level; 2-D or 3-D.
 
     Args:
         in_chans: image channels.
         num_classes: output classes.
         base: channels of the first level.
-        levels: number of down-samplings; H and W must be divisible by 2**levels.
+        levels: number of down-samplings; every spatial side must be divisible by 2**levels.
+        spatial_dims: 2 (images [N, C, H, W]) or 3 (volumes [N, C, D, H, W]: Conv3d, BatchNorm3d, max-pool 2^3).
     """
 
-    def __init__(self, in_chans: int, num_classes: int, base: int = 16, levels: int = 3):
+    def __init__(self, in_chans: int, num_classes: int, base: int = 16, levels: int = 3, spatial_dims: int = 2):
         super().__init__()
         if in_chans < 1 or num_classes < 1 or base < 1 or levels < 1:
             raise ValueError(f"UNet needs positive in_chans/num_classes/base/levels, got "
                              f"{in_chans}/{num_classes}/{base}/{levels}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"UNet spatial_dims must be 2 or 3, got {spatial_dims}")
         ch = [base * 2**i for i in range(levels + 1)]
-        self.levels = levels
-        self.down = nn.ModuleList([_conv_block(in_chans, ch[0])] +
-                                  [_conv_block(ch[i], ch[i + 1]) for i in range(levels)])
-        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(levels)])
-        self.dec = nn.ModuleList([_conv_block(2 * ch[i], ch[i]) for i in range(levels)])
-        self.out = nn.Conv2d(ch[0], num_classes, 1)
+        self.levels, self.spatial_dims = levels, spatial_dims
+        up, conv = (nn.ConvTranspose2d, nn.Conv2d) if spatial_dims == 2 else (nn.ConvTranspose3d, nn.Conv3d)
+        self.down = nn.ModuleList([_conv_block(in_chans, ch[0], spatial_dims)] +
+                                  [_conv_block(ch[i], ch[i + 1], spatial_dims) for i in range(levels)])
+        self.up = nn.ModuleList([up(ch[i + 1], ch[i], 2, stride=2) for i in range(levels)])
+        self.dec = nn.ModuleList([_conv_block(2 * ch[i], ch[i], spatial_dims) for i in range(levels)])
+        self.out = conv(ch[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = 2**self.levels
-        if x.shape[-2] % m or x.shape[-1] % m:
-            raise ValueError(f"UNet input {tuple(x.shape[-2:])} must be divisible by {m}")
-        feats = [self.down[0](x)]  # [N, c0, H, W]
+        m, d = 2**self.levels, self.spatial_dims
+        if x.ndim != d + 2 or any(s % m for s in x.shape[2:]):
+            raise ValueError(f"UNet ({d}-D) input {tuple(x.shape)} must be [N, C, {', '.join('S' * d)}] with sides "
+                             f"divisible by {m}")
+        pool = F.max_pool2d if d == 2 else F.max_pool3d
+        feats = [self.down[0](x)]  # [N, c0, *S]
         for i in range(1, self.levels + 1):
-            feats.append(self.down[i](F.max_pool2d(feats[-1], 2)))  # [N, c_i, H/2^i, W/2^i]
+            feats.append(self.down[i](pool(feats[-1], 2)))  # [N, c_i, *S/2^i]
         y = feats[-1]
         for i in reversed(range(self.levels)):
-            y = self.dec[i](torch.cat([self.up[i](y), feats[i]], dim=1))  # [N, c_i, H/2^i, W/2^i]
-        return self.out(y)  # [N, num_classes, H, W]
+            y = self.dec[i](torch.cat([self.up[i](y), feats[i]], dim=1))  # [N, c_i, *S/2^i]
+        return self.out(y)  # [N, num_classes, *S]
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,

@@ -49,7 +49,7 @@ def source(tmp_path_factory):
 def test_head_through_the_package_is_the_hand_built_one(source, kind, seg, protocol, hp):
     arch = backbone_record(source)
     bb = Backbone(kind, source if kind == "vit" else twin_source(arch), "", "", "")
-    task = SimpleNamespace(num_classes=3, kind="segmentation" if seg else "classification")
+    task = SimpleNamespace(num_classes=3, kind="segmentation" if seg else "classification", spatial_dims=2, name="t")
     if kind == "vit":  # loaded before the cell (run_all used to, resolving its rows): no draw from the seed
         vit = load_backbone(source, img_size=32, in_chans=1)
         torch.manual_seed(5)

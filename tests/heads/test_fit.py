@@ -81,6 +81,15 @@ def test_fit_with_balanced_sampler_and_flip_augment():
     for i in range(2):  # image and mask flipped together or not at all
         flipped = torch.equal(fx[i, 0], x[i, 0].flip(-1))
         assert flipped == torch.equal(fy[i], y[i].flip(-1))
+    x3, y3 = torch.arange(64.0).view(4, 1, 2, 2, 4), torch.arange(64).view(4, 2, 2, 4)  # volumes, left-right last
+    torch.manual_seed(1)
+    fx, fy = random_hflip(x3, y3)
+    assert fx.shape == x3.shape and fy.shape == y3.shape
+    flips = [torch.equal(fx[i, 0], x3[i, 0].flip(-1)) for i in range(4)]
+    assert any(flips) and not all(flips)
+    for i in range(4):
+        assert torch.equal(fx[i, 0], x3[i, 0].flip(-1) if flips[i] else x3[i, 0])
+        assert torch.equal(fy[i], y3[i].flip(-1) if flips[i] else y3[i])
 
 
 def test_validation_predictions_are_float32_under_bf16_training():

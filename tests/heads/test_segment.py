@@ -63,3 +63,14 @@ def test_dice_ce_ignore_and_bad_shapes():
         dice_ce_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match="num_classes"):
         ViTSegmenter(tiny_vit(), 0)
+
+
+def test_unet_in_3d_and_its_ill_arguments():
+    net = UNet(1, 3, base=4, levels=2, spatial_dims=3)
+    assert net(torch.zeros(1, 1, 8, 8, 12)).shape == (1, 3, 8, 8, 12)
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        UNet(1, 3, spatial_dims=1)
+    with pytest.raises(ValueError, match=r"\(3-D\) input \(1, 1, 8, 8\)"):
+        net(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.zeros(1, 1, 8, 8, 6))

@@ -1,0 +1,120 @@
+"""3-D table cells: a pretrained 3-D ViT (UNETR), its random-init twin and the 3-D U-Net train end to end on a
+tiny volume task, their Dice is the hand count from their test predictions; rows of other dimensions are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monai")
+
+from benchmarks import cells  # noqa: E402
+from benchmarks.cells import Backbone, _build, run_cell, twin_source  # noqa: E402
+from benchmarks.run_all import task_rows  # noqa: E402
+from benchmarks.tasks import TaskData  # noqa: E402
+from medssl.hub import backbone_record, save_backbone  # noqa: E402
+from medssl.models.mae import create_mae  # noqa: E402
+from medssl.models.vit import build_vit  # noqa: E402
+
+torch.set_num_threads(1)
+S = 16  # volume side: one 16^3 patch for the ViT
+HP = {"epochs": 6, "batch_size": 2, "lr_grid": [1e-3, 3e-3], "evals": 2, "unetr_feature_size": 4, "unet_base": 4,
+      "unet_levels": 2, "warmup_frac": 0.0}
+
+
+def _balls(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[0:S, 0:S, 0:S]
+    vols, masks = [], []
+    for _ in range(n):
+        c = g.uniform(5, S - 5, 3)
+        ball = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 16
+        vols.append(g.uniform(0, 0.3, ball.shape) + 0.6 * ball)
+        masks.append(ball)
+    return torch.tensor(np.stack(vols), dtype=torch.float32)[:, None], torch.tensor(np.stack(masks)).long()
+
+
+def _task(dims: int = 3) -> TaskData:
+    if dims == 2:
+        x, y = _balls(4, 0)
+        return TaskData("balls_2d", "segmentation", "synthetic", 2, ["background", "ball"],
+                        {k: (x[:, :, 0], y[:, 0]) for k in ("train", "val", "test")})
+    return TaskData("balls_3d", "segmentation", "synthetic", 2, ["background", "ball"],
+                    {"train": _balls(4, 0), "val": _balls(2, 1), "test": _balls(2, 2)})
+
+
+@pytest.fixture(scope="module")
+def source3d(tmp_path_factory):
+    torch.manual_seed(0)
+    mae = create_mae("mae_vit_tiny_patch16", img_size=S, spatial_dims=3, cls_token=False, embed_dim=24,
+                     decoder_depth=1, decoder_embed_dim=16, decoder_num_heads=2)
+    return str(save_backbone(mae, tmp_path_factory.mktemp("bb3") / "bb"))
+
+
+@pytest.fixture(scope="module")
+def source2d(tmp_path_factory):
+    torch.manual_seed(0)
+    return str(save_backbone(build_vit(24, 2, 3, 8, S, 1, mlp_ratio=2.0), tmp_path_factory.mktemp("bb2") / "bb"))
+
+
+def _rows(source3d: str) -> list[Backbone]:
+    return [Backbone("vit", source3d, "MAE", "-", "ViT-3d"),
+            Backbone("vit_random", twin_source(backbone_record(source3d)), "none", "-", "ViT-3d"),
+            Backbone("cnn", "unet", "none", "-", "U-Net")]
+
+
+def test_3d_rows_train_and_dice_is_the_hand_count(source3d, monkeypatch):
+    task = _task()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = cells.predict
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(cells, "predict", spy)
+    cells._LOADED.clear()
+    dice = {}
+    for bb in _rows(source3d):
+        res = run_cell(task, bb, "scratch" if bb.kind == "cnn" else "finetune", 1.0, 0, HP, S, device="cpu")
+        logits, tgt = seen[-1]
+        assert logits.shape == (2, 2, S, S, S) and torch.equal(tgt, task.splits["test"][1])
+        pred, truth = logits.argmax(1).numpy() == 1, tgt.numpy() == 1
+        hand = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+        assert res["metrics"]["dice"] == pytest.approx(hand, abs=1e-12)  # foreground Dice over the test set
+        assert set(res["val_by_lr"]) == {"0.001", "0.003"} and res["val_score"] == max(res["val_by_lr"].values())
+        dice[bb.kind] = hand
+    assert dice["cnn"] > 0.5, dice  # the U-Net learns the balls in a few steps
+
+
+def test_unetr_rows_keep_layer_decay_for_pretrained_weights_only(source3d):
+    task = _task()
+    pre, twin, _ = _rows(source3d)
+    for bb, decay in ((pre, 0.5), (twin, 1.0)):
+        torch.manual_seed(0)
+        model, groups = _build(task, bb, "finetune", {**HP, "lr": 1.0, "layer_decay": 0.5}, S)
+        assert type(model).__name__ == "UNETR"
+        scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+        decay_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
+        assert scale["vit.patch_embedding.position_embeddings"] == decay ** 13  # 12 blocks: embeddings layer 0
+        assert scale["vit.blocks.11.mlp.linear1.weight"] == decay and scale["out.conv.conv.weight"] == 1.0
+        assert decay_of["vit.patch_embedding.position_embeddings"] == 0.0  # a token: no weight decay
+    with pytest.raises(ValueError, match="fine-tune UNETR"):
+        _build(task, pre, "probe", HP, S)
+
+
+def test_rows_of_other_dimensions_are_refused(source3d, source2d, capsys):
+    vol, img = _task(3), _task(2)
+    bb2 = Backbone("vit", source2d, "MAE", "-", "ViT-2d")
+    pre3, twin3, cnn = _rows(source3d)
+    with pytest.raises(ValueError, match=r"takes images \(2-D\), task balls_3d holds volumes \(3-D\)"):
+        _build(vol, bb2, "finetune", HP, S)
+    for bb in (pre3, twin3):
+        with pytest.raises(ValueError, match=r"takes volumes \(3-D\), task balls_2d holds images \(2-D\)"):
+            run_cell(img, bb, "finetune", 1.0, 0, HP, S, device="cpu")
+    assert task_rows(vol, [bb2, pre3, twin3]) == [pre3, twin3]
+    assert "ViT-2d (MAE)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no backbone of the config does"):
+        task_rows(img, [pre3, twin3, cnn])
