@@ -63,15 +63,12 @@ def resolve_backbones(cfg: dict[str, Any]) -> list[Backbone]:
     return rows + list(twins.values())
 
 
-def primary_source(cfg: dict[str, Any]) -> str | None:
-    """The pretrained row the answer reads: the entry marked `primary: true`, else the first pretrained entry.
-    Other pretrained rows are levers, reported beside it but not counted in the verdict (no best-of-n)."""
-    from medssl.hub import list_backbones
-
-    entries = [{"source": e} if isinstance(e, str) else e for e in cfg.get("backbones") or []]
-    pretrained = [str(e["source"]) for e in entries  # a registry name that is no file is a random-init row
-                  if Path(str(e["source"])).exists() or str(e["source"]) not in list_backbones()]
-    marked = [str(e["source"]) for e in entries if e.get("primary")]
+def primary_source(cfg: dict[str, Any], backbones: list[Backbone]) -> str | None:
+    """The pretrained row the answer reads: the config entry marked `primary: true`, else the first pretrained row
+    of `resolve_backbones`. Other pretrained rows are levers, reported beside it but not counted in the verdict
+    (no best-of-n)."""
+    pretrained = [b.source for b in backbones if b.kind == "vit"]
+    marked = [str(e["source"]) for e in cfg.get("backbones") or [] if isinstance(e, dict) and e.get("primary")]
     if len(marked) > 1 or len(set(pretrained)) < len(pretrained):
         raise ValueError("backbones: one entry answers the question: at most one says primary: true, and no "
                          f"source is listed twice (primary: {marked}, pretrained: {pretrained})")
@@ -217,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     img = int(cfg.get("img_size", 64))
     backbones = resolve_backbones(cfg)
-    primary = primary_source(cfg)
+    primary = primary_source(cfg, backbones)
     if not backbones:
         raise ValueError("no ViT backbone: list at least one source under 'backbones' or pass --backbone")
     cfg["resolved_rows"] = [b.__dict__ for b in backbones]
@@ -229,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             if flag:  # the command line wins over a task's own list
                 per_task.pop(key, None)
         task = build_task(spec, img)
-        vits = task_rows(task, backbones)  # the rows of the task's dimensions (2-D images or 3-D volumes)
-        check_pools(task, vits)  # before any cell: no pretrained row may have seen a test image
         if task.name in tasks_info:
             raise ValueError(f"two tasks of {cfg_path} are both named {task.name}: their cells would be merged; "
                              "give each fold its own test subject or name")
+        vits = task_rows(task, backbones)  # the rows of the task's dimensions (2-D images or 3-D volumes)
+        check_pools(task, vits)  # before any cell: no pretrained row may have seen a test image
         tasks_info[task.name] = task.summary()
         code = cell_code(task.kind, spec)  # the files that compute this task's cells, hashed once per run
         code_info[task.name] = code

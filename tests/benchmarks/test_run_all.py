@@ -161,16 +161,18 @@ def test_rows_with_own_budgets_and_pretraining_epochs(micro):
     assert (out / "brain_level_curves.png").is_file()
 
 
-def test_primary_row_is_the_first_pretrained_entry_or_the_marked_one(tmp_path):
-    folder = tmp_path / "bb"
-    folder.mkdir()
-    other = tmp_path / "bb2"
-    other.mkdir()
-    # a registry name that is no file is a random-init row: it never answers the question
-    assert run_all.primary_source({"backbones": ["vit_tiny_patch16", str(folder), str(other)]}) == str(folder)
-    assert run_all.primary_source({"backbones": [str(folder), {"source": str(other), "primary": True}]}) == str(other)
+def test_primary_row_is_the_first_pretrained_entry_or_the_marked_one():
+    from benchmarks.cells import Backbone
+
+    mae, lever = Backbone("vit", "runs/a", "MAE", "-", "ViT"), Backbone("vit", "runs/b", "MAE", "-", "ViT")
+    twin = Backbone("vit_random", '{"embed_dim": 192}', "none (random init)", "-", "ViT")
+    # a random-init row never answers the question, whatever its place
+    assert run_all.primary_source({"backbones": ["vit_tiny_patch16", "runs/a", "runs/b"]}, [twin, mae, lever]) == \
+        "runs/a"
+    assert run_all.primary_source({"backbones": ["runs/a", {"source": "runs/b", "primary": True}]},
+                                  [mae, lever, twin]) == "runs/b"
     with pytest.raises(ValueError, match="one entry answers"):
-        run_all.primary_source({"backbones": [{"source": str(folder), "primary": True},
-                                              {"source": str(other), "primary": True}]})
+        run_all.primary_source({"backbones": [{"source": "runs/a", "primary": True},
+                                              {"source": "runs/b", "primary": True}]}, [mae, lever])
     with pytest.raises(ValueError, match="one entry answers"):
-        run_all.primary_source({"backbones": [str(folder), str(folder)]})
+        run_all.primary_source({"backbones": ["runs/a", "runs/a"]}, [mae, mae])
