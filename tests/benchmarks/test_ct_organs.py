@@ -59,10 +59,10 @@ def test_slab_roles_by_hand():
     """Slabs of 2 with 1 dropped: slices 0-1 slab 0, 3-4 slab 1, 6-7 slab 2, 9-10 slab 3; every third slab
     validates, at the offset whose slabs show the most classes (here offset 1: slabs 1 and 4... only slab 1)."""
     masks = [np.full((2, 2), c) for c in (0, 0, 9, 0, 5, 9, 0, 0, 9, 0, 0)]
-    roles = organs.slab_roles(masks, 10, slab=2, gap=1)
+    roles = organs.slab_roles(masks, slab=2, gap=1)
     assert roles == ["train", "train", None, "val", "val", None, "train", "train", None, "train", "train"]
     masks[0] = np.full((2, 2), 3)  # now offset 0 (slabs 0 and 3) shows {3, 0}: two classes, as offset 1 does
-    assert organs.slab_roles(masks, 10, slab=2, gap=1)[:2] == ["val", "val"]  # ties go to the first offset
+    assert organs.slab_roles(masks, slab=2, gap=1)[:2] == ["val", "val"]  # ties go to the first offset
 
 
 def test_fov_is_the_same_in_mm_for_every_spacing(tmp_path):
