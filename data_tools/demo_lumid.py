@@ -107,11 +107,10 @@ def pool_sources(specs: list[dict[str, Any]], holdout: dict[str, list[str]] | No
 
 def run(args: argparse.Namespace) -> int:
     """Build LUMID-mini and print the summary; returns the exit code."""
+    from data_tools.package_data import pool_specs
     from medssl.data.holdout import write_pool_record
 
     holdout = json.loads(Path(args.holdout).read_text()) if args.holdout else None
-    from data_tools.package_data import pool_specs
-
     sources = demo_sources() + pool_specs(args.packages, args.packages_root)
     specs, dropped = pool_sources(sources, holdout)
     print("LUMID-mini sources: " + ", ".join(sorted({s["name"] for s in specs})))
