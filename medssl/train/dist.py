@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -80,12 +81,20 @@ def setup_distributed(use_deepspeed: bool = False, device: str | None = None) ->
 
 
 def cleanup_distributed(info: DistInfo) -> None:
-    """Destroy the process group at exit (avoids DeepSpeed's occasional abort at interpreter exit)."""
+    """Destroy the process group at exit (avoids DeepSpeed's occasional abort at interpreter exit).
+
+    Call it once the engine is out of scope: unreachable DDP wrappers still hold the group, and a gloo group
+    freed later, at interpreter exit, can abort the process ("terminate called without an active exception").
+    """
+    gc.collect()
     if info.backend == "deepspeed":
         import deepspeed
 
         deepspeed.comm.destroy_process_group()
     elif info.backend == "ddp" and torch_dist.is_initialized():
+        # Every rank waits here first: a gloo rank that tears its pairs down while its peer is still busy
+        # (rank 0 saving, say) can abort the peer with "terminate called without an active exception".
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

@@ -18,8 +18,8 @@ class Regression(Task):
         return {"loss": torch.nn.functional.mse_loss(model(x), y)}
 
 
-def main(out: str, global_batch: int) -> None:
-    dist = setup_distributed(device="cpu")
+def train(out: str, global_batch: int, dist) -> None:
+    """One step; rank 0 writes the weights. The engine goes out of scope on return, before the group is destroyed."""
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g))
     torch.manual_seed(1)
@@ -30,6 +30,11 @@ def main(out: str, global_batch: int) -> None:
     engine.fit(batches)
     if dist.is_main:
         torch.save(task.model.state_dict(), out)
+
+
+def main(out: str, global_batch: int) -> None:
+    dist = setup_distributed(device="cpu")
+    train(out, global_batch, dist)
     cleanup_distributed(dist)
 
 
