@@ -326,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                                   progress=not args.no_progress and dist.is_main, overwrite=args.overwrite)
         if dist.world_size > 1 and dist.is_main:
             rows = merge_manifests(args.out, dist.world_size)  # waits for the other ranks' parts (no timeout)
-    finally:
-        cleanup_distributed(dist)
+    except BaseException:
+        cleanup_distributed(dist, failed=True)
+        raise
+    cleanup_distributed(dist)
     if dist.is_main:
         counts = {s: sum(r["status"] == s for r in rows) for s in ("written", "exists", "skipped")}
         shape = next((f" of shape {tuple(r['shape'])}" for r in rows if r["status"] == "written"), "")

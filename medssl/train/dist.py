@@ -80,11 +80,14 @@ def setup_distributed(use_deepspeed: bool = False, device: str | None = None) ->
     return info
 
 
-def cleanup_distributed(info: DistInfo) -> None:
+def cleanup_distributed(info: DistInfo, *, failed: bool = False) -> None:
     """Destroy the process group at exit (avoids DeepSpeed's occasional abort at interpreter exit).
 
     Call it once the engine is out of scope: unreachable DDP wrappers still hold the group, and a gloo group
     freed later, at interpreter exit, can abort the process ("terminate called without an active exception").
+    After a normal end every rank first waits for the others (a rank that tears its gloo pairs down while a
+    peer is still busy, rank 0 saving say, can abort that peer the same way). `failed=True` (this rank is
+    raising) skips that wait: the other ranks may never arrive, and the error must reach the launcher.
     """
     gc.collect()
     if info.backend == "deepspeed":
@@ -92,9 +95,8 @@ def cleanup_distributed(info: DistInfo) -> None:
 
         deepspeed.comm.destroy_process_group()
     elif info.backend == "ddp" and torch_dist.is_initialized():
-        # Every rank waits here first: a gloo rank that tears its pairs down while its peer is still busy
-        # (rank 0 saving, say) can abort the peer with "terminate called without an active exception".
-        torch_dist.barrier()
+        if not failed:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

@@ -42,8 +42,10 @@ def launched(args: argparse.Namespace, device: str | None) -> Iterator[tuple[Dis
     dist = setup_distributed(use_deepspeed=args.deepspeed, device=device)
     try:
         yield dist, ds_config
-    finally:
-        cleanup_distributed(dist)
+    except BaseException:
+        cleanup_distributed(dist, failed=True)
+        raise
+    cleanup_distributed(dist)
 
 
 def run_recipe(doc: str, defaults: Mapping[str, Any], run: Callable[..., int], argv: list[str] | None = None,

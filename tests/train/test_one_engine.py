@@ -109,6 +109,17 @@ def _port() -> int:
 
 
 @pytest.mark.slow
+def test_a_failing_rank_reaches_the_launcher_while_its_peer_waits():
+    """A rank that raises skips the exit barrier: torchrun sees the error and stops the waiting peer."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_port()), str(ROOT / "tests/train/_ddp_fail.py")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stderr
+
+
+@pytest.mark.slow
 def test_ddp_step_equals_one_process_with_the_whole_batch(tmp_path):
     """2 processes x B/2 take the same optimizer step as 1 process x B (fp32, batch-independent model)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
