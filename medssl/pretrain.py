@@ -28,7 +28,7 @@ from medssl.models.spark import SparkResNet, create_spark
 from medssl.models.vit import get_cfg
 from medssl.train.dist import DistInfo, barrier
 from medssl.train.engine import Engine, TrainConfig
-from medssl.train.optim import scaled_lr
+from medssl.train.optim import param_groups, scaled_lr
 from medssl.train.task import Task
 from medssl.utils import seed_everything
 
@@ -111,6 +111,11 @@ class MAETask(Task):
     def __init__(self, model: MaskedAutoencoder | SparkResNet, mask_ratio: float) -> None:
         super().__init__(model)
         self.mask_ratio = mask_ratio
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay on 1-D parameters, biases and what the model names in `no_weight_decay()`."""
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        return param_groups(self.model, weight_decay, no_weight_decay=names)
 
     def losses(self, model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         loss, _, _ = model(batch, mask_ratio=self.mask_ratio)

@@ -296,6 +296,10 @@ class SparkResNet(nn.Module):
         mask = (~active).flatten(1).float()  # [N, L], 1 = removed
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay beyond the 1-D ones (timm's convention): the mask tokens, as SparK."""
+        return {f"mask_tokens.{k}" for k in range(len(self.mask_tokens))}
+
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights under timm's own names (they load into `timm.create_model(arch)`)."""
         return {k[len("encoder."):]: v for k, v in self.state_dict().items() if k.startswith("encoder.")}

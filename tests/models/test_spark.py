@@ -163,3 +163,12 @@ def test_224_px_default_cells_and_bad_arguments():
     se = timm.create_model("seresnet18", pretrained=False)
     with pytest.raises(ValueError, match="sparsely"):
         sparsify(se, SparseContext())
+
+
+def test_mask_tokens_are_kept_out_of_weight_decay():
+    from medssl.pretrain import MAETask
+
+    groups = MAETask(_tiny(), 0.6).param_groups(0.05)
+    no_decay = {n for g in groups if g["weight_decay"] == 0.0 for n in g["names"]}
+    assert {"mask_tokens.0", "mask_tokens.3"} <= no_decay
+    assert "encoder.conv1.weight" not in no_decay and "encoder.bn1.weight" in no_decay
