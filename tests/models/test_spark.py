@@ -152,6 +152,11 @@ def test_224_px_default_cells_and_bad_arguments():
     assert model.grid == (7, 7) and model.patch_size == 32  # SparK's own granularity
     active = model.random_active(2, 0.6, noise=torch.rand(2, 49))
     assert active.flatten(1).sum(1).tolist() == [20, 20]
+    loss, pred, mask = model(torch.rand(2, 1, 224, 224), 0.6)
+    assert torch.isfinite(loss) and pred.shape == (2, 49, 32 * 32) and mask.sum().item() == 2 * 29
+    feats, masks = model.encode(torch.rand(2, 1, 224, 224), active)
+    assert [f.shape[-1] for f in feats] == [7, 14, 28, 56]  # strides 32, 16, 8, 4
+    assert all(torch.equal(m, resize_mask(active, f.shape[-2:])) for f, m in zip(feats, masks))
     with pytest.raises(ValueError, match="power of two"):
         create_spark("spark_resnet18", img_size=64, mask_patch=12)
     with pytest.raises(ValueError, match="multiple"):
