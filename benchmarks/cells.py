@@ -2,9 +2,13 @@
 
 Protocols: "probe" (frozen encoder: multi-block `LinearProbe` / `DenseProbe`), "finetune" (whole
 ViT with layer-wise lr decay: `FineTuneClassifier` / `ViTSegmenter`), "scratch" (the CNN baselines:
-timm ResNet-18 / small U-Net, trained from random init). Volume tasks (`TaskData.spatial_dims == 3`) take
-3-D backbones only (a 2-D one is refused, and the reverse): the ViT rows fine-tune MONAI's UNETR on the
-backbone (`medssl.heads.segment3d.build_unetr`), the CNN row is the same U-Net in 3-D.
+timm ResNet-18 / small U-Net, trained from random init). A pretrained CNN row (`kind` "cnn_pretrained": a
+backbone folder of a SparK-pretrained ResNet) fine-tunes that ResNet exactly as the CNN baseline trains (the
+"scratch" hyper-parameters and learning-rate grid, the same seeded start for its fresh classifier): classification
+and detection; a U-Net has no ResNet encoder, so it has no segmentation cells.
+Volume tasks (`TaskData.spatial_dims == 3`) take 3-D backbones only (a 2-D one is refused, and the reverse): the
+ViT rows fine-tune MONAI's UNETR on the backbone (`medssl.heads.segment3d.build_unetr`), the CNN row is the same
+U-Net in 3-D.
 Every row of a task is trained on the same label subset (drawn from the seed), with the same schedule per
 protocol, and selected on the same validation split; the test split is scored once, with the best-on-validation weights.
 
@@ -49,8 +53,8 @@ _IDENTITY: dict[tuple, str] = {}  # backbone files (path, size, mtime) -> conten
 class Backbone:
     """A table row's model: a ViT source (path or registry name), a random-init twin, or a CNN."""
 
-    kind: str  # "vit" | "vit_random" | "cnn"
-    source: str  # load_backbone source; for vit_random a JSON architecture (`twin_source`); "resnet18"/"unet" for cnn
+    kind: str  # "vit" | "vit_random" | "cnn" | "cnn_pretrained"
+    source: str  # load_backbone source; vit_random: a JSON architecture (`twin_source`); cnn: "resnet18" / "unet"
     pretraining: str
     data: str
     label: str  # Backbone column, e.g. "ViT-Ti/4"
@@ -69,7 +73,7 @@ class Backbone:
         retrained backbone at the same path gets new cells and a copied one keeps its cells.
         """
         p = Path(self.source)
-        if self.kind != "vit" or not p.exists():
+        if self.kind not in ("vit", "cnn_pretrained") or not p.exists():
             return f"{self.kind}:{self.source}"
         from medssl.data.holdout import file_sha256
 
@@ -90,9 +94,12 @@ def twin_source(record: dict[str, Any]) -> str:
 
 
 def backbone_dims(bb: Backbone) -> int | None:
-    """2 or 3: the inputs a ViT row takes (images or volumes); None for the CNN, built for the task's."""
+    """2 or 3: the inputs a ViT row takes (images or volumes); None for the CNN, built for the task's; 2 for a
+    pretrained (2-D) ResNet."""
     if bb.kind == "cnn":
         return None
+    if bb.kind == "cnn_pretrained":
+        return 2
     record = json.loads(bb.source) if bb.kind == "vit_random" else hub.backbone_record(bb.source)
     return int(record.get("spatial_dims", 2))
 
@@ -222,6 +229,12 @@ def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_
         import timm
 
         return timm.create_model("resnet18", pretrained=False, num_classes=c, in_chans=1), None
+    if bb.kind == "cnn_pretrained":
+        if protocol != "finetune" or seg:
+            raise ValueError(f"a pretrained CNN row fine-tunes a classifier (protocol finetune), not {protocol!r} "
+                             f"on a {task.kind} task")
+        # built as the baseline's timm.create_model (the same draws: the same fresh classifier), then loaded
+        return hub.load_backbone(bb.source, num_classes=c, in_chans=1), None
     record, vit = vit_backbone(bb, img_size)
     if dims == 3:
         model = _unetr(record, vit, protocol, c, hp)
@@ -380,7 +393,9 @@ def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, 
 
     if bb.kind == "cnn" and protocol != "scratch":
         raise ValueError(f"CNN baselines train from scratch only, not {protocol!r}")
-    if bb.kind != "cnn" and protocol not in ("finetune", "probe"):
+    if bb.kind == "cnn_pretrained" and protocol != "finetune":
+        raise ValueError(f"a pretrained CNN row fine-tunes (protocol finetune), not {protocol!r}")
+    if bb.kind not in ("cnn", "cnn_pretrained") and protocol not in ("finetune", "probe"):
         raise ValueError(f"unknown protocol {protocol!r} for a ViT detector backbone (use finetune or probe)")
     splits = dict(task.datasets())
     keep = label_subset(task.has_lesion(), fraction, seed, stratify=True)
@@ -391,6 +406,9 @@ def run_detection_cell(task: Any, bb: Backbone, protocol: str, fraction: float, 
     if bb.kind == "cnn":
         backbone = {"backbone": "resnet", "backbone_name": bb.source, "backbone_weights": None,
                     "backbone_freeze": False}
+    elif bb.kind == "cnn_pretrained":  # the CNN row's detector, its ResNet loaded from the folder and trained alike
+        backbone = {"backbone": "resnet", "backbone_name": hub.backbone_config(bb.source)["architecture"],
+                    "backbone_weights": bb.source, "backbone_freeze": False}
     else:  # the detector loads a pretrained row's weights itself; a twin is its seeded random init
         pretrained = bb.kind == "vit"
         backbone = {"backbone": "vit", "backbone_name": bb.source if pretrained else None,

@@ -82,12 +82,16 @@ def _beats(agg: list[dict[str, Any]], comps: list[dict[str, Any]]) -> None:
         mine = [c for c in comps if (c["task"], c["fraction"], c["a"]["row"], c["a"]["protocol"]) ==
                 (a["task"], a["fraction"], a["row"], a["protocol"])]
         roles = {c["b"]["role"] for c in mine}
-        if not roles >= {"cnn", "random"}:
+        # a pretrained CNN's random-init twin is the from-scratch CNN row of its architecture: that one baseline
+        cnn_twin = any(b["role"] == "cnn" and b["backbone"] == a["backbone"] and b["task"] == a["task"]
+                       and b["fraction"] == a["fraction"] for b in agg)
+        if not roles >= ({"cnn"} if cnn_twin else {"cnn", "random"}):
             a["verdict"] = "n/a (baseline missing)"
             continue
         worst = min(mine, key=lambda c: c["ci"][0])
         text = f"{worst['mean']:+.3f} [{worst['ci'][0]:+.3f}, {worst['ci'][1]:+.3f}] vs {worst['b']['name']}"
-        a["verdict"] = f"**yes**: {text}" if beats_both(mine) else f"no: {text}"
+        won = all(c["decided"] and c["ci"][0] > 0 for c in mine) if cnn_twin else beats_both(mine)
+        a["verdict"] = f"**yes**: {text}" if won else f"no: {text}"
 
 
 def budgets(rows: list[dict[str, Any]]) -> list[float]:

@@ -5,7 +5,10 @@
     python benchmarks/run_all.py --config benchmarks/configs/default.yaml --out benchmarks/results/full
 
 Every table carries the rows a user would otherwise pick, trained the same way on the same splits:
-a from-scratch CNN (timm ResNet-18 / small U-Net) and each ViT architecture at random init. Results
+a from-scratch CNN (timm ResNet-18 / small U-Net) and each ViT architecture at random init. A backbone entry
+whose folder holds a pretrained CNN (SparK: `config.json` says `"family": "cnn"`) becomes a row of its own,
+fine-tuned exactly as the from-scratch CNN trains (its hyper-parameters and lr grid), on the classification and
+detection tasks. Results
 go to one folder: results.md / .csv / .json, one bar chart per task, config.resolved.yaml, tasks.json,
 code.json (per task: the fingerprinted source files, their fingerprint and commit) and cells/ (one JSON
 per finished cell: a re-run skips them, so an interrupted run resumes). A cell's key includes the
@@ -38,20 +41,31 @@ CONFIGS = ROOT / "benchmarks" / "configs"
 
 
 def resolve_backbones(cfg: dict[str, Any]) -> list[Backbone]:
-    """Pretrained rows from the config, their random-init twins, extra random rows, and the CNN marker."""
+    """Pretrained rows from the config, their random-init twins, extra random rows, and the CNN marker. A pretrained
+    CNN's twin is the from-scratch CNN row itself."""
     rows: list[Backbone] = []
     twins: dict[str, Backbone] = {}
     for entry in cfg.get("backbones") or []:
         entry = {"source": entry} if isinstance(entry, str) else dict(entry)
         src = str(entry["source"])
-        from medssl.hub import backbone_record, list_backbones
+        from medssl.hub import backbone_config, backbone_record, list_backbones
 
         if not Path(src).exists() and src not in list_backbones():
             raise FileNotFoundError(f"backbone {src!r}: no such file/folder and not a registered name "
                                     f"({', '.join(list_backbones())})")
+        fractions = entry.get("fractions")
+        meta = backbone_config(src) if Path(src).exists() else {}
+        if meta.get("family") == "cnn":
+            name = str(meta["architecture"])
+            label = entry.get("label", name.replace("resnet", "ResNet-"))
+            rows.append(Backbone("cnn_pretrained", src, entry.get("pretraining", "SparK"),
+                                 entry.get("data", Path(src).name), label,
+                                 epochs=entry.get("epochs"),
+                                 fractions=tuple(float(f) for f in fractions) if fractions else None,
+                                 pool=entry.get("pool") or pretraining_pool(src)))
+            continue
         arch = backbone_record(src)
         is_random = src in list_backbones() and not Path(src).exists()
-        fractions = entry.get("fractions")
         if not is_random:
             rows.append(Backbone("vit", src, entry.get("pretraining", "MAE"), entry.get("data", Path(src).name),
                                  entry.get("label", vit_label(arch)), epochs=entry.get("epochs"),
@@ -67,7 +81,7 @@ def primary_source(cfg: dict[str, Any], backbones: list[Backbone]) -> str | None
     """The pretrained row the answer reads: the config entry marked `primary: true`, else the first pretrained row
     of `resolve_backbones`. Other pretrained rows are levers, reported beside it but not counted in the verdict
     (no best-of-n)."""
-    pretrained = [b.source for b in backbones if b.kind == "vit"]
+    pretrained = [b.source for b in backbones if b.kind == "vit"]  # a pretrained CNN answers only when marked
     marked = [str(e["source"]) for e in cfg.get("backbones") or [] if isinstance(e, dict) and e.get("primary")]
     if len(marked) > 1 or len(set(pretrained)) < len(pretrained):
         raise ValueError("backbones: one entry answers the question: at most one says primary: true, and no "
@@ -98,7 +112,7 @@ def check_pools(task: Any, backbones: list[Backbone]) -> None:
     """
     from medssl.data.holdout import POOL_RECORD, check_disjoint, file_sha256, keys_of, read_pool_keys
 
-    rows = [b for b in backbones if b.kind == "vit"]
+    rows = [b for b in backbones if b.kind in ("vit", "cnn_pretrained")]
     if not rows:
         return
     if not task.test_files:
@@ -124,7 +138,8 @@ def task_rows(task: Any, backbones: list[Backbone]) -> list[Backbone]:
         ValueError: no row of the config takes the task's inputs.
     """
     dims = getattr(task, "spatial_dims", 2)
-    rows = [bb for bb in backbones if backbone_dims(bb) == dims]
+    rows = [bb for bb in backbones if backbone_dims(bb) == dims
+            and (bb.kind != "cnn_pretrained" or task.kind in ("classification", "detection"))]  # no ResNet U-Net
     if not rows:
         raise ValueError(f"task {task.name} holds {dims}-D inputs, and no backbone of the config does: list a "
                          f"{dims}-D backbone under 'backbones' (3-D: pretrained on `build_shards --dims 3` volumes)")
@@ -242,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         protocols = per_task.get("protocols", cfg["protocols"])
         if not det:
             check_search(cfg, protocols)
-        plan = [(bb, p) for bb in vits for p in protocols  # a row may run a subset of the budgets
+        plan = [(bb, p) for bb in vits if bb.kind != "cnn_pretrained" for p in protocols  # a row may run a subset
                 if (p != "knn" or task.kind == "classification")  # kNN classifies
                 and (p == "finetune" or getattr(task, "spatial_dims", 2) == 2)]  # 3-D ViT rows: UNETR fine-tuned
+        # a pretrained CNN fine-tunes once per budget, as the CNN baseline trains (its "scratch" section)
+        plan += [(bb, "finetune") for bb in vits if bb.kind == "cnn_pretrained"]
         if cfg.get("baselines", True):
             plan.insert(0, (cnn, "scratch"))
         for frac in per_task.get("label_fractions", cfg["label_fractions"]):
@@ -252,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 for bb, protocol in plan:
                     if not bb.runs(frac):
                         continue
-                    hp = dict(cfg.get("detection" if det else protocol, {}))
+                    section = "scratch" if bb.kind == "cnn_pretrained" else protocol  # trained as the CNN row
+                    hp = dict(cfg.get("detection" if det else section, {}))
                     extra = {"task_version": task.info["version"]} if "version" in task.info else {}
                     key = cell_key(task=spec, img=img, bb=bb.identity(), protocol=protocol, fraction=float(frac),
                                    seed=seed, hp=hp, code=code["fingerprint"], **extra)
@@ -268,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     res, hit = cached_cell(out / "cells", key, job,
                                            meta={k: code[k] for k in ("commit", "fingerprint")})
                     role = "cnn" if bb.kind == "cnn" else "random" if bb.kind == "vit_random" else "pretrained"
+                    # (a pretrained CNN is "pretrained": the report compares it with the from-scratch CNN)
                     rows.append({"task": task.name, "kind": task.kind, "fraction": frac, "seed": seed,
                                  "row": f"{bb.pretraining} | {bb.data} | {bb.label}", "protocol": protocol,
                                  "pretraining": bb.pretraining, "data": bb.data, "backbone": bb.label,

@@ -5,6 +5,7 @@ Public entry points::
     import medssl
     model = medssl.load_backbone("runs/demo/backbone", img_size=224, in_chans=1)
     mae = medssl.create_mae("mae_vit_small_patch16", in_chans=1)
+    spark = medssl.create_spark("spark_resnet18", in_chans=1)  # SparK-style masked modelling of a ResNet
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "create_mae",
+    "create_spark",
     "create_vit",
     "list_backbones",
     "load_backbone",
@@ -27,6 +29,7 @@ _LAZY = {
     "save_backbone": "medssl.hub",
     "list_backbones": "medssl.hub",
     "create_mae": "medssl.models.mae",
+    "create_spark": "medssl.models.spark",
     "create_vit": "medssl.models.vit",
 }
 

@@ -1,11 +1,13 @@
 """Backbones in other projects: `load_backbone`, `save_backbone`, `list_backbones`.
 
 A backbone is a plain timm `VisionTransformer` (a 3-D backbone: MONAI's `monai.networks.nets.ViT`, the encoder
-of MONAI's UNETR; see `medssl.models.monai_vit`). `load_backbone` accepts a folder written by
-`save_backbone`, a medssl training output folder or checkpoint (plain, DDP or DeepSpeed), an official MAE
-`.pth` (`{"model": ...}`, with or without the decoder), a plain timm state dict (`.pth` / `.safetensors`),
-or a registered architecture name (random initialisation). Nothing is ever downloaded, and nothing is
-unpickled beyond tensors and plain containers (`torch.load(weights_only=True)` or safetensors).
+of MONAI's UNETR; see `medssl.models.monai_vit`), or a plain timm ResNet (a CNN pretrained with SparK,
+`medssl.models.spark`: its folder's `config.json` says `"family": "cnn"` and the timm name). `load_backbone`
+accepts a folder written by `save_backbone`, a medssl training output folder or checkpoint (plain, DDP or
+DeepSpeed), an official MAE `.pth` (`{"model": ...}`, with or without the decoder), a plain timm state dict
+(`.pth` / `.safetensors`), or a registered architecture name (random initialisation). Nothing is ever
+downloaded, and nothing is unpickled beyond tensors and plain containers (`torch.load(weights_only=True)` or
+safetensors).
 
 Example:
     >>> vit = load_backbone("vit_tiny_patch16", img_size=64, in_chans=1)
@@ -115,6 +117,66 @@ def _read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     if not state:
         raise ValueError(f"{path}: holds no tensors that look like model weights")
     return state, cfg, f"checkpoint {path}"
+
+
+# ------------------------------------------------------------------------------------------------ CNNs
+_RESNET_DEPTHS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+                  ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
+                  ((3, 8, 36, 3), True): "resnet152"}
+
+
+def _is_cnn(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> bool:
+    """True for a ResNet's weights (a SparK backbone folder, or a timm ResNet state dict)."""
+    return meta.get("family") == "cnn" or (
+        "layer1.0.conv1.weight" in state and ("conv1.weight" in state or "conv1.0.weight" in state))
+
+
+def _first_conv_key(state: dict[str, torch.Tensor]) -> str:
+    return "conv1.weight" if "conv1.weight" in state else "conv1.0.weight"  # deep stems (resnet10t, -D): conv1.0
+
+
+def _resnet_name(state: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> str:
+    """The timm name of a ResNet state dict: config.json's `architecture`, else the block counts of the standard
+    ResNets (18 / 34 / 50 / 101 / 152)."""
+    if meta.get("architecture"):
+        return str(meta["architecture"])
+    blocks = tuple(1 + max((int(m.group(1)) for k in state if (m := re.match(rf"layer{i}\.(\d+)\.", k))), default=-1)
+                   for i in (1, 2, 3, 4))
+    name = _RESNET_DEPTHS.get((blocks, "layer1.0.conv3.weight" in state))
+    if name is None or "conv1.0.weight" in state:
+        raise ValueError(f"{where}: a ResNet with {blocks} blocks per stage that is none of the standard ones; "
+                         "save it with medssl.save_backbone (which records its timm name)")
+    return name
+
+
+def _cnn_state(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """A ResNet state dict mapped onto `model` (as `filter_state_dict` for a ViT): the classifier dropped unless
+    it fits the model's, the first conv adapted to the model's channels. Returns (state, keys allowed missing)."""
+    own = model.state_dict()
+    state = {k: v for k, v in strip_prefixes(dict(state)).items()
+             if not k.startswith("fc.") or (k in own and own[k].shape == v.shape)}
+    first = _first_conv_key(state)
+    state[first] = adapt_patch_embed(state[first], int(own[first].shape[1]))
+    return state, {k for k in own if k.startswith("fc.") and k not in state}
+
+
+def _load_cnn_backbone(state: dict[str, torch.Tensor], meta: dict[str, Any], where: str, in_chans: int | None,
+                       **timm_kw: Any) -> nn.Module:
+    """A ResNet source as `timm.create_model(name, **timm_kw)`, with the exact key check (only a fresh classifier
+    may stay at its initialisation)."""
+    import timm
+
+    state = strip_prefixes(dict(state))
+    name = _resnet_name(state, meta, where)
+    chans = in_chans or int(state[_first_conv_key(state)].shape[1])
+    model = timm.create_model(name, pretrained=False, in_chans=chans, **timm_kw)
+    mapped, allowed = _cnn_state(state, model)
+    load_exact(model, mapped, f"{where} ({name})", allowed)
+    keep = {k: v for k, v in meta.items() if k not in ("in_chans", "arch")}
+    model.medssl_cfg = {**keep, "family": "cnn", "architecture": name, "in_chans": chans,
+                        "mean": meta.get("mean") or _default_norm(chans)[0],
+                        "std": meta.get("std") or _default_norm(chans)[1], "loaded_from": where}
+    return model
 
 
 def _arch_from_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -254,11 +316,30 @@ def load_backbone(source: str | os.PathLike, *, img_size: int | tuple[int, int] 
 
     Returns:
         `nn.Module`: the timm VisionTransformer (or its `ViTFeatures` wrapper); `.medssl_cfg` holds the
-        architecture, normalisation and provenance. A 3-D backbone comes back as MONAI's
+        architecture, normalisation and provenance. A CNN source (a SparK backbone folder, a timm ResNet state
+        dict) comes back as `timm.create_model(name, in_chans=..., num_classes=..., global_pool=...,
+        features_only=..., out_indices=...)` with its weights (any input size fits; `img_size` is only recorded).
+        A 3-D backbone comes back as MONAI's
         `monai.networks.nets.ViT` (`img_size`: the crop, one int or three; `in_chans` as above), which returns
         (tokens after the final norm [N, L, D], every block's tokens): the encoder of MONAI's UNETR.
     """
     state, meta, where = _source(source)
+    if state is not None and _is_cnn(strip_prefixes(state), meta):  # a ResNet: timm's own model and keywords
+        if dynamic_img_size or attn_impl not in (None, "auto"):
+            raise ValueError(f"{where}: a CNN backbone takes no dynamic_img_size / attn_impl (any size fits it)")
+        kw_cnn: dict[str, Any] = dict(drop_path_rate=drop_path_rate)
+        if features_only:
+            kw_cnn["features_only"] = True
+            if out_indices is not None:
+                kw_cnn["out_indices"] = tuple(out_indices)
+        else:
+            kw_cnn["num_classes"] = num_classes
+            if global_pool is not None:
+                kw_cnn["global_pool"] = global_pool
+        model = _load_cnn_backbone(state, meta, where, in_chans, **kw_cnn)
+        if img_size is not None:
+            model.medssl_cfg["img_size"] = list((img_size, img_size) if isinstance(img_size, int) else img_size)
+        return model
     if state is not None and strip_prefixes(state).get("patch_embed.proj.weight", torch.zeros(0)).ndim == 5:
         bad = {"num_classes": num_classes, "global_pool": global_pool, "features_only": features_only,
                "out_indices": out_indices, "drop_path_rate": drop_path_rate}
@@ -397,10 +478,16 @@ def load_backbone_weights(model: nn.Module, source: str | os.PathLike) -> str:
     """Load a backbone source's weights into an already built ViT (or `ViTFeatures`): the explicit init step.
 
     Position embedding resampled, channels adapted, exact key check, as in `load_backbone`. A registered
-    name means random initialisation: nothing is loaded. Returns the source's description.
+    name means random initialisation: nothing is loaded. A CNN source loads into a timm ResNet (plain or
+    `features_only`; a detector's) by timm's key names. Returns the source's description.
     """
     state, meta, where = _source(source)
     if state is None:
+        return where
+    if state is not None and _is_cnn(strip_prefixes(state), meta):  # a timm ResNet (or its features_only form)
+        name = _resnet_name(strip_prefixes(state), meta, where)
+        mapped, allowed = _cnn_state(state, model)
+        load_exact(model, mapped, f"{where} ({name})", allowed)
         return where
     vit = model.vit if isinstance(model, ViTFeatures) else model
     _load_vit_state(vit, state, _arch_from_state(strip_prefixes(state), meta, where), where)
@@ -423,11 +510,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def save_backbone(model: nn.Module, folder: str | os.PathLike, **provenance: Any) -> Path:
     """Write `model.safetensors` + `config.json` (architecture, input, normalisation, provenance).
 
-    `model` may be a `MaskedAutoencoder` (its encoder is kept), a timm ViT, or either wrapped by DDP /
-    DeepSpeed. Provenance keywords (data=..., steps=..., mean=..., std=...) are recorded as given.
+    `model` may be a `MaskedAutoencoder` (its encoder is kept), a timm ViT, a `SparkResNet` (its encoder is kept,
+    as timm ResNet weights; `config.json` then says `"family": "cnn"` and the timm name), or any of these wrapped
+    by DDP / DeepSpeed. Provenance keywords (data=..., steps=..., mean=..., std=...) are recorded as given.
     """
+    from medssl.models.spark import SparkResNet
+
     model = _unwrap(model)
-    if isinstance(model, MaskedAutoencoder):
+    if isinstance(model, SparkResNet):
+        state = model.encoder_state_dict()
+        arch = dict(family="cnn", in_chans=model.in_chans, img_size=list(model.img_size))
+        provenance["architecture"] = provenance.get("architecture") or model.arch
+        provenance.setdefault("objective", "spark")
+    elif isinstance(model, MaskedAutoencoder):
         state = model.encoder_state_dict()
         c = model.config
         arch = dict(embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"],
@@ -444,7 +539,7 @@ def save_backbone(model: nn.Module, folder: str | os.PathLike, **provenance: Any
         if model.cls_token is None:  # as a 2-D MAE without one records it; configs with one stay as they were
             arch["cls_token"] = False
     else:
-        raise TypeError(f"save_backbone takes a MaskedAutoencoder or a timm VisionTransformer, "
+        raise TypeError(f"save_backbone takes a MaskedAutoencoder, a SparkResNet or a timm VisionTransformer, "
                         f"got {type(model).__name__}")
     mean = provenance.pop("mean", None) or _default_norm(arch["in_chans"])[0]
     std = provenance.pop("std", None) or _default_norm(arch["in_chans"])[1]

@@ -5,6 +5,11 @@
 with 40 of warmup). `data.dims=3` pretrains on volume shards (`build_shards --dims 3`): `data.img_size` is then
 the crop (one int for a cube, or [D, H, W]), the MAE is 3-D (`model.patch_size` one int or three), without a
 class token unless `model.cls_token=true` (MONAI's ViT / UNETR have none).
+
+`model.name=spark_<timm resnet>` (e.g. spark_resnet18) pretrains a ResNet with SparK-style sparse masked modelling
+instead (`medssl.models.spark`), through the same loader, task and Engine: `model.mask_patch` is the mask cell
+(default: the encoder's stride, 32), `model.decoder_embed_dim` the width of its UNet-like decoder, and
+`model.mask_ratio` defaults to 0.6 there (0.75 for the MAE). The backbone folder then holds timm ResNet weights.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from medssl.config import dump_config
 from medssl.data.shards import count_samples, expand_urls, make_loader
 from medssl.hub import load_mae_weights, save_backbone
 from medssl.models.mae import MaskedAutoencoder, create_mae
+from medssl.models.spark import SparkResNet, create_spark
 from medssl.models.vit import get_cfg
 from medssl.train.dist import DistInfo, barrier
 from medssl.train.engine import Engine, TrainConfig
-from medssl.train.optim import scaled_lr
+from medssl.train.optim import param_groups, scaled_lr
 from medssl.train.task import Task
 from medssl.utils import seed_everything
 
@@ -33,8 +39,9 @@ DEFAULTS: dict[str, Any] = {
              "scale": [0.2, 1.0], "hflip": True, "num_workers": 4, "shuffle_buffer": 2000, "resampled": None,
              "samples_per_epoch": None},
     "model": {"name": "mae_vit_base_patch16", "patch_size": None, "decoder_embed_dim": 512, "decoder_depth": 8,
-              "decoder_num_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True, "attn_impl": "auto",
-              "drop_path_rate": 0.0, "init": None, "cls_token": None},  # cls_token None: 2-D yes, 3-D no
+              "decoder_num_heads": 16, "mask_ratio": None, "norm_pix_loss": True, "attn_impl": "auto",
+              "drop_path_rate": 0.0, "init": None, "cls_token": None,  # cls_token None: 2-D yes, 3-D no
+              "mask_patch": None},  # mask_ratio None: 0.75 (MAE), 0.6 (SparK); mask_patch: SparK's mask cell
     "train": {"batch_size": 64, "accum_iter": 1, "epochs": 800, "warmup_epochs": 40, "steps": None,
               "base_lr": 1.5e-4, "lr": None, "min_lr": 0.0, "weight_decay": 0.05, "betas": [0.9, 0.95],
               "clip_grad": None, "precision": "auto", "seed": 0, "device": "auto",
@@ -44,9 +51,39 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_model(cfg: dict[str, Any]) -> MaskedAutoencoder:
-    """The MAE named by the config, optionally initialised from a checkpoint (official MAE or medssl)."""
+MASK_RATIOS = {"mae": 0.75, "spark": 0.6}  # the methods' own defaults (He et al. 2022; Tian et al. 2023)
+
+
+def is_spark(cfg: dict[str, Any]) -> bool:
+    """True when the config pretrains a CNN with SparK (`model.name=spark_<timm resnet>`)."""
+    return str(cfg["model"]["name"]).startswith("spark_")
+
+
+def mask_ratio(cfg: dict[str, Any]) -> float:
+    """`model.mask_ratio`, or the method's default where it is None."""
+    ratio = cfg["model"]["mask_ratio"]
+    return float(ratio) if ratio is not None else MASK_RATIOS["spark" if is_spark(cfg) else "mae"]
+
+
+def build_spark(cfg: dict[str, Any]) -> SparkResNet:
+    """The SparK model named by the config (`spark_<timm resnet>`); 2-D only, no `model.init`."""
     m, d = cfg["model"], cfg["data"]
+    if d["dims"] != 2:
+        raise ValueError(f"{m['name']}: SparK pretraining is 2-D (data.dims=2), got data.dims={d['dims']}")
+    if m["init"]:
+        raise ValueError(f"{m['name']}: model.init (continuing from a checkpoint) is for the MAE; use --resume")
+    return create_spark(m["name"], img_size=int(d["img_size"]), in_chans=d["in_chans"], mask_patch=m["mask_patch"],
+                        decoder_dim=m["decoder_embed_dim"], norm_pix_loss=m["norm_pix_loss"])
+
+
+def build_model(cfg: dict[str, Any]) -> MaskedAutoencoder | SparkResNet:
+    """The MAE (or SparK model) named by the config, an MAE optionally initialised from a checkpoint (official
+    MAE or medssl)."""
+    if is_spark(cfg):
+        return build_spark(cfg)
+    m, d = cfg["model"], cfg["data"]
+    if m["mask_patch"] is not None:
+        raise ValueError("model.mask_patch is SparK's mask cell; the MAE masks its patches (model.patch_size)")
     kwargs = dict(img_size=d["img_size"], in_chans=d["in_chans"], decoder_embed_dim=m["decoder_embed_dim"],
                   decoder_depth=m["decoder_depth"], decoder_num_heads=m["decoder_num_heads"],
                   norm_pix_loss=m["norm_pix_loss"], attn_impl=m["attn_impl"], drop_path_rate=m["drop_path_rate"])
@@ -68,11 +105,17 @@ def build_model(cfg: dict[str, Any]) -> MaskedAutoencoder:
 
 
 class MAETask(Task):
-    """MAE pretraining as a task: the loss of `MaskedAutoencoder(images, mask_ratio)`."""
+    """Masked-image-modelling pretraining as a task: the loss of `MaskedAutoencoder(images, mask_ratio)` (or of
+    `SparkResNet`, which has the same call)."""
 
-    def __init__(self, model: MaskedAutoencoder, mask_ratio: float) -> None:
+    def __init__(self, model: MaskedAutoencoder | SparkResNet, mask_ratio: float) -> None:
         super().__init__(model)
         self.mask_ratio = mask_ratio
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay on 1-D parameters, biases and what the model names in `no_weight_decay()`."""
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        return param_groups(self.model, weight_decay, no_weight_decay=names)
 
     def losses(self, model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         loss, _, _ = model(batch, mask_ratio=self.mask_ratio)
@@ -133,8 +176,11 @@ def save_reconstruction_figure(mae: MaskedAutoencoder, imgs: torch.Tensor, mask_
     mae.train(was_training)
 
 
-def _architecture(mae: MaskedAutoencoder, cfg: dict[str, Any]) -> str | None:
-    """The registry name of the encoder, when the weights really are that architecture."""
+def _architecture(mae: MaskedAutoencoder | SparkResNet, cfg: dict[str, Any]) -> str | None:
+    """The registry name of the encoder, when the weights really are that architecture (a SparK CNN: its timm
+    name)."""
+    if isinstance(mae, SparkResNet):
+        return mae.arch
     name = cfg["model"]["name"]
     arch = name[4:] if name.startswith("mae_") else name
     c = get_cfg(arch)
@@ -151,6 +197,11 @@ def _fp32_model(engine: Engine, cfg: dict[str, Any]) -> MaskedAutoencoder:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(engine.ckpt_dir))
+    if isinstance(module, SparkResNet):
+        fp32 = build_spark(cfg)
+        missing = fp32.load_state_dict(state, strict=False).missing_keys  # BN buffers are no optimizer state
+        fp32.load_state_dict({k: v.float() for k, v in module.state_dict().items() if k in missing}, strict=False)
+        return fp32
     fp32 = create_mae(cfg["model"]["name"], **module.config)
     missing = fp32.load_state_dict(state, strict=False).missing_keys
     if set(missing) - {"pos_embed", "decoder_pos_embed"}:  # fixed embeddings are not optimizer state
@@ -178,13 +229,13 @@ def run(cfg: dict[str, Any], dist: DistInfo, *, resume: bool = False, ds_config:
                        ckpt_every=o["ckpt_every"], keep_checkpoints=o["keep_checkpoints"],
                        keep_every=o["keep_every"], seed=t["seed"],
                        stop_at=t["stop_at"], loggers=tuple(o["loggers"] or ()))
-    ratio = cfg["model"]["mask_ratio"]
+    ratio = cfg["model"]["mask_ratio"] = mask_ratio(cfg)  # resolved: the config written next to the run says it
     engine = Engine(MAETask(model, ratio), tcfg, out, dist, ds_config=ds_config, micro_batch_size=t["batch_size"])
     start = engine.resume() if resume else 0
     if dist.is_main:
         dump_config(cfg, out / "config.yaml")
-        log.info("MAE pretraining: %d steps (%d warmup), effective batch %d, lr %.3g, %d shard(s), from step %d",
-                 total, warmup, eff, lr, len(urls), start)
+        log.info("%s pretraining: %d steps (%d warmup), effective batch %d, lr %.3g, %d shard(s), from step %d",
+                 "SparK" if is_spark(cfg) else "MAE", total, warmup, eff, lr, len(urls), start)
     loader = make_loader(urls, model.img_size[-1], t["batch_size"], num_workers=d["num_workers"], seed=t["seed"],
                          rank=dist.rank, world_size=dist.world_size, resampled=d["resampled"],
                          start_step=start * t["accum_iter"], in_chans=d["in_chans"], mean=d["mean"], std=d["std"],

@@ -31,6 +31,7 @@ class ResNetBackbone(nn.Module):
 
         body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2, 3, 4),
                                  in_chans=in_chans)
+        self.name = name
         self.frozen = bool(freeze)
         self.body = freeze_batch_norm_2d(body) if self.frozen else body
         for pname, p in self.body.named_parameters():
@@ -40,10 +41,21 @@ class ResNetBackbone(nn.Module):
         self.strides = list(body.feature_info.reduction())
 
     def load_pretrained(self, path: str | Path) -> None:
-        """Load a local ResNet state dict (``.pth``/``.safetensors``; classifier keys dropped), exact keys."""
+        """Load a local ResNet state dict (``.pth``/``.safetensors``; classifier keys dropped), exact keys; or a
+        medssl CNN backbone folder (e.g. SparK pretraining's ``backbone/`` or its run folder), through
+        ``medssl.hub.load_backbone_weights`` (first conv adapted to ``in_chans``, exact keys)."""
         from medssl.train.checkpoint import load_checkpoint, load_exact, strip_prefixes
 
         path = Path(path)
+        if path.is_dir():
+            from medssl.hub import backbone_config, load_backbone_weights
+
+            arch = backbone_config(path).get("architecture")
+            if arch is not None and arch != self.name:
+                raise ValueError(f"{path} holds a {arch}, not the detector's backbone {self.name}: set "
+                                 f"backbone_name={arch}")
+            load_backbone_weights(self.body, path)
+            return
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights file not found: {path}")
         state = load_checkpoint(path)

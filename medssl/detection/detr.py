@@ -27,7 +27,7 @@ class DetrConfig:
     in_chans: int = 1
     backbone: str = "resnet"  # "resnet" or "vit"
     backbone_name: str | None = None  # timm ResNet name, or a medssl.load_backbone source for "vit"
-    backbone_weights: str | None = None  # local ResNet weights file
+    backbone_weights: str | None = None  # ResNet: local weights file, or a medssl CNN backbone folder (SparK)
     backbone_freeze: bool | None = None  # ResNet: frozen BN + stem + layer1 (None: iff weights); ViT: all of it
     backbone_arch: dict | None = None  # ViT architecture record (filled from backbone_name when the model is built)
     img_size: int = 224  # nominal ViT size

@@ -162,3 +162,29 @@ def test_resnet_local_weights_load_and_freeze(tmp_path):
         bb.load_pretrained(tmp_path / "bad.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         bb.load_pretrained(tmp_path / "missing.pth")
+
+
+def test_spark_pretrained_resnet_folder_initialises_the_detector(tmp_path):
+    """`backbone_weights` may name a SparK backbone folder: the detector's ResNet gets exactly those weights."""
+    import medssl
+    from medssl.models.spark import create_spark
+
+    torch.manual_seed(0)
+    spark = create_spark("spark_resnet18", img_size=64, in_chans=1, mask_patch=16, decoder_dim=32)
+    with torch.no_grad():
+        spark.encoder.layer4[0].conv1.weight.mul_(1.5)  # something a random init would not reproduce
+    folder = medssl.save_backbone(spark, tmp_path / "backbone", data="unit test")
+    cfg = demo_detector_config(backbone_name="resnet18", backbone_weights=str(folder), num_queries=4)
+    model = build_detector(cfg)
+    assert model.backbone.frozen  # weights given: the reference's frozen BN + stem + layer1
+    assert model.load_pretrained() == str(folder)
+    for k, v in spark.encoder_state_dict().items():
+        w = model.backbone.body.state_dict().get(k)
+        if w is not None:
+            torch.testing.assert_close(w, v, rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(model.backbone.body.layer4[0].conv1.weight, spark.encoder.layer4[0].conv1.weight)
+    x, mask = _batch()
+    assert model(x, mask)["pred_boxes"].shape == (2, 4, 4)
+    wrong = build_detector(demo_detector_config(backbone_name="resnet10t", backbone_weights=str(folder)))
+    with pytest.raises(ValueError, match="resnet18"):
+        wrong.load_pretrained()

@@ -1,0 +1,69 @@
+"""SparK pretraining of a ResNet-18 through the one front end (`recipes/pretrain_lumid.py`, its CPU demo config and
+overrides) and the one Engine: an exact resume after a stop, and the backbone folder as timm ResNet weights."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import medssl
+from medssl.config import load_config
+from medssl.pretrain import DEFAULTS, build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "recipes" / "configs" / "demo_cpu_spark.yaml"
+TINY_SPARK = ["data.img_size=32", "model.mask_patch=8", "model.decoder_embed_dim=32", "data.num_workers=0",
+              "data.shuffle_buffer=16", "train.batch_size=8", "train.precision=fp32", "output.log_every=1",
+              "output.figure_every=3", "train.steps=6", "train.warmup_epochs=1", "train.epochs=2"]
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("pretrain_lumid", ROOT / "recipes" / "pretrain_lumid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _losses(out):
+    with open(out / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_spark_resume_after_stop_is_exact_and_backbone_is_timm_resnet(toy_shards, tmp_path):
+    main = _recipe()
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ["--config", str(CONFIG), *TINY_SPARK, f"data.shards={toy_shards}"]
+    assert main([*args, f"output.dir={straight}"]) == 0
+    assert main([*args, f"output.dir={split}", "train.stop_at=3"]) == 0
+    assert len(_losses(split)) == 3 and not (split / "backbone").exists()
+    assert main([*args, f"output.dir={split}", "--resume"]) == 0
+    a, b = _losses(straight), _losses(split)
+    assert len(a) == 6 and a == b  # model, BN buffers, optimizer, lr, RNG (hence masks) and data
+    assert (straight / "figures" / "recon-00000006.png").is_file()
+    cfg = json.loads((straight / "backbone" / "config.json").read_text())
+    assert cfg["family"] == "cnn" and cfg["architecture"] == "resnet18"
+    assert cfg["provenance"]["mask_ratio"] == 0.6 and cfg["provenance"]["steps"] == 6
+    resolved = load_config(DEFAULTS, straight / "config.yaml")
+    assert resolved["model"]["mask_ratio"] == 0.6
+    r18, ref = medssl.load_backbone(split / "backbone"), medssl.load_backbone(straight)
+    assert type(r18) is type(timm.create_model("resnet18", pretrained=False))
+    for (k, v), (_, w) in zip(r18.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_spark_config_errors_and_default_ratio(tmp_path):
+    spark = load_config(DEFAULTS, CONFIG, [*TINY_SPARK, "model.mask_ratio=null"])
+    from medssl.pretrain import mask_ratio
+
+    assert mask_ratio(spark) == 0.6 and mask_ratio(load_config(DEFAULTS)) == 0.75
+    with pytest.raises(ValueError, match="2-D"):
+        build_model(load_config(DEFAULTS, CONFIG, ["data.dims=3"]))
+    with pytest.raises(ValueError, match="mask_patch"):
+        build_model(load_config(DEFAULTS, None, ["model.mask_patch=16", "data.img_size=32",
+                                                 "model.name=mae_vit_tiny_patch8"]))
