@@ -2,9 +2,11 @@
 
 Protocols: "probe" (frozen encoder: multi-block `LinearProbe` / `DenseProbe`), "finetune" (whole
 ViT with layer-wise lr decay: `FineTuneClassifier` / `ViTSegmenter`), "scratch" (the CNN baselines:
-timm ResNet-18 / small U-Net, trained from random init). Volume tasks (`TaskData.spatial_dims == 3`) take
-3-D backbones only (a 2-D one is refused, and the reverse): the ViT rows fine-tune MONAI's UNETR on the
-backbone (`medssl.heads.segment3d.build_unetr`), the CNN row is the same U-Net in 3-D.
+timm ResNet-18 / small U-Net, trained from random init; `medssl.heads.build.cnn_model`). Volume tasks
+(`TaskData.spatial_dims == 3`) take 3-D backbones only (a 2-D one is refused, and the reverse): the ViT rows
+fine-tune MONAI's UNETR on the backbone (`medssl.heads.segment3d.build_unetr`) to segment and
+`medssl.heads.classify3d.VolumeClassifier` to classify; the CNN rows are the same U-Net in 3-D and a small 3-D
+ResNet (`classify3d.resnet3d`).
 Every row of a task is trained on the same label subset (drawn from the seed), with the same schedule per
 protocol, and selected on the same validation split; the test split is scored once, with the best-on-validation weights.
 
@@ -30,11 +32,11 @@ from torch.utils.data import TensorDataset
 from benchmarks.provenance import cell_key
 from benchmarks.tasks import TaskData
 from medssl import hub
-from medssl.heads.build import build_head, head_record
+from medssl.heads.build import build_head, cnn_model, head_record
 from medssl.heads.classify import class_weights, layer_decay_groups
 from medssl.heads.features import FeatureCache, subset
 from medssl.heads.fit import FitConfig, auc_score, dice_score, fit, predict, random_hflip
-from medssl.heads.segment import UNet, dice_ce_loss
+from medssl.heads.segment import dice_ce_loss
 from medssl.metrics.classification import classification_report
 from medssl.metrics.segmentation import SegmentationMeter
 
@@ -211,20 +213,17 @@ def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_
            ) -> tuple[nn.Module, list[dict] | None]:
     c, seg, dims = task.num_classes, task.kind == "segmentation", task.spatial_dims
     check_dims(task, bb)
-    if dims == 3 and not seg:
-        raise ValueError(f"task {task.name}: 3-D classification has no table rows yet (3-D tasks segment)")
     if bb.kind == "cnn":
         if protocol != "scratch":
             raise ValueError(f"CNN baselines train from scratch only, not {protocol!r}")
-        if seg:
-            return UNet(1, c, base=int(hp.get("unet_base", 16)), levels=int(hp.get("unet_levels", 3)),
-                        spatial_dims=dims), None
-        import timm
-
-        return timm.create_model("resnet18", pretrained=False, num_classes=c, in_chans=1), None
+        return cnn_model("segment" if seg else "classify", c, dims, **hp), None
     record, vit = vit_backbone(bb, img_size)
-    if dims == 3:
+    if dims == 3 and seg:
         model = _unetr(record, vit, protocol, c, hp)
+    elif dims == 3:  # VolumeClassifier on MONAI's ViT (the pretrained copy, or the twin built from the cell's seed)
+        if protocol != "finetune":
+            raise ValueError(f"3-D ViT rows fine-tune (protocol finetune), not {protocol!r}")
+        model = build_head(head_record("classify", "finetune", record, c, img_size), vit)
     else:
         options = head_options(seg, protocol, hp, record["depth"])
         model = build_head(head_record("segment" if seg else "classify", protocol, record, c, img_size, **options),

