@@ -5,8 +5,8 @@ ViT with layer-wise lr decay: `FineTuneClassifier` / `ViTSegmenter`), "scratch" 
 timm ResNet-18 / small U-Net, trained from random init; `medssl.heads.build.cnn_model`). Volume tasks
 (`TaskData.spatial_dims == 3`) take 3-D backbones only (a 2-D one is refused, and the reverse): the ViT rows
 fine-tune MONAI's UNETR on the backbone (`medssl.heads.segment3d.build_unetr`) to segment and
-`medssl.heads.classify3d.VolumeClassifier` to classify; the CNN rows are the same U-Net in 3-D and a small 3-D
-ResNet (`classify3d.resnet3d`).
+`medssl.heads.classify3d.VolumeClassifier` to classify (kNN: `VolumeProbe`'s frozen features); the CNN rows
+are the same U-Net in 3-D and a small 3-D ResNet (`classify3d.resnet3d`).
 Every row of a task is trained on the same label subset (drawn from the seed), with the same schedule per
 protocol, and selected on the same validation split; the test split is scored once, with the best-on-validation weights.
 
@@ -220,10 +220,11 @@ def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_
     record, vit = vit_backbone(bb, img_size)
     if dims == 3 and seg:
         model = _unetr(record, vit, protocol, c, hp)
-    elif dims == 3:  # VolumeClassifier on MONAI's ViT (the pretrained copy, or the twin built from the cell's seed)
-        if protocol != "finetune":
-            raise ValueError(f"3-D ViT rows fine-tune (protocol finetune), not {protocol!r}")
-        model = build_head(head_record("classify", "finetune", record, c, img_size), vit)
+    elif dims == 3:  # on MONAI's ViT (the pretrained copy, or the twin built from the cell's seed)
+        if protocol not in ("finetune", "probe"):
+            raise ValueError(f"3-D ViT rows fine-tune or probe (kNN reads the probe's features), not {protocol!r}")
+        options = {"probe_blocks": min(int(hp.get("blocks", 4)), record["depth"])} if protocol == "probe" else {}
+        model = build_head(head_record("classify", protocol, record, c, img_size, **options), vit)
     else:
         options = head_options(seg, protocol, hp, record["depth"])
         model = build_head(head_record("segment" if seg else "classify", protocol, record, c, img_size, **options),

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             check_search(cfg, protocols)
         plan = [(bb, p) for bb in vits for p in protocols  # a row may run a subset of the budgets
                 if (p != "knn" or task.kind == "classification")  # kNN classifies
-                and (p == "finetune" or getattr(task, "spatial_dims", 2) == 2)]  # 3-D ViT rows: UNETR fine-tuned
+                and (p in ("finetune", "knn") or getattr(task, "spatial_dims", 2) == 2)]  # 3-D: no probe rows
         if cfg.get("baselines", True):
             plan.insert(0, (cnn, "scratch"))
         for frac in per_task.get("label_fractions", cfg["label_fractions"]):

@@ -87,15 +87,18 @@ def build_head(record: dict[str, Any], backbone: nn.Module | None = None) -> nn.
 
 
 def _volume_head(record: dict[str, Any], backbone: nn.Module | None) -> nn.Module:
-    """A 3-D record's model: `VolumeClassifier` on MONAI's ViT (given, or built from the record); fine-tuning."""
-    from medssl.heads.classify3d import VolumeClassifier
+    """A 3-D record's model on MONAI's ViT (given, or built from the record): `VolumeClassifier` (finetune) or
+    `VolumeProbe` (probe; option `probe_blocks`)."""
+    from medssl.heads.classify3d import VolumeClassifier, VolumeProbe
     from medssl.models.monai_vit import build_monai_vit
 
-    if (record["kind"], record["protocol"]) != ("classify", "finetune"):
-        raise ValueError(f"a 3-D backbone takes the classify / finetune head here (segmentation: "
+    if record["kind"] != "classify":
+        raise ValueError(f"a 3-D backbone takes the classify heads here (segmentation: "
                          f"medssl.heads.segment3d.build_unetr); got {record['kind']} / {record['protocol']}")
     vit = backbone if backbone is not None else build_monai_vit(record["backbone"], img_size=record["img_size"],
                                                                 in_chans=record["in_chans"])
+    if record["protocol"] == "probe":
+        return VolumeProbe(vit, record["num_classes"], num_blocks=record["options"].get("probe_blocks", 1))
     return VolumeClassifier(vit, record["num_classes"])
 
 

@@ -4,6 +4,9 @@
   the backbone's final norm), LayerNorm (fc_norm, eps 1e-6), Linear head (std 2e-5, bias 0); the whole backbone
   trains. MONAI's names (`patch_embedding.*` for the embeddings, `blocks.i.*`) take the same MAE layer ids, so
   `medssl.heads.classify.layer_decay_groups` gives the 2-D layer-wise lr decay. MONAI's ViT has no drop path.
+- `VolumeProbe`: the 2-D `LinearProbe` on volumes: frozen backbone, mean of the patch tokens of the last k blocks
+  (the last through the backbone's final norm, inner ones through a parameter-free LayerNorm), BatchNorm1d
+  (affine=False) and Linear (std 0.01); its `features()` are what kNN reads (`medssl.heads.knn`).
 - `resnet3d`: the from-scratch CNN baseline: MONAI's 3-D ResNet with basic blocks (default one per stage, widths
   16-128, a stride-2 7^3 stem and max pooling: a 3-D ResNet-10 at a quarter of the usual width, sized for CPU).
 
@@ -19,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from medssl.heads.tokens import freeze, plain_norm, resolve_blocks
 
 
 def check_vit3d(backbone: nn.Module) -> int:
@@ -57,6 +62,47 @@ class VolumeClassifier(nn.Module):
         _, hidden = self.backbone(x)  # every block's output, [N, L, D] each (un-normalised)
         pooled = hidden[-1].mean(dim=1)  # [N, D]
         return self.head(self.fc_norm(pooled))  # [N, num_classes]
+
+
+class VolumeProbe(nn.Module):
+    """Frozen 3-D ViT + BatchNorm1d(affine=False) + Linear on the mean patch tokens of the last `num_blocks` blocks.
+
+    Args:
+        backbone: MONAI's ViT (frozen here).
+        num_classes: output classes.
+        num_blocks: blocks read (1 = MAE's linear probe, with mean pooling: 3-D backbones have no class token).
+    """
+
+    cacheable = True  # features do not change while training: `fit` may precompute them
+    pool = "mean"
+
+    def __init__(self, backbone: nn.Module, num_classes: int, num_blocks: int = 1):
+        super().__init__()
+        depth = check_vit3d(backbone)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.backbone = freeze(backbone)
+        self.indices = resolve_blocks(depth, num_blocks)
+        dim = backbone.norm.normalized_shape[0] * len(self.indices)
+        linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+
+    def train(self, mode: bool = True) -> VolumeProbe:
+        super().train(mode)
+        self.backbone.eval()  # the encoder stays frozen
+        return self
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, D, H, W] volumes -> [N, k * D_embed] probe features."""
+        last, hidden = self.backbone(x)  # [N, L, D] after the final norm; every block's output
+        feats = [last.mean(1) if i == len(hidden) - 1 else plain_norm(hidden[i]).mean(1) for i in self.indices]
+        return torch.cat(feats, dim=-1)  # [N, F]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # [N, num_classes]
 
 
 def resnet3d(num_classes: int, in_chans: int = 1, widths: Sequence[int] = (16, 32, 64, 128),

@@ -161,9 +161,36 @@ def test_3d_classification_rows_train_and_auc_is_the_hand_count(source3d, monkey
     assert kinds == ["VolumeClassifier", "VolumeClassifier", "ResNet"]
 
 
+def test_3d_knn_rows_choose_k_on_validation_and_auc_is_the_hand_count(source3d, monkeypatch):
+    """kNN on the frozen 3-D ViT's features (pretrained and twin): k chosen on validation; the test AUC recomputed
+    by hand from the probabilities `knn_probs` gave."""
+    from medssl.heads import knn
+
+    task = TaskData("ball_3d", "classification", "synthetic", 2, ["none", "ball"],
+                    {"train": _ball_or_not(8, 0), "val": _ball_or_not(4, 1), "test": _ball_or_not(6, 2)})
+    seen = []
+    real = knn.knn_probs
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(knn, "knn_probs", spy)
+    cells._LOADED.clear()
+    cells.FEATURES._entries.clear()
+    for bb in _rows(source3d)[:2]:
+        res = run_cell(task, bb, "knn", 1.0, 0, {"blocks": 2, "k_grid": [1, 3]}, S, device="cpu")
+        assert set(res["val_by_k"]) == {"1", "3"} and res["val_score"] == res["val_by_k"][str(res["k"])]
+        assert res["val_score"] == max(res["val_by_k"].values())
+        p, y = seen[-1][:, 1].numpy(), task.splits["test"][1].numpy()  # the test call comes last
+        auc = np.mean([(a > b) + 0.5 * (a == b) for a in p[y == 1] for b in p[y == 0]])
+        assert res["metrics"]["auc"] == pytest.approx(auc, abs=1e-12)
+
+
 def test_run_all_plans_the_3d_classification_rows(tmp_path, monkeypatch):
     """A 3-D classification task gets the fine-tuned 3-D ViT, its random-init twin and the 3-D ResNet, each with the
-    lr grid searched on validation."""
+    lr grid searched on validation, and the kNN rows of both ViTs."""
     import csv
 
     import yaml
@@ -186,11 +213,12 @@ def test_run_all_plans_the_3d_classification_rows(tmp_path, monkeypatch):
     hp = {**HP, "batch_size": 4}
     cfg = {"name": "vol", "img_size": S, "threads": 1, "device": "cpu", "tasks": [{"name": "ball_3d"}],
            "backbones": [{"source": str(tmp_path / "bb3"), "pretraining": "MAE", "data": "toy"}],
-           "protocols": ["finetune"], "label_fractions": [1.0], "seeds": [0], "finetune": hp, "scratch": hp}
+           "protocols": ["finetune", "knn"], "label_fractions": [1.0], "seeds": [0], "finetune": hp, "scratch": hp,
+           "knn": {"blocks": 2, "k_grid": [1, 3]}}
     (tmp_path / "vol.yaml").write_text(yaml.safe_dump(cfg))
     assert run_all.main(["--config", str(tmp_path / "vol.yaml"), "--out", str(tmp_path / "out")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert sorted((r["pretraining"], r["backbone"], r["protocol"]) for r in rows) == [
-        ("MAE", "ViT-24/16", "finetune"), ("none (from scratch)", "ResNet-3D", "scratch"),
-        ("none (random init)", "ViT-24/16", "finetune")]
+        ("MAE", "ViT-24/16", "finetune"), ("MAE", "ViT-24/16", "knn"), ("none (from scratch)", "ResNet-3D", "scratch"),
+        ("none (random init)", "ViT-24/16", "finetune"), ("none (random init)", "ViT-24/16", "knn")]
     assert all(0.0 <= float(r["auc"]) <= 1.0 for r in rows)

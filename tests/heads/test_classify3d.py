@@ -11,7 +11,7 @@ pytest.importorskip("monai")
 
 from medssl.heads.build import build_head, cnn_model, head_record, init_head, load_head, save_head  # noqa: E402
 from medssl.heads.classify import layer_decay_groups  # noqa: E402
-from medssl.heads.classify3d import VolumeClassifier, resnet3d  # noqa: E402
+from medssl.heads.classify3d import VolumeClassifier, VolumeProbe, resnet3d  # noqa: E402
 from medssl.hub import backbone_record, load_backbone, save_backbone  # noqa: E402
 from medssl.models.mae import create_mae  # noqa: E402
 from medssl.models.monai_vit import build_monai_vit  # noqa: E402
@@ -70,8 +70,8 @@ def test_record_build_init_save_load(source, tmp_path):
     save_head(tmp_path / "head.pt", model, rec)
     again, _ = load_head(tmp_path / "head.pt")
     assert torch.equal(again(x), model.eval()(x))
-    with pytest.raises(ValueError, match="classify / finetune"):
-        build_head(head_record("classify", "probe", backbone_record(source), num_classes=2, img_size=32))
+    with pytest.raises(ValueError, match="classify heads here"):  # 3-D segmentation is UNETR (segment3d)
+        build_head(head_record("segment", "finetune", backbone_record(source), num_classes=2, img_size=32))
 
 
 def test_cnn_baselines():
@@ -83,3 +83,17 @@ def test_cnn_baselines():
     assert unet(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
     with pytest.raises(ValueError, match="kind must be"):
         cnn_model("detect", 2)
+
+
+def test_volume_probe_features_by_hand_and_frozen():
+    torch.manual_seed(0)
+    probe = build_head(head_record("classify", "probe", {**ARCH, "spatial_dims": 3}, num_classes=2, img_size=32,
+                                   probe_blocks=2))
+    assert isinstance(probe, VolumeProbe) and probe.indices == [0, 1] and probe.pool == "mean"
+    x = torch.randn(3, 1, 32, 32, 32)
+    last, hidden = probe.backbone(x)
+    inner = torch.nn.functional.layer_norm(hidden[0], (24,), eps=1e-6).mean(1)
+    assert torch.allclose(probe.features(x), torch.cat([inner, last.mean(1)], 1))  # [3, 48]
+    assert probe(x).shape == (3, 2)
+    assert not any(p.requires_grad for p in probe.backbone.parameters())
+    assert not probe.train().backbone.training  # the encoder stays in eval mode
