@@ -32,6 +32,9 @@ kidney). Samples:
   (`volumes.tiles`), so Dice counts every voxel once.
 
 `test_files` declares every file of the test subject, checked against the pretraining pools by `run_all`.
+
+`ct_liver_3d` (3-D classification) uses the same folds and slabs (`fold`): is the liver the organ with the most
+voxels of a crop (`liver_label`)?
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ def fold(test: str, root: str | None, spacing: float, slab: int, gap: int
     from data_tools.package_data import DEFAULT_OUT
 
     if test not in SUBJECTS:
-        raise ValueError(f"ct_organs_3d: test must be one of {SUBJECTS}; got {test!r}")
+        raise ValueError(f"ct_organs_3d / ct_liver_3d: test must be one of {SUBJECTS}; got {test!r}")
     files = subject_files(root or DEFAULT_OUT)
     volumes = {s: subject_volume(files[s], spacing) for s in SUBJECTS}
     roles = joint_slab_roles({s: [set(np.unique(p).tolist()) for p in y] for s, (_, y) in volumes.items()

@@ -176,6 +176,8 @@ def test_liver_task_on_synthetic_volumes(files):
         assert sorted(set(task.splits[split][1].tolist())) == [0, 1]  # liver crops and lung crops in every split
     assert task.info["slabs"] == organs3d.ct_organs_3d(img_size=4, test="ts_torso", spacing=2.0, train_crops=12,
                                                        slab=4, gap=1).info["slabs"]  # the segmentation task's split
+    with pytest.raises(ValueError, match="stride"):
+        organs3d.ct_liver_3d(img_size=4, test="ts_torso", stride=0)
 
 
 @pytest.mark.skipif(not FETCHED, reason=f"package CTs not fetched under {ROOT}")
