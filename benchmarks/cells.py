@@ -2,13 +2,14 @@
 
 Protocols: "probe" (frozen encoder: multi-block `LinearProbe` / `DenseProbe`), "finetune" (whole
 ViT with layer-wise lr decay: `FineTuneClassifier` / `ViTSegmenter`), "scratch" (the CNN baselines:
-timm ResNet-18 / small U-Net, trained from random init). A pretrained CNN row (`kind` "cnn_pretrained": a
-backbone folder of a SparK-pretrained ResNet) fine-tunes that ResNet exactly as the CNN baseline trains (the
-"scratch" hyper-parameters and learning-rate grid, the same seeded start for its fresh classifier): classification
-and detection; a U-Net has no ResNet encoder, so it has no segmentation cells.
+timm ResNet-18 / small U-Net, trained from random init; `medssl.heads.build.cnn_model`). A pretrained CNN row
+(`kind` "cnn_pretrained": a backbone folder of a SparK-pretrained ResNet) fine-tunes that ResNet exactly as the CNN
+baseline trains (the "scratch" hyper-parameters and learning-rate grid, the same seeded start for its fresh
+classifier): classification and detection; a U-Net has no ResNet encoder, so it has no segmentation cells.
 Volume tasks (`TaskData.spatial_dims == 3`) take 3-D backbones only (a 2-D one is refused, and the reverse): the
-ViT rows fine-tune MONAI's UNETR on the backbone (`medssl.heads.segment3d.build_unetr`), the CNN row is the same
-U-Net in 3-D.
+ViT rows fine-tune MONAI's UNETR on the backbone (`medssl.heads.segment3d.build_unetr`) to segment and
+`medssl.heads.classify3d.VolumeClassifier` to classify (kNN: `VolumeProbe`'s frozen features); the CNN rows
+are the same U-Net in 3-D and a small 3-D ResNet (`classify3d.resnet3d`).
 Every row of a task is trained on the same label subset (drawn from the seed), with the same schedule per
 protocol, and selected on the same validation split; the test split is scored once, with the best-on-validation weights.
 
@@ -34,11 +35,11 @@ from torch.utils.data import TensorDataset
 from benchmarks.provenance import cell_key
 from benchmarks.tasks import TaskData
 from medssl import hub
-from medssl.heads.build import build_head, head_record
+from medssl.heads.build import build_head, cnn_model, head_record
 from medssl.heads.classify import class_weights, layer_decay_groups
 from medssl.heads.features import FeatureCache, subset
 from medssl.heads.fit import FitConfig, auc_score, dice_score, fit, predict, random_hflip
-from medssl.heads.segment import UNet, dice_ce_loss
+from medssl.heads.segment import dice_ce_loss
 from medssl.metrics.classification import classification_report
 from medssl.metrics.segmentation import SegmentationMeter
 
@@ -218,17 +219,10 @@ def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_
            ) -> tuple[nn.Module, list[dict] | None]:
     c, seg, dims = task.num_classes, task.kind == "segmentation", task.spatial_dims
     check_dims(task, bb)
-    if dims == 3 and not seg:
-        raise ValueError(f"task {task.name}: 3-D classification has no table rows yet (3-D tasks segment)")
     if bb.kind == "cnn":
         if protocol != "scratch":
             raise ValueError(f"CNN baselines train from scratch only, not {protocol!r}")
-        if seg:
-            return UNet(1, c, base=int(hp.get("unet_base", 16)), levels=int(hp.get("unet_levels", 3)),
-                        spatial_dims=dims), None
-        import timm
-
-        return timm.create_model("resnet18", pretrained=False, num_classes=c, in_chans=1), None
+        return cnn_model("segment" if seg else "classify", c, dims, **hp), None
     if bb.kind == "cnn_pretrained":
         if protocol != "finetune" or seg:
             raise ValueError(f"a pretrained CNN row fine-tunes a classifier (protocol finetune), not {protocol!r} "
@@ -236,8 +230,13 @@ def _build(task: TaskData, bb: Backbone, protocol: str, hp: dict[str, Any], img_
         # built as the baseline's timm.create_model (the same draws: the same fresh classifier), then loaded
         return hub.load_backbone(bb.source, num_classes=c, in_chans=1), None
     record, vit = vit_backbone(bb, img_size)
-    if dims == 3:
+    if dims == 3 and seg:
         model = _unetr(record, vit, protocol, c, hp)
+    elif dims == 3:  # on MONAI's ViT (the pretrained copy, or the twin built from the cell's seed)
+        if protocol not in ("finetune", "probe"):
+            raise ValueError(f"3-D ViT rows fine-tune or probe (kNN reads the probe's features), not {protocol!r}")
+        options = {"probe_blocks": min(int(hp.get("blocks", 4)), record["depth"])} if protocol == "probe" else {}
+        model = build_head(head_record("classify", protocol, record, c, img_size, **options), vit)
     else:
         options = head_options(seg, protocol, hp, record["depth"])
         model = build_head(head_record("segment" if seg else "classify", protocol, record, c, img_size, **options),

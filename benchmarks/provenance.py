@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE_ENTRIES = {
     "dense": ("medssl.heads.build", "medssl.heads.classify", "medssl.heads.segment", "medssl.heads.features",
               "medssl.heads.fit", "medssl.heads.knn", "medssl.metrics.classification",
-              "medssl.metrics.segmentation", "medssl.hub", "medssl.models.vit", "medssl.heads.segment3d"),
+              "medssl.metrics.segmentation", "medssl.hub", "medssl.models.vit", "medssl.heads.segment3d",
+              "medssl.heads.classify3d"),
     "detection": ("medssl.detection.stages", "medssl.detection.evaluation", "medssl.hub", "medssl.models.vit"),
 }
 # hashed with every cell's code, not followed (their lazy imports reach the other cell kind)
@@ -45,7 +46,7 @@ CELL_FILES = ("benchmarks/cells.py", "benchmarks/provenance.py")
 # any other task spec is a custom task (benchmarks.tasks.custom)
 TASK_MODULES = {"brain_tissue": "benchmarks.tasks.brain", "brain_level": "benchmarks.tasks.brain",
                 "image_qc": "benchmarks.tasks.qc", "ct_organs": "benchmarks.tasks.organs",
-                "ct_organs_3d": "benchmarks.tasks.organs3d",
+                "ct_organs_3d": "benchmarks.tasks.organs3d", "ct_liver_3d": "benchmarks.tasks.organs3d",
                 "lesion_detection": "benchmarks.tasks.lesions"}
 _OWN = ("medssl", "benchmarks", "data_tools")  # packages whose sources are fingerprinted
 

