@@ -2,8 +2,9 @@
 
 One table per task and label fraction, one row per (backbone, protocol), mean +- std over seeds.
 The best mean of each metric column is bold. The last column says whether a pretrained row beats
-BOTH baselines on the task's main metric (the from-scratch CNN and the best random-init ViT row
-with the same labels): only then has pretraining earned its place. Each table names the commit(s)
+its baselines on the task's main metric: a pretrained ViT BOTH (the from-scratch CNN and the random-init ViT
+with the same protocol and labels), a pretrained CNN the same CNN from scratch; only then has pretraining
+earned its place. Each table names the commit(s)
 its cells were computed at (a cell's `commit`, see benchmarks/provenance.py; "+dirty": with uncommitted
 changes to the code that computes it), and so does the CSV's `commits` column.
 """
@@ -73,8 +74,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _beats(agg: list[dict[str, Any]], comps: list[dict[str, Any]]) -> None:
-    """Set 'verdict' on every aggregated row (in place): does a pretrained row beat BOTH baselines (the random-init
-    ViT with its protocol and the CNN) with seed-paired 95% intervals above zero (`benchmarks.stats`)?"""
+    """Set 'verdict' on every aggregated row (in place): does a pretrained row beat its baselines with seed-paired
+    95% intervals above zero (`benchmarks.stats`)? A pretrained ViT: BOTH the random-init ViT with its protocol
+    and the CNN; a pretrained CNN: the same CNN from scratch."""
     for a in agg:
         if a["role"] != "pretrained":
             a["verdict"] = "baseline"
@@ -168,7 +170,7 @@ def markdown(agg: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], comps:
                          f"computed at commit {commits_summary(rows)}")
             lines.append("")
             head = (["Pre-training", "Data", "Backbone", "Protocol", "Validation"] + [n for _, n in cols]
-                    + ["Beats both baselines (paired 95% CI, weakest)"])
+                    + ["Beats its baselines (paired 95% CI, weakest)"])
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for r in rows:
                 cells = [r["pretraining"], r["data"], r["backbone"], r["protocol"],

@@ -78,14 +78,23 @@ def resolve_backbones(cfg: dict[str, Any]) -> list[Backbone]:
 
 
 def primary_source(cfg: dict[str, Any], backbones: list[Backbone]) -> str | None:
-    """The pretrained row the answer reads: the config entry marked `primary: true`, else the first pretrained row
-    of `resolve_backbones`. Other pretrained rows are levers, reported beside it but not counted in the verdict
-    (no best-of-n)."""
-    pretrained = [b.source for b in backbones if b.kind == "vit"]  # a pretrained CNN answers only when marked
+    """The pretrained ViT row the answer reads: the config entry marked `primary: true`, else the first pretrained
+    ViT row of `resolve_backbones` (None without one: no answer). Other pretrained rows, pretrained CNNs included,
+    are levers, reported beside it but not counted in the verdict (no best-of-n).
+
+    Raises:
+        ValueError: several entries marked primary, a source listed twice, or a pretrained CNN marked primary.
+    """
+    pretrained = [b.source for b in backbones if b.kind == "vit"]
+    cnns = [b.source for b in backbones if b.kind == "cnn_pretrained"]
     marked = [str(e["source"]) for e in cfg.get("backbones") or [] if isinstance(e, dict) and e.get("primary")]
-    if len(marked) > 1 or len(set(pretrained)) < len(pretrained):
+    listed = pretrained + cnns
+    if len(marked) > 1 or len(set(listed)) < len(listed):
         raise ValueError("backbones: one entry answers the question: at most one says primary: true, and no "
-                         f"source is listed twice (primary: {marked}, pretrained: {pretrained})")
+                         f"source is listed twice (primary: {marked}, pretrained: {listed})")
+    if marked and marked[0] in cnns:
+        raise ValueError(f"backbones: {marked[0]} is a pretrained CNN: the answer reads a pretrained ViT against "
+                         "both baselines; a pretrained CNN is a lever, compared with the same CNN from scratch")
     return marked[0] if marked else (pretrained[0] if pretrained else None)
 
 
@@ -200,9 +209,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _cli_backbone(text: str) -> dict[str, str]:
+    """`--backbone PATH[=PRETRAINING[:DATA]]` as a config entry (the pretraining named by the folder's kind when
+    left out: resolve_backbones names a pretrained CNN "SparK", a ViT "MAE")."""
     src, _, rest = text.partition("=")
     pre, _, data = rest.partition(":")
-    return {"source": src, "pretraining": pre or "MAE", "data": data or Path(src).name}
+    return {"source": src, **({"pretraining": pre} if pre else {}), "data": data or Path(src).name}
 
 
 def main(argv: list[str] | None = None) -> int:

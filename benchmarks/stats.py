@@ -121,7 +121,8 @@ def verdict(comps: list[dict[str, Any]], protocol: str = "finetune") -> dict[str
     with 95% intervals above zero (an intersection-union test: requiring every comparison adds no false-positive
     chance; one named protocol and one named row keep "any protocol / any of several pretrained rows wins" from
     doing so). The folds of one task (cells naming a `family`) vote once: the task passes when every fold does.
-    Overall: yes where that holds in most tasks.
+    Overall: yes where that holds in most tasks. No row marked primary anywhere (a table of pretrained CNNs only,
+    say): no task is judged and there is no answer.
 
     Raises:
         ValueError: a task has several pretrained rows and the cells name none primary (that would be best-of-n).
@@ -130,6 +131,8 @@ def verdict(comps: list[dict[str, Any]], protocol: str = "finetune") -> dict[str
         return c["a"]["role"] == "pretrained" and c["a"]["protocol"] == protocol and c["fraction"] != 1
 
     tasks: dict[str, bool] = {}
+    if not any(c["a"].get("primary", True) for c in comps if c["a"]["role"] == "pretrained"):
+        return {"tasks": tasks, "protocol": protocol, "pays_off": False, "tasks_yes": 0, "tasks_total": 0}
     for fam in dict.fromkeys(c.get("family", c["task"]) for c in comps if c["a"]["role"] == "pretrained"):
         low = [c for c in comps if c.get("family", c["task"]) == fam and pretrained(c)]
         if not any("primary" in c["a"] for c in low) and len({c["a"]["row"] for c in low}) > 1:

@@ -47,7 +47,7 @@ def test_outputs_and_table(micro):
         assert (out / name).is_file(), name
     md = (out / "results.md").read_text()
     head = "| Pre-training | Data | Backbone | Protocol | Validation |"
-    assert head + " Dice | IoU | Beats both baselines (paired 95% CI, weakest) |" in md
+    assert head + " Dice | IoU | Beats its baselines (paired 95% CI, weakest) |" in md
     assert head + " Accuracy | Sensitivity | AUC |" in md
     assert "U-Net" in md and "ResNet-18" in md and "none (random init)" in md and "MAE | toy | ViT-" in md
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -176,3 +176,17 @@ def test_primary_row_is_the_first_pretrained_entry_or_the_marked_one():
                                               {"source": "runs/b", "primary": True}]}, [mae, lever])
     with pytest.raises(ValueError, match="one entry answers"):
         run_all.primary_source({"backbones": ["runs/a", "runs/a"]}, [mae, mae])
+    spark = Backbone("cnn_pretrained", "runs/s", "SparK", "-", "ResNet-18")
+    # a pretrained CNN is a lever: never the answer's row, refused when marked, refused when listed twice
+    assert run_all.primary_source({"backbones": ["runs/s", "runs/a"]}, [spark, mae, twin]) == "runs/a"
+    assert run_all.primary_source({"backbones": ["runs/s"]}, [spark]) is None
+    with pytest.raises(ValueError, match="is a pretrained CNN"):
+        run_all.primary_source({"backbones": [{"source": "runs/s", "primary": True}, "runs/a"]}, [spark, mae])
+    with pytest.raises(ValueError, match="one entry answers"):
+        run_all.primary_source({"backbones": ["runs/s", "runs/s"]}, [spark, spark])
+
+
+def test_cli_backbone_leaves_the_pretraining_name_to_the_folder_kind():
+    assert run_all._cli_backbone("runs/x") == {"source": "runs/x", "data": "x"}
+    assert run_all._cli_backbone("runs/x=MAE 200:pool") == {"source": "runs/x", "pretraining": "MAE 200",
+                                                            "data": "pool"}

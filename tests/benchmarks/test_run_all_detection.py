@@ -67,7 +67,7 @@ def test_detection_rows_in_the_table(mammo, tmp_path):
     out = tmp_path / "results"
     assert run_all.main(["--config", str(tmp_path / "det.yaml"), "--out", str(out)]) == 0
     md = (out / "results.md").read_text()
-    assert ("| Pre-training | Data | Backbone | Protocol | Validation | R@0.3 | AP50 | Beats both baselines (paired "
+    assert ("| Pre-training | Data | Backbone | Protocol | Validation | R@0.3 | AP50 | Beats its baselines (paired "
             "95% CI, weakest) |") in md
     assert "Labels: 4 labelled" in md  # the task's own label fractions and seeds, not the table's
     rows = list(csv.DictReader(open(out / "results.csv")))

@@ -95,6 +95,20 @@ def test_verdict_reads_only_the_primary_pretrained_row():
         verdict(comparisons(cells))
 
 
+def test_no_primary_row_means_no_answer():
+    """A table whose only pretrained row is not primary (a pretrained CNN against its scratch twin): no task is
+    judged and there is no answer sentence, rather than "0 of 1 tasks show a pretrained ViT"."""
+    cells = []
+    for seed in range(5):
+        for row, role, auc in (("cnn", "cnn", 0.60), ("spark", "pretrained", 0.80 + 0.01 * seed)):
+            cells.append({"task": "t", "kind": "classification", "fraction": 8, "n_train": 8, "seed": seed,
+                          "row": row, "protocol": "scratch" if role == "cnn" else "finetune", "role": role,
+                          "backbone": "ResNet-18", "pretraining": row, "primary": False, "metrics": {"auc": auc}})
+    v = verdict(comparisons(cells))
+    assert v["tasks"] == {} and v["tasks_total"] == 0 and not v["pays_off"]
+    assert verdict_sentence(v) == ""
+
+
 def test_folds_of_one_task_vote_once():
     """Two folds of a task (one family): it passes only when both folds do; a lone task keeps its own vote."""
     def cells_for(task, family, up):
@@ -112,3 +126,32 @@ def test_folds_of_one_task_vote_once():
     assert v["tasks"] == {"f": False, "g": True} and v["tasks_total"] == 2
     v = verdict(comparisons(cells_for("f@a", "f", True) + cells_for("f@b", "f", True)))
     assert v["tasks"] == {"f": True} and v["pays_off"]
+
+
+def test_a_pretrained_cnn_row_is_judged_against_the_same_cnn_from_scratch():
+    """The report's verdict column for a pretrained CNN reads its one baseline (the same CNN from scratch), with the
+    interval computed from the cells: yes when it is above zero, no otherwise; a ViT row still needs both."""
+    from benchmarks.report import _beats, aggregate
+
+    def table(spark_up: float) -> dict[str, str]:
+        cells = []
+        for seed in range(5):
+            for row, role, bb, proto, auc in (
+                    ("cnn", "cnn", "ResNet-18", "scratch", 0.60 + 0.01 * seed),
+                    ("spark", "pretrained", "ResNet-18", "finetune", 0.60 + 0.01 * seed + spark_up + 0.002 * seed),
+                    ("rand", "random", "ViT", "finetune", 0.50),
+                    ("mae", "pretrained", "ViT", "finetune", 0.70 + 0.01 * (seed % 2))):
+                cells.append({"task": "t", "kind": "classification", "fraction": 8, "n_train": 8, "seed": seed,
+                              "row": row, "protocol": proto, "role": role, "backbone": bb, "pretraining": row,
+                              "data": "-", "seconds": 1.0, "primary": row == "mae",
+                              "metrics": {"auc": auc, "accuracy": auc, "sensitivity": auc}})
+        agg = aggregate(cells)
+        _beats(agg, comparisons(cells))
+        return {a["row"]: a["verdict"] for a in agg}
+
+    # spark - cnn per seed: 0.050, 0.052, ..., 0.058: mean 0.054, sd 0.00316, t(4) 2.776: [0.0501, 0.0579]
+    up = table(0.05)
+    assert up["spark"] == "**yes**: +0.054 [+0.050, +0.058] vs ResNet-18 from scratch"
+    assert up["mae"].startswith("**yes**")  # the ViT row beats both its baselines here
+    down = table(-0.001)  # per seed -0.001, +0.001, ..., +0.007: [-0.0009, +0.0069] includes zero
+    assert down["spark"] == "no: +0.003 [-0.001, +0.007] vs ResNet-18 from scratch"
