@@ -14,6 +14,7 @@ import torch
 
 import medssl
 from medssl.config import load_config
+from medssl.hub import load_backbone_weights
 from medssl.pretrain import DEFAULTS, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,7 @@ def test_spark_resume_after_stop_is_exact_and_backbone_is_timm_resnet(toy_shards
     assert main([*args, f"output.dir={straight}"]) == 0
     assert main([*args, f"output.dir={split}", "train.stop_at=3"]) == 0
     assert len(_losses(split)) == 3 and not (split / "backbone").exists()
+    _check_mid_run_folder_loads_its_encoder(split, tmp_path)
     assert main([*args, f"output.dir={split}", "--resume"]) == 0
     a, b = _losses(straight), _losses(split)
     assert len(a) == 6 and a == b  # model, BN buffers, optimizer, lr, RNG (hence masks) and data
@@ -55,6 +57,36 @@ def test_spark_resume_after_stop_is_exact_and_backbone_is_timm_resnet(toy_shards
     assert type(r18) is type(timm.create_model("resnet18", pretrained=False))
     for (k, v), (_, w) in zip(r18.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(v, w), k
+
+
+def _check_mid_run_folder_loads_its_encoder(run: Path, tmp_path: Path) -> None:
+    """A run folder without backbone/ (stopped mid-run), or its checkpoint file, loads the SparK encoder part of
+    the checkpoint as timm's ResNet, with the exact key report."""
+    ckpt = sorted((run / "checkpoints").glob("checkpoint-*.pt"))[-1]
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = saved["model"]
+    assert {k.split(".")[0] for k in state} == {"encoder", "decoder", "densify", "mask_tokens", "head"}
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    for source in (run, ckpt):
+        r18 = medssl.load_backbone(source)
+        assert type(r18) is type(timm.create_model("resnet18", pretrained=False)) and r18.num_classes == 0
+        assert r18.medssl_cfg["architecture"] == "resnet18" and r18.medssl_cfg["family"] == "cnn"
+        assert r18.medssl_cfg["provenance"]["objective"] == "spark"
+        got = r18.state_dict()
+        assert set(got) == set(encoder)  # every encoder key, and only those
+        for k, v in encoder.items():
+            assert torch.equal(got[k], v), k
+    body = timm.create_model("resnet18", pretrained=False, in_chans=1, features_only=True)
+    load_backbone_weights(body, run)  # e.g. a detector's ResNet
+    assert torch.equal(body.state_dict()["layer4.1.conv2.weight"], encoder["layer4.1.conv2.weight"])
+    # a key that is neither the encoder's nor SparK's decoder side is named, not dropped
+    torch.save({**saved, "model": {**state, "extra.weight": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="unexpected keys \\['extra.weight'\\]"):
+        medssl.load_backbone(tmp_path / "foreign.pt")
+    torch.save({**saved, "model": {k: v for k, v in state.items() if k != "encoder.layer2.0.bn1.weight"}},
+               tmp_path / "lacking.pt")
+    with pytest.raises(ValueError, match="missing keys \\['layer2.0.bn1.weight'\\]"):
+        medssl.load_backbone(tmp_path / "lacking.pt")
 
 
 def test_spark_config_errors_and_default_ratio(tmp_path):
