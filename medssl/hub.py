@@ -104,7 +104,7 @@ def _read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise FileNotFoundError(f"{path}: no such file or folder, and not a registered architecture "
                                 f"(known: {', '.join(list_backbones())})")
     if path.suffix == ".safetensors":
-        return load_checkpoint(path), {}, f"safetensors file {path}"
+        return _spark_encoder(load_checkpoint(path), {}, f"safetensors file {path}")
     obj = load_checkpoint(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(obj).__name__}")
@@ -116,7 +116,33 @@ def _read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise ValueError(f"{path}: holds no tensors that look like model weights")
-    return state, cfg, f"checkpoint {path}"
+    return _spark_encoder(state, cfg, f"checkpoint {path}")
+
+
+_SPARK_PARTS = ("decoder.", "densify.", "mask_tokens.", "head.")  # a SparkResNet's keys besides `encoder.*`
+
+
+def _spark_encoder(state: dict[str, torch.Tensor], cfg: dict[str, Any], where: str
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """A whole `SparkResNet` state dict (a pretraining checkpoint: `encoder.*` beside `decoder.*`, `densify.*`,
+    `mask_tokens.*`, `head.*`) as its encoder under timm's key names, with the config marked as a CNN (timm name
+    from the checkpoint's `model_config["arch"]`, else the block counts); any other state is returned unchanged.
+
+    Only the SparK-only parts are dropped: a key outside them and outside `encoder.*` stays as it is, so the
+    exact key check names it.
+    """
+    s = strip_prefixes(dict(state))
+    if "encoder.layer1.0.conv1.weight" not in s or not any(k.startswith(_SPARK_PARTS) for k in s):
+        return state, cfg, where
+    enc = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in s.items()
+           if not k.startswith(_SPARK_PARTS)}
+    meta: dict[str, Any] = {"family": "cnn", "provenance": {
+        "objective": "spark", **{k: v for k, v in cfg.items() if k not in ("arch", "in_chans")}}}
+    if isinstance(cfg.get("arch"), str):
+        meta["architecture"] = cfg["arch"]
+    if cfg.get("in_chans"):
+        meta["in_chans"] = int(cfg["in_chans"])
+    return enc, meta, f"{where} (SparK encoder)"
 
 
 # ------------------------------------------------------------------------------------------------ CNNs
@@ -126,7 +152,8 @@ _RESNET_DEPTHS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "res
 
 
 def _is_cnn(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> bool:
-    """True for a ResNet's weights (a SparK backbone folder, or a timm ResNet state dict)."""
+    """True for a ResNet's weights (a SparK backbone folder, a timm ResNet state dict, or a SparK pretraining
+    checkpoint / run folder, which `_read_source` has already cut down to its encoder under timm's names)."""
     return meta.get("family") == "cnn" or (
         "layer1.0.conv1.weight" in state and ("conv1.weight" in state or "conv1.0.weight" in state))
 

@@ -188,7 +188,7 @@ def _architecture(mae: MaskedAutoencoder | SparkResNet, cfg: dict[str, Any]) -> 
     return arch if same and mae.spatial_dims == 2 else None  # the registry holds 2-D ViTs
 
 
-def _fp32_model(engine: Engine, cfg: dict[str, Any]) -> MaskedAutoencoder:
+def _fp32_model(engine: Engine, cfg: dict[str, Any]) -> MaskedAutoencoder | SparkResNet:
     """The model with fp32 weights: under DeepSpeed bf16 the module holds bf16 copies, the fp32 masters live in
     the (partitioned) optimizer state, so they are gathered from the final ZeRO checkpoint."""
     module = engine.module
@@ -197,15 +197,27 @@ def _fp32_model(engine: Engine, cfg: dict[str, Any]) -> MaskedAutoencoder:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(engine.ckpt_dir))
+    return _fp32_from_state(module, state, cfg, str(engine.ckpt_dir))
+
+
+def _fp32_from_state(module: MaskedAutoencoder | SparkResNet, state: dict[str, torch.Tensor], cfg: dict[str, Any],
+                     where: str) -> MaskedAutoencoder | SparkResNet:
+    """A fresh fp32 model of `module`'s kind holding `state`, the fp32 weights gathered from a ZeRO checkpoint.
+
+    Nothing is refilled from the (bf16) module. Raises RuntimeError naming the keys `state` lacks: for SparK any
+    key (DeepSpeed saves the BN running statistics with the module's persistent buffers), for the MAE any beyond
+    its fixed position embeddings (frozen, hence no optimizer state; the fresh model computes them).
+    """
     if isinstance(module, SparkResNet):
-        fp32 = build_spark(cfg)
-        missing = fp32.load_state_dict(state, strict=False).missing_keys  # BN buffers are no optimizer state
-        fp32.load_state_dict({k: v.float() for k, v in module.state_dict().items() if k in missing}, strict=False)
-        return fp32
-    fp32 = create_mae(cfg["model"]["name"], **module.config)
-    missing = fp32.load_state_dict(state, strict=False).missing_keys
-    if set(missing) - {"pos_embed", "decoder_pos_embed"}:  # fixed embeddings are not optimizer state
-        raise RuntimeError(f"fp32 weights from {engine.ckpt_dir} lack {sorted(missing)}")
+        fp32: MaskedAutoencoder | SparkResNet = build_spark(cfg)
+        allowed: set[str] = set()
+    else:
+        fp32 = create_mae(cfg["model"]["name"], **module.config)
+        allowed = {"pos_embed", "decoder_pos_embed"}
+    missing = set(fp32.state_dict()) - set(state) - allowed  # by key (BN would fill a lacking num_batches_tracked)
+    fp32.load_state_dict(state, strict=False)
+    if missing:
+        raise RuntimeError(f"fp32 weights from {where} lack {sorted(missing)}")
     return fp32
 
 

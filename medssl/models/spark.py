@@ -13,8 +13,10 @@ into `timm.create_model(name)` unchanged). During pretraining it runs as a spars
 
 Mask granularity: SparK masks cells of the encoder's total stride (32 px for a ResNet: 7 x 7 cells at 224 px). At
 our 64 px demo size that is a 2 x 2 grid, too coarse to learn much from, so `mask_patch` may be any power of two
-(default: the total stride, as SparK); a cell smaller than the stride makes the deep maps partly visible
-(max-pooled visibility), which still keeps masked pixels out.
+(default: the total stride, as SparK); the grid must hold at least 2 cells (one visible, one masked). A cell
+smaller than the stride makes the deep maps mostly visible (max-pooled visibility: a coarse position is masked
+only when every cell under it is), which still keeps masked pixels out but masks far less at depth than
+`mask_ratio` says (see the differences below, point 4).
 
 Decoder: light and hierarchical (UNet-like). Each stage's map (strides 32, 16, 8, 4) is densified: masked
 positions are filled with that stage's learned mask token, then BatchNorm + a conv (1 x 1 at the deepest stage,
@@ -25,6 +27,23 @@ normalised targets (norm_pix_loss, as the MAE; a cell is one `mask_patch` x `mas
 
 `forward` returns (loss, pred [N, L, p*p*C], mask [N, L] with 1 = removed) in the MAE's form, so the pretraining
 procedure, its task and its reconstruction figure take either model.
+
+Differences from SparK (github:keyu-tian/SparK, `pretrain/spark.py`, `pretrain/decoder.py`), kept as they are
+because runs were made with this code:
+
+1. Densify order: here the masked positions are filled with the mask token first and an ordinary (dense)
+   BatchNorm then runs over all positions, tokens included (its statistics mix features and tokens). SparK
+   applies its sparse BatchNorm to the visible positions only, then fills in the mask tokens, then the conv.
+2. Decoder block: here a 2 x 2 transposed conv (stride 2, to the halved width) + one conv3x3-BN-ReLU; SparK's
+   `UNetBlock` is a 4 x 4 transposed conv (stride 2, padding 1, width kept) + conv3x3-BN-ReLU6 +
+   conv3x3-BN (to the halved width, no activation after it).
+3. Mask-token init: here `trunc_normal_(std=0.02)` with PyTorch's default bounds (+-2, i.e. 100 standard
+   deviations: effectively an untruncated normal); SparK truncates at +-0.02 (one standard deviation).
+4. Cells smaller than the stride: SparK's cell is the total stride, so every stage is masked in the same
+   proportion. With `mask_patch` < 32 the stride-32 map is masked only where all cells under it are: at 64 px,
+   16 px cells (4 x 4 grid) and mask_ratio 0.6 (10 of 16 cells masked), the masked fraction is 0.625 at strides
+   4, 8 and 16 but C(12, 6) / C(16, 10) = 924 / 8008 = 3/26 ~ 0.115 at stride 32 (a stride-32 position covers
+   4 cells; 0.1153 measured over 10,000 random masks); with 32 px cells it is 0.5 at every stage.
 
 Example:
     >>> spark = create_spark("spark_resnet18", img_size=64, in_chans=1, mask_patch=16, decoder_dim=64)
@@ -206,6 +225,9 @@ class SparkResNet(nn.Module):
         self.arch, self.in_chans, self.norm_pix_loss = arch, in_chans, norm_pix_loss
         self.img_size, self.patch, self.patch_size = (img_size, img_size), (p, p), p
         self.grid = (img_size // p, img_size // p)
+        if self.grid[0] * self.grid[1] < 2:
+            raise ValueError(f"mask_patch {p} leaves {self.grid[0]} x {self.grid[1]} mask cell(s) at {img_size} px: "
+                             "masking needs at least 2 cells (one visible, one masked)")
         self.spatial_dims = 2
         chans = [int(f["num_chs"]) for f in info][::-1]  # deepest first
         ups = int(math.log2(stride))

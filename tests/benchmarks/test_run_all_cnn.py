@@ -2,6 +2,7 @@
 from-scratch CNN row: the same "scratch" hyper-parameters and learning-rate grid, the same seeded classifier."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,29 @@ def test_pretrained_cnn_cell_starts_from_the_folder_and_the_scratch_classifier(s
     with pytest.raises(ValueError, match="finetune"):
         _build(task, Backbone("cnn_pretrained", str(tmp / "spark"), "SparK", "toy", "ResNet-18"), "probe",
                MICRO_HP, 32)
+
+
+def test_pretrained_cnn_row_whose_pool_holds_a_test_image_is_refused(spark_bb, tmp_path):
+    """The pool check covers CNN rows as the ViT rows: a SparK backbone pretrained on a pool listing one of the
+    task's test files stops the run before any cell is computed."""
+    from benchmarks.tasks import build_task
+    from medssl.data.holdout import PoolOverlapError
+
+    _, spark = spark_bb
+    test_file = build_task({"name": "image_qc", "planes": 1}, 32).test_files[0]
+    pool = tmp_path / "leaky_pool"
+    pool.mkdir()
+    (pool / "manifest.jsonl").write_text(json.dumps({"input": str(test_file), "status": "written"}) + "\n")
+    write_pool_record(pool)
+    save_backbone(spark, tmp_path / "leaky", data=str(pool), mask_ratio=0.6)
+    cfg = {"name": "micro_cnn_leak", "img_size": 32, "threads": 1, "device": "cpu",
+           "backbones": [{"source": str(tmp_path / "leaky"), "data": "toy"}],
+           "tasks": [{"name": "image_qc", "planes": 1}], "protocols": ["finetune"], "label_fractions": [5],
+           "seeds": [0], "finetune": MICRO_HP, "scratch": MICRO_HP}
+    (tmp_path / "leak.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "results"
+    rows = run_all.resolve_backbones(cfg)
+    assert [(b.kind, b.pool) for b in rows] == [("cnn_pretrained", str(pool))]  # a CNN row, its pool found
+    with pytest.raises(PoolOverlapError, match=Path(test_file).name):
+        run_all.main(["--config", str(tmp_path / "leak.yaml"), "--out", str(out)])
+    assert not list(out.glob("cells/*.json"))  # refused before any cell

@@ -173,15 +173,17 @@ def test_spark_pretrained_resnet_folder_initialises_the_detector(tmp_path):
     spark = create_spark("spark_resnet18", img_size=64, in_chans=1, mask_patch=16, decoder_dim=32)
     with torch.no_grad():
         spark.encoder.layer4[0].conv1.weight.mul_(1.5)  # something a random init would not reproduce
+    spark(torch.rand(2, 1, 64, 64))  # one pass: BN running statistics off their initial values
     folder = medssl.save_backbone(spark, tmp_path / "backbone", data="unit test")
     cfg = demo_detector_config(backbone_name="resnet18", backbone_weights=str(folder), num_queries=4)
     model = build_detector(cfg)
     assert model.backbone.frozen  # weights given: the reference's frozen BN + stem + layer1
     assert model.load_pretrained() == str(folder)
-    for k, v in spark.encoder_state_dict().items():
-        w = model.backbone.body.state_dict().get(k)
-        if w is not None:
-            torch.testing.assert_close(w, v, rtol=0, atol=0, msg=k)
+    encoder, body = spark.encoder_state_dict(), model.backbone.body.state_dict()
+    # every body key loaded: the encoder's keys less the BN step counters, which the frozen BN does not keep
+    assert set(body) == {k for k in encoder if not k.endswith(".num_batches_tracked")}
+    for k, w in body.items():
+        torch.testing.assert_close(w, encoder[k], rtol=0, atol=0, msg=k)
     torch.testing.assert_close(model.backbone.body.layer4[0].conv1.weight, spark.encoder.layer4[0].conv1.weight)
     x, mask = _batch()
     assert model(x, mask)["pred_boxes"].shape == (2, 4, 4)
