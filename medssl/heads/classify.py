@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
-from medssl.heads.tokens import block_tokens, check_vit, freeze, plain_norm, resolve_blocks, set_drop_path
+from medssl.heads.tokens import block_tokens, check_vit, freeze, plain_norm, probe_head, resolve_blocks, set_drop_path
 
 POOLS = ("cls", "mean", "cls+mean")
 
@@ -64,10 +64,7 @@ class LinearProbe(nn.Module):
         self.backbone = freeze(backbone)
         self.pool, self.indices = pool, resolve_blocks(depth, num_blocks)
         dim = backbone.embed_dim * len(self.indices) * (2 if pool == "cls+mean" else 1)
-        linear = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(linear.weight, std=0.01)
-        nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+        self.head = probe_head(dim, num_classes)
 
     def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)

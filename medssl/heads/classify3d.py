@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medssl.heads.tokens import freeze, plain_norm, resolve_blocks
+from medssl.heads.tokens import freeze, plain_norm, probe_head, resolve_blocks
 
 
 def check_vit3d(backbone: nn.Module) -> int:
@@ -84,10 +84,7 @@ class VolumeProbe(nn.Module):
         self.backbone = freeze(backbone)
         self.indices = resolve_blocks(depth, num_blocks)
         dim = backbone.norm.normalized_shape[0] * len(self.indices)
-        linear = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(linear.weight, std=0.01)
-        nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+        self.head = probe_head(dim, num_classes)
 
     def train(self, mode: bool = True) -> VolumeProbe:
         super().train(mode)

@@ -84,6 +84,15 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def probe_head(dim: int, num_classes: int) -> nn.Sequential:
+    """The MAE linear probe's head: BatchNorm1d without affine (eps 1e-6), then a Linear with weights
+    trunc_normal(std 0.01) and zero bias. [N, dim] features -> [N, num_classes] logits."""
+    linear = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+
+
 def set_drop_path(backbone: nn.Module, rate: float) -> None:
     """Stochastic depth rising linearly from 0 (first block) to `rate` (last block), as in timm/MAE."""
     from timm.layers import DropPath

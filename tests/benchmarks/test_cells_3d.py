@@ -64,8 +64,8 @@ def _rows(source3d: str) -> list[Backbone]:
             Backbone("cnn", "unet", "none", "-", "U-Net")]
 
 
-def test_3d_rows_train_and_dice_is_the_hand_count(source3d, monkeypatch):
-    task = _task()
+def _record_predictions(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (logits, targets) that `cells.predict` returns from now on, in call order."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = cells.predict
 
@@ -75,6 +75,12 @@ def test_3d_rows_train_and_dice_is_the_hand_count(source3d, monkeypatch):
         return out
 
     monkeypatch.setattr(cells, "predict", spy)
+    return seen
+
+
+def test_3d_rows_train_and_dice_is_the_hand_count(source3d, monkeypatch):
+    task = _task()
+    seen = _record_predictions(monkeypatch)
     cells._LOADED.clear()
     dice = {}
     for bb in _rows(source3d):
@@ -133,15 +139,7 @@ def test_3d_classification_rows_train_and_auc_is_the_hand_count(source3d, monkey
     volume task; AUC and accuracy recomputed by hand from the test logits the cell scored."""
     task = TaskData("ball_3d", "classification", "synthetic", 2, ["none", "ball"],
                     {"train": _ball_or_not(8, 0), "val": _ball_or_not(4, 1), "test": _ball_or_not(6, 2)})
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = cells.predict
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        seen.append(out)
-        return out
-
-    monkeypatch.setattr(cells, "predict", spy)
+    seen = _record_predictions(monkeypatch)
     cells._LOADED.clear()
     rows = _rows(source3d)[:2] + [Backbone("cnn", "resnet3d", "none", "-", "ResNet-3D")]
     kinds = []
