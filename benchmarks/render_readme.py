@@ -7,7 +7,8 @@
 
 Accepts the result files of speed.py, profile_detector.py, bench_engine.py and bf16_curve.py; with
 ``--section medmask`` the ``results.json`` of medmask_ablation.py, between the ``<!-- medmask:begin -->``
-and ``<!-- medmask:end -->`` markers; with ``--section transfer`` the ``results.json`` of run_all.py.
+and ``<!-- medmask:end -->`` markers; with ``--section transfer`` the ``results.json`` of run_all.py (the 2-D
+pretraining table), with ``--section volumes`` that of run_all.py's 3-D table (configs/volumes.yaml).
 
 Only the text between the ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` markers is replaced, in the
 docs page that holds the section (``TARGETS``; ``--target`` names another file); the file is written atomically
@@ -48,6 +49,7 @@ TARGETS = {
     "demo": "docs/medmask.md",
     "medmask": "docs/medmask.md",
     "transfer": "docs/transfer.md",
+    "volumes": "README.md",  # the 3-D table (run_all.py's results.json for configs/volumes.yaml), short
     "mae-runs": "docs/speed.md",
     "build": "docs/speed.md",
 }
@@ -216,6 +218,7 @@ def render_table(result: dict, source: str) -> str:
 def render_file(path: Path, section: str = "speed") -> str:
     """The text one result file contributes to ``section`` (its part of the text between the markers)."""
     renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer,
+                "volumes": render_transfer,
                 "mae-runs": render_table, "build": render_table}.get(section, render)
     return renderer(json.loads(path.read_text()), str(path))
 
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
     parser.add_argument("--section", default="speed", choices=sorted(TARGETS),
                         help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
-                             "demo (a MedMask run's summary.json), transfer (run_all.py's results.json), "
+                             "demo (a MedMask run's summary.json), transfer / volumes (run_all.py's results.json), "
                              "mae-runs (speed.py MAE runs side by side) or build (bench_build.py's file)")
     args = parser.parse_args(argv)
     target = args.target or ROOT / TARGETS[args.section]

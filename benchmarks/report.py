@@ -248,6 +248,7 @@ def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
     Left: main metric against labelled samples, a line per (row, protocol) with at least two budgets.
     Right: main metric against pretraining epochs (0 = random init), a line per label budget over the
     fine-tuned ViT rows that record their epochs; the from-scratch CNN at that budget as a dashed line.
+    A task with neither line (one label budget, one pretraining length: the 3-D tables) gets no PNG.
     """
     import matplotlib
 
@@ -259,17 +260,20 @@ def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
         rows = [a for a in agg if a["task"] == task]
         key = PRIMARY[rows[0]["kind"]]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        drawn = 0
         for row, protocol in _columns(rows):
             pts = sorted((a["n_train"], a[key], a[key + "_std"]) for a in rows
                          if (a["row"], a["protocol"]) == (row, protocol))
             if len(pts) > 1:
                 n, m, sd = zip(*pts)
                 left.errorbar(n, m, yerr=sd, marker="o", capsize=3, label=f"{row.split(' | ')[0]} ({protocol})")
+                drawn += 1
         left.set_xscale("log", base=2)
         left.set_xlabel("labelled training samples")
         left.set_ylabel(key)
         left.set_title(f"{task}: label budget")
-        left.legend(fontsize=7)
+        if drawn:
+            left.legend(fontsize=7)
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, frac in enumerate(budgets(rows)):
             vit = sorted((a["pretrain_epochs"], a[key], a[key + "_std"]) for a in rows
@@ -281,6 +285,7 @@ def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
             ep, m, sd = zip(*vit)
             n_train = next(a["n_train"] for a in rows if a["fraction"] == frac)
             right.errorbar(ep, m, yerr=sd, marker="o", capsize=3, color=c, label=f"{fraction_label(frac, n_train)}")
+            drawn += 1
             for a in rows:
                 if a["fraction"] == frac and a["role"] == "cnn":
                     right.axhline(a[key], color=c, linestyle="--", linewidth=1)
@@ -290,6 +295,9 @@ def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
         right.set_title(f"{task}: pretraining length (fine-tuned ViT)")
         if right.get_legend_handles_labels()[0]:
             right.legend(fontsize=7, title="labels", title_fontsize=7)
+        if not drawn:  # nothing against labels or pretraining length: the bar chart shows the task
+            plt.close(fig)
+            continue
         fig.tight_layout()
         path = folder / f"{task}_curves.png"
         fig.savefig(path, dpi=100)

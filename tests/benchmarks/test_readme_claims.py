@@ -1,4 +1,5 @@
-"""The transfer section (docs/transfer.md), its answer and every claim sentence, follows from the committed results."""
+"""The transfer sections, their answer and every claim sentence, follow from the committed results: the 2-D
+pretraining table (docs/transfer.md) and the 3-D table (README.md)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,21 @@ from benchmarks.render_readme import TARGETS, render_transfer
 from benchmarks.stats import comparisons, verdict
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGE = ROOT / TARGETS["transfer"]  # the page that holds the transfer markers
+SECTIONS = ["transfer", "volumes"]  # both rendered from a run_all.py results.json
 
 
-def _section() -> tuple[str, Path]:
-    text = PAGE.read_text()
-    m = re.search(r"<!-- transfer:begin -->\n(.*?)<!-- transfer:end -->", text, re.S)
-    assert m, f"{PAGE} has no transfer section"
+def _section(name: str) -> tuple[str, Path]:
+    page = ROOT / TARGETS[name]  # the page that holds the section's markers
+    m = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", page.read_text(), re.S)
+    assert m, f"{page} has no {name} section"
     source = re.match(r"`([^`]+results\.json)`", m.group(1))
-    assert source, "the transfer section does not start with its results file"
+    assert source, f"the {name} section of {page} does not start with its results file"
     return m.group(1), ROOT / source.group(1)
 
 
-def test_readme_transfer_section_is_rendered_from_its_results():
-    body, path = _section()
+@pytest.mark.parametrize("name", SECTIONS)
+def test_transfer_section_is_rendered_from_its_results(name: str):
+    body, path = _section(name)
     result = json.loads(path.read_text())
     if "cells" not in result or not result["cells"]:
         pytest.fail(f"{path} holds no cells")
@@ -33,8 +35,9 @@ def test_readme_transfer_section_is_rendered_from_its_results():
     assert render_transfer(result, path.relative_to(ROOT).as_posix()).strip() == body.strip()
 
 
-def test_stored_comparisons_follow_from_the_cells():
-    _, path = _section()
+@pytest.mark.parametrize("name", SECTIONS)
+def test_stored_comparisons_follow_from_the_cells(name: str):
+    _, path = _section(name)
     result = json.loads(path.read_text())
     if "comparisons" not in result:
         pytest.skip(f"{path} predates paired comparisons")

@@ -104,6 +104,16 @@ def test_summary_table_budgets_by_pretraining_length(tmp_path):
     assert lines[4] in text and claim in text and "Config x." in text
     assert "**Answer:** MAE pretraining does **not** pay off in this run: 0 of 1 tasks show a pretrained ViT" in text
     assert f"]({(tmp_path / 't_curves.png').as_posix()})" in text
+    # one label budget and no pretraining length (the 3-D tables: steps, not epochs): nothing to draw, so no
+    # curves PNG and no link
+    one = [{**r, "pretrain_epochs": None if r["role"] == "pretrained" else r["pretrain_epochs"]}
+           for r in rows if r["fraction"] == 1.0]
+    single = tmp_path / "single"
+    assert curve_charts(aggregate(one), single) == []
+    write_all(one, {"t": {"kind": "segmentation", "data": "toy", "samples": {"train": 10}}}, single, "Config y.")
+    assert sorted(p.name for p in single.glob("*.png")) == ["t.png"]
+    assert "_curves.png" not in render_transfer(json.loads((single / "results.json").read_text()),
+                                                str(single / "results.json"))
 
 
 def test_view_geometry():

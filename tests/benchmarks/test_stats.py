@@ -75,6 +75,20 @@ def test_verdict_needs_both_baselines_at_every_low_budget_in_most_tasks():
     assert nan["seeds"] == [] and not nan["decided"] and math.isnan(nan["mean"])
 
 
+def test_a_task_run_with_all_its_labels_only_is_judged_there():
+    """The 3-D tasks have one budget, every crop of two training CTs: they are judged there, not skipped as "no"
+    (and a task with low budgets still ignores its all-label cells)."""
+    good = {("mae", "pretrained", "finetune"): [0.9, 0.91, 0.92], ("rnd", "random", "finetune"): [0.7, 0.71, 0.7],
+            ("cnn", "cnn", "scratch"): [0.8, 0.8, 0.81]}
+    bad = {**good, ("mae", "pretrained", "finetune"): [0.6, 0.61, 0.62]}
+    v = verdict(comparisons(_cells("vol", "classification", "auc", 1, good)))
+    assert v["tasks"] == {"vol": True} and v["pays_off"]
+    assert verdict_sentence(v).endswith("at every low label budget (all labels where a task has no other).")
+    assert verdict(comparisons(_cells("vol", "classification", "auc", 1, bad)))["tasks"] == {"vol": False}
+    mixed = _cells("t", "classification", "auc", 8, bad) + _cells("t", "classification", "auc", 1, good)
+    assert verdict(comparisons(mixed))["tasks"] == {"t": False}  # the low budget decides, all labels do not
+
+
 def test_verdict_reads_only_the_primary_pretrained_row():
     """Two pretrained rows: a lever row that wins must not turn the answer (no best-of-n)."""
     cells = []
