@@ -311,8 +311,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{time.time() - t_start:6.0f}s] {task.name} frac={frac:g} seed={seed} "
                           f"{bb.label:10s} {bb.pretraining[:18]:18s} {protocol:8s} -> {main_metric:.3f} "
                           f"({'cached' if hit else f'{time.time() - t0:.0f}s'})", flush=True)
-    header = (f"Config `{cfg_path.name}`, image size {img}, seeds {cfg['seeds']}, device "
-              f"{device or ('cuda' if torch.cuda.is_available() else 'cpu')}, {time.time() - t_start:.0f} s.")
+    compute = sum(float(r.get("seconds") or 0.0) for r in rows)  # what the cells took when they were computed
+    header = (f"Config `{cfg_path.name}`" + (f" (tasks {', '.join(args.tasks)} only)" if args.tasks else "")
+              + f", image size {img}, seeds {cfg['seeds']}, device "
+              f"{device or ('cuda' if torch.cuda.is_available() else 'cpu')}; {len(rows)} cells, "
+              f"{compute / 3600:.1f} h summed over the cells' own run times ({time.time() - t_start:.0f} s this pass).")
     if missing:
         header += f"\n\nPARTIAL TABLE: {len(missing)} cells not run yet: " + missing_summary(missing)
         print(f"{len(missing)} cells missing (not run with --report-only)")

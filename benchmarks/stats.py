@@ -117,7 +117,8 @@ def beats_both(comps: list[dict[str, Any]]) -> bool:
 
 def verdict(comps: list[dict[str, Any]], protocol: str = "finetune") -> dict[str, Any]:
     """Does pretraining pay off? Per task: at every low label budget (all labels excluded; a task run with all its
-    labels only, such as the 3-D tasks whose whole training set is two CTs, is judged there), the primary pretrained
+    labels only, such as the 3-D tasks whose whole training set is one or two CTs, is judged there; decided per
+    fold, for the primary row), the primary pretrained
     row with the primary `protocol` beats BOTH baselines, the random-init ViT with the same protocol and the CNN,
     with 95% intervals above zero (an intersection-union test: requiring every comparison adds no false-positive
     chance; one named protocol and one named row keep "any protocol / any of several pretrained rows wins" from
@@ -136,15 +137,17 @@ def verdict(comps: list[dict[str, Any]], protocol: str = "finetune") -> dict[str
         return {"tasks": tasks, "protocol": protocol, "pays_off": False, "tasks_yes": 0, "tasks_total": 0}
     for fam in dict.fromkeys(c.get("family", c["task"]) for c in comps if c["a"]["role"] == "pretrained"):
         low = [c for c in comps if c.get("family", c["task"]) == fam and pretrained(c)]
-        if any(c["fraction"] != 1 for c in low):  # the low budgets; all labels only where the task has no other
-            low = [c for c in low if c["fraction"] != 1]
         if not any("primary" in c["a"] for c in low) and len({c["a"]["row"] for c in low}) > 1:
             raise ValueError(f"task {fam}: {len({c['a']['row'] for c in low})} pretrained rows and none marked "
                              "primary; the answer must read one row (run_all marks the config's first)")
         low = [c for c in low if c["a"].get("primary", True)]
         by_fold: dict[tuple[str, float], list[dict[str, Any]]] = {}
-        for c in low:
-            by_fold.setdefault((c["task"], c["fraction"]), []).append(c)
+        for fold in dict.fromkeys(c["task"] for c in low):
+            cs = [c for c in low if c["task"] == fold]
+            if any(c["fraction"] != 1 for c in cs):  # its low budgets; all labels only where the fold has no other
+                cs = [c for c in cs if c["fraction"] != 1]
+            for c in cs:
+                by_fold.setdefault((fold, c["fraction"]), []).append(c)
         tasks[fam] = bool(by_fold) and all(beats_both(cs) for cs in by_fold.values())
     n_yes = sum(tasks.values())
     return {"tasks": tasks, "protocol": protocol, "pays_off": n_yes > len(tasks) / 2, "tasks_yes": n_yes,

@@ -87,6 +87,16 @@ def test_a_task_run_with_all_its_labels_only_is_judged_there():
     assert verdict(comparisons(_cells("vol", "classification", "auc", 1, bad)))["tasks"] == {"vol": False}
     mixed = _cells("t", "classification", "auc", 8, bad) + _cells("t", "classification", "auc", 1, good)
     assert verdict(comparisons(mixed))["tasks"] == {"t": False}  # the low budget decides, all labels do not
+    # per fold and for the primary row: a fold with all labels only still votes beside a fold with low budgets
+    folds = [{**c, "family": "f"} for c in _cells("f@a", "classification", "auc", 8, good)
+             + _cells("f@b", "classification", "auc", 1, bad)]
+    assert verdict(comparisons(folds))["tasks"] == {"f": False}
+    # and a lever row's low budgets do not push the primary row (all labels only) out of the judgement
+    lever = {("lever", "pretrained", "finetune"): [0.9, 0.91, 0.92]}
+    both = [{**c, "primary": True} for c in _cells("p", "classification", "auc", 1, good) if c["role"] == "pretrained"]
+    both += [c for c in _cells("p", "classification", "auc", 1, good) if c["role"] != "pretrained"]
+    both += [{**c, "primary": False} for c in _cells("p", "classification", "auc", 8, lever)]
+    assert verdict(comparisons(both))["tasks"] == {"p": True}
 
 
 def test_verdict_reads_only_the_primary_pretrained_row():
