@@ -102,14 +102,25 @@ class VolumeProbe(nn.Module):
         return self.head(self.features(x))  # [N, num_classes]
 
 
+RESNET3D_GROUPS = 8  # GroupNorm groups of the 3-D ResNet baseline (widths 16-128: 2-16 channels per group)
+
+
 def resnet3d(num_classes: int, in_chans: int = 1, widths: Sequence[int] = (16, 32, 64, 128),
              layers: Sequence[int] = (1, 1, 1, 1)) -> nn.Module:
     """MONAI's 3-D ResNet (basic blocks, `layers` per stage of `widths` channels, stride-2 7^3 stem, max pooling,
-    global average pool, Linear), randomly initialised: the from-scratch baseline of 3-D classification."""
+    global average pool, Linear), randomly initialised: the from-scratch baseline of 3-D classification. Its norm
+    layers are GroupNorm (8 groups), not MONAI's default BatchNorm: a batch holds two volumes."""
     from monai.networks.nets import ResNet
 
-    if num_classes < 1 or len(widths) != 4 or len(layers) != 4:
-        raise ValueError(f"resnet3d: need num_classes >= 1 and 4 widths / layers; got {num_classes}, {widths}, "
-                         f"{layers}")
-    return ResNet("basic", list(layers), list(widths), spatial_dims=3, n_input_channels=in_chans,
-                  conv1_t_size=7, conv1_t_stride=2, num_classes=num_classes)
+    if num_classes < 1 or len(widths) != 4 or len(layers) != 4 or any(w % RESNET3D_GROUPS for w in widths):
+        raise ValueError(f"resnet3d: need num_classes >= 1 and 4 widths (multiples of {RESNET3D_GROUPS}) / layers; "
+                         f"got {num_classes}, {widths}, {layers}")
+    net = ResNet("basic", list(layers), list(widths), spatial_dims=3, n_input_channels=in_chans,
+                 conv1_t_size=7, conv1_t_stride=2, num_classes=num_classes)
+    # MONAI (1.6) passes its `norm` argument to the stem only, so every BatchNorm3d is replaced here (both start at
+    # weight 1, bias 0); group, not instance, norm: the last stage of a 64^3 crop is 2^3 voxels (1 at 32^3)
+    for parent in list(net.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm3d):
+                setattr(parent, name, nn.GroupNorm(RESNET3D_GROUPS, child.num_features))
+    return net

@@ -39,8 +39,14 @@ def _grid(patch: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
     return patch.transpose(1, 2).reshape(n, d, h, w)  # [N, D, h, w]
 
 
+def _instance_norm_3d(channels: int) -> nn.Module:
+    return nn.InstanceNorm3d(channels, affine=True)
+
+
 def _conv_block(cin: int, cout: int, spatial_dims: int = 2) -> nn.Sequential:
-    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if spatial_dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    # 2-D: BatchNorm; 3-D, where a batch holds two volumes: per-sample InstanceNorm (nnU-Net's choice, and that of
+    # MONAI UNETR's decoder, the row this baseline is compared with)
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if spatial_dims == 2 else (nn.Conv3d, _instance_norm_3d)
     return nn.Sequential(
         conv(cin, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU(inplace=True),
         conv(cout, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU(inplace=True),
@@ -168,7 +174,8 @@ class UNet(nn.Module):
         num_classes: output classes.
         base: channels of the first level.
         levels: number of down-samplings; every spatial side must be divisible by 2**levels.
-        spatial_dims: 2 (images [N, C, H, W]) or 3 (volumes [N, C, D, H, W]: Conv3d, BatchNorm3d, max-pool 2^3).
+        spatial_dims: 2 (images [N, C, H, W]: BatchNorm) or 3 (volumes [N, C, D, H, W]: Conv3d, InstanceNorm3d
+            with affine weights, max-pool 2^3: batches of two volumes are too small for BatchNorm).
     """
 
     def __init__(self, in_chans: int, num_classes: int, base: int = 16, levels: int = 3, spatial_dims: int = 2):

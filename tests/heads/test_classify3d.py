@@ -85,6 +85,22 @@ def test_cnn_baselines():
         cnn_model("detect", 2)
 
 
+def test_3d_cnn_baselines_normalise_each_volume_alone():
+    """A batch holds two volumes: the 3-D baselines normalise per sample (GroupNorm in the ResNet, affine
+    InstanceNorm3d in the U-Net; no BatchNorm), so in training mode a volume's output does not depend on the volume
+    beside it; the 2-D U-Net keeps BatchNorm."""
+    torch.manual_seed(0)
+    for net, x, kind in ((resnet3d(2), torch.randn(2, 1, 32, 32, 32), torch.nn.GroupNorm),
+                         (cnn_model("segment", 2, spatial_dims=3, unet_base=4, unet_levels=2),
+                          torch.randn(2, 1, 16, 16, 16), torch.nn.InstanceNorm3d)):
+        norms = [m for m in net.modules() if "Norm" in type(m).__name__]
+        assert len(norms) > 4 and all(isinstance(m, kind) and m.affine for m in norms)
+        net.train()
+        torch.testing.assert_close(net(x)[:1], net(x[:1]), rtol=1e-5, atol=1e-5)
+    unet2d = cnn_model("segment", 2, unet_base=4, unet_levels=2)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unet2d.modules())
+
+
 def test_volume_probe_features_by_hand_and_frozen():
     torch.manual_seed(0)
     probe = build_head(head_record("classify", "probe", {**ARCH, "spatial_dims": 3}, num_classes=2, img_size=32,
