@@ -216,8 +216,23 @@ def _cli_backbone(text: str) -> dict[str, str]:
     return {"source": src, **({"pretraining": pre} if pre else {}), "data": data or Path(src).name}
 
 
+def check_checkout() -> None:
+    """Refuse to run when this script and the code it imports come from two checkouts (a git worktree whose
+    `python benchmarks/run_all.py` imports medssl / benchmarks from another checkout's editable install): the cells
+    would be computed, and fingerprinted, with the other checkout's code."""
+    import benchmarks.provenance
+    import medssl
+
+    for mod in (benchmarks.provenance, medssl):
+        where = Path(mod.__file__).resolve().parents[1]
+        if where != ROOT and (ROOT / "medssl").is_dir():
+            raise RuntimeError(f"{Path(__file__).resolve()} runs the code of {where} ({mod.__name__} is imported "
+                               f"from there, probably an editable install): run it with PYTHONPATH={ROOT}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) every cell of the config and write the tables."""
+    check_checkout()
     args = parse_args(argv)
     cfg_path = args.config or CONFIGS / ("quick.yaml" if args.quick else "default.yaml")
     cfg = read_config(cfg_path)

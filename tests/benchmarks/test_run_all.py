@@ -190,3 +190,15 @@ def test_cli_backbone_leaves_the_pretraining_name_to_the_folder_kind():
     assert run_all._cli_backbone("runs/x") == {"source": "runs/x", "data": "x"}
     assert run_all._cli_backbone("runs/x=MAE 200:pool") == {"source": "runs/x", "pretraining": "MAE 200",
                                                             "data": "pool"}
+
+
+def test_run_all_refuses_the_code_of_another_checkout(tmp_path, monkeypatch):
+    """A worktree's run_all.py that imports medssl / benchmarks from another checkout's editable install would
+    compute its cells with that checkout's code: refused, naming the PYTHONPATH that fixes it."""
+    from benchmarks import run_all
+
+    run_all.check_checkout()  # this checkout's script, this checkout's code
+    (tmp_path / "medssl").mkdir()
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    with pytest.raises(RuntimeError, match=f"PYTHONPATH={tmp_path}"):
+        run_all.check_checkout()
