@@ -83,7 +83,9 @@ def primary_source(cfg: dict[str, Any], backbones: list[Backbone]) -> str | None
     are levers, reported beside it but not counted in the verdict (no best-of-n).
 
     Raises:
-        ValueError: several entries marked primary, a source listed twice, or a pretrained CNN marked primary.
+        ValueError: several entries marked primary, a source listed twice, a pretrained CNN marked primary, or two
+            pretrained rows recording the same `epochs` (it places a row on the pretraining-length curve, one row
+            per length).
     """
     pretrained = [b.source for b in backbones if b.kind == "vit"]
     cnns = [b.source for b in backbones if b.kind == "cnn_pretrained"]
@@ -92,6 +94,11 @@ def primary_source(cfg: dict[str, Any], backbones: list[Backbone]) -> str | None
     if len(marked) > 1 or len(set(listed)) < len(listed):
         raise ValueError("backbones: one entry answers the question: at most one says primary: true, and no "
                          f"source is listed twice (primary: {marked}, pretrained: {listed})")
+    lengths = [b.epochs for b in backbones if b.kind in ("vit", "cnn_pretrained") and b.epochs is not None]
+    if len(set(lengths)) < len(lengths):
+        raise ValueError("backbones: `epochs` places a row on the pretraining-length curve, one row per length; "
+                         f"several pretrained rows say {sorted(lengths)} (leave it out of a row that is not a "
+                         "point on that curve: a second pretraining seed, another pool, a pretrained CNN)")
     if marked and marked[0] in cnns:
         raise ValueError(f"backbones: {marked[0]} is a pretrained CNN: the answer reads a pretrained ViT against "
                          "both baselines; a pretrained CNN is a lever, compared with the same CNN from scratch")

@@ -184,6 +184,12 @@ def test_primary_row_is_the_first_pretrained_entry_or_the_marked_one():
         run_all.primary_source({"backbones": [{"source": "runs/s", "primary": True}, "runs/a"]}, [spark, mae])
     with pytest.raises(ValueError, match="one entry answers"):
         run_all.primary_source({"backbones": ["runs/s", "runs/s"]}, [spark, spark])
+    # `epochs` is a point on the pretraining-length curve: two rows at one length would draw a zigzag there
+    long, seed1 = Backbone("vit", "runs/a", "MAE", "-", "ViT", epochs=200), Backbone("vit", "runs/b", "MAE", "-", "ViT")
+    assert run_all.primary_source({"backbones": ["runs/a", "runs/b"]}, [long, seed1, twin]) == "runs/a"
+    with pytest.raises(ValueError, match="one row per length; several pretrained rows say \\[200, 200\\]"):
+        run_all.primary_source({"backbones": ["runs/a", "runs/b"]},
+                               [long, Backbone("vit", "runs/b", "MAE", "-", "ViT", epochs=200), twin])
 
 
 def test_cli_backbone_leaves_the_pretraining_name_to_the_folder_kind():
