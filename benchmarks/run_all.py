@@ -73,7 +73,14 @@ def resolve_backbones(cfg: dict[str, Any]) -> list[Backbone]:
                                  pool=entry.get("pool") or pretraining_pool(src)))
         key = twin_source(arch)
         if is_random or cfg.get("random_init", True):
-            twins.setdefault(key, Backbone("vit_random", key, "none (random init)", "-", vit_label(arch), epochs=0))
+            # a twin runs the budgets of the rows it is a baseline for: all where one of them runs all (or the
+            # random init is listed itself), else the union of theirs (a lever's new architecture: its budgets)
+            own = None if is_random or not fractions else {float(f) for f in fractions}
+            seen = twins.get(key)
+            if seen is not None:
+                own = None if own is None or seen.fractions is None else own | set(seen.fractions)
+            twins[key] = Backbone("vit_random", key, "none (random init)", "-", vit_label(arch), epochs=0,
+                                  fractions=None if own is None else tuple(sorted(own)))
     return rows + list(twins.values())
 
 

@@ -208,3 +208,22 @@ def test_run_all_refuses_the_code_of_another_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(run_all, "ROOT", tmp_path)
     with pytest.raises(RuntimeError, match=f"PYTHONPATH={tmp_path}"):
         run_all.check_checkout()
+
+
+def test_random_twin_runs_the_budgets_of_the_rows_it_is_a_baseline_for(tmp_path):
+    """A lever with another architecture (its own random-init twin) and its own budgets does not add all-label
+    cells for its twin; a twin shared with a row that runs every budget runs every budget."""
+    for name, patch in (("p8_all", 8), ("p8_low", 8), ("p4_low", 4), ("p4_other", 4)):
+        save_backbone(build_vit(32, 2, 2, patch, 32, 1), tmp_path / name, data="toy")
+    cfg = {"backbones": [{"source": str(tmp_path / "p8_all")},
+                         {"source": str(tmp_path / "p8_low"), "fractions": [8]},
+                         {"source": str(tmp_path / "p4_low"), "fractions": [8]},
+                         {"source": str(tmp_path / "p4_other"), "fractions": [10, 8]}]}
+    twins = [b for b in run_all.resolve_backbones(cfg) if b.kind == "vit_random"]
+    assert [(b.label, b.fractions) for b in twins] == [("ViT-32/8", None), ("ViT-32/4", (8.0, 10.0))]
+    assert twins[1].runs(10) and not twins[1].runs(1.0)
+    listed = run_all.resolve_backbones({"backbones": [{"source": str(tmp_path / "p4_low"), "fractions": [8]},
+                                                      "vit_tiny_patch4"]})
+    # a random init listed as a row of its own runs every budget
+    assert [(b.label, b.fractions) for b in listed if b.kind == "vit_random"] == [("ViT-32/4", (8.0,)),
+                                                                                   ("ViT-Ti/4", None)]
