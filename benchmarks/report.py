@@ -111,6 +111,13 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return sorted(first, key=lambda k: (order[first[k]["role"]], first[k].get("pretrain_epochs") or 0, k))
 
 
+def _row_name(rows: list[dict[str, Any]], row: str, protocol: str) -> str:
+    """A row's short name: its pretraining, else "<backbone> random init" / "<backbone> from scratch"."""
+    a = next(r for r in rows if (r["row"], r["protocol"]) == (row, protocol))
+    return {"pretrained": a["pretraining"], "random": f"{a['backbone']} random init"}.get(
+        a["role"], f"{a['backbone']} from scratch")
+
+
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     """One task's main metric, label budgets down and initialisations across (pretraining epochs in the header).
 
@@ -120,15 +127,9 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     key = PRIMARY[rows[0]["kind"]]
     cols = _columns(rows)
     by = {(a["fraction"], a["row"], a["protocol"]): a for a in rows}
-
-    def head(row: str, protocol: str) -> str:
-        a = next(r for r in rows if (r["row"], r["protocol"]) == (row, protocol))
-        name = {"pretrained": a["pretraining"], "random": f"{a['backbone']} random init"}.get(
-            a["role"], f"{a['backbone']} from scratch")
-        return f"{name}, {protocol}"
-
     lines = [f"Main metric ({key}), mean ± std over seeds; columns in order of pretraining length:", "",
-             "| Labels | " + " | ".join(head(*c) for c in cols) + " |", "|---|" + "---|" * len(cols)]
+             "| Labels | " + " | ".join(f"{_row_name(rows, *c)}, {c[1]}" for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
     n_of = {a["fraction"]: a["n_train"] for a in rows}
     for frac in budgets(rows):
         hits = [by.get((frac, *c)) for c in cols]
@@ -266,7 +267,8 @@ def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
                          if (a["row"], a["protocol"]) == (row, protocol))
             if len(pts) > 1:
                 n, m, sd = zip(*pts)
-                left.errorbar(n, m, yerr=sd, marker="o", capsize=3, label=f"{row.split(' | ')[0]} ({protocol})")
+                left.errorbar(n, m, yerr=sd, marker="o", capsize=3,
+                              label=f"{_row_name(rows, row, protocol)} ({protocol})")
                 drawn += 1
         left.set_xscale("log", base=2)
         left.set_xlabel("labelled training samples")
@@ -289,7 +291,10 @@ def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
             for a in rows:
                 if a["fraction"] == frac and a["role"] == "cnn":
                     right.axhline(a[key], color=c, linestyle="--", linewidth=1)
-        right.set_xscale("symlog", linthresh=5)
+        lengths = sorted({a["pretrain_epochs"] for a in rows if a.get("pretrain_epochs") is not None})
+        if lengths:  # annealed runs of 0 (random init) to a few hundred epochs: a linear axis, ticks at the runs
+            right.set_xticks(lengths)
+            right.set_xlim(-0.05 * max(lengths[-1], 1), 1.08 * max(lengths[-1], 1))
         right.set_xlabel("MAE pretraining epochs (0 = random init); dashed: CNN from scratch")
         right.set_ylabel(key)
         right.set_title(f"{task}: pretraining length (fine-tuned ViT)")
