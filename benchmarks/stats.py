@@ -97,12 +97,22 @@ def _budget(frac: float, n_train: int) -> str:
     return f"all {n_train} labels" if frac == 1 else f"{n_train} labels"
 
 
+def _bound(x: float) -> str:
+    """An interval bound with 3 decimals, more where 3 would print a non-zero bound as +/-0.000 (a "better" whose
+    interval seems to touch zero)."""
+    for digits in (3, 4, 5, 6):
+        text = f"{x:+.{digits}f}"
+        if x == 0 or math.isnan(x) or float(text) != 0:
+            return text
+    return text
+
+
 def claim(c: dict[str, Any]) -> str:
     """One sentence for one comparison: a claim where its interval excludes zero, else 'no difference shown'."""
     lo, hi = c["ci"]
     what = (f"{c['task']}, {_budget(c['fraction'], c['n_train'])}: {c['a']['name']} ({c['a']['protocol']}) vs "
             f"{c['b']['name']} ({c['b']['protocol']})")
-    stats = (f"{c['metric']} {c['mean']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] over {len(c['seeds'])} seeds "
+    stats = (f"{c['metric']} {c['mean']:+.3f}, 95% CI [{_bound(lo)}, {_bound(hi)}] over {len(c['seeds'])} seeds "
              f"({c['up']} up / {c['down']} down, sign test p = {c['p_sign']:.2g})")
     if not c["decided"]:
         return f"{what}: no difference shown ({stats})."

@@ -52,6 +52,9 @@ def test_pairs_by_seed_and_claims():
     assert claim(vs_rnd).startswith("a, 8 labels: mae (finetune) vs ViT-Ti/8 random init (finetune): **better** (auc "
                                      "+0.104, 95% CI [+0.097, +0.111] over 5 seeds (5 up / 0 down, sign test p = 0.062")
     assert "no difference shown (auc -0.007" in claim(vs_cnn)  # -0.0075
+    # a bound that 3 decimals would print as +0.000 under "better" gets the digits that show it above zero
+    close = {**vs_rnd, "ci": [0.00034, 0.028]}
+    assert "95% CI [+0.0003, +0.028]" in claim(close) and "**better**" in claim(close)
     v = verdict(comps)
     assert v == {"tasks": {"a": False}, "protocol": "finetune", "pays_off": False, "tasks_yes": 0, "tasks_total": 1}
     assert "does **not** pay off" in verdict_sentence(v)
