@@ -243,6 +243,17 @@ def bar_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
     return paths
 
 
+def length_series(rows: list[dict[str, Any]], fraction: float, key: str) -> list[tuple[int, float, float]]:
+    """(pretraining epochs, mean, std) of one task's fine-tuned ViT rows at one label budget that sit on the
+    pretraining-length curve: the pretrained rows that record `epochs` and, at 0, the random-init row of THEIR
+    architecture only (a lever with another ViT, e.g. patch 4, brings its own random-init twin, also at 0)."""
+    on_curve = [a for a in rows if a["fraction"] == fraction and a["protocol"] == "finetune"
+                and a.get("pretrain_epochs") is not None and a["role"] != "cnn"]
+    archs = {a["backbone"] for a in on_curve if a["role"] == "pretrained"}
+    return sorted((a["pretrain_epochs"], a[key], a[key + "_std"]) for a in on_curve
+                  if a["role"] == "pretrained" or a["backbone"] in archs)
+
+
 def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
     """One PNG per task with two panels, error bars = std over seeds.
 
@@ -278,9 +289,7 @@ def curve_charts(agg: list[dict[str, Any]], folder: Path) -> list[Path]:
             left.legend(fontsize=7)
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, frac in enumerate(budgets(rows)):
-            vit = sorted((a["pretrain_epochs"], a[key], a[key + "_std"]) for a in rows
-                         if a["fraction"] == frac and a["role"] != "cnn" and a["protocol"] == "finetune"
-                         and a.get("pretrain_epochs") is not None)
+            vit = length_series(rows, frac, key)
             if len(vit) < 2:
                 continue
             c = colours[i % len(colours)]

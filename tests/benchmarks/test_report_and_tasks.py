@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.cells import label_subset
-from benchmarks.report import aggregate, curve_charts, markdown, summary_table, write_all
+from benchmarks.report import aggregate, curve_charts, length_series, markdown, summary_table, write_all
 from benchmarks.stats import comparisons
 from benchmarks.tasks.artifacts import ARTIFACTS, apply_artifact, ghosting
 
@@ -114,6 +114,25 @@ def test_summary_table_budgets_by_pretraining_length(tmp_path):
     assert sorted(p.name for p in single.glob("*.png")) == ["t.png"]
     assert "_curves.png" not in render_transfer(json.loads((single / "results.json").read_text()),
                                                 str(single / "results.json"))
+
+
+def test_length_series_keeps_the_random_init_of_its_own_architecture():
+    """The pretraining-length curve: its pretrained rows by epochs and, at 0, the random-init row of their backbone;
+    a lever's other ViT (patch 4) and its random-init twin stay off it (two points at 0 would draw a zigzag)."""
+    def row(role, name, backbone, epochs, seed, dice):
+        return {**_row(role, name, seed, dice), "fraction": 4, "n_train": 4, "protocol": "finetune",
+                "backbone": backbone, "pretrain_epochs": epochs}
+
+    rows = [row("cnn", "cnn", "ResNet-18", None, s, 0.5) for s in (0, 1)]
+    rows += [row("random", "rnd8", "ViT-Ti/8", 0, s, d) for s, d in ((0, 0.2), (1, 0.4))]
+    rows += [row("random", "rnd4", "ViT-Ti/4", 0, s, 0.9) for s in (0, 1)]
+    rows += [row("pretrained", "MAE 200 ep", "ViT-Ti/8", 200, s, d) for s, d in ((0, 0.6), (1, 0.8))]
+    rows += [row("pretrained", "MAE 100 ep", "ViT-Ti/8", 100, s, 0.5) for s in (0, 1)]
+    rows += [row("pretrained", "MAE 200 ep, patch 4", "ViT-Ti/4", None, s, 0.7) for s in (0, 1)]
+    series = length_series(aggregate(rows), 4, "dice")
+    sd = round(float(np.std([0.2, 0.4], ddof=1)), 6)  # = std of (0.6, 0.8)
+    assert [(e, round(m, 6), round(s, 6)) for e, m, s in series] == [(0, 0.3, sd), (100, 0.5, 0.0), (200, 0.7, sd)]
+    assert length_series(aggregate([r for r in rows if r["pretrain_epochs"] in (0, None)]), 4, "dice") == []
 
 
 def test_view_geometry():
