@@ -299,7 +299,8 @@ def find_images(folder: str | Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (plain python or torchrun)."""
-    from medssl.train.dist import barrier, cleanup_distributed, setup_distributed
+    from medssl.train.dist import barrier
+    from medssl.train.launch import launched
 
     p = argparse.ArgumentParser(prog="python -m data_tools.extract_embeddings", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     files = find_images(args.images)
-    dist = setup_distributed(device=args.device)
-    try:
+    with launched(args, args.device) as (dist, _):
         _part(Path(args.out), dist.rank).unlink(missing_ok=True)  # a killed run's part must not be merged
         barrier(dist)
         rows = extract_embeddings(args.model, files, args.out, grid=args.grid, img_size=args.img_size,
@@ -326,10 +326,6 @@ def main(argv: list[str] | None = None) -> int:
                                   progress=not args.no_progress and dist.is_main, overwrite=args.overwrite)
         if dist.world_size > 1 and dist.is_main:
             rows = merge_manifests(args.out, dist.world_size)  # waits for the other ranks' parts (no timeout)
-    except BaseException:
-        cleanup_distributed(dist, failed=True)
-        raise
-    cleanup_distributed(dist)
     if dist.is_main:
         counts = {s: sum(r["status"] == s for r in rows) for s in ("written", "exists", "skipped")}
         shape = next((f" of shape {tuple(r['shape'])}" for r in rows if r["status"] == "written"), "")

@@ -31,15 +31,17 @@ def add_launcher_args(parser: argparse.ArgumentParser, resume_help: str = "conti
 
 @contextlib.contextmanager
 def launched(args: argparse.Namespace, device: str | None) -> Iterator[tuple[DistInfo, dict | None]]:
-    """(DistInfo, DeepSpeed config or None) for the launcher that started this process; cleans up at exit."""
+    """(DistInfo, DeepSpeed config or None) for the launcher that started this process; cleans up at exit (after a
+    failure too). A tool without the DeepSpeed arguments (`add_launcher_args`) runs under python or torchrun."""
     setup_logging()
     ds_config = None
-    if args.deepspeed_config:
-        if not args.deepspeed:
+    use_deepspeed = bool(getattr(args, "deepspeed", False))
+    if getattr(args, "deepspeed_config", None):
+        if not use_deepspeed:
             raise SystemExit("--deepspeed_config needs --deepspeed")
         with open(args.deepspeed_config) as f:
             ds_config = json.load(f)
-    dist = setup_distributed(use_deepspeed=args.deepspeed, device=device)
+    dist = setup_distributed(use_deepspeed=use_deepspeed, device=device)
     try:
         yield dist, ds_config
     except BaseException:
