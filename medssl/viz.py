@@ -34,7 +34,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def save_detections(path: str | Path, image: Any, *, gt_boxes: Any = None, pred_boxes: Any = None,
                     pred_scores: Any = None, score_threshold: float | None = None, title: str | None = None,
-                    dpi: int = 100) -> Path:
+                    dpi: int = 100, max_side: int | None = None) -> Path:
     """Overlay predictions (orange, with scores) and ground truth (green) on an image; write a PNG.
 
     Args:
@@ -47,6 +47,9 @@ def save_detections(path: str | Path, image: Any, *, gt_boxes: Any = None, pred_
         score_threshold: draw only predictions scoring at or above it.
         title: figure title.
         dpi: resolution; the figure keeps the image's pixel size at dpi 100.
+        max_side: draw the image (box-averaged) and the boxes scaled so that the longer side is at most this
+            many pixels; None: the image's own size (a full-field mammogram drawn at its own size costs seconds
+            and gigabytes: `benchmarks/bench_predict.py`).
 
     Returns:
         The path written.
@@ -58,9 +61,18 @@ def save_detections(path: str | Path, image: Any, *, gt_boxes: Any = None, pred_
         img = img.mean(-1)
     if img.ndim != 2:
         raise ValueError(f"image must be 2-D or 3-D with a channel axis, got shape {img.shape}")
-    h, w = img.shape
     gt = np.zeros((0, 4)) if gt_boxes is None else _to_numpy(gt_boxes).reshape(-1, 4)
     pb = np.zeros((0, 4)) if pred_boxes is None else _to_numpy(pred_boxes).reshape(-1, 4)
+    h, w = img.shape
+    if max_side is not None and max(h, w) > max_side:
+        from PIL import Image
+
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))  # (W', H')
+        img = np.asarray(Image.fromarray(img, mode="F").resize(size, Image.Resampling.BOX))
+        xy = np.array([size[0] / w, size[1] / h] * 2)
+        gt, pb = gt * xy, pb * xy
+        h, w = img.shape
     ps = None if pred_scores is None else _to_numpy(pred_scores).reshape(-1)
     if ps is not None and len(ps) != len(pb):
         raise ValueError(f"{len(pb)} pred_boxes but {len(ps)} pred_scores")

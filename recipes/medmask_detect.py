@@ -24,7 +24,7 @@ from pathlib import Path
 from medssl.config import dump_config, load_config
 from medssl.data.coco import DatasetNotFoundError
 from medssl.detection.config import DEFAULTS, STAGES
-from medssl.detection.predict import predict_files
+from medssl.detection.predict import OVERLAY_MAX_SIDE, predict_files
 from medssl.detection.stages import run_stages
 from medssl.train.dist import barrier
 from medssl.train.launch import add_launcher_args, launched
@@ -53,6 +53,10 @@ def _predict_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="predictions")
     p.add_argument("--score-threshold", type=float, default=0.3, help="overlay only boxes scoring >= this")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--overlay-max-side", type=int, default=OVERLAY_MAX_SIDE,
+                   help="overlay PNGs: longer side in pixels, boxes scaled alike (0: the image's own size; "
+                        "predictions.json always holds the file's own pixels)")
+    p.add_argument("--no-overlays", action="store_true", help="write predictions.json only")
     p.add_argument("images", nargs="+", help="image files or folders (PNG/JPEG/TIFF/DICOM)")
     return p.parse_args(argv)
 
@@ -65,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.onnx:
             from medssl.export.runner import predict_onnx
 
-            res = predict_onnx(a.onnx, a.images, a.out, a.score_threshold, DEFAULTS["eval"]["nms_iou"])
+            res = predict_onnx(a.onnx, a.images, a.out, a.score_threshold, DEFAULTS["eval"]["nms_iou"],
+                               not a.no_overlays, a.overlay_max_side or None)
         else:
-            res = predict_files(a.checkpoint, a.images, a.out, a.score_threshold, a.device)
+            res = predict_files(a.checkpoint, a.images, a.out, a.score_threshold, a.device, not a.no_overlays,
+                                a.overlay_max_side or None)
         skipped = Path(a.out) / "skipped.json"
         n_skipped = len(json.loads(skipped.read_text())) if skipped.is_file() else 0
-        print(f"{len(res)} images -> {Path(a.out) / 'predictions.json'} and overlays in {a.out}"
+        print(f"{len(res)} images -> {Path(a.out) / 'predictions.json'}"
+              + ("" if a.no_overlays else f" and overlays in {a.out}")
               + (f"; {n_skipped} skipped, reasons in {skipped}" if n_skipped else ""))
         return 0
     a = _train_args(argv)

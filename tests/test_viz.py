@@ -25,6 +25,19 @@ def test_save_detections(tmp_path):
         save_detections(tmp_path / "x.png", img, pred_boxes=np.zeros((2, 4)), pred_scores=[0.1])
 
 
+def test_save_detections_max_side_scales_image_and_boxes(tmp_path):
+    """A large image is drawn at `max_side` on its longer side, box-averaged, with its boxes scaled alike."""
+    img = np.zeros((1200, 800), np.float32)
+    img[600:1200, 400:800] = 1.0  # the bottom-right quarter is bright
+    p = save_detections(tmp_path / "o.png", img, gt_boxes=np.array([[200, 100, 500, 400.]]), max_side=120)
+    a = np.asarray(Image.open(p).convert("RGB")).astype(int)
+    assert a.shape == (120, 80, 3)  # 1200 x 800 at 1/10
+    green = (a[..., 1] > 150) & (a[..., 0] < 100)
+    assert green[9:12, 20:50].any() and green[39:42, 20:50].any()  # top and bottom edges at y = 10 and 40
+    assert not green[50:].any() and not green[:, 55:].any()
+    assert (a[70:115, 45:75] > 200).all() and (a[5:55, 5:15] < 50).all()  # the bright quarter, the dark rest
+
+
 def test_save_froc(tmp_path):
     r = froc([np.array([[0, 0, 10, 10.]])], [np.array([0.8])], [np.array([[0, 0, 10, 10.]])])
     p = save_froc(tmp_path / "f.png", {"a": r, "b": r}, dpi=50)

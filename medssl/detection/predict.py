@@ -20,9 +20,11 @@ from medssl.metrics.detection import froc_preprocess
 from medssl.train.checkpoint import load_checkpoint, load_exact
 from medssl.train.dist import resolve_device
 
-__all__ = ["PAD_MULTIPLE", "image_files", "load_detector", "predict_files"]
+__all__ = ["OVERLAY_MAX_SIDE", "PAD_MULTIPLE", "image_files", "load_detector", "predict_files"]
 
 log = logging.getLogger("medssl")
+
+OVERLAY_MAX_SIDE = 2048  # predict's overlay PNGs: longer side in pixels (benchmarks/bench_predict.py: drawn whole)
 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[DeformableDETR, dict]:
@@ -63,8 +65,11 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 @torch.no_grad()
 def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
-                  score_threshold: float = 0.3, device: str = "cpu") -> list[dict[str, Any]]:
-    """Detect lesions in image files or folders; writes ``predictions.json`` and one overlay PNG each.
+                  score_threshold: float = 0.3, device: str = "cpu", overlays: bool = True,
+                  overlay_max_side: int | None = OVERLAY_MAX_SIDE) -> list[dict[str, Any]]:
+    """Detect lesions in image files or folders; writes ``predictions.json`` and, with `overlays`, one overlay PNG
+    each, drawn with its longer side at most `overlay_max_side` pixels (None: the image's own size; the boxes in
+    ``predictions.json`` are always in the file's own pixels).
 
     Images of any size and aspect ratio are resized as in training (longest side ``data.max_size``) and padded
     bottom / right to a multiple of 32 with a padding mask, exactly as evaluation batches them, so a ViT
@@ -72,7 +77,8 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
     (file and reason) and the others go on.
 
     Returns:
-        per image ``{"file", "boxes" (xyxy pixels), "scores", "seconds"}`` (after FROC NMS, all scores kept).
+        per image ``{"file", "boxes" (xyxy pixels), "scores", "seconds"}`` (after FROC NMS, all scores kept;
+        seconds: read, decode, resize, forward, NMS and overlay).
     """
     from medssl.data.coco import collate_detection
     from medssl.viz import save_detections
@@ -98,11 +104,12 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir:
             log.warning("predict: skipping %s: %s", f, skipped[-1]["reason"])
             continue
         b, s = froc_preprocess(det["boxes"].cpu(), det["scores"].cpu(), iou_threshold=cfg["eval"]["nms_iou"])
-        seconds = time.perf_counter() - t0
-        save_detections(out_dir / f"{f.stem}_pred.png", raw, pred_boxes=b, pred_scores=s,
-                        score_threshold=score_threshold, title=f"{f.name} (scores >= {score_threshold})")
+        if overlays:
+            save_detections(out_dir / f"{f.stem}_pred.png", raw, pred_boxes=b, pred_scores=s,
+                            score_threshold=score_threshold, title=f"{f.name} (scores >= {score_threshold})",
+                            max_side=overlay_max_side)
         results.append({"file": str(f), "boxes": b.round(1).tolist(), "scores": s.round(4).tolist(),
-                        "seconds": round(seconds, 3)})
+                        "seconds": round(time.perf_counter() - t0, 3)})
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=1))
     (out_dir / "skipped.json").unlink(missing_ok=True)  # a list from an earlier run in this folder is not ours
     if skipped:

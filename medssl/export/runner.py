@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medssl.detection.predict import image_files
+from medssl.detection.predict import OVERLAY_MAX_SIDE, image_files
 from medssl.export.onnx import DEFAULT_RTOL, META_NAME, onnx_session, parity
 
 __all__ = ["DEFAULT_RTOL", "OnnxModel", "check", "predict_onnx", "read_meta"]
@@ -83,8 +83,10 @@ class OnnxModel:
 
 @torch.no_grad()
 def predict_onnx(onnx_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                 score_threshold: float = 0.3, nms_iou: float = 0.1) -> list[dict[str, Any]]:
-    """Detect lesions with an exported detector; writes ``predictions.json`` and one overlay PNG per image.
+                 score_threshold: float = 0.3, nms_iou: float = 0.1, overlays: bool = True,
+                 overlay_max_side: int | None = OVERLAY_MAX_SIDE) -> list[dict[str, Any]]:
+    """Detect lesions with an exported detector; writes ``predictions.json`` and, with `overlays`, one overlay PNG
+    per image (longer side at most `overlay_max_side` pixels, as `medssl.detection.predict.predict_files`).
 
     Returns:
         per image ``{"file", "boxes" (xyxy pixels), "scores"}`` after class-agnostic NMS at `nms_iou`, as
@@ -110,8 +112,10 @@ def predict_onnx(onnx_path: str | os.PathLike, inputs: Sequence[str | os.PathLik
         h, w = raw.shape
         boxes = torch.from_numpy(out["boxes"][0]) * torch.tensor([w, h, w, h], dtype=torch.float32)
         b, s = froc_preprocess(boxes, torch.from_numpy(out["scores"][0]), iou_threshold=nms_iou)
-        save_detections(out_dir / f"{f.stem}_pred.png", raw, pred_boxes=b, pred_scores=s,
-                        score_threshold=score_threshold, title=f"{f.name} (ONNX, scores >= {score_threshold})")
+        if overlays:
+            save_detections(out_dir / f"{f.stem}_pred.png", raw, pred_boxes=b, pred_scores=s,
+                            score_threshold=score_threshold, title=f"{f.name} (ONNX, scores >= {score_threshold})",
+                            max_side=overlay_max_side)
         results.append({"file": str(f), "boxes": b.round(1).tolist(), "scores": s.round(4).tolist()})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=1))

@@ -92,3 +92,10 @@ def test_compressed_dicom_mammogram_stand_in(vit_detector, tmp_path):
     centres = (np.array(res["boxes"])[:, :2] + np.array(res["boxes"])[:, 2:]) / 2  # in the mammogram's pixels
     assert len(centres) and (centres >= 0).all() and (centres[:, 0] <= 1600).all() and (centres[:, 1] <= 2000).all()
     assert centres[:, 1].max() > 1000  # boxes span the full height, not the 64 px model input
+    # the overlay is drawn at most overlay_max_side on its longer side (plus the title's 30 px); the boxes in
+    # predictions.json stay in the file's own pixels; no overlay at all with overlays=False
+    (small,) = predict_files(vit_detector, [tmp_path / "mg.dcm"], tmp_path / "o256", overlay_max_side=256)
+    assert small["boxes"] == res["boxes"]
+    assert Image.open(tmp_path / "o256" / "mg_pred.png").size == (205, 256 + 30)  # 1600 x 2000 at 0.128
+    predict_files(vit_detector, [tmp_path / "mg.dcm"], tmp_path / "none", overlays=False)
+    assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["predictions.json"]
