@@ -48,8 +48,10 @@ def save_detections(path: str | Path, image: Any, *, gt_boxes: Any = None, pred_
         title: figure title.
         dpi: resolution; the figure keeps the image's pixel size at dpi 100.
         max_side: draw the image (box-averaged) and the boxes scaled so that the longer side is at most this
-            many pixels; None: the image's own size (a full-field mammogram drawn at its own size costs seconds
-            and gigabytes: `benchmarks/bench_predict.py`).
+            many pixels (>= 1); None: the image's own size.
+
+    Raises:
+        ValueError: pred_scores do not match pred_boxes, or max_side < 1.
 
     Returns:
         The path written.
@@ -64,12 +66,14 @@ def save_detections(path: str | Path, image: Any, *, gt_boxes: Any = None, pred_
     gt = np.zeros((0, 4)) if gt_boxes is None else _to_numpy(gt_boxes).reshape(-1, 4)
     pb = np.zeros((0, 4)) if pred_boxes is None else _to_numpy(pred_boxes).reshape(-1, 4)
     h, w = img.shape
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1 pixel (None: the image's own size), got {max_side}")
     if max_side is not None and max(h, w) > max_side:
         from PIL import Image
 
         scale = max_side / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))  # (W', H')
-        img = np.asarray(Image.fromarray(img, mode="F").resize(size, Image.Resampling.BOX))
+        img = np.asarray(Image.fromarray(np.ascontiguousarray(img, np.float32)).resize(size, Image.Resampling.BOX))
         xy = np.array([size[0] / w, size[1] / h] * 2)
         gt, pb = gt * xy, pb * xy
         h, w = img.shape

@@ -58,7 +58,10 @@ def _predict_args(argv: list[str]) -> argparse.Namespace:
                         "predictions.json always holds the file's own pixels)")
     p.add_argument("--no-overlays", action="store_true", help="write predictions.json only")
     p.add_argument("images", nargs="+", help="image files or folders (PNG/JPEG/TIFF/DICOM)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.overlay_max_side < 0:
+        p.error(f"--overlay-max-side must be >= 0 (0: the image's own size), got {a.overlay_max_side}")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             from medssl.export.runner import predict_onnx
 
             res = predict_onnx(a.onnx, a.images, a.out, a.score_threshold, DEFAULTS["eval"]["nms_iou"],
-                               not a.no_overlays, a.overlay_max_side or None)
+                               overlays=not a.no_overlays, overlay_max_side=a.overlay_max_side or None)
         else:
-            res = predict_files(a.checkpoint, a.images, a.out, a.score_threshold, a.device, not a.no_overlays,
-                                a.overlay_max_side or None)
+            res = predict_files(a.checkpoint, a.images, a.out, a.score_threshold, a.device,
+                                overlays=not a.no_overlays, overlay_max_side=a.overlay_max_side or None)
         skipped = Path(a.out) / "skipped.json"
         n_skipped = len(json.loads(skipped.read_text())) if skipped.is_file() else 0
         print(f"{len(res)} images -> {Path(a.out) / 'predictions.json'}"

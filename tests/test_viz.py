@@ -36,6 +36,16 @@ def test_save_detections_max_side_scales_image_and_boxes(tmp_path):
     assert green[9:12, 20:50].any() and green[39:42, 20:50].any()  # top and bottom edges at y = 10 and 40
     assert not green[50:].any() and not green[:, 55:].any()
     assert (a[70:115, 45:75] > 200).all() and (a[5:55, 5:15] < 50).all()  # the bright quarter, the dark rest
+    # unequal ratios after rounding (700 x 1000 -> 90 x 128: x by 90/700, y by 128/1000); a prediction scaled alike
+    wide = np.zeros((1000, 700), np.float32)
+    p = save_detections(tmp_path / "w.png", wide, pred_boxes=np.array([[350, 500, 700, 1000.]]), pred_scores=[0.9],
+                        max_side=128)
+    a = np.asarray(Image.open(p).convert("RGB")).astype(int)
+    orange = (a[..., 0] > 200) & (a[..., 1] > 100) & (a[..., 2] < 80)
+    assert a.shape == (128, 90, 3) and orange[60:68, 44:48].any() and not orange[:60, :40].any()  # from (45, 64)
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="max_side must be >= 1"):
+            save_detections(tmp_path / "x.png", wide, max_side=bad)
 
 
 def test_save_froc(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -20,6 +21,8 @@ from medssl.detection.detr import build_detector, demo_detector_config, postproc
 from medssl.detection.predict import load_detector, predict_files
 from medssl.metrics.detection import froc_preprocess
 from medssl.train.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -97,5 +100,17 @@ def test_compressed_dicom_mammogram_stand_in(vit_detector, tmp_path):
     (small,) = predict_files(vit_detector, [tmp_path / "mg.dcm"], tmp_path / "o256", overlay_max_side=256)
     assert small["boxes"] == res["boxes"]
     assert Image.open(tmp_path / "o256" / "mg_pred.png").size == (205, 256 + 30)  # 1600 x 2000 at 0.128
-    predict_files(vit_detector, [tmp_path / "mg.dcm"], tmp_path / "none", overlays=False)
+    # the same through the command line: --no-overlays writes the boxes only; --overlay-max-side 0 draws whole
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medmask_detect", ROOT / "recipes" / "medmask_detect.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cli = ["predict", "--checkpoint", str(vit_detector), str(tmp_path / "mg.dcm"), "--out"]
+    assert recipe.main([*cli, str(tmp_path / "none"), "--no-overlays"]) == 0
     assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["predictions.json"]
+    assert json.loads((tmp_path / "none" / "predictions.json").read_text())[0]["boxes"] == res["boxes"]
+    assert recipe.main([*cli, str(tmp_path / "whole"), "--overlay-max-side", "0"]) == 0
+    assert Image.open(tmp_path / "whole" / "mg_pred.png").size == (1600, 2000 + 30)
+    with pytest.raises(SystemExit):
+        recipe.main([*cli, str(tmp_path / "bad"), "--overlay-max-side", "-1"])
