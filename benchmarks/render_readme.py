@@ -29,6 +29,7 @@ from benchmarks import (
     bench_build,
     bench_detection,
     bench_engine,
+    bench_predict,
     bf16_curve,
     medmask_ablation,
     medmask_expert_probe,
@@ -52,6 +53,7 @@ TARGETS = {
     "volumes": "README.md",  # the 3-D table (run_all.py's results.json for configs/volumes.yaml), short
     "mae-runs": "docs/speed.md",
     "build": "docs/speed.md",
+    "predict": "docs/medmask.md",  # benchmarks/bench_predict.py: full-size mammograms, time and memory per image
 }
 
 
@@ -215,11 +217,18 @@ def render_table(result: dict, source: str) -> str:
     return "\n".join([f"`{source}`: {how}.", "", *table]) + "\n"
 
 
+def render_predict(result: dict, source: str) -> str:
+    """Markdown for a ``benchmarks/bench_predict.py`` file: where and how it was measured, then its table."""
+    m = result["machine"]
+    return "\n".join([f"`{source}`: measured {m['date']}, commit {m['commit']}, load average "
+                      f"{m['load_avg'][0]:.1f} at the start.", "", *bench_predict.report(result)]) + "\n"
+
+
 def render_file(path: Path, section: str = "speed") -> str:
     """The text one result file contributes to ``section`` (its part of the text between the markers)."""
     renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer,
                 "volumes": render_transfer,
-                "mae-runs": render_table, "build": render_table}.get(section, render)
+                "mae-runs": render_table, "build": render_table, "predict": render_predict}.get(section, render)
     return renderer(json.loads(path.read_text()), str(path))
 
 
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default="speed", choices=sorted(TARGETS),
                         help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
                              "demo (a MedMask run's summary.json), transfer / volumes (run_all.py's results.json), "
-                             "mae-runs (speed.py MAE runs side by side) or build (bench_build.py's file)")
+                             "mae-runs (speed.py MAE runs side by side), build (bench_build.py's file) or predict "
+                             "(bench_predict.py's file)")
     args = parser.parse_args(argv)
     target = args.target or ROOT / TARGETS[args.section]
     parts = []
