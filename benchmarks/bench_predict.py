@@ -28,7 +28,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -85,24 +84,13 @@ def write_mammogram(path: Path, pixels: np.ndarray, syntax: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def _peak_mb() -> float:
-    """This process's peak resident memory in MiB: VmHWM (Linux), which exec resets; ru_maxrss elsewhere (a
-    spawned child's ru_maxrss starts at its parent's high-water mark, so it is no child's own peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
-
-
 def _predict_one(checkpoint: str, image: str, out: str, overlay_max_side: int | None, queue: Any) -> None:
     """Child process: predict one image; report predict's seconds and this process's peak RSS."""
+    from benchmarks.speed import peak_rss_mb
     from medssl.detection.predict import predict_files
 
     (res,) = predict_files(checkpoint, [image], out, overlay_max_side=overlay_max_side)
-    queue.put({"seconds": res["seconds"], "peak_mb": _peak_mb()})
+    queue.put({"seconds": res["seconds"], "peak_mb": peak_rss_mb()})
 
 
 def measure(checkpoint: str, image: Path, out: Path, repeats: int = 2,
@@ -215,13 +203,18 @@ def report(result: dict[str, Any]) -> list[str]:
     """Markdown table: one line per file."""
     lines = [f"Detector: {result['detector']}; {result['machine']['cpus']} CPUs, torch threads "
              f"{result['threads']}.", "",
-             "| image | transfer syntax | file MB | overlay | decode s | predict s per image | peak MB | "
-             "peak MB, small DICOM, same model input | added by the full-size file, MB |",
+             "| image | transfer syntax | file MB | overlay | decode s | predict s per image | peak MB (each run) | "
+             "peak MB, the same image at the detector's input size (each run) | added by the full-size file, MB |",
              "|---|---|---|---|---|---|---|---|---|"]
+
+    def runs(r: dict[str, Any], key: str) -> str:
+        each = r.get(f"{key}s_mb")
+        return f"{r[f'{key}_mb']}" + (f" ({', '.join(map(str, each))})" if each and len(each) > 1 else "")
+
     for r in result["rows"]:
         lines.append(f"| {r['rows']} x {r['columns']} ({r['megapixels']} MP) | {r['syntax']} | {r['file_mb']} | "
-                     f"{r['overlay']} | {r['decode_s']:.2f} | {r['seconds']:.2f} | {r['peak_mb']} | "
-                     f"{r['small_peak_mb']} | {r['added_mb']} |")
+                     f"{r['overlay']} | {r['decode_s']:.2f} | {r['seconds']:.2f} | {runs(r, 'peak')} | "
+                     f"{runs(r, 'small_peak')} | {r['added_mb']} |")
     return lines
 
 

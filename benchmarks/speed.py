@@ -49,7 +49,7 @@ IMPLS = ("medssl", "hf", "timm_official")
 BATCH = 32
 
 
-def _rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB (VmHWM; `ru_maxrss` survives exec and so can carry the
     parent's peak into a fresh worker)."""
     try:
@@ -143,13 +143,13 @@ def memory_worker(impl: str, config: str, device: str) -> dict:
     import benchmarks.mae_peers  # noqa: F401  the baseline, so that import memory is not counted as peak)
     import medssl.models.mae  # noqa: F401
 
-    base_rss = _rss_mb()
+    base_rss = peak_rss_mb()
     step = _stepper(impl, config, device)
     step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mb() - base_rss
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb() - base_rss
     return {"impl": impl, "config": config, "peak_mem_mb": peak}
 
 

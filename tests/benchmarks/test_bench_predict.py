@@ -27,11 +27,12 @@ def test_stand_in_round_trips_in_every_transfer_syntax(syntax, tmp_path):
 
 
 def test_table_renders_from_a_result_file():
+    row = {"rows": 4096, "columns": 3328, "megapixels": 13.6, "syntax": "RLELossless", "file_mb": 9.5,
+           "overlay": "2048 px", "decode_s": 0.5, "seconds": 3.25, "peak_mb": 2100, "peaks_mb": [2100, 2050],
+           "small_peak_mb": 1700, "small_peaks_mb": [1700, 1690], "added_mb": 400}
     result = {"machine": {"date": "2026-12-07T00:00:00Z", "commit": "abc", "load_avg": [0.1, 0, 0], "cpus": 2},
-              "threads": 2, "detector": "x", "rows": [
-                  {"rows": 4096, "columns": 3328, "megapixels": 13.6, "syntax": "RLELossless", "file_mb": 9.5,
-                   "overlay": "2048 px", "decode_s": 0.5, "seconds": 3.25, "peak_mb": 2100, "small_peak_mb": 1700,
-                   "added_mb": 400}]}
+              "threads": 2, "detector": "x", "rows": [row]}
     text = render_predict(result, "r.json")
     assert text.startswith("`r.json`: measured 2026-12-07T00:00:00Z, commit abc, load average 0.1 at the start.")
-    assert "| 4096 x 3328 (13.6 MP) | RLELossless | 9.5 | 2048 px | 0.50 | 3.25 | 2100 | 1700 | 400 |" in text
+    assert ("| 4096 x 3328 (13.6 MP) | RLELossless | 9.5 | 2048 px | 0.50 | 3.25 | 2100 (2100, 2050) | "
+            "1700 (1700, 1690) | 400 |") in text
