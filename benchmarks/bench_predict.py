@@ -114,17 +114,16 @@ def measure(checkpoint: str, image: Path, out: Path, repeats: int = 2,
             "peaks_mb": [round(r["peak_mb"]) for r in runs]}
 
 
-def model_input(checkpoint: str, rows: int, cols: int) -> tuple[int, int]:
-    """(H, W) the detector of `checkpoint` resizes a `rows` x `cols` image to (its data config's transform)."""
+def model_input(data: dict[str, Any], rows: int, cols: int) -> tuple[int, int]:
+    """(H, W) a detector with the data config `data` (a stage checkpoint's ``data``) resizes a `rows` x `cols`
+    image to."""
     import torch
 
     from medssl.detection.config import DEFAULTS
     from medssl.detection.data import transforms
-    from medssl.train.checkpoint import load_checkpoint
 
-    data = {**DEFAULTS["data"], **load_checkpoint(checkpoint).get("data", {})}
-    img, _ = transforms({"data": data}, "none")(torch.zeros(1, rows, cols),
-                                                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
+    img, _ = transforms({"data": {**DEFAULTS["data"], **data}}, "none")(
+        torch.zeros(1, rows, cols), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
     return int(img.shape[-2]), int(img.shape[-1])
 
 
@@ -154,20 +153,22 @@ def run(checkpoint: str | None, sizes: tuple[tuple[int, int], ...] = SIZES,
     from PIL import Image
 
     from medssl.data.coco import read_image
+    from medssl.train.checkpoint import load_checkpoint
 
     rows_out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         ckpt = checkpoint or str(reference_detector(tmp_path))
+        data = load_checkpoint(ckpt).get("data", {})  # read once: the checkpoint holds every weight too
         for rows, cols in sizes:
             pixels = phantom(rows, cols)
             # the baseline: the same image at exactly the detector's input size, so that both reach the same model
             # input (whatever data.sizes / max_size say) and the difference is the full-size file's alone
-            h, w = model_input(ckpt, rows, cols)
+            h, w = model_input(data, rows, cols)
             small = tmp_path / f"small_{rows}x{cols}.dcm"
             resized = Image.fromarray(pixels.astype(np.float32)).resize((w, h), Image.Resampling.BOX)
             write_mammogram(small, np.asarray(resized).round().astype(np.uint16), "ExplicitVRLittleEndian")
-            if model_input(ckpt, h, w) != (h, w):
+            if model_input(data, h, w) != (h, w):
                 raise AssertionError(f"the baseline {h} x {w} does not reach the detector unresized")
             base = measure(ckpt, small, tmp_path / "out_small", repeats)
             for syntax in syntaxes:
