@@ -6,16 +6,17 @@
     python benchmarks/medmask_ablation.py --config benchmarks/configs/medmask.yaml --report   # tables from the cache
     python benchmarks/medmask_ablation.py --config benchmarks/configs/medmask.yaml --split calib  # calibration
 
-Rows (the config's ``rows``; each names the stages it trains, in order, its config overrides and the
-``control`` it is compared with): random boxes; ``source_only``; the controls (stage 2's schedule without any
-target term, the same with the target batches forwarded in train mode so that BatchNorm statistics adapt, and
-frozen-statistics variants); + the feature MAE alone; + the distillation alone (each mode); the full stage 2;
-stage 3 (teaching) and its published threshold options; a row may name another ``expert`` (e.g. a random
-ViT, embeddings extracted once into ``demo/embeddings_<expert>``); and an oracle (source + target labels, as
-long as the longest row: only a generated set can offer it). Every row is trained with the recipe's code
-(`medssl.detection.stages.train_stage`) on the recipe's config (``recipe``, default
-``recipes/configs/medmask_demo.yaml``) and scored once on the target-domain test split: FROC R@0.3, mean
-sensitivity over the FROC points, COCO AP50.
+Rows (the config's ``rows``; each names the stages it trains, in order, its config overrides, the ``control``
+(one row or a list) it is compared with and, optionally, the ``selection`` rules it runs under): random boxes;
+``source_only``; the controls (stage 2's schedule without any target term, the same with the target batches
+forwarded in train mode so that BatchNorm statistics adapt, and with the statistics frozen); + the feature MAE
+alone; + the distillation alone (each mode); the full stage 2 and its variants; stage 3 (teaching), its control
+without the pseudo-label loss and its published options; a row may name another ``expert`` (embeddings extracted
+once into ``demo/embeddings_<expert>``) or score the recipe's hand-over (``hand_over: true``: the stage of its
+chain that ``final.pt`` would hold); and an oracle (source + target labels, as long as the longest row: only a
+generated set can offer it). Every row is trained with the recipe's code (`medssl.detection.stages.train_stage`)
+on the recipe's config (``recipe``, default ``recipes/configs/medmask_demo.yaml``) and scored once on the
+target-domain test split: FROC R@0.3, mean sensitivity over the FROC points, COCO AP50.
 
 Protocol. Every row runs on each generated set (``data_seeds``: the generator's ``--seed``, with the arguments
 of ``demo``, e.g. a 160-image test split; under ``DATA_ROOT/seed<g>``) with each training seed (``seeds``).
@@ -26,13 +27,14 @@ epoch on the labelled target validation split: the reference's rule, which uses 
 are calibrated on the ``calib`` split (``--split calib`` scores every row there instead, results under
 ``OUT_calib``; the stage runs are shared with the test run), never on test.
 
-Stage runs are shared: a stage is trained once per seed for a given chain of stage configs (the
-``source_only`` run feeds every stage-2 row of its seed; the full stage 2 feeds stage 3) and kept under
-``OUT/stages/<key>/``; a row's result is a cached cell (``OUT/cells/<key>.json``) keyed by its resolved
-config, seed, the demo set's arguments and the fingerprint of the detection code (`benchmarks.provenance`), so a
-re-run after a code change recomputes and an interrupted run continues where it stopped. Teaching rows
-log the pseudo-labels' precision / recall against the target pool's true boxes per epoch
-(``eval.pseudo_truth``: a diagnostic, never a training signal).
+Stage runs are shared (`benchmarks.medmask_cells`): a stage is trained once per seed for a given chain of stage
+configs and the weights handed into it (the ``source_only`` run feeds every stage-2 row of its seed, under both
+rules; the ``best`` and ``last`` chains share a run wherever the earlier stage handed on the same weights) and kept
+under ``OUT/stages/<key>/``; a row's result is a cached cell (``OUT/cells/<key>.json``) keyed by its resolved
+config, seed, the demo set's arguments and the fingerprint of the cells' code (`benchmarks.provenance`; the
+tables and plots here are outside it), so a re-run after a change to that code recomputes and an interrupted run
+continues where it stopped. Teaching rows log the pseudo-labels' precision / recall against the target pool's
+true boxes per epoch (``eval.pseudo_truth``: a diagnostic, never a training signal).
 
 Writes ``OUT/results.json`` / ``results.md`` (mean +- std over runs, both selection rules, the paired
 comparisons), ``OUT/froc.png`` (every row's FROC on the test split, reference rule, sensitivity averaged over
@@ -42,140 +44,22 @@ runs) and ``OUT/config.resolved.yaml``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks import stats
+from benchmarks.medmask_cells import CODE_ENTRIES, FPI_GRID, ROOT, demo_argv, run_config, run_row
 from benchmarks.provenance import cached_cell, cell_key, code_files, code_fingerprint, git_commit
 from medssl.config import read_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
 log = logging.getLogger("medssl")
-CODE_ENTRIES = ("medssl.detection.stages", "medssl.detection.evaluation", "data_tools.demo_mammo",
-                "data_tools.demo_expert", "benchmarks.medmask_ablation")
-FPI_GRID = np.round(np.linspace(0.0, 2.0, 81), 4)  # false positives per image, for averaging FROC curves
 RULES = {"best": "target validation (reference)", "last": "none (last epoch)"}  # eval.checkpoint values
 METRIC = "R@0.3"
-
-
-def demo_argv(spec: dict[str, Any], data_seed: int | None) -> list[str] | None:
-    """The generator's command-line arguments of generated set ``data_seed`` (None: the default demo set)."""
-    if data_seed is None:
-        return None
-    args = {**(spec.get("demo") or {}), "seed": data_seed}
-    return [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-
-
-def data_root(spec: dict[str, Any], data_seed: int | None) -> Path:
-    """DATA_ROOT of generated set ``data_seed``: ``<data_root>/seed<g>`` (the ``data_root`` itself for None)."""
-    root = Path(spec.get("data_root") or ROOT / "demo_data" / "mammo")
-    return root if data_seed is None else root / f"seed{data_seed}"
-
-
-def run_config(spec: dict[str, Any], row: dict[str, Any], seed: int, data_seed: int | None = None,
-               rule: str = "best") -> dict[str, Any]:
-    """The resolved run config of a row: recipe YAML + the spec's ``set`` + the row's ``set`` (+ seed, the
-    generated set ``data_seed``, made here if missing, and the model-selection ``rule``, ``eval.checkpoint``)."""
-    from data_tools.demo_mammo import ensure_demo
-    from medssl.config import load_config
-    from medssl.detection.config import DEFAULTS
-
-    root = data_root(spec, data_seed)
-    demo = ensure_demo(root, demo_argv(spec, data_seed))
-    recipe = Path(spec.get("recipe") or "recipes/configs/medmask_demo.yaml")
-    recipe = recipe if recipe.is_absolute() else ROOT / recipe
-    embeddings = demo / "embeddings"
-    if row.get("expert"):  # another expert's embeddings of the same images (made once)
-        embeddings = demo / f"embeddings_{row['expert']}"
-        if not (embeddings / "manifest.jsonl").is_file():
-            from data_tools.demo_mammo import write_embeddings
-
-            write_embeddings(demo, row["expert"], json.loads((demo / "_info.json").read_text())["args"], embeddings)
-    sets = {"data.dataset": "demo", "data.data_root": str(root), "data.embeddings": str(embeddings),
-            "eval.overlays": 0, "eval.pseudo_truth": "target_truth", "eval.checkpoint": rule,
-            **(spec.get("set") or {}), **(row.get("set") or {}), "seed": seed}
-    return load_config(DEFAULTS, recipe, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
-                                          for k, v in sets.items()])
-
-
-def _stage_key(cfg: dict[str, Any], chain: list[str], fingerprint: str) -> str:
-    """Key of the stage run ``chain[-1]`` reached through ``chain`` with ``cfg``: the shared sections, each
-    stage section of the chain, which checkpoint each earlier stage handed on (``eval.checkpoint``; a stage's
-    own run serves both rules) and the demo set's generator arguments (a regenerated set retrains)."""
-    shared = {k: cfg[k] for k in ("data", "model", "mae", "distill", "train", "seed", "device") if k in cfg}
-    if not any(cfg[s]["distill_weight"] > 0 for s in chain if s != "source_only"):  # the expert is not read
-        shared["data"] = {k: v for k, v in cfg["data"].items() if k != "embeddings"}
-        shared.pop("distill")  # nor is a distiller built (source_only rows of every distillation mode share a run)
-    shared["eval"] = {k: v for k, v in cfg["eval"].items() if k not in ("overlays", "test_split", "checkpoint")}
-    handed = cfg["eval"]["checkpoint"] if len(chain) > 1 else None
-    info = Path(cfg["data"]["data_root"]) / "demo" / "_info.json"
-    demo = json.loads(info.read_text()).get("args") if info.is_file() else None
-    return cell_key(chain=chain, stages={s: cfg[s] for s in chain}, shared=shared, code=fingerprint, demo=demo,
-                    handed=handed)
-
-
-def train_chain(cfg: dict[str, Any], chain: list[str], work: Path, fingerprint: str) -> Path:
-    """Train (or reuse) every stage of ``chain`` in order, each from the previous one's ``eval.checkpoint``
-    (best or last); returns the last stage's folder."""
-    from medssl.detection.stages import stage_done, train_stage
-
-    init = None
-    sdir = work
-    for i, stage in enumerate(chain):
-        run_dir = work / "stages" / _stage_key(cfg, chain[: i + 1], fingerprint)
-        sdir = run_dir / stage
-        if stage_done(sdir):
-            log.info("[%s] reused %s", stage, sdir)
-        else:
-            c = copy.deepcopy(cfg)
-            c["out"] = str(run_dir)
-            train_stage(stage, c, run_dir, init=init, resume=True)
-        init = sdir / f"{cfg['eval']['checkpoint']}.pt"
-    return sdir
-
-
-def score(cfg: dict[str, Any], checkpoint: Path | None) -> dict[str, Any]:
-    """Test-split summary and FROC curve of a checkpoint, or of random boxes when ``checkpoint`` is None."""
-    from medssl.data.coco import build_dataset
-    from medssl.detection.data import build_splits, transforms
-    from medssl.detection.evaluation import evaluate, random_baseline
-    from medssl.detection.predict import load_detector
-    from medssl.train.dist import resolve_device
-
-    d = cfg["data"]
-    test = build_dataset(d["dataset"], cfg["eval"]["test_split"], d["data_root"], transforms(cfg, "none"))
-    if checkpoint is None:
-        summary, curve = random_baseline(build_splits(cfg)["train"], test, cfg, seed=cfg["seed"])
-    else:
-        device = resolve_device(cfg["device"])
-        model, _ = load_detector(checkpoint, device)
-        summary, curve, _ = evaluate(model, test, cfg, device)
-    c = curve["curve"]
-    fpi, sens = np.asarray(c["fps_per_image"], float), np.asarray(c["sensitivity"], float)
-    grid = [float(np.max(sens[fpi <= k + 1e-12], initial=0.0)) for k in FPI_GRID]  # R@k on the grid
-    return {"summary": {k: float(v) for k, v in summary.items()}, "froc_grid": grid}
-
-
-def run_row(cfg: dict[str, Any], row: dict[str, Any], work: Path, fingerprint: str) -> dict[str, Any]:
-    """Train and score one row for one seed and selection rule (``cfg``: its `run_config`)."""
-    t0 = time.time()
-    if not row.get("stages"):
-        return {**score(cfg, None), "seconds": round(time.time() - t0, 1)}
-    sdir = train_chain(cfg, list(row["stages"]), work, fingerprint)
-    metrics = json.loads((sdir / "metrics.json").read_text())
-    pseudo = [{k: h[k] for k in h if k.startswith("pseudo_") or k in ("epoch", "true_per_image")}
-              for h in metrics.get("history", []) if "pseudo_precision" in h]
-    return {**score(cfg, sdir / f"{cfg['eval']['checkpoint']}.pt"), "val_best": metrics.get("best"),
-            "pseudo_labels": pseudo,
-            "stage_dir": str(sdir), "seconds": round(time.time() - t0, 1)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -211,6 +95,12 @@ def _num(x: float) -> str:
     return "- (no pseudo-label)" if not np.isfinite(x) else f"{x:.2f}"
 
 
+def controls(row: dict[str, Any]) -> list[str]:
+    """The names of the rows ``row`` is compared with (its ``control``: none, one name or a list)."""
+    c = row.get("control")
+    return [] if not c else [c] if isinstance(c, str) else list(c)
+
+
 def compare(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], dict[str, Any]],
             metric: str = METRIC) -> list[dict[str, Any]]:
     """Each row with a ``control`` against it, per selection rule: `stats.paired` over the (set, seed) runs both
@@ -231,16 +121,15 @@ def compare(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], d
     n_sets = len({g for _, g, _, _ in cells})
     out = []
     for row in rows:
-        if not row.get("control"):
-            continue
-        for rule in dict.fromkeys(k[3] for k in cells):
-            a, b = {"row": row["name"], "protocol": rule}, {"row": row["control"], "protocol": rule}
-            for unit, data in (("run", runs), ("set", sets))[: 2 if n_sets > 1 else 1]:
-                res = stats.paired(data, a, b, metric)
-                if res["seeds"]:
-                    out.append({"row": row["name"], "control": row["control"], "rule": rule, "unit": unit,
-                                "metric": metric, **res, "seeds": [list(u) if isinstance(u, tuple) else u
-                                                                   for u in res["seeds"]]})
+        for control in controls(row):
+            for rule in dict.fromkeys(k[3] for k in cells):
+                a, b = {"row": row["name"], "protocol": rule}, {"row": control, "protocol": rule}
+                for unit, data in (("run", runs), ("set", sets))[: 2 if n_sets > 1 else 1]:
+                    res = stats.paired(data, a, b, metric)
+                    if res["seeds"]:
+                        out.append({"row": row["name"], "control": control, "rule": rule, "unit": unit,
+                                    "metric": metric, **res, "seeds": [list(u) if isinstance(u, tuple) else u
+                                                                       for u in res["seeds"]]})
     return out
 
 
@@ -271,8 +160,8 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
                                                      if v else "-" for v in vals) + " |")
     if comparisons:
         lines += ["", f"Paired differences in {comparisons[0]['metric']}, row minus its control (95% t-interval; "
-                  "unit `run`: each (generated set, training seed); unit `set`: the sets' means; a difference "
-                  "is shown only where the interval excludes 0):", "",
+                  "unit `run`: each (generated set, training seed); unit `set`: the sets' means; **better** or "
+                  "**worse** only where the interval excludes 0):", "",
                   "| row | control | selection | unit | n | difference | 95% CI | up / down | sign test p |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in comparisons:
@@ -352,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         demo_args = json.loads((root / "demo" / "_info.json").read_text())["args"]
         for seed in seeds:
             for row in rows:
-                for rule in rules:
+                for rule in [r for r in rules if r in row.get("selection", rules)]:
                     cfg = run_config(spec, row, seed, g, rule)
                     what = {k: v for k, v in row.items() if k != "control"}  # the control only pairs rows
                     key = cell_key(row=what, seed=seed, data_seed=g, rule=rule, config=cfg, demo=demo_args,

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.medmask_ablation import CODE_ENTRIES, run_config
+from benchmarks.medmask_cells import CODE_ENTRIES, run_config
 from benchmarks.provenance import code_files, code_fingerprint
 from medssl.config import read_yaml
 

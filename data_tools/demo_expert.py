@@ -48,11 +48,12 @@ def lesion_expert_backbone(demo_dir: str | Path) -> Path:
 
 
 def make_expert(demo_dir: str | Path, *, epochs: int | None = None, img_size: int | None = None, seed: int = 0,
-                splits: tuple[str, ...] = ("train", "target")) -> Path:
+                splits: tuple[str, ...] = ("train", "target"), precision: str | None = None) -> Path:
     """Build shards from ``splits`` of the demo set and pretrain the MAE expert on them; returns the backbone.
 
     Cached: an exported backbone is returned as it is; a pretraining run that was stopped resumes from its
-    last checkpoint. ``epochs`` / ``img_size`` override ``recipes/configs/demo_expert.yaml``.
+    last checkpoint. ``epochs`` / ``img_size`` / ``precision`` (``train.precision``) override
+    ``recipes/configs/demo_expert.yaml``.
     """
     from data_tools.build_shards import main as build_shards
     from medssl.config import load_config
@@ -68,6 +69,8 @@ def make_expert(demo_dir: str | Path, *, epochs: int | None = None, img_size: in
         overrides.append(f"train.epochs={epochs}")
     if img_size is not None:
         overrides.append(f"data.img_size={img_size}")
+    if precision is not None:
+        overrides.append(f"train.precision={precision}")
     shards = demo_dir / "expert" / "shards"
     out = demo_dir / "expert" / "pretrain"
     overrides += [f"data.shards={shards}", f"output.dir={out}"]

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "uninformative ablation); 'none' skips them")
     parser.add_argument("--expert-epochs", type=int, default=None,
                         help="pretraining epochs of the 'mae' expert (default: recipes/configs/demo_expert.yaml)")
+    parser.add_argument("--expert-precision", default=None, choices=("auto", "fp32", "bf16"),
+                        help="train.precision of the 'mae' expert's pretraining (default: demo_expert.yaml's, auto; "
+                             "fp32 gives the same expert on every CPU kind)")
     parser.add_argument("--lesion-epochs", type=int, default=40,
                         help="fine-tuning epochs of the 'lesion' expert on its external labelled set")
     parser.add_argument("--embed-size", type=int, default=64, help="expert input size (square)")
@@ -107,7 +110,8 @@ def write_embeddings(out: Path, expert: str, args: dict[str, Any], folder: Path)
 
     source = expert
     if expert.lower() in ("mae", "lesion"):
-        mae = make_expert(out, epochs=args["expert_epochs"], img_size=args["embed_size"], seed=args["seed"])
+        mae = make_expert(out, epochs=args["expert_epochs"], img_size=args["embed_size"], seed=args["seed"],
+                          precision=args.get("expert_precision"))
         source = str(mae) if expert.lower() == "mae" else str(
             make_lesion_expert(out, args, init=mae, img_size=args["embed_size"], epochs=args.get("lesion_epochs", 40),
                                seed=args["seed"]))

@@ -17,11 +17,13 @@ CHECKPOINTS = ("best", "last")
 #   effect where they are frozen already, as with a pretrained ResNet-50).
 # threshold (teaching): "fixed" (score_threshold), "mrt" (MRT's dynamic threshold from score_threshold, capped
 #   at threshold_max) or "medmask" (MedMask's schedule); keep_better (teaching): validate the teacher and the
-#   student and keep the better (MRT).
+#   student and keep the better (MRT); pseudo_weight (teaching): weight of the pseudo-label loss (0: the teaching
+#   stage without pseudo-labels, everything else alike: the control that isolates them).
 _STAGE_DEFAULTS = {"epochs": 20, "lr": 2e-4, "lr_backbone": 2e-5, "lr_drop": None, "mae_weight": 0.0,
                    "mae_epochs": 0, "distill_weight": 0.0, "ema_alpha": 0.9996, "score_threshold": 0.3,
                    "nms_iou": 0.7, "retrain_every": 0, "source_weight": 1.0, "target_forward": False,
-                   "freeze_bn": False, "threshold": "fixed", "threshold_max": 0.5, "keep_better": False}
+                   "freeze_bn": False, "threshold": "fixed", "threshold_max": 0.5, "keep_better": False,
+                   "pseudo_weight": 1.0}
 THRESHOLDS = ("fixed", "mrt", "medmask")
 
 DEFAULTS: dict[str, Any] = {

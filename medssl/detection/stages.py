@@ -168,7 +168,7 @@ class StageModel(nn.Module):
                 with torch.no_grad():
                     pl = pseudo_labels(self.teacher(weak, tmask), self.threshold, sc["nms_iou"])
                 sout = self.detector(strong, tmask)
-                losses["pseudo"] = sum(self.crit(sout, pl).values())
+                losses["pseudo"] = sc["pseudo_weight"] * sum(self.crit(sout, pl).values())
                 if self.distiller is not None:
                     losses["distill"] = self._distill(sout, temb, ttargets)
             if sc["target_forward"]:  # AdaBN control: train-mode forward, no loss (BatchNorm statistics adapt)
@@ -530,6 +530,17 @@ def run_stages(cfg: dict, stages: Iterable[str], init: str | Path | None = None,
     return results
 
 
+def handed_stage(summary: dict[str, Any], ran: list[str], select: str, rule: str = "best") -> str:
+    """The stage whose checkpoint a run hands over: under ``rule`` ``best`` the one of ``ran`` (finished stages,
+    in order) with the highest validation ``select`` in ``summary`` (NaN or missing counts as the lowest; ties
+    go to the earlier stage), under ``last`` the last one."""
+    def score(stage: str) -> float:
+        v = summary[stage].get(select)
+        return float("-inf") if v is None or math.isnan(float(v)) else float(v)
+
+    return max(ran, key=lambda s: (score(s), -ran.index(s))) if rule == "best" else ran[-1]
+
+
 def hand_over(out: Path, summary: dict[str, Any], select: str, rule: str = "best") -> dict[str, Any]:
     """Copy a stage's checkpoint to ``out/final.pt``. ``rule`` ``best``: the best stage's ``best.pt``, so that the
     run never hands over a model that is worse on validation than one of its earlier stages (teaching can lose
@@ -550,11 +561,7 @@ def hand_over(out: Path, summary: dict[str, Any], select: str, rule: str = "best
     ran = [s for s in STAGES if isinstance(summary.get(s), dict) and (out / s / f"{rule}.pt").is_file()]
     if not ran:
         raise FileNotFoundError(f"{out}: no finished stage to hand over")
-    def score(stage: str) -> float:
-        v = summary[stage].get(select)
-        return float("-inf") if v is None or math.isnan(float(v)) else float(v)
-
-    best = max(ran, key=lambda s: (score(s), -STAGES.index(s))) if rule == "best" else ran[-1]
+    best = handed_stage(summary, ran, select, rule)
     tmp = out / ".final.pt.tmp"
     shutil.copyfile(out / best / f"{rule}.pt", tmp)
     os.replace(tmp, out / "final.pt")

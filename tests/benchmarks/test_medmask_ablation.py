@@ -1,5 +1,6 @@
-"""benchmarks/medmask_ablation.py: the config's rows resolve, stage runs are shared where they should be, the
-paired comparisons against each row's control by hand, the report's side-by-side selection rules."""
+"""benchmarks/medmask_ablation.py and medmask_cells.py: the config's rows resolve, stage runs are shared where they
+should be, the paired comparisons against each row's controls by hand, the report's side-by-side selection rules,
+the recipe's hand-over scored."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from benchmarks import stats
-from benchmarks.medmask_ablation import _stage_key, compare, demo_argv, report
+from benchmarks.medmask_ablation import compare, controls, report
+from benchmarks.medmask_cells import demo_argv, stage_key, weights_digest
 from medssl.config import load_config, read_yaml
 from medssl.detection.config import DEFAULTS
 
@@ -32,9 +34,11 @@ def test_config_rows_resolve_and_controls_exist():
     assert len(spec["data_seeds"]) >= 3 and len(spec["seeds"]) >= 3 and spec["selection"] == ["best", "last"]
     assert spec["demo"]["test"] >= 150 and spec["demo"]["calib"] > 0
     for row in spec["rows"]:
-        assert row.get("control") is None or row["control"] in names
+        assert all(c in names for c in controls(row))
+        assert set(row.get("selection", spec["selection"])) <= set(spec["selection"])
         cfg = _cfg(spec, row)  # every override is a known key
-        assert cfg["cross_domain_mae"]["epochs"] == 2 and cfg["teaching"]["epochs"] == 2
+        assert cfg["train"]["precision"] == "fp32"
+        assert cfg["cross_domain_mae"]["epochs"] == 2 and cfg["teaching"]["epochs"] == 4  # the recipe's schedule
     rows = {r["name"]: r for r in spec["rows"]}
     adabn = _cfg(spec, rows["AdaBN control (target forward, no loss)"])["cross_domain_mae"]
     assert adabn["target_forward"] and adabn["mae_weight"] == 0 and adabn["distill_weight"] == 0
@@ -45,6 +49,13 @@ def test_config_rows_resolve_and_controls_exist():
     medmask = _cfg(spec, rows["+ distillation (medmask reference)"])
     assert medmask["distill"]["mode"] == "medmask" and medmask["distill"]["margin"] is None  # the mode's 1
     assert medmask["cross_domain_mae"]["distill_weight"] == 1
+    no_pl = _cfg(spec, rows["stage 3 without pseudo-labels (weight 0)"])["teaching"]
+    assert no_pl["pseudo_weight"] == 0 and {k: v for k, v in no_pl.items() if k != "pseudo_weight"} == {
+        k: v for k, v in _cfg(spec, rows["stage 3 (teaching)"])["teaching"].items() if k != "pseudo_weight"}
+    frozen = _cfg(spec, rows["source_only + 2 epochs, BN statistics frozen"])["cross_domain_mae"]
+    assert frozen["freeze_bn"] and frozen["mae_weight"] == 0 and frozen["distill_weight"] == 0
+    for name in ("+ feature MAE, BN statistics frozen", "stage 2, BN statistics frozen"):  # frozen against frozen
+        assert rows[name]["control"] == "source_only + 2 epochs, BN statistics frozen"
 
 
 def test_demo_argv_parses_as_the_generator_arguments():
@@ -66,17 +77,35 @@ def test_stage_runs_shared_across_rules_and_distillation_modes():
     rows = {r["name"]: r for r in spec["rows"]}
     so = ["source_only"]
     s2 = ["source_only", "cross_domain_mae"]
-    keys = {(name, rule): _stage_key(_cfg(spec, rows[name], rule), so, "f")
+    keys = {(name, rule): stage_key(_cfg(spec, rows[name], rule), so, "f")
             for name in ("source_only", "+ distillation (medmask reference)", "+ distillation (object-level)",
                          "stage 2 (MAE + distillation)") for rule in ("best", "last")}
     assert len(set(keys.values())) == 1  # one source_only run feeds every row and both rules
-    assert _stage_key(_cfg(spec, rows["oracle (source + target labels)"]), so, "f") != keys[("source_only", "best")]
-    stage2 = {rule: _stage_key(_cfg(spec, rows["stage 2 (MAE + distillation)"], rule), s2, "f")
-              for rule in ("best", "last")}
-    assert stage2["best"] != stage2["last"]  # stage 2 starts from source_only's best.pt or its last.pt
-    modes = {_stage_key(_cfg(spec, rows[n]), s2, "f") for n in ("+ distillation", "+ distillation (medmask reference)",
-                                                                 "+ distillation (object-level)")}
+    assert stage_key(_cfg(spec, rows["oracle (source + target labels)"]), so, "f") != keys[("source_only", "best")]
+    stage2 = {(rule, handed): stage_key(_cfg(spec, rows["stage 2 (MAE + distillation)"], rule), s2, "f", handed)
+              for rule in ("best", "last") for handed in ("w1", "w2")}
+    assert stage2[("best", "w1")] == stage2[("last", "w1")]  # the same weights handed on: one run for both rules
+    assert stage2[("best", "w1")] != stage2[("best", "w2")]  # other weights: another run
+    modes = {stage_key(_cfg(spec, rows[n]), s2, "f", "w") for n in ("+ distillation", "+ distillation (medmask "
+                                                                    "reference)", "+ distillation (object-level)")}
     assert len(modes) == 3
+
+
+def test_weights_digest_reads_the_weights_not_the_file(tmp_path):
+    import torch
+
+    from medssl.train.checkpoint import save_checkpoint
+
+    w = {"a": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}
+    save_checkpoint(tmp_path / "best.pt", {"model": w, "mae": {}, "distiller": None, "epoch": 3, "metrics": {"x": 1.0}})
+    save_checkpoint(tmp_path / "last.pt", {"model": dict(w), "mae": {}, "distiller": None, "epoch": 3, "metrics": {}})
+    assert weights_digest(tmp_path / "best.pt") == weights_digest(tmp_path / "last.pt")
+    w2 = {**w, "a": w["a"].clone()}
+    w2["a"][1, 2] = 5.000001
+    save_checkpoint(tmp_path / "other.pt", {"model": w2, "mae": {}, "distiller": None})
+    assert weights_digest(tmp_path / "other.pt") != weights_digest(tmp_path / "best.pt")
+    save_checkpoint(tmp_path / "shape.pt", {"model": {**w, "a": w["a"].reshape(3, 2)}, "mae": {}, "distiller": None})
+    assert weights_digest(tmp_path / "shape.pt") != weights_digest(tmp_path / "best.pt")
 
 
 def _cells(values: dict[tuple[str, int, int, str], float]) -> dict:
@@ -143,6 +172,10 @@ def test_main_end_to_end_tiny(tmp_path):
             "rows": [{"name": "source_only", "stages": ["source_only"]},
                      {"name": "AdaBN", "stages": ["source_only", "cross_domain_mae"], "control": "source_only",
                       "set": {"cross_domain_mae.mae_weight": 0, "cross_domain_mae.distill_weight": 0,
+                              "cross_domain_mae.target_forward": True}},
+                     {"name": "hand-over", "stages": ["source_only", "cross_domain_mae"], "hand_over": True,
+                      "selection": ["best"], "control": ["source_only", "AdaBN"],
+                      "set": {"cross_domain_mae.mae_weight": 0, "cross_domain_mae.distill_weight": 0,
                               "cross_domain_mae.target_forward": True}}]}
     config = tmp_path / "spec.yaml"
     config.write_text(yaml.safe_dump(spec))
@@ -154,16 +187,32 @@ def test_main_end_to_end_tiny(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert set(result["tables"]) == {"best", "last"} and all(e["seeds"] == 2 for t in result["tables"].values()
                                                               for e in t)
-    assert [(c["rule"], c["unit"]) for c in result["comparisons"]] == [("best", "run"), ("best", "set"),
-                                                                         ("last", "run"), ("last", "set")]
-    assert len(list((out / "cells").glob("*.json"))) == 2 * 2 * 2
-    # source_only trained once per set (both rules), stage 2 once per set and rule
-    runs = {p.parent.name for p in (out / "stages").glob("*/*/metrics.json")}
-    assert sum(1 for p in (out / "stages").glob("*/source_only/metrics.json")) == 2
-    assert sum(1 for p in (out / "stages").glob("*/cross_domain_mae/metrics.json")) == 4 and runs
+    assert [e["row"] for e in result["tables"]["last"]] == ["source_only", "AdaBN"]  # hand-over: best only
+    assert [(c["row"], c["control"], c["rule"], c["unit"]) for c in result["comparisons"]] == [
+        ("AdaBN", "source_only", "best", "run"), ("AdaBN", "source_only", "best", "set"),
+        ("AdaBN", "source_only", "last", "run"), ("AdaBN", "source_only", "last", "set"),
+        ("hand-over", "source_only", "best", "run"), ("hand-over", "source_only", "best", "set"),
+        ("hand-over", "AdaBN", "best", "run"), ("hand-over", "AdaBN", "best", "set")]
+    assert len(list((out / "cells").glob("*.json"))) == 2 * 2 * 2 + 2
+    # source_only trained once per set (both rules); stage 2 once per set and distinct weights handed into it
+    # (source_only's best.pt and last.pt hold the same weights when its best epoch is its last)
+    so = sorted((out / "stages").glob("*/source_only"))
+    assert len(so) == 2 and all((d / "metrics.json").is_file() for d in so)
+    handed = sum(len({weights_digest(d / "best.pt"), weights_digest(d / "last.pt")}) for d in so)
+    assert sum(1 for p in (out / "stages").glob("*/cross_domain_mae/metrics.json")) == handed
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
     last = [c for c in cells if c["row"] == "source_only" and c["rule"] == "last"]
     assert all(c["stage_dir"].endswith("source_only") for c in last)
+    from medssl.detection.stages import handed_stage
+
+    def cell(row: str, g: int) -> dict:
+        return next(x for x in cells if (x["row"], x["rule"], x["data_seed"]) == (row, "best", g))
+
+    for g in (0, 1):  # the stage final.pt would hold, scored: the same figures as that stage's own row
+        c, rows = cell("hand-over", g), {"source_only": cell("source_only", g), "cross_domain_mae": cell("AdaBN", g)}
+        bests = {s: json.loads((Path(r["stage_dir"]) / "metrics.json").read_text())["best"] for s, r in rows.items()}
+        assert c["handed_stage"] == handed_stage(bests, list(bests), "R@0.3", "best")
+        assert c["summary"] == rows[c["handed_stage"]]["summary"]
     text = (out / "results.md").read_text()
     assert "none (last epoch)" in text and "| AdaBN | source_only |" in text
     assert medmask_ablation.main(["--config", str(config), "--out", str(out), "--report"]) == 0

@@ -141,6 +141,45 @@ def test_target_forward_adapts_bn_statistics_and_freeze_bn_keeps_them():
     assert runs["adabn"][0]["loss"].item() == pytest.approx(runs["plain"][0]["loss"].item(), rel=1e-6)
 
 
+def test_pseudo_weight_scales_only_the_pseudo_label_loss():
+    """teaching.pseudo_weight multiplies the pseudo-label loss and nothing else (0: the control without
+    pseudo-labels; the teacher, the strong-view forward and every other term alike)."""
+    import copy
+
+    from medssl.detection.detr import build_detector, demo_detector_config
+
+    torch.manual_seed(0)
+    det = build_detector(demo_detector_config(backbone_name="resnet10t", hidden_dim=32, nheads=2, enc_layers=1,
+                                              dec_layers=1, dim_feedforward=64, num_queries=6))
+    x, tx = torch.randn(2, 1, 64, 64), torch.randn(2, 1, 64, 64)
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    targets = [{"labels": torch.zeros(1, dtype=torch.int64), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
+    batch = ((x, mask, targets, [None, None]), ((tx, tx), mask, targets, [None, None]))
+    sc = {**DEFAULTS["teaching"], "mae_weight": 0.0, "distill_weight": 0.0, "score_threshold": 0.0}
+    out = {}
+    for w in (1.0, 0.5, 0.0):
+        model = stages.StageModel("teaching", {**sc, "pseudo_weight": w}, copy.deepcopy(det), None, None,
+                                  copy.deepcopy(det), paired=True).train()
+        out[w] = {k: v.item() for k, v in model(batch).items()}
+    assert out[1.0]["n_pseudo"] > 0 and out[1.0]["pseudo"] > 0
+    assert out[0.5]["pseudo"] == pytest.approx(0.5 * out[1.0]["pseudo"], rel=1e-6) and out[0.0]["pseudo"] == 0
+    for w in (0.5, 0.0):
+        assert out[w]["det"] == out[1.0]["det"] and out[w]["n_pseudo"] == out[1.0]["n_pseudo"]
+        assert out[w]["loss"] == pytest.approx(out[w]["det"] + out[w]["pseudo"], rel=1e-6)
+
+
+def test_handed_stage_by_hand():
+    """The stage final.pt holds: best on validation (NaN or missing lowest, ties to the earlier), or the last."""
+    s = {"source_only": {"R@0.3": 0.5}, "cross_domain_mae": {"R@0.3": 0.7}, "teaching": {"R@0.3": 0.7}}
+    ran = list(s)
+    assert stages.handed_stage(s, ran, "R@0.3") == "cross_domain_mae"  # tie: the earlier
+    assert stages.handed_stage(s, ran, "R@0.3", "last") == "teaching"
+    s["cross_domain_mae"]["R@0.3"] = float("nan")
+    assert stages.handed_stage(s, ran, "R@0.3") == "teaching"
+    assert stages.handed_stage({"source_only": {}, "teaching": {"R@0.3": 0.0}}, ["source_only", "teaching"],
+                               "R@0.3") == "teaching"
+
+
 def test_teaching_threshold_per_epoch():
     """The task's threshold logic: fixed stays, MedMask's schedule follows the epoch, MRT updates once per finished
     epoch from that epoch's matched source scores (not again on a repeated call) and keeps t without a match."""
