@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 for rule in [r for r in rules if r in row.get("selection", rules)]:
                     cfg = run_config(spec, row, seed, g, rule)
-                    what = {k: v for k, v in row.items() if k != "control"}  # the control only pairs rows
+                    what = {k: v for k, v in row.items() if k not in ("control", "selection")}  # pairing, which rules
                     key = cell_key(row=what, seed=seed, data_seed=g, rule=rule, config=cfg, demo=demo_args,
                                    code=fingerprint)
                     if a.report:

@@ -166,7 +166,8 @@ def run_row(cfg: dict[str, Any], row: dict[str, Any], work: Path, fingerprint: s
         sdir = dirs[names.index(handed_stage(bests, names, cfg["eval"]["select"], rule))]
         extra["handed_stage"] = sdir.name
     metrics = json.loads((sdir / "metrics.json").read_text())
-    pseudo = [{k: h[k] for k in h if k.startswith("pseudo_") or k in ("epoch", "true_per_image")}
-              for h in metrics.get("history", []) if "pseudo_precision" in h]
+    pseudo = [{k: h[k] for k in h if k.startswith("pseudo_") or k in ("epoch", "true_per_image")}  # the chain's
+              for h in json.loads((dirs[-1] / "metrics.json").read_text()).get("history", [])  # last stage
+              if "pseudo_precision" in h]
     return {**score(cfg, sdir / f"{rule}.pt"), "val_best": metrics.get("best"), "pseudo_labels": pseudo,
             **extra, "stage_dir": str(sdir), "seconds": round(time.time() - t0, 1)}
