@@ -8,7 +8,8 @@
 Accepts the result files of speed.py, profile_detector.py, bench_engine.py and bf16_curve.py; with
 ``--section medmask`` the ``results.json`` of medmask_ablation.py, between the ``<!-- medmask:begin -->``
 and ``<!-- medmask:end -->`` markers; with ``--section transfer`` the ``results.json`` of run_all.py (the 2-D
-pretraining table), with ``--section volumes`` that of run_all.py's 3-D table (configs/volumes.yaml).
+pretraining table), with ``--section answer`` that file's answer line (into README.md), with ``--section
+volumes`` that of run_all.py's 3-D table (configs/volumes.yaml).
 
 Only the text between the ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` markers is replaced, in the
 docs page that holds the section (``TARGETS``; ``--target`` names another file); the file is written atomically
@@ -50,6 +51,7 @@ TARGETS = {
     "demo": "docs/medmask.md",
     "medmask": "docs/medmask.md",
     "transfer": "docs/transfer.md",
+    "answer": "README.md",  # the 2-D table's answer line (run_all.py's results.json for configs/pretraining.yaml)
     "volumes": "README.md",  # the 3-D table (run_all.py's results.json for configs/volumes.yaml), short
     "mae-runs": "docs/speed.md",
     "build": "docs/speed.md",
@@ -209,6 +211,14 @@ def render_transfer(result: dict, source: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def render_answer(result: dict, source: str) -> str:
+    """The README's short form of a ``benchmarks/run_all.py`` results.json: the file, what it holds and the answer
+    (`stats.verdict_sentence`, recomputed from the cells); the tables and intervals are in its transfer section."""
+    comps = stats.comparisons(result["cells"])
+    head = result.get("header", "").split("\n")[0]
+    return "\n".join([f"`{source}`: {head}", "", f"**Answer:** {stats.verdict_sentence(stats.verdict(comps))}"]) + "\n"
+
+
 def render_table(result: dict, source: str) -> str:
     """Markdown for a file of speed.py's MAE runs side by side (``runs``, section mae-runs) or of bench_build.py
     (``rows``, section build): the file and how it was made, then its table."""
@@ -227,7 +237,7 @@ def render_predict(result: dict, source: str) -> str:
 def render_file(path: Path, section: str = "speed") -> str:
     """The text one result file contributes to ``section`` (its part of the text between the markers)."""
     renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer,
-                "volumes": render_transfer,
+                "volumes": render_transfer, "answer": render_answer,
                 "mae-runs": render_table, "build": render_table, "predict": render_predict}.get(section, render)
     return renderer(json.loads(path.read_text()), str(path))
 
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
     parser.add_argument("--section", default="speed", choices=sorted(TARGETS),
                         help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
-                             "demo (a MedMask run's summary.json), transfer / volumes (run_all.py's results.json), "
+                             "demo (a MedMask run's summary.json), transfer / answer / volumes (run_all.py's results.json), "
                              "mae-runs (speed.py MAE runs side by side), build (bench_build.py's file) or predict "
                              "(bench_predict.py's file)")
     args = parser.parse_args(argv)
