@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default="speed", choices=sorted(TARGETS),
                         help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
                              "demo (a MedMask run's summary.json), transfer / answer / volumes (run_all.py's "
-                             "results.json), mae-runs (speed.py MAE runs side by side), build (bench_build.py's file) or predict "
-                             "(bench_predict.py's file)")
+                             "results.json), mae-runs (speed.py MAE runs side by side), build (bench_build.py's "
+                             "file) or predict (bench_predict.py's file)")
     args = parser.parse_args(argv)
     target = args.target or ROOT / TARGETS[args.section]
     parts = []
