@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medssl.detection.predict import OVERLAY_MAX_SIDE, image_files
+from medssl.detection.predict import OVERLAY_MAX_SIDE, image_files, predict_each
 from medssl.export.onnx import DEFAULT_RTOL, META_NAME, onnx_session, parity
 
 __all__ = ["DEFAULT_RTOL", "OnnxModel", "check", "predict_onnx", "read_meta"]
@@ -86,43 +86,27 @@ def predict_onnx(onnx_path: str | os.PathLike, inputs: Sequence[str | os.PathLik
                  score_threshold: float = 0.3, nms_iou: float = 0.1, overlays: bool = True,
                  overlay_max_side: int | None = OVERLAY_MAX_SIDE) -> list[dict[str, Any]]:
     """Detect lesions with an exported detector; writes ``predictions.json`` and, with `overlays`, one overlay PNG
-    per image (longer side at most `overlay_max_side` pixels, as `medssl.detection.predict.predict_files`).
+    per image, through the loop of `medssl.detection.predict.predict_files` (`predict_each`: overlays at most
+    `overlay_max_side` pixels, unreadable files recorded in ``skipped.json`` and skipped).
 
     Returns:
-        per image ``{"file", "boxes" (xyxy pixels), "scores"}`` after class-agnostic NMS at `nms_iou`, as
-        `medssl.detection.predict.predict_files` does with the PyTorch model.
+        per image ``{"file", "boxes" (xyxy pixels), "scores", "seconds"}`` after class-agnostic NMS at `nms_iou`,
+        as `medssl.detection.predict.predict_files` does with the PyTorch model.
     """
-    from medssl.data.coco import read_image
     from medssl.metrics.detection import froc_preprocess
-    from medssl.viz import save_detections
 
     model = OnnxModel(onnx_path)
     if model.kind != "detector":
         raise ValueError(f"{model.file}: a {model.kind} export, not a detector")
-    out_dir = Path(out_dir)
-    results = []
-    skipped = []
-    for f in image_files(inputs):
-        try:
-            raw = read_image(f)  # [H, W] in [0, 1]
-            out = model.run(model.prepare([raw]))
-        except Exception as exc:  # noqa: BLE001 - one bad file must not end a batch, as in predict_files
-            skipped.append({"file": str(f), "reason": f"{type(exc).__name__}: {exc}"})
-            continue
+
+    def detect(raw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model.run(model.prepare([raw]))
         h, w = raw.shape
         boxes = torch.from_numpy(out["boxes"][0]) * torch.tensor([w, h, w, h], dtype=torch.float32)
-        b, s = froc_preprocess(boxes, torch.from_numpy(out["scores"][0]), iou_threshold=nms_iou)
-        if overlays:
-            save_detections(out_dir / f"{f.stem}_pred.png", raw, pred_boxes=b, pred_scores=s,
-                            score_threshold=score_threshold, title=f"{f.name} (ONNX, scores >= {score_threshold})",
-                            max_side=overlay_max_side)
-        results.append({"file": str(f), "boxes": b.round(1).tolist(), "scores": s.round(4).tolist()})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "predictions.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "skipped.json").unlink(missing_ok=True)  # a list from an earlier run in this folder is not ours
-    if skipped:
-        (out_dir / "skipped.json").write_text(json.dumps(skipped, indent=1))
-    return results
+        return froc_preprocess(boxes, torch.from_numpy(out["scores"][0]), iou_threshold=nms_iou)
+
+    return predict_each(image_files(inputs), detect, out_dir, score_threshold, overlays, overlay_max_side,
+                        tag="ONNX, ")
 
 
 def check(folder: str | os.PathLike, images: Sequence[str | os.PathLike] = (), source: str | None = None,
