@@ -161,7 +161,11 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
     if comparisons:
         lines += ["", f"Paired differences in {comparisons[0]['metric']}, row minus its control (95% t-interval; "
                   "unit `run`: each (generated set, training seed); unit `set`: the sets' means; **better** or "
-                  "**worse** only where the interval excludes 0):", "",
+                  "**worse** only where the interval excludes 0). The runs of one set share its images, so the `run` "
+                  "interval covers new seeds on these sets only and is the optimistic one; the `set` interval (one "
+                  "mean per set, 2 degrees of freedom with 3 sets; its sign test cannot go below p = 0.25) is the "
+                  "one that covers a new generated set. Each line is one test at 95%, with no correction for the "
+                  "number of lines:", "",
                   "| row | control | selection | unit | n | difference | 95% CI | up / down | sign test p |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in comparisons:
