@@ -63,6 +63,7 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+@torch.no_grad()
 def predict_each(files: Sequence[Path], detect: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
                  out_dir: str | Path, score_threshold: float = 0.3, overlays: bool = True,
                  overlay_max_side: int | None = OVERLAY_MAX_SIDE, tag: str = "") -> list[dict[str, Any]]:
