@@ -159,13 +159,15 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
             lines.append(f"| {name} | " + " | ".join(f"{v[METRIC][0]:.3f} +- {v[METRIC][1]:.3f} (n {v['seeds']})"
                                                      if v else "-" for v in vals) + " |")
     if comparisons:
+        n = len(sets)
+        cover = ("The runs of one set share its images, so the `run` interval covers new seeds on these sets only and "
+                 f"is the optimistic one; the `set` interval (one mean per set, {n - 1} degrees of freedom with {n} "
+                 f"sets; its sign test cannot go below p = {min(1.0, 2 * 0.5 ** n):.2g}) is the one that covers a new "
+                 "generated set. " if n > 1 else "One generated set: the intervals cover new seeds on it only. ")
         lines += ["", f"Paired differences in {comparisons[0]['metric']}, row minus its control (95% t-interval; "
                   "unit `run`: each (generated set, training seed); unit `set`: the sets' means; **better** or "
-                  "**worse** only where the interval excludes 0). The runs of one set share its images, so the `run` "
-                  "interval covers new seeds on these sets only and is the optimistic one; the `set` interval (one "
-                  "mean per set, 2 degrees of freedom with 3 sets; its sign test cannot go below p = 0.25) is the "
-                  "one that covers a new generated set. Each line is one test at 95%, with no correction for the "
-                  "number of lines:", "",
+                  f"**worse** only where the interval excludes 0). {cover}Each line is one test at 95%, with no "
+                  "correction for the number of lines:", "",
                   "| row | control | selection | unit | n | difference | 95% CI | up / down | sign test p |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in comparisons:

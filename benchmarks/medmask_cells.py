@@ -159,15 +159,14 @@ def run_row(cfg: dict[str, Any], row: dict[str, Any], work: Path, fingerprint: s
     dirs = train_chain(cfg, list(row["stages"]), work, fingerprint)
     rule = cfg["eval"]["checkpoint"]
     names = [d.name for d in dirs]
+    metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in dirs}
     extra: dict[str, Any] = {}
     sdir = dirs[-1]
     if row.get("hand_over"):
-        bests = {d.name: json.loads((d / "metrics.json").read_text()).get("best") or {} for d in dirs}
+        bests = {n: m.get("best") or {} for n, m in metrics.items()}
         sdir = dirs[names.index(handed_stage(bests, names, cfg["eval"]["select"], rule))]
         extra["handed_stage"] = sdir.name
-    metrics = json.loads((sdir / "metrics.json").read_text())
-    pseudo = [{k: h[k] for k in h if k.startswith("pseudo_") or k in ("epoch", "true_per_image")}  # the chain's
-              for h in json.loads((dirs[-1] / "metrics.json").read_text()).get("history", [])  # last stage
-              if "pseudo_precision" in h]
-    return {**score(cfg, sdir / f"{rule}.pt"), "val_best": metrics.get("best"), "pseudo_labels": pseudo,
+    pseudo = [{k: h[k] for k in h if k.startswith("pseudo_") or k in ("epoch", "true_per_image")}
+              for h in metrics[names[-1]].get("history", []) if "pseudo_precision" in h]  # the chain's last stage
+    return {**score(cfg, sdir / f"{rule}.pt"), "val_best": metrics[sdir.name].get("best"), "pseudo_labels": pseudo,
             **extra, "stage_dir": str(sdir), "seconds": round(time.time() - t0, 1)}

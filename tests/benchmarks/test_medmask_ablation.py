@@ -149,6 +149,7 @@ def test_report_puts_rules_side_by_side_and_the_comparisons():
     assert text.startswith("MedMask ablation on the target-domain test split (per generated set 160 images, 79-81 "
                            "lesions; 3 sets x 3 seeds), CPU demo scale")
     assert "| ctrl | 0.500 +- 0.100 (n 4) | 0.450 +- 0.050 (n 4) |" in text
+    assert "2 degrees of freedom with 3 sets; its sign test cannot go below p = 0.25)" in text
     assert "| mae | 0.600 +- 0.100 (n 4) | 0.500 +- 0.100 (n 4) |" in text
     assert ("| mae | ctrl | target validation (reference) | run | 4 | +0.100 (**better**) | [+0.020, +0.180] | "
             "4 / 0 | 0.12 |") in text
