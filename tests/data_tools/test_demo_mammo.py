@@ -331,3 +331,17 @@ def test_demo_with_lesion_expert(tmp_path):
     record = json.loads((demo / "embeddings" / "_expert.json").read_text())
     assert record["source"] == str(lesion)
     assert len(list((demo / "embeddings").glob("*_embedding.npy"))) == 8
+
+
+def test_expert_precision_reaches_the_expert_pretraining(tmp_path, monkeypatch):
+    """--expert-precision becomes the expert MAE's train.precision (default: demo_expert.yaml's own)."""
+    import data_tools.build_shards
+    import medssl.pretrain
+    from data_tools.demo_expert import make_expert
+
+    seen = []
+    monkeypatch.setattr(data_tools.build_shards, "main", lambda argv: 0)
+    monkeypatch.setattr(medssl.pretrain, "run", lambda cfg, dist, resume=False: seen.append(cfg["train"]["precision"]))
+    make_expert(tmp_path / "a", precision="fp32")
+    make_expert(tmp_path / "b")
+    assert seen == ["fp32", "auto"]
