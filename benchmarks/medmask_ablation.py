@@ -104,8 +104,9 @@ def controls(row: dict[str, Any]) -> list[str]:
 def compare(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], dict[str, Any]],
             metric: str = METRIC) -> list[dict[str, Any]]:
     """Each row with a ``control`` against it, per selection rule: `stats.paired` over the (set, seed) runs both
-    have (unit ``run``) and, with two or more sets, over the per-set means (unit ``set``: the runs of one set
-    share its images, so the set-level interval is the one that covers a new generated set).
+    have (unit ``run``) and, with two or more sets, over the per-set means of the seeds both have there (unit
+    ``set``: the runs of one set share its images, so the set-level interval is the one that covers a new
+    generated set).
 
     Args:
         rows: the config's rows.
@@ -113,18 +114,24 @@ def compare(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], d
     """
     runs = [{"row": r, "protocol": rule, "seed": (g, s), "metrics": c["summary"]}
             for (r, g, s, rule), c in cells.items()]
-    per_set: dict[tuple[str, Any, str], list[float]] = {}
-    for (r, g, _, rule), c in cells.items():
-        per_set.setdefault((r, g, rule), []).append(float(c["summary"][metric]))
-    sets = [{"row": r, "protocol": rule, "seed": g, "metrics": {metric: float(np.mean(v))}}
-            for (r, g, rule), v in per_set.items()]
     n_sets = len({g for _, g, _, _ in cells})
     out = []
     for row in rows:
         for control in controls(row):
             for rule in dict.fromkeys(k[3] for k in cells):
                 a, b = {"row": row["name"], "protocol": rule}, {"row": control, "protocol": rule}
-                for unit, data in (("run", runs), ("set", sets))[: 2 if n_sets > 1 else 1]:
+                units = [("run", runs)]
+                if n_sets > 1:  # each set's mean over the seeds both rows have there (paired within the set)
+                    pairs: dict[Any, list[tuple[float, float]]] = {}
+                    for (r, g, s, rr), c in cells.items():
+                        other = cells.get((control, g, s, rule))
+                        if r == row["name"] and rr == rule and other is not None:
+                            pairs.setdefault(g, []).append((float(c["summary"][metric]),
+                                                            float(other["summary"][metric])))
+                    units.append(("set", [{"row": name, "protocol": rule, "seed": g,
+                                           "metrics": {metric: float(np.mean([p[i] for p in v]))}}
+                                          for g, v in pairs.items() for i, name in enumerate((row["name"], control))]))
+                for unit, data in units:
                     res = stats.paired(data, a, b, metric)
                     if res["seeds"]:
                         out.append({"row": row["name"], "control": control, "rule": rule, "unit": unit,
@@ -143,7 +150,7 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
              f"{meta['seeds']} seeds")
     lines = [f"MedMask ablation on the target-domain {meta.get('split', 'test')} split ({where}), CPU demo scale, "
              "mean +- std over runs (n per row) "
-             f"({meta['minutes']:.0f} min of training on {meta['machine']}); `{meta['command']}`:", "",
+             f"({meta['minutes']:.0f} min summed over the cells' run times{_machines(meta)}); `{meta['command']}`:", "",
              "| row | n | R@0.3 | mean sensitivity (FROC points) | AP50 |", "|---|---|---|---|---|"]
     for e in table:
         cells = " | ".join(f"{e[m][0]:.3f} +- {e[m][1]:.3f}" for m in ("R@0.3", "mean_sensitivity", "AP50"))
@@ -185,6 +192,37 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
     return lines
 
 
+def answer(comparisons: list[dict[str, Any]], questions: list[str], meta: dict[str, Any]) -> list[str]:
+    """The README's short form: for each row named in ``questions`` (the config's ``answer``), each of its
+    controls, the difference under each selection rule at the widest unit computed (``set`` where some comparison
+    spans two or more generated sets, else ``run``), with its 95% interval, verdict and how many sets / runs it
+    rests on out of the protocol's."""
+    sets = [g for g in meta.get("data_seeds") or [] if g is not None]
+    unit = "set" if any(c["unit"] == "set" and len(c["seeds"]) > 1 for c in comparisons) else "run"
+    want = {"set": len(sets) or 1, "run": (len(sets) or 1) * meta["seeds"]}
+    lines = []
+    for row in questions:
+        found = [c for c in comparisons if c["row"] == row and c["unit"] == unit]
+        for control in dict.fromkeys(c["control"] for c in found):
+            parts = []
+            for c in (c for c in found if c["control"] == control):
+                lo, hi = c["ci"]
+                verdict = ("**better**" if lo > 0 else "**worse**") if c["decided"] else "no difference shown"
+                runs = next((len(d["seeds"]) for d in comparisons if d["unit"] == "run" and d["row"] == row
+                             and d["control"] == control and d["rule"] == c["rule"]), 0)
+                count = f"{len(c['seeds'])} of {want[unit]} {unit}s" + (
+                    f", {runs} of {want['run']} runs" if unit == "set" else "")
+                parts.append(f"{RULES.get(c['rule'], c['rule'])}: {c['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}], {verdict} "
+                             f"({count})")
+            lines.append(f"- **{row}** vs {control}: " + "; ".join(parts) + ".")
+    if not lines:
+        return []
+    per = "the generated sets' means (the interval that covers a new set)" if unit == "set" else "the runs"
+    return [f"Difference in {comparisons[0]['metric']} on the target {meta.get('split', 'test')} split, row minus its "
+            f"control, over {per}, 95% t-interval, per model-selection rule; each line is one test at 95% with no "
+            "correction for their number:", "", *lines]
+
+
 def plot(table: list[dict[str, Any]], path: Path) -> None:
     """Every row's seed-averaged FROC on the test split."""
     import matplotlib
@@ -205,6 +243,26 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _machines(meta: dict[str, Any]) -> str:
+    """Where the cells ran: cells per CPU kind, or the reporting machine for results from before that was kept."""
+    by = meta.get("cells_by_cpu")
+    if not by or set(by) == {"-"}:
+        return f" on {meta['machine']}"
+    return "; cells computed on " + ", ".join(f"{k.upper().replace('_', '-')} CPUs: {n}" if k != "-" else
+                                            f"unrecorded CPUs: {n}" for k, n in by.items())
+
+
+def _by_cpu(cells: Any) -> dict[str, int]:
+    """How many cells each CPU kind computed (its widest vector flag: the last of `benchmarks.speed.cpu_flags`, which
+    lists them narrowest first; "-" for cells from before it was stored)."""
+    out: dict[str, int] = {}
+    for c in cells:
+        flags = c.get("cpu_flags")
+        kind = "-" if flags is None else flags[-1] if flags else "other"
+        out[kind] = out.get(kind, 0) + 1
+    return out
 
 
 def _span(values: set[int]) -> str:
@@ -241,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = code_fingerprint(files)
     commit = git_commit(files)
     out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from benchmarks.speed import cpu_flags
+
+    machine = {"cpu_flags": cpu_flags(), "threads": torch.get_num_threads()}  # stored with each new cell
     cells: dict[tuple[str, Any, int, str], dict[str, Any]] = {}
     for g in data_seeds:
         root = Path(run_config(spec, rows[0], seeds[0], g)["data"]["data_root"])  # generates the set if missing
@@ -261,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     res, cached = cached_cell(
                         out / "cells", key, lambda cfg=cfg, row=row: run_row(cfg, row, work, fingerprint),
                         meta={"row": row["name"], "seed": seed, "data_seed": g, "rule": rule,
-                              "fingerprint": fingerprint, "commit": commit})
+                              "fingerprint": fingerprint, "commit": commit, **machine})
                     cells[(row["name"], g, seed, rule)] = res
                     log.info("row %r set %s seed %d selection %s%s: %s", row["name"], g, seed, rule,
                              " (cached)" if cached else "",
@@ -290,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{m['cpu']}, {m['cpus']} CPUs, {', '.join(m['cpu_flags'])}",
             "command": " ".join(["python", "benchmarks/medmask_ablation.py", *(argv or sys.argv[1:])]),
             "fingerprint": fingerprint, "commit": commit,
-            "demo": {str(g): demo_argv(spec, g) for g in data_seeds}, "date": m["date"]}
+            "demo": {str(g): demo_argv(spec, g) for g in data_seeds}, "date": m["date"],
+            "answer": list(spec.get("answer") or []), "cells_by_cpu": _by_cpu(cells.values())}
     import yaml
 
     (out / "config.resolved.yaml").write_text(yaml.safe_dump({"spec": spec, "seeds": seeds, "run_config": cfg_g},

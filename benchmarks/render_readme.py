@@ -70,13 +70,15 @@ def render(result: dict, source: str) -> str:
              + (f", by `{result['command']}`." if result.get("command") else ".")]
     det = result.get("detection")
     if det:
-        attn = [r for r in det if r["bench"] == "ms_deform_attn_fwd_bwd"]
-        rounds = sorted({r["rounds"] for r in attn})
+        rounds = " and ".join(f"{'/'.join(map(str, sorted(n)))} ({what})" for bench, what in (
+            ("ms_deform_attn_fwd_bwd", "op"), ("ms_deform_attn_module_fwd_bwd", "layer"))
+            if (n := {r["rounds"] for r in det if r["bench"] == bench}))
         lines += ["", "Deformable attention, forward + backward (4 levels at strides 8-64 of a square image, 256 "
                   "dims, 8 heads, 4 points): ours (`ms_deform_attn`, impl auto) vs HuggingFace transformers' "
-                  f"pure-PyTorch `MultiScaleDeformableAttention`, interleaved in {'/'.join(map(str, rounds))} "
+                  f"pure-PyTorch `MultiScaleDeformableAttention`, interleaved in {rounds} "
                   "rounds; speed-up > 1: ours faster; the interval is the distribution-free 95% CI of the "
-                  "median per-round ratio (from 6 rounds); CPU time counts only this process's cycles.", ""]
+                  "median per-round ratio (it exists from 6 rounds on); CPU time counts only this process's "
+                  "cycles.", ""]
         lines += bench_detection.report(det)
     if result.get("mae"):
         lines += ["", "MAE training step (speed-up of medssl over each peer, > 1: medssl faster):", ""]
@@ -219,6 +221,16 @@ def render_answer(result: dict, source: str) -> str:
     return "\n".join([f"`{source}`: {head}", "", f"**Answer:** {stats.verdict_sentence(stats.verdict(comps))}"]) + "\n"
 
 
+def render_medmask_answer(result: dict, source: str) -> str:
+    """The README's short form of a ``benchmarks/medmask_ablation.py`` results.json: the file and, for each row of
+    its config's ``answer``, the difference from each control under each selection rule (the full tables, every
+    comparison and the pseudo-label diagnostics are in docs/medmask.md)."""
+    meta = result["meta"]
+    lines = medmask_ablation.answer(result.get("comparisons") or [], meta.get("answer") or [], meta)
+    return "\n".join([f"`{source}` (commit {meta['commit']}, {meta['date']}, {meta['minutes'] / 60:.1f} h of "
+                      "training):", "", *lines]) + "\n"
+
+
 def render_table(result: dict, source: str) -> str:
     """Markdown for a file of speed.py's MAE runs side by side (``runs``, section mae-runs) or of bench_build.py
     (``rows``, section build): the file and how it was made, then its table."""
@@ -237,7 +249,7 @@ def render_predict(result: dict, source: str) -> str:
 def render_file(path: Path, section: str = "speed") -> str:
     """The text one result file contributes to ``section`` (its part of the text between the markers)."""
     renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer,
-                "volumes": render_transfer, "answer": render_answer,
+                "volumes": render_transfer, "answer": render_answer, "medmask-answer": render_medmask_answer,
                 "mae-runs": render_table, "build": render_table, "predict": render_predict}.get(section, render)
     return renderer(json.loads(path.read_text()), str(path))
 

@@ -33,6 +33,8 @@ def test_config_rows_resolve_and_controls_exist():
     assert len(names) == len(set(names))
     assert len(spec["data_seeds"]) >= 3 and len(spec["seeds"]) >= 3 and spec["selection"] == ["best", "last"]
     assert spec["demo"]["test"] >= 150 and spec["demo"]["calib"] > 0
+    assert spec["answer"] and all(a in names and controls(next(r for r in spec["rows"] if r["name"] == a))
+                                  for a in spec["answer"])  # the README's rows exist and have a control
     for row in spec["rows"]:
         assert all(c in names for c in controls(row))
         assert set(row.get("selection", spec["selection"])) <= set(spec["selection"])
@@ -133,6 +135,9 @@ def test_compare_pairs_each_row_with_its_control_by_hand():
     assert per_set["seeds"] == [0, 1] and per_set["diffs"] == pytest.approx([0.15, 0.05])
     assert per_set["ci"] == pytest.approx(stats.t_interval([0.15, 0.05]))
     assert out[2]["mean"] == pytest.approx(0.15)
+    # a row missing seed 1 of set 1: that set's means pair the seeds both rows have (seed 0 only: diff 0.0)
+    partial = compare(rows, _cells({k: x for k, x in v.items() if k != ("mae", 1, 1, "best")}))
+    assert partial[1]["diffs"] == pytest.approx([0.15, 0.0]) and len(partial[0]["seeds"]) == 3
     one_set = compare(rows, _cells({k: x for k, x in v.items() if k[1] == 0}))
     assert [c["unit"] for c in one_set] == ["run", "run"]  # no set-level unit with a single set
 
@@ -161,6 +166,7 @@ def test_main_end_to_end_tiny(tmp_path):
     import yaml
 
     from benchmarks import medmask_ablation
+    from benchmarks.speed import cpu_flags
     from tests.detection.conftest import TINY
 
     tiny = dict(s.split("=", 1) for s in TINY)
@@ -203,6 +209,8 @@ def test_main_end_to_end_tiny(tmp_path):
     assert sum(1 for p in (out / "stages").glob("*/cross_domain_mae/metrics.json")) == handed
     assert handed == 2  # one source_only epoch here: its best epoch is its last, so best and last share stage 2
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert all(c["cpu_flags"] == cpu_flags() for c in cells)  # where each cell ran, counted in the report
+    assert result["meta"]["cells_by_cpu"] == {medmask_ablation._by_cpu([cells[0]]).popitem()[0]: len(cells)}
     last = [c for c in cells if c["row"] == "source_only" and c["rule"] == "last"]
     assert all(c["stage_dir"].endswith("source_only") for c in last)
     from medssl.detection.stages import handed_stage

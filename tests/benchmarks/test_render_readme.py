@@ -109,12 +109,43 @@ def test_ablation_section_adds_sweep_and_probe(tmp_path):
         {"threshold": 0.3, "pseudo_precision": [0.1, 0.0, 1], "pseudo_recall": [0.2, 0.0, 1],
          "pseudo_per_image": [1.25, 0.0, 1]}]}))
     (tmp_path / "expert_probe.json").write_text(json.dumps([
-        {"expert": "lesion", "folder": "embeddings_lesion", "density_r2": 0.755, "lesion_auc": 0.5, "trained_on": "x",
-         "vendor_auc": 0.9, "images": 260}]))
+        {"expert": "lesion", "set": "seed1", "folder": "embeddings_lesion", "density_r2": 0.755, "lesion_auc": 0.5,
+         "trained_on": "x", "vendor_auc": 0.9, "images": 260, "region_auc": 0.875, "pixel_auc": 0.625, "regions": 320,
+         "lesions": 80}]))
     text = render_ablation(result, str(tmp_path / "results.json"))
     assert "| 0.30 | 0.10 +- 0.00 | 0.20 +- 0.00 | 1.25 +- 0.00 |" in text
-    assert "| lesion | 0.76 | 0.50 | 0.90 | x |" in text and "n = 260" in text
+    assert "| lesion | seed1 | 0.76 | 0.50 | 0.90 | 0.88 | 0.62 | 80 (320) | x |" in text
     assert text.index("teacher_sweep.json") < text.index("expert_probe.json") < text.index("froc.png")
+
+
+def test_medmask_answer_by_hand():
+    """The README's MedMask lines: each asked row against each control, per selection rule, at the set level, with
+    the sets and runs each rests on; rows not asked and run-level lines are left out."""
+    from benchmarks.render_readme import render_medmask_answer
+
+    def comp(row, control, rule, unit, mean, ci, n):
+        return {"row": row, "control": control, "rule": rule, "unit": unit, "metric": "R@0.3", "mean": mean,
+                "ci": ci, "decided": ci[0] > 0 or ci[1] < 0, "seeds": list(range(n))}
+
+    comps = [comp("+ MAE", "AdaBN", "best", "run", 0.1, [0.05, 0.15], 9),
+             comp("+ MAE", "AdaBN", "best", "set", 0.1, [0.02, 0.18], 3),
+             comp("+ MAE", "AdaBN", "last", "run", -0.01, [-0.2, 0.1], 5),
+             comp("+ MAE", "AdaBN", "last", "set", -0.01, [-0.3, 0.2], 2),
+             comp("teach", "stage 2", "best", "run", -0.2, [-0.3, -0.1], 9),
+             comp("teach", "stage 2", "best", "set", -0.2, [-0.3, -0.1], 3),
+             comp("other", "AdaBN", "best", "set", 0.5, [0.4, 0.6], 3)]
+    meta = {"data_seeds": [1, 2, 3], "seeds": 3, "answer": ["+ MAE", "teach"], "commit": "abc", "date": "d",
+            "minutes": 90.0, "split": "test"}
+    text = render_medmask_answer({"meta": meta, "comparisons": comps}, "r.json")
+    assert text.splitlines() == [
+        "`r.json` (commit abc, d, 1.5 h of training):", "",
+        "Difference in R@0.3 on the target test split, row minus its control, over the generated sets' means (the "
+        "interval that covers a new set), 95% t-interval, per model-selection rule; each line is one test at 95% "
+        "with no correction for their number:", "",
+        "- **+ MAE** vs AdaBN: target validation (reference): +0.100 [+0.020, +0.180], **better** (3 of 3 sets, 9 of "
+        "9 runs); none (last epoch): -0.010 [-0.300, +0.200], no difference shown (2 of 3 sets, 5 of 9 runs).",
+        "- **teach** vs stage 2: target validation (reference): -0.200 [-0.300, -0.100], **worse** (3 of 3 sets, 9 "
+        "of 9 runs)."]
 
 
 def test_paired_gains_from_cells(tmp_path):
