@@ -60,10 +60,8 @@ def provenance(demo: Path, folder: str) -> str:
     return text
 
 
-def _cv_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5, alpha: float = 1.0) -> float:
-    """ROC AUC of a ridge score, ``folds``-fold cross-validated with every group (image) in one fold."""
-    from medssl.metrics.classification import binary_auc
-
+def _cv_scores(x: np.ndarray, groups: np.ndarray, y: np.ndarray, folds: int = 5, alpha: float = 1.0) -> np.ndarray:
+    """Out-of-fold ridge scores, ``folds``-fold cross-validated with every group (image) in one fold."""
     x = (x - x.mean(0)) / (x.std(0) + 1e-8)
     ids = np.unique(groups)
     fold_of = dict(zip(ids, np.random.default_rng(0).permutation(len(ids)) % folds))
@@ -74,7 +72,19 @@ def _cv_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5, al
         a = x[train].T @ x[train] + alpha * train.sum() * np.eye(x.shape[1])
         wts = np.linalg.solve(a, x[train].T @ (y[train] - y[train].mean()))
         pred[test] = x[test] @ wts
-    return float(binary_auc(y.astype(int), pred))
+    return pred
+
+
+def _auc_with_interval(x: np.ndarray, y: np.ndarray, groups: np.ndarray, clusters: np.ndarray
+                       ) -> tuple[float, list[float]]:
+    """Cross-validated ridge AUC and its 95% interval: the out-of-fold scores' AUC bootstrapped over ``clusters``
+    (each lesion with the boxes compared with it; the probe is not refitted per resample)."""
+    from benchmarks.stats import cluster_bootstrap
+    from medssl.metrics.classification import binary_auc
+
+    pred = _cv_scores(x, groups, y)
+    lo, hi = cluster_bootstrap(lambda i: binary_auc(y[i].astype(int), pred[i]), clusters)
+    return float(binary_auc(y.astype(int), pred)), [lo, hi]
 
 
 def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str, ...] = ("train", "test"),
@@ -87,7 +97,8 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
     box as the ``object`` distillation does (`medssl.detection.medmask.region_embeddings`; boxes normalised to the
     image, which the expert sees stretched to its square input), and the box's pixel statistics (mean, std, min,
     max). Returns ``{"region_auc", "pixel_auc", "regions", "lesions"}`` (ridge AUCs cross-validated with each
-    image's boxes in one fold), or ``{}`` for an expert without a token grid (one row, or no ``grid`` record)."""
+    image's boxes in one fold) with ``region_ci`` / ``pixel_ci``, their 95% intervals bootstrapped over lesions,
+    or ``{}`` for an expert without a token grid (one row, or no ``grid`` record)."""
     import torch
 
     from data_tools.extract_embeddings import EXPERT_FILE
@@ -114,7 +125,7 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
                            torch.from_numpy(tokens[len(tokens) - grid * grid:]).float(), im.get("view"),
                            np.asarray(boxes.get(im["id"], []), np.float64).reshape(-1, 4)))
     rng = np.random.default_rng(0)
-    feats, pix, ys, groups = [], [], [], []
+    feats, pix, ys, groups, clusters = [], [], [], [], []
 
     def add(k: int, box: np.ndarray, label: float) -> None:
         image, tokens, _, _ = images[k]
@@ -126,11 +137,11 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
         pix.append([crop.mean(), crop.std(), crop.min(), crop.max()])
         ys.append(label)
         groups.append(k)  # the image the box is read from (its fold)
+        clusters.append(lesions)  # the lesion the box belongs to or is compared with (its bootstrap cluster)
 
     lesions = 0
     for i, (_, _, view, lesion_boxes) in enumerate(images):
         for box in lesion_boxes:
-            lesions += 1
             add(i, box, 1.0)
             found = 0
             x0, y0, x1, y1 = box.astype(int)
@@ -144,12 +155,14 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
                     continue
                 add(int(k), box, 0.0)
                 found += 1
+            lesions += 1
     if not lesions:
         return {}
-    y = np.asarray(ys)
-    g = np.asarray(groups)
-    return {"region_auc": _cv_auc(np.asarray(feats, np.float64), y, g),
-            "pixel_auc": _cv_auc(np.asarray(pix, np.float64), y, g), "regions": len(y), "lesions": lesions}
+    y, g, c = np.asarray(ys), np.asarray(groups), np.asarray(clusters)
+    region_auc, region_ci = _auc_with_interval(np.asarray(feats, np.float64), y, g, c)
+    pixel_auc, pixel_ci = _auc_with_interval(np.asarray(pix, np.float64), y, g, c)
+    return {"region_auc": region_auc, "region_ci": region_ci, "pixel_auc": pixel_auc, "pixel_ci": pixel_ci,
+            "regions": len(y), "lesions": lesions}
 
 
 def report(rows: list[dict]) -> list[str]:
@@ -164,20 +177,23 @@ def report(rows: list[dict]) -> list[str]:
         text += (" Region level, from each lesion's box and the same box on up to 3 other images of the same view "
                  "(breast tissue, no lesion there: position tells nothing), the expert's token grid averaged inside "
                  "the box: what the object-level distillation sees; beside it the same probe on the boxes' pixel "
-                 "statistics (brightness alone).")
+                 "statistics (brightness alone); 95% intervals bootstrapped over lesions (each with its boxes).")
     lines = [text, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["expert"], r.get("set", "-"), f"{r['density_r2']:.2f}", f"{r['lesion_auc']:.2f}",
                  f"{r['vendor_auc']:.2f}"]
         if regions:
-            cells += [_f(r.get("region_auc")), _f(r.get("pixel_auc")),
+            cells += [_f(r.get("region_auc"), r.get("region_ci")), _f(r.get("pixel_auc"), r.get("pixel_ci")),
                       f"{r['lesions']} ({r['regions']})" if "regions" in r else "-"]
         lines.append("| " + " | ".join([*cells, r.get("trained_on", "-")]) + " |")
     return lines
 
 
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _f(x: float | None, ci: list[float] | None = None) -> str:
+    """"0.51 [0.44, 0.58]" (the interval where there is one), "-" for none."""
+    if x is None:
+        return "-"
+    return f"{x:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,30 @@ def sign_test(diffs: Sequence[float]) -> float:
     return min(1.0, 2 * tail)
 
 
+def cluster_bootstrap(statistic: Any, clusters: Sequence[Any], reps: int = 2000, level: float = LEVEL,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of ``statistic(index)`` over resamples of whole clusters with replacement.
+
+    ``statistic`` takes an integer index array into the samples and returns a float; ``clusters`` gives each
+    sample's cluster (e.g. a lesion and the boxes compared with it), so samples that share one are drawn together.
+    Resamples where the statistic is undefined (nan, e.g. an AUC with one class) are dropped. For a statistic with
+    many independent clusters (dozens or more), not for the few seeds of a table (see `t_interval`)."""
+    c = np.asarray(clusters)
+    ids, inverse = np.unique(c, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(reps):
+        pick = rng.integers(0, len(ids), len(ids))
+        v = float(statistic(np.concatenate([members[k] for k in pick])))
+        if not math.isnan(v):
+            values.append(v)
+    if not values:
+        return math.nan, math.nan
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def paired(cells: list[dict[str, Any]], a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any]:
     """Row `a` minus row `b` (each {"row", "protocol"}) on the seeds both have, in one task and budget."""
     def by_seed(sel: dict[str, Any]) -> dict[int, float]:

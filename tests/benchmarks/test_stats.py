@@ -5,7 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.stats import claim, comparisons, paired, sign_test, t_interval, verdict, verdict_sentence
+from benchmarks.stats import (
+    claim,
+    cluster_bootstrap,
+    comparisons,
+    paired,
+    sign_test,
+    t_interval,
+    verdict,
+    verdict_sentence,
+)
 
 
 def test_t_interval_and_sign_test_by_hand():
@@ -34,6 +43,23 @@ def _cells(task, kind, metric, frac, values):
                         "protocol": protocol, "backbone": "ViT-Ti/8" if role != "cnn" else "ResNet-18",
                         "pretraining": row, "n_train": 8 if frac != 1 else 100, "metrics": {metric: v}})
     return out
+
+
+def test_cluster_bootstrap_draws_whole_clusters():
+    """Samples 0 and 1 form cluster "a" (value 0), sample 2 cluster "b" (value 1): a resample of two clusters is
+    {a, a} (mean 0), {a, b} (1/3) or {b, b} (1), never a value that splits "a"; each has probability >= 1/4, so
+    the 95% percentile interval is [0, 1]. A statistic that is undefined on a resample is dropped."""
+    values, seen = np.array([0.0, 0.0, 1.0]), set()
+
+    def mean(i: np.ndarray) -> float:
+        seen.add(round(float(values[i].mean()), 6))
+        return float(values[i].mean())
+
+    assert cluster_bootstrap(mean, ["a", "a", "b"], reps=400) == (0.0, 1.0)
+    assert seen == {0.0, round(1 / 3, 6), 1.0}
+    only_b = cluster_bootstrap(lambda i: 1.0 if (i == 2).all() else math.nan, ["a", "a", "b"], reps=400)
+    assert only_b == (1.0, 1.0)
+    assert all(math.isnan(v) for v in cluster_bootstrap(lambda i: math.nan, [0, 1], reps=10))
 
 
 def test_pairs_by_seed_and_claims():

@@ -87,6 +87,7 @@ def test_region_probe_by_hand(tmp_path):
         anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [16.0 * cx, 12.0 * cy, 16.0, 12.0]})
     (demo / "annotations" / "instances_train.json").write_text(json.dumps({"images": images, "annotations": anns}))
     out = region_probe(demo, demo / "emb", splits=("train",))
-    assert out == {"region_auc": 1.0, "pixel_auc": 0.5, "regions": 49, "lesions": 13}
+    assert out == {"region_auc": 1.0, "region_ci": [1.0, 1.0], "pixel_auc": 0.5, "pixel_ci": [0.5, 0.5],
+                   "regions": 49, "lesions": 13}
     (demo / "emb" / "_expert.json").write_text(json.dumps({"source": "x"}))  # no grid: no region probe
     assert region_probe(demo, demo / "emb", splits=("train",)) == {}
