@@ -183,12 +183,15 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
             lines.append(f"| {c['row']} | {c['control']} | {RULES.get(c['rule'], c['rule'])} | {c['unit']} | "
                          f"{len(c['seeds'])} | {c['mean']:+.3f} ({verdict}) | [{lo:+.3f}, {hi:+.3f}] | "
                          f"{c['up']} / {c['down']} | {c['p_sign']:.2g} |")
-    pl_rows = [e for e in table if e.get("pseudo_labels")]
-    for e in pl_rows:
-        lines += ["", f"Pseudo-labels of `{e['row']}` against the target pool's true boxes (IoU >= 0.5), per "
-                  "teaching epoch: " + "; ".join(
+    histories: dict[str, list[str]] = {}  # rows that share their teaching runs (the hand-over row) share a line
+    for e in table:
+        if e.get("pseudo_labels"):
+            histories.setdefault(json.dumps(e["pseudo_labels"], sort_keys=True), []).append(e["row"])
+    for history, names in histories.items():
+        lines += ["", "Pseudo-labels of " + " and ".join(f"`{n}`" for n in names) + " against the target pool's true "
+                  "boxes (IoU >= 0.5), per teaching epoch: " + "; ".join(
                       f"epoch {i}: precision {_num(p['pseudo_precision'][0])}, recall {_num(p['pseudo_recall'][0])}, "
-                      f"{p['pseudo_per_image'][0]:.2f} per image" for i, p in enumerate(e["pseudo_labels"])) + "."]
+                      f"{p['pseudo_per_image'][0]:.2f} per image" for i, p in enumerate(json.loads(history))) + "."]
     return lines
 
 

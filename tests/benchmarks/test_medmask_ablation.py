@@ -160,6 +160,25 @@ def test_report_puts_rules_side_by_side_and_the_comparisons():
             "4 / 0 | 0.12 |") in text
 
 
+def test_report_gives_rows_that_share_teaching_runs_one_pseudo_label_line():
+    """The hand-over row reads the same teaching runs as stage 3: their pseudo-label history is printed once,
+    naming both; a row with its own history gets its own line."""
+    entry = {"R@0.3": (0.5, 0.1), "mean_sensitivity": (0.4, 0.1), "AP50": (0.2, 0.0), "seeds": 4}
+    shared = [{"pseudo_precision": [0.25, 0.0, 4], "pseudo_recall": [0.5, 0.0, 4], "pseudo_per_image": [1.5, 0.0, 4]}]
+    own = [{**shared[0], "pseudo_per_image": [3.0, 0.0, 4]}]
+    table = [{"row": "stage 3", **entry, "pseudo_labels": shared},
+             {"row": "hand-over", **entry, "pseudo_labels": shared},
+             {"row": "weight 0", **entry, "pseudo_labels": own}, {"row": "stage 2", **entry}]
+    meta = {"test_images": "160", "test_lesions": "80", "minutes": 1.0, "machine": "CPU", "seeds": 4,
+            "command": "python benchmarks/medmask_ablation.py"}
+    lines = [x for x in report(table, meta) if x.startswith("Pseudo-labels")]
+    assert lines == [
+        "Pseudo-labels of `stage 3` and `hand-over` against the target pool's true boxes (IoU >= 0.5), per teaching "
+        "epoch: epoch 0: precision 0.25, recall 0.50, 1.50 per image.",
+        "Pseudo-labels of `weight 0` against the target pool's true boxes (IoU >= 0.5), per teaching epoch: epoch 0: "
+        "precision 0.25, recall 0.50, 3.00 per image."]
+
+
 def test_main_end_to_end_tiny(tmp_path):
     """The whole protocol at toy scale: two generated sets (with a calibration split), one seed, both selection
     rules, a control; cells, tables, comparisons and the report written; a re-run reads every cell back."""

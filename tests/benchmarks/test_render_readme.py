@@ -110,8 +110,8 @@ def test_ablation_section_adds_sweep_and_probe(tmp_path):
          "pseudo_per_image": [1.25, 0.0, 1]}]}))
     (tmp_path / "expert_probe.json").write_text(json.dumps([
         {"expert": "lesion", "set": "seed1", "folder": "embeddings_lesion", "density_r2": 0.755, "lesion_auc": 0.5,
-         "trained_on": "x", "vendor_auc": 0.9, "images": 260, "region_auc": 0.875, "region_ci": [0.8, 0.95], "pixel_auc": 0.625, "regions": 320,
-         "lesions": 80}]))
+         "trained_on": "x", "vendor_auc": 0.9, "images": 260, "region_auc": 0.875, "region_ci": [0.8, 0.95],
+         "pixel_auc": 0.625, "regions": 320, "lesions": 80}]))
     text = render_ablation(result, str(tmp_path / "results.json"))
     assert "| 0.30 | 0.10 +- 0.00 | 0.20 +- 0.00 | 1.25 +- 0.00 |" in text
     assert "| lesion | seed1 | 0.76 | 0.50 | 0.90 | 0.88 [0.80, 0.95] | 0.62 | 80 (320) | x |" in text
