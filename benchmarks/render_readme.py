@@ -228,7 +228,7 @@ def render_medmask_answer(result: dict, source: str) -> str:
     meta = result["meta"]
     lines = medmask_ablation.answer(result.get("comparisons") or [], meta.get("answer") or [], meta)
     return "\n".join([f"`{source}` (commit {meta['commit']}, {meta['date']}, {meta['minutes'] / 60:.1f} h of "
-                      "training):", "", *lines]) + "\n"
+                      "training summed over the cells' run times):", "", *lines]) + "\n"
 
 
 def render_table(result: dict, source: str) -> str:

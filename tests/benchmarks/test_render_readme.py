@@ -138,7 +138,7 @@ def test_medmask_answer_by_hand():
             "minutes": 90.0, "split": "test"}
     text = render_medmask_answer({"meta": meta, "comparisons": comps}, "r.json")
     assert text.splitlines() == [
-        "`r.json` (commit abc, d, 1.5 h of training):", "",
+        "`r.json` (commit abc, d, 1.5 h of training summed over the cells' run times):", "",
         "Difference in R@0.3 on the target test split, row minus its control, over the generated sets' means (the "
         "interval that covers a new set), 95% t-interval, per model-selection rule; each line is one test at 95% "
         "with no correction for their number:", "",
