@@ -47,6 +47,7 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +141,42 @@ def compare(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], d
     return out
 
 
+def hand_over(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], dict[str, Any]],
+              metric: str = METRIC) -> list[dict[str, Any]]:
+    """For each ``hand_over`` row, its control and rule: per (set, seed) run, the stage ``final.pt`` held and the
+    difference from the control, with how many runs fall below it and the smallest difference (an interval that
+    includes 0 does not say "never below": these counts do)."""
+    out = []
+    for row in (r for r in rows if r.get("hand_over")):
+        for control in controls(row):
+            for rule in dict.fromkeys(k[3] for k in cells):
+                runs = [{"set": g, "seed": s, "handed": c.get("handed_stage", "?"),
+                         "diff": float(c["summary"][metric]) - float(cells[(control, g, s, rule)]["summary"][metric])}
+                        for (r, g, s, rr), c in sorted(cells.items(), key=lambda kv: (str(kv[0][1]), kv[0][2]))
+                        if r == row["name"] and rr == rule and (control, g, s, rule) in cells]
+                if runs:
+                    diffs = [x["diff"] for x in runs]
+                    out.append({"row": row["name"], "control": control, "rule": rule, "metric": metric, "runs": runs,
+                                "below": sum(d < 0 for d in diffs), "worst": min(diffs),
+                                "handed": dict(sorted(Counter(x["handed"] for x in runs).items()))})
+    return out
+
+
+def hand_over_sentence(h: dict[str, Any]) -> str:
+    """One line: which stage final.pt held in how many runs, how many fall below the control, the worst."""
+    n = len(h["runs"])
+    held = ", ".join(f"{stage} in {k}" for stage, k in h["handed"].items())
+    below = (f"below it in {h['below']} of {n} (smallest difference {h['worst']:+.3f})" if h["below"] else
+             f"below it in none of {n}")
+    return (f"`{h['row']}` vs {h['control']} ({RULES.get(h['rule'], h['rule'])}): final.pt held {held} of {n} runs; "
+            f"{h['metric']} {below}.")
+
+
 def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, list[dict[str, Any]]] | None = None,
-           comparisons: list[dict[str, Any]] | None = None) -> list[str]:
+           comparisons: list[dict[str, Any]] | None = None, handed: list[dict[str, Any]] | None = None) -> list[str]:
     """Markdown: the ablation table (reference selection), both selection rules side by side (``tables``, per
-    rule), the paired comparisons with their controls and the pseudo-label diagnostics."""
+    rule), the paired comparisons with their controls, what the recipe handed over (``handed``, `hand_over`) and
+    the pseudo-label diagnostics."""
     sets = [g for g in meta.get("data_seeds") or [] if g is not None]
     where = (f"{meta['test_images']} images, {meta['test_lesions']} lesions" if len(sets) < 2 else
              f"per generated set {meta['test_images']} images, {meta['test_lesions']} lesions; {len(sets)} sets x "
@@ -165,12 +198,13 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
             vals = [by_rule[r].get(name) for r in rules]
             lines.append(f"| {name} | " + " | ".join(f"{v[METRIC][0]:.3f} +- {v[METRIC][1]:.3f} (n {v['seeds']})"
                                                      if v else "-" for v in vals) + " |")
-    if comparisons:
-        n = len(sets)
+    if comparisons:  # the sets the set-level comparisons rest on (fewer than asked while a run is incomplete)
+        n = max((len(c["seeds"]) for c in comparisons if c["unit"] == "set"), default=1)
         cover = ("The runs of one set share its images, so the `run` interval covers new seeds on these sets only and "
-                 f"is the optimistic one; the `set` interval (one mean per set, {n - 1} degrees of freedom with {n} "
-                 f"sets; its sign test cannot go below p = {min(1.0, 2 * 0.5 ** n):.2g}) is the one that covers a new "
-                 "generated set. " if n > 1 else "One generated set: the intervals cover new seeds on it only. ")
+                 "is the optimistic one; the `set` interval (one mean per set, "
+                 f"{n - 1} degree{'s' * (n > 2)} of freedom with {n} sets; its sign test cannot go below "
+                 f"p = {min(1.0, 2 * 0.5 ** n):.2g}) is the one that covers a new generated set. " if n > 1 else
+                 "One generated set: the intervals cover new seeds on it only. ")
         lines += ["", f"Paired differences in {comparisons[0]['metric']}, row minus its control (95% t-interval; "
                   "unit `run`: each (generated set, training seed); unit `set`: the sets' means; **better** or "
                   f"**worse** only where the interval excludes 0). {cover}Each line is one test at 95%, with no "
@@ -183,6 +217,8 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
             lines.append(f"| {c['row']} | {c['control']} | {RULES.get(c['rule'], c['rule'])} | {c['unit']} | "
                          f"{len(c['seeds'])} | {c['mean']:+.3f} ({verdict}) | [{lo:+.3f}, {hi:+.3f}] | "
                          f"{c['up']} / {c['down']} | {c['p_sign']:.2g} |")
+    for h in handed or []:
+        lines += ["", hand_over_sentence(h)]
     histories: dict[str, list[str]] = {}  # rows that share their teaching runs (the hand-over row) share a line
     for e in table:
         if e.get("pseudo_labels"):
@@ -195,7 +231,8 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
     return lines
 
 
-def answer(comparisons: list[dict[str, Any]], questions: list[str], meta: dict[str, Any]) -> list[str]:
+def answer(comparisons: list[dict[str, Any]], questions: list[str], meta: dict[str, Any],
+           handed: list[dict[str, Any]] | None = None) -> list[str]:
     """The README's short form: for each row named in ``questions`` (the config's ``answer``), each of its
     controls, the difference under each selection rule at the widest unit computed (``set`` where some comparison
     spans two or more generated sets, else ``run``), with its 95% interval, verdict and how many sets / runs it
@@ -218,6 +255,7 @@ def answer(comparisons: list[dict[str, Any]], questions: list[str], meta: dict[s
                 parts.append(f"{RULES.get(c['rule'], c['rule'])}: {c['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}], {verdict} "
                              f"({count})")
             lines.append(f"- **{row}** vs {control}: " + "; ".join(parts) + ".")
+            lines += [f"  {hand_over_sentence(h)}" for h in handed or [] if h["row"] == row and h["control"] == control]
     if not lines:
         return []
     per = "the generated sets' means (the interval that covers a new set)" if unit == "set" else "the runs"
@@ -340,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished cells")
         return 1
     comparisons = compare(rows, cells)
+    handed = hand_over(rows, cells)
     from benchmarks.speed import machine_info
     from medssl.data.coco import build_dataset
 
@@ -363,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "config.resolved.yaml").write_text(yaml.safe_dump({"spec": spec, "seeds": seeds, "run_config": cfg_g},
                                                              sort_keys=False))
     (out / "results.json").write_text(json.dumps({"meta": meta, "table": table, "tables": tables,
-                                                  "comparisons": comparisons}, indent=1))
-    text = "\n".join(report(table, meta, tables, comparisons)) + "\n"
+                                                  "comparisons": comparisons, "hand_over": handed}, indent=1))
+    text = "\n".join(report(table, meta, tables, comparisons, handed)) + "\n"
     (out / "results.md").write_text(text)
     plot(table, out / "froc.png")
     print(text)

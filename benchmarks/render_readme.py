@@ -138,7 +138,8 @@ def render_ablation(result: dict, source: str) -> str:
     """Markdown for a ``benchmarks/medmask_ablation.py`` results file (its table, diagnostics and FROC plot)."""
     png = Path(source).with_name("froc.png")
     lines = [f"`{source}` (commit {result['meta']['commit']}, {result['meta']['date']}):", ""]
-    lines += medmask_ablation.report(result["table"], result["meta"], result.get("tables"), result.get("comparisons"))
+    lines += medmask_ablation.report(result["table"], result["meta"], result.get("tables"), result.get("comparisons"),
+                                     result.get("hand_over"))
     folder = Path(source).parent
     if not result.get("comparisons"):  # results of the single-set protocol: the seed-paired gains from its cells
         lines += paired_gains(result, folder / "cells")
@@ -226,7 +227,8 @@ def render_medmask_answer(result: dict, source: str) -> str:
     its config's ``answer``, the difference from each control under each selection rule (the full tables, every
     comparison and the pseudo-label diagnostics are in docs/medmask.md)."""
     meta = result["meta"]
-    lines = medmask_ablation.answer(result.get("comparisons") or [], meta.get("answer") or [], meta)
+    lines = medmask_ablation.answer(result.get("comparisons") or [], meta.get("answer") or [], meta,
+                                    result.get("hand_over"))
     return "\n".join([f"`{source}` (commit {meta['commit']}, {meta['date']}, {meta['minutes'] / 60:.1f} h of "
                       "training summed over the cells' run times):", "", *lines]) + "\n"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import stats
-from benchmarks.medmask_ablation import compare, controls, report
+from benchmarks.medmask_ablation import answer, compare, controls, hand_over, report
 from benchmarks.medmask_cells import demo_argv, stage_key, weights_digest
 from medssl.config import load_config, read_yaml
 from medssl.detection.config import DEFAULTS
@@ -142,6 +142,32 @@ def test_compare_pairs_each_row_with_its_control_by_hand():
     assert [c["unit"] for c in one_set] == ["run", "run"]  # no set-level unit with a single set
 
 
+def test_hand_over_counts_runs_below_the_control_by_hand():
+    """final.pt held stage 2 in two runs (difference 0 by construction) and teaching in two (one above, one below
+    stage 2): one of four runs below, smallest difference -0.1; the README line carries it under the row's
+    comparison. A run whose control is missing is left out."""
+    rows = [{"name": "stage 2"}, {"name": "final", "hand_over": True, "control": "stage 2"}]
+    v = {("stage 2", 1, 0, "best"): 0.5, ("stage 2", 1, 1, "best"): 0.4, ("stage 2", 2, 0, "best"): 0.6,
+         ("stage 2", 2, 1, "best"): 0.3}
+    held = {(1, 0): ("cross_domain_mae", 0.5), (1, 1): ("teaching", 0.3), (2, 0): ("cross_domain_mae", 0.6),
+            (2, 1): ("teaching", 0.45), (3, 0): ("teaching", 0.2)}
+    cells = _cells(v)
+    for (g, s), (stage, r) in held.items():
+        cells[("final", g, s, "best")] = {"summary": {"R@0.3": r}, "handed_stage": stage}
+    (h,) = hand_over(rows, cells)
+    assert [(x["set"], x["seed"], x["handed"]) for x in h["runs"]] == [
+        (1, 0, "cross_domain_mae"), (1, 1, "teaching"), (2, 0, "cross_domain_mae"), (2, 1, "teaching")]
+    assert [x["diff"] for x in h["runs"]] == pytest.approx([0.0, -0.1, 0.0, 0.15])
+    assert (h["below"], h["handed"]) == (1, {"cross_domain_mae": 2, "teaching": 2})
+    assert h["worst"] == pytest.approx(-0.1)
+    comps = compare(rows, cells)
+    meta = {"data_seeds": [1, 2], "seeds": 2, "split": "test"}
+    lines = answer(comps, ["final"], meta, [h])
+    assert lines[-1] == ("  `final` vs stage 2 (target validation (reference)): final.pt held cross_domain_mae in 2, "
+                         "teaching in 2 of 4 runs; R@0.3 below it in 1 of 4 (smallest difference -0.100).")
+    assert lines[-2].startswith("- **final** vs stage 2: target validation (reference): ")
+
+
 def test_report_puts_rules_side_by_side_and_the_comparisons():
     entry = {"R@0.3": (0.5, 0.1), "mean_sensitivity": (0.4, 0.1), "AP50": (0.2, 0.0), "seeds": 4}
     tables = {"best": [{"row": "ctrl", **entry}, {"row": "mae", **entry, "R@0.3": (0.6, 0.1)}],
@@ -150,6 +176,12 @@ def test_report_puts_rules_side_by_side_and_the_comparisons():
               "mean": 0.1, "ci": [0.02, 0.18], "decided": True, "up": 4, "down": 0, "p_sign": 0.125}]
     meta = {"test_images": "160", "test_lesions": "79-81", "minutes": 1.0, "machine": "CPU", "seeds": 3,
             "data_seeds": [0, 1, 2], "command": "python benchmarks/medmask_ablation.py"}
+    set_level = {**comps[0], "unit": "set", "seeds": [0, 1], "ci": [-0.5, 0.7], "decided": False, "up": 2,
+                 "p_sign": 0.5}
+    # two of the three sets asked have results so far: the text counts the sets compared
+    partial = "\n".join(report(tables["best"], meta, tables, [*comps, set_level]))
+    assert "1 degree of freedom with 2 sets; its sign test cannot go below p = 0.5)" in partial
+    comps.append({**set_level, "seeds": [0, 1, 2], "up": 3, "p_sign": 0.25})
     text = "\n".join(report(tables["best"], meta, tables, comps))
     assert text.startswith("MedMask ablation on the target-domain test split (per generated set 160 images, 79-81 "
                            "lesions; 3 sets x 3 seeds), CPU demo scale")
@@ -242,7 +274,11 @@ def test_main_end_to_end_tiny(tmp_path):
         bests = {s: json.loads((Path(r["stage_dir"]) / "metrics.json").read_text())["best"] for s, r in rows.items()}
         assert c["handed_stage"] == handed_stage(bests, list(bests), "R@0.3", "best")
         assert c["summary"] == rows[c["handed_stage"]]["summary"]
+    # the hand-over's runs against each control, with the stage each held: as the cells say
+    assert [(h["control"], [(r["set"], r["handed"]) for r in h["runs"]]) for h in result["hand_over"]] == [
+        (control, [(g, cell("hand-over", g)["handed_stage"]) for g in (0, 1)]) for control in ("source_only", "AdaBN")]
     text = (out / "results.md").read_text()
+    assert "`hand-over` vs AdaBN (target validation (reference)): final.pt held" in text
     assert "none (last epoch)" in text and "| AdaBN | source_only |" in text
     assert medmask_ablation.main(["--config", str(config), "--out", str(out), "--report"]) == 0
     assert json.loads((out / "results.json").read_text())["tables"] == result["tables"]
