@@ -75,16 +75,16 @@ def _cv_scores(x: np.ndarray, groups: np.ndarray, y: np.ndarray, folds: int = 5,
     return pred
 
 
-def _auc_with_interval(x: np.ndarray, y: np.ndarray, groups: np.ndarray, clusters: np.ndarray
-                       ) -> tuple[float, list[float]]:
-    """Cross-validated ridge AUC and its 95% interval: the out-of-fold scores' AUC bootstrapped over ``clusters``
-    (each lesion with the boxes compared with it; the probe is not refitted per resample)."""
+def _auc_with_interval(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, list[float]]:
+    """Cross-validated ridge AUC and its 95% interval: images (``groups``) resampled with replacement and the probe
+    cross-validated again on each resample (an image's boxes are drawn together and stay in one fold)."""
     from benchmarks.stats import cluster_bootstrap
     from medssl.metrics.classification import binary_auc
 
-    pred = _cv_scores(x, groups, y)
-    lo, hi = cluster_bootstrap(lambda i: binary_auc(y[i].astype(int), pred[i]), clusters)
-    return float(binary_auc(y.astype(int), pred)), [lo, hi]
+    def auc(i: np.ndarray) -> float:
+        return float(binary_auc(y[i].astype(int), _cv_scores(x[i], groups[i], y[i])))
+
+    return auc(np.arange(len(y))), list(cluster_bootstrap(auc, groups, reps=1000))
 
 
 def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str, ...] = ("train", "test"),
@@ -97,8 +97,9 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
     box as the ``object`` distillation does (`medssl.detection.medmask.region_embeddings`; boxes normalised to the
     image, which the expert sees stretched to its square input), and the box's pixel statistics (mean, std, min,
     max). Returns ``{"region_auc", "pixel_auc", "regions", "lesions"}`` (ridge AUCs cross-validated with each
-    image's boxes in one fold) with ``region_ci`` / ``pixel_ci``, their 95% intervals bootstrapped over lesions,
-    or ``{}`` for an expert without a token grid (one row, or no ``grid`` record)."""
+    image's boxes in one fold) with ``region_ci`` / ``pixel_ci``, their 95% intervals (images resampled, the
+    probe cross-validated again on each resample), or ``{}`` for an expert without a token grid (one row, or no
+    ``grid`` record)."""
     import torch
 
     from data_tools.extract_embeddings import EXPERT_FILE
@@ -125,7 +126,7 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
                            torch.from_numpy(tokens[len(tokens) - grid * grid:]).float(), im.get("view"),
                            np.asarray(boxes.get(im["id"], []), np.float64).reshape(-1, 4)))
     rng = np.random.default_rng(0)
-    feats, pix, ys, groups, clusters = [], [], [], [], []
+    feats, pix, ys, groups = [], [], [], []
 
     def add(k: int, box: np.ndarray, label: float) -> None:
         image, tokens, _, _ = images[k]
@@ -136,8 +137,7 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
         crop = image[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
         pix.append([crop.mean(), crop.std(), crop.min(), crop.max()])
         ys.append(label)
-        groups.append(k)  # the image the box is read from (its fold)
-        clusters.append(lesions)  # the lesion the box belongs to or is compared with (its bootstrap cluster)
+        groups.append(k)  # the image the box is read from (its fold and its bootstrap cluster)
 
     lesions = 0
     for i, (_, _, view, lesion_boxes) in enumerate(images):
@@ -158,9 +158,9 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
             lesions += 1
     if not lesions:
         return {}
-    y, g, c = np.asarray(ys), np.asarray(groups), np.asarray(clusters)
-    region_auc, region_ci = _auc_with_interval(np.asarray(feats, np.float64), y, g, c)
-    pixel_auc, pixel_ci = _auc_with_interval(np.asarray(pix, np.float64), y, g, c)
+    y, g = np.asarray(ys), np.asarray(groups)
+    region_auc, region_ci = _auc_with_interval(np.asarray(feats, np.float64), y, g)
+    pixel_auc, pixel_ci = _auc_with_interval(np.asarray(pix, np.float64), y, g)
     return {"region_auc": region_auc, "region_ci": region_ci, "pixel_auc": pixel_auc, "pixel_ci": pixel_ci,
             "regions": len(y), "lesions": lesions}
 
@@ -170,14 +170,17 @@ def report(rows: list[dict]) -> list[str]:
     regions = any("region_auc" in r for r in rows)
     head = ["expert", "set", "breast density R^2", "lesion presence AUC", "vendor B AUC",
             *(["lesion region AUC", "pixel statistics AUC", "lesions (boxes)"] if regions else []), "trained on"]
+    counts = sorted({r["images"] for r in rows})
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     text = (f"Ridge probes of the demo experts' embeddings (5-fold cross-validated by image; 0.5 = chance). Image "
-            f"level, over the train + test images (n = {rows[0]['images']}), from the mean-pooled rows: what the "
+            f"level, over the train + test images (n = {n} per set), from the mean-pooled rows: what the "
             "image-level distillation sees.")
     if regions:
         text += (" Region level, from each lesion's box and the same box on up to 3 other images of the same view "
                  "(breast tissue, no lesion there: position tells nothing), the expert's token grid averaged inside "
                  "the box: what the object-level distillation sees; beside it the same probe on the boxes' pixel "
-                 "statistics (brightness alone); 95% intervals bootstrapped over lesions (each with its boxes).")
+                 "statistics (brightness alone); 95% intervals from 1000 resamples of the images (each with its "
+                 "boxes), the probe cross-validated again on each.")
     lines = [text, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["expert"], r.get("set", "-"), f"{r['density_r2']:.2f}", f"{r['lesion_auc']:.2f}",
