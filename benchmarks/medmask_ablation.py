@@ -287,23 +287,31 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
 
 
 def _machines(meta: dict[str, Any]) -> str:
-    """Where the cells ran: cells per CPU kind, or the reporting machine for results from before that was kept."""
+    """Where the cells ran: cells per CPU kind and thread count, or the reporting machine for results from before
+    that was kept."""
     by = meta.get("cells_by_cpu")
     if not by or set(by) == {"-"}:
         return f" on {meta['machine']}"
-    return "; cells computed on " + ", ".join(f"{k.upper().replace('_', '-')} CPUs: {n}" if k != "-" else
-                                            f"unrecorded CPUs: {n}" for k, n in by.items())
+
+    def name(key: str) -> str:
+        kind, _, threads = key.partition("/")
+        where = "unrecorded CPUs" if kind == "-" else f"{kind.upper().replace('_', '-')} CPUs"
+        return where + (f" at {threads} thread{'s' * (threads != '1')}" if threads else "")
+
+    return "; cells computed on " + ", ".join(f"{name(k)}: {n}" for k, n in by.items())
 
 
 def _by_cpu(cells: Any) -> dict[str, int]:
-    """How many cells each CPU kind computed (its widest vector flag: the last of `benchmarks.speed.cpu_flags`, which
-    lists them narrowest first; "-" for cells from before it was stored)."""
+    """How many cells each CPU kind and thread count computed, as ``"<kind>/<threads>"`` (the kind is its widest
+    vector flag: the last of `benchmarks.speed.cpu_flags`, which lists them narrowest first; "-" for cells from
+    before it was stored)."""
     out: dict[str, int] = {}
     for c in cells:
         flags = c.get("cpu_flags")
         kind = "-" if flags is None else flags[-1] if flags else "other"
-        out[kind] = out.get(kind, 0) + 1
-    return out
+        key = f"{kind}/{c['threads']}" if c.get("threads") else kind
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _span(values: set[int]) -> str:

@@ -50,7 +50,7 @@ def cluster_bootstrap(statistic: Any, clusters: Sequence[Any], reps: int = 2000,
     """Percentile interval of ``statistic(index)`` over resamples of whole clusters with replacement.
 
     ``statistic`` takes an integer index array into the samples and returns a float; ``clusters`` gives each
-    sample's cluster (e.g. a lesion and the boxes compared with it), so samples that share one are drawn together.
+    sample's cluster (e.g. the image a box is read from), so samples that share one are drawn together.
     Resamples where the statistic is undefined (nan, e.g. an AUC with one class) are dropped. For a statistic with
     many independent clusters (dozens or more), not for the few seeds of a table (see `t_interval`)."""
     c = np.asarray(clusters)

@@ -262,6 +262,11 @@ def test_main_end_to_end_tiny(tmp_path):
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
     assert all(c["cpu_flags"] == cpu_flags() for c in cells)  # where each cell ran, counted in the report
     assert result["meta"]["cells_by_cpu"] == {medmask_ablation._by_cpu([cells[0]]).popitem()[0]: len(cells)}
+    by_hand = [{"cpu_flags": ["avx2"], "threads": 1}] * 2 + [{"cpu_flags": ["avx2"], "threads": 2}, {"summary": {}}]
+    kinds = medmask_ablation._by_cpu(by_hand)
+    assert kinds == {"-": 1, "avx2/1": 2, "avx2/2": 1}
+    assert medmask_ablation._machines({"cells_by_cpu": kinds}) == (
+        "; cells computed on unrecorded CPUs: 1, AVX2 CPUs at 1 thread: 2, AVX2 CPUs at 2 threads: 1")
     last = [c for c in cells if c["row"] == "source_only" and c["rule"] == "last"]
     assert all(c["stage_dir"].endswith("source_only") for c in last)
     from medssl.detection.stages import handed_stage
