@@ -293,3 +293,9 @@ def test_main_end_to_end_tiny(tmp_path):
     assert calib["meta"]["split"] == "calib" and calib["meta"]["test_images"] == "2"
     assert sorted((out / "stages").glob("*/*/metrics.json")) == stage_runs  # scored only: no stage retrained
     assert not (tmp_path / "out_calib" / "stages").exists()
+    # an expert row read for a report names its embeddings folder and makes nothing; a run makes it: same config
+    row = {"name": "other expert", "stages": ["source_only"], "expert": "vit_tiny_patch16"}
+    folder = tmp_path / "data" / "seed0" / "demo" / "embeddings_vit_tiny_patch16"
+    named = medmask_ablation._report_config(spec, row, 0, 0, "best")
+    assert not folder.exists()
+    assert medmask_ablation.run_config(spec, row, 0, 0, "best") == named and (folder / "manifest.jsonl").is_file()
