@@ -224,7 +224,9 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
         if e.get("pseudo_labels"):
             histories.setdefault(json.dumps(e["pseudo_labels"], sort_keys=True), []).append(e["row"])
     for history, names in histories.items():
-        lines += ["", "Pseudo-labels of " + " and ".join(f"`{n}`" for n in names) + " against the target pool's true "
+        named = [f"`{n}`" for n in names]
+        who = " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
+        lines += ["", f"Pseudo-labels of {who} against the target pool's true "
                   "boxes (IoU >= 0.5), per teaching epoch: " + "; ".join(
                       f"epoch {i}: precision {_num(p['pseudo_precision'][0])}, recall {_num(p['pseudo_recall'][0])}, "
                       f"{p['pseudo_per_image'][0]:.2f} per image" for i, p in enumerate(json.loads(history))) + "."]
