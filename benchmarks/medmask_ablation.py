@@ -141,6 +141,54 @@ def compare(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], d
     return out
 
 
+def prefix_rows(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[str] | None:
+    """The rows that are ``row``'s earlier stages, in order: for each shorter chain, the row that trains exactly
+    those stages with ``row``'s overrides minus those of its later stages (keys starting ``<stage>.``), so that
+    it shares the stage runs ``row`` starts from; None where one is missing."""
+    stages, own = list(row.get("stages") or []), row.get("set") or {}
+    out = []
+    for k in range(1, len(stages)):
+        later = tuple(f"{s}." for s in stages[k:])
+        want = {key: v for key, v in own.items() if not key.startswith(later)}
+        match = [r["name"] for r in rows if list(r.get("stages") or []) == stages[:k] and (r.get("set") or {}) == want
+                 and not r.get("expert") and not r.get("hand_over")]
+        if not match:
+            return None
+        out.append(match[0])
+    return out
+
+
+def derived_hand_overs(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], dict[str, Any]],
+                       select: str = METRIC, trained_too: bool = False
+                       ) -> tuple[list[dict[str, Any]], dict[tuple[str, Any, int, str], Any]]:
+    """What ``final.pt`` would be for every teaching row (target-validation selection), read from the cells
+    alone: the stage of its chain best on validation (`medssl.detection.stages.handed_stage` on the cells'
+    ``val_best``) and that stage's test figures, as a row ``"final.pt of <row>"`` (``hand_over``, its control the
+    chain's stage-2 row) and its cells. The recipe's own ``hand_over`` row scores the same checkpoint by training
+    (they agree: tested); these cover the teaching variants the default may be switched to, and skip the chain a
+    ``hand_over`` row already scores (unless ``trained_too``)."""
+    from medssl.detection.stages import handed_stage
+
+    new_rows, out = [], {}
+    for row in rows:
+        stages = list(row.get("stages") or [])
+        prefix = prefix_rows(rows, row) if stages[-1:] == ["teaching"] and not row.get("hand_over") else None
+        trained = any(r.get("hand_over") and r.get("stages") == row["stages"] and (r.get("set") or {}) == (
+            row.get("set") or {}) for r in rows)
+        if not prefix or (trained and not trained_too):
+            continue
+        new_rows.append({"name": f"final.pt of {row['name']}", "hand_over": True, "control": prefix[-1],
+                         "derived": True})
+        for (r, g, s, rule), c in cells.items():
+            chain = [cells.get((name, g, s, rule)) for name in prefix] + [c]
+            if r != row["name"] or rule != "best" or any(x is None for x in chain):
+                continue
+            bests = {stage: x.get("val_best") or {} for stage, x in zip(stages, chain)}
+            pick = handed_stage(bests, stages, select, rule)
+            out[(f"final.pt of {row['name']}", g, s, rule)] = {**chain[stages.index(pick)], "handed_stage": pick}
+    return new_rows, out
+
+
 def hand_over(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], dict[str, Any]],
               metric: str = METRIC) -> list[dict[str, Any]]:
     """For each ``hand_over`` row, its control and rule: per (set, seed) run, the stage ``final.pt`` held and the
@@ -170,6 +218,30 @@ def hand_over_sentence(h: dict[str, Any]) -> str:
              f"below it in none of {n}")
     return (f"`{h['row']}` vs {h['control']} ({RULES.get(h['rule'], h['rule'])}): final.pt held {held} of {n} runs; "
             f"{h['metric']} {below}.")
+
+
+def choose_default(table: list[dict[str, Any]], rule: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The config's ``teaching_default`` rule applied to a (calib) table: the candidate with the highest mean
+    R@0.3, unless it beats ``current`` by no more than ``margin`` (then ``current`` stays); None without a rule or
+    without the current default's figures."""
+    if not rule:
+        return None
+    means = {e["row"]: e[METRIC][0] for e in table if e["row"] in rule["candidates"]}
+    if rule["current"] not in means:
+        return None
+    best = max(means, key=lambda r: (means[r], r == rule["current"]))
+    chosen = best if means[best] > means[rule["current"]] + float(rule.get("margin", 0)) else rule["current"]
+    return {"chosen": chosen, "current": rule["current"], "margin": float(rule.get("margin", 0)),
+            "means": means, "runs": {e["row"]: e["seeds"] for e in table if e["row"] in means}}
+
+
+def choice_sentence(c: dict[str, Any]) -> str:
+    """The teaching default the rule picks, with every candidate's mean."""
+    figures = ", ".join(f"{row} {m:.3f} (n {c['runs'][row]})" for row, m in c["means"].items())
+    verdict = (f"`{c['chosen']}` (the current default stays)" if c["chosen"] == c["current"] else
+               f"`{c['chosen']}` (beats the current default, `{c['current']}`, by more than {c['margin']:.2f})")
+    return (f"Teaching default by the config's rule (highest mean {METRIC} here under target-validation selection, "
+            f"margin {c['margin']:.2f}): {verdict}; {figures}.")
 
 
 def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, list[dict[str, Any]]] | None = None,
@@ -219,6 +291,8 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
                          f"{c['up']} / {c['down']} | {c['p_sign']:.2g} |")
     for h in handed or []:
         lines += ["", hand_over_sentence(h)]
+    if meta.get("teaching_default"):
+        lines += ["", choice_sentence(meta["teaching_default"])]
     histories: dict[str, list[str]] = {}  # rows that share their teaching runs (the hand-over row) share a line
     for e in table:
         if e.get("pseudo_labels"):
@@ -397,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     if not table:
         print("no finished cells")
         return 1
-    comparisons = compare(rows, cells)
-    handed = hand_over(rows, cells)
+    derived_rows, derived = derived_hand_overs(rows, cells)  # final.pt of each teaching variant, from the cells
+    comparisons = compare(rows + derived_rows, {**cells, **derived})
+    handed = hand_over(rows + derived_rows, {**cells, **derived})
     from benchmarks.speed import machine_info
     from medssl.data.coco import build_dataset
 
@@ -416,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python", "benchmarks/medmask_ablation.py", *(argv or sys.argv[1:])]),
             "fingerprint": fingerprint, "commit": commit,
             "demo": {str(g): demo_argv(spec, g) for g in data_seeds}, "date": m["date"],
-            "answer": list(spec.get("answer") or []), "cells_by_cpu": _by_cpu(cells.values())}
+            "answer": list(spec.get("answer") or []), "cells_by_cpu": _by_cpu(cells.values()),
+            "teaching_default": choose_default(tables.get("best") or [], spec.get("teaching_default"))
+            if a.split == "calib" else None}
     import yaml
 
     (out / "config.resolved.yaml").write_text(yaml.safe_dump({"spec": spec, "seeds": seeds, "run_config": cfg_g},
