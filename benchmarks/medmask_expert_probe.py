@@ -2,6 +2,7 @@
 
     python benchmarks/medmask_expert_probe.py                       # every embeddings folder of the demo set
     python benchmarks/medmask_expert_probe.py --data-root demo_data/mammo --folders embeddings embeddings_lesion
+    python benchmarks/medmask_expert_probe.py --data-root demo_data/mammo/seed3 --merge   # add a set to the table
 
 For each embeddings folder of the demo set (``DATA_ROOT/demo/embeddings`` is the generator's own expert,
 ``embeddings_<expert>`` the ones `benchmarks/medmask_ablation.py` extracted for its expert rows), the
@@ -199,6 +200,12 @@ def _f(x: float | None, ci: list[float] | None = None) -> str:
     return f"{x:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows of the sets not in ``new``, then ``new``; ordered by set, then embeddings folder."""
+    probed = {r.get("set") for r in new}
+    return sorted([r for r in old if r.get("set") not in probed] + new, key=lambda r: (str(r.get("set")), r["folder"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     from data_tools.demo_expert import probe_embeddings
     from data_tools.demo_mammo import write_embeddings
@@ -211,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="experts to embed each set with first where missing, into embeddings_<name> (e.g. "
                         "vit_tiny_patch8: a seeded random init, the control)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "medmask")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of OUT/expert_probe.json for sets not probed now (a set's rows are replaced)")
     a = p.parse_args(argv)
     rows = []
     for root in a.data_root:
@@ -224,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no embeddings folder under {demo}: run `python -m data_tools.make_demo mammo` first")
         rows += [{"expert": expert_name(demo, f), "set": root.name, "folder": f, "trained_on": provenance(demo, f),
                   **probe_embeddings(demo, demo / f), **region_probe(demo, demo / f)} for f in folders]
+    old = a.out / "expert_probe.json"
+    if a.merge and old.is_file():
+        rows = merge_rows(json.loads(old.read_text()), rows)
     lines = report(rows)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "expert_probe.json").write_text(json.dumps(rows, indent=1))

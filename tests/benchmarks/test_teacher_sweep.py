@@ -91,3 +91,14 @@ def test_region_probe_by_hand(tmp_path):
                    "regions": 49, "lesions": 13}
     (demo / "emb" / "_expert.json").write_text(json.dumps({"source": "x"}))  # no grid: no region probe
     assert region_probe(demo, demo / "emb", splits=("train",)) == {}
+
+
+def test_probe_rows_merge_by_set():
+    """A set probed again replaces its rows; other sets' rows stay; order by set, then folder."""
+    from benchmarks.medmask_expert_probe import merge_rows
+
+    old = [{"set": "seed1", "folder": "embeddings", "v": 1}, {"set": "seed2", "folder": "embeddings", "v": 1},
+           {"set": "seed2", "folder": "embeddings_lesion", "v": 1}]
+    new = [{"set": "seed3", "folder": "embeddings", "v": 2}, {"set": "seed2", "folder": "embeddings_x", "v": 2}]
+    assert [(r["set"], r["folder"], r["v"]) for r in merge_rows(old, new)] == [
+        ("seed1", "embeddings", 1), ("seed2", "embeddings_x", 2), ("seed3", "embeddings", 2)]
