@@ -143,15 +143,17 @@ def compare(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], d
 
 def prefix_rows(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[str] | None:
     """The rows that are ``row``'s earlier stages, in order: for each shorter chain, the row that trains exactly
-    those stages with ``row``'s overrides minus those of its later stages (keys starting ``<stage>.``), so that
-    it shares the stage runs ``row`` starts from; None where one is missing."""
+    those stages with ``row``'s overrides minus those of its later stages (keys starting ``<stage>.``; every other
+    key, ``data.*``, ``distill.*``, ``model.*``, reaches every stage) and, from stage 2 on (where distillation
+    reads them), the same expert's embeddings, so that it shares the stage runs ``row`` starts from; None where
+    one is missing."""
     stages, own = list(row.get("stages") or []), row.get("set") or {}
     out = []
     for k in range(1, len(stages)):
         later = tuple(f"{s}." for s in stages[k:])
         want = {key: v for key, v in own.items() if not key.startswith(later)}
         match = [r["name"] for r in rows if list(r.get("stages") or []) == stages[:k] and (r.get("set") or {}) == want
-                 and not r.get("expert") and not r.get("hand_over")]
+                 and (k == 1 or r.get("expert") == row.get("expert")) and not r.get("hand_over")]
         if not match:
             return None
         out.append(match[0])
@@ -173,8 +175,10 @@ def derived_hand_overs(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, i
     for row in rows:
         stages = list(row.get("stages") or [])
         prefix = prefix_rows(rows, row) if stages[-1:] == ["teaching"] and not row.get("hand_over") else None
-        trained = any(r.get("hand_over") and r.get("stages") == row["stages"] and (r.get("set") or {}) == (
-            row.get("set") or {}) for r in rows)
+        trained = any(r.get("hand_over") and r.get("stages") == row["stages"] and r.get("expert") == row.get("expert")
+                      and (r.get("set") or {}) == (row.get("set") or {}) for r in rows)
+        if stages[-1:] == ["teaching"] and not row.get("hand_over") and not prefix:
+            log.warning("no rows train the earlier stages of %r: no final.pt read for it", row["name"])
         if not prefix or (trained and not trained_too):
             continue
         new_rows.append({"name": f"final.pt of {row['name']}", "hand_over": True, "control": prefix[-1],
@@ -194,6 +198,7 @@ def hand_over(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str],
     """For each ``hand_over`` row, its control and rule: per (set, seed) run, the stage ``final.pt`` held and the
     difference from the control, with how many runs fall below it and the smallest difference (an interval that
     includes 0 does not say "never below": these counts do)."""
+    last = {r["name"]: (r.get("stages") or ["-"])[-1] for r in rows}
     out = []
     for row in (r for r in rows if r.get("hand_over")):
         for control in controls(row):
@@ -206,7 +211,8 @@ def hand_over(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str],
                     diffs = [x["diff"] for x in runs]
                     out.append({"row": row["name"], "control": control, "rule": rule, "metric": metric, "runs": runs,
                                 "below": sum(d < 0 for d in diffs), "worst": min(diffs),
-                                "handed": dict(sorted(Counter(x["handed"] for x in runs).items()))})
+                                "handed": dict(sorted(Counter(x["handed"] for x in runs).items())),
+                                "held_control": sum(x["handed"] == last.get(control) for x in runs)})
     return out
 
 
@@ -216,32 +222,42 @@ def hand_over_sentence(h: dict[str, Any]) -> str:
     held = ", ".join(f"{stage} in {k}" for stage, k in h["handed"].items())
     below = (f"below it in {h['below']} of {n} (smallest difference {h['worst']:+.3f})" if h["below"] else
              f"below it in none of {n}")
+    same = h.get("held_control", 0)
+    note = (f" (in the {same} run{'s' * (same != 1)} where it held {h['control']}'s own checkpoint the difference is 0 "
+            "by construction)" if same else "")
     return (f"`{h['row']}` vs {h['control']} ({RULES.get(h['rule'], h['rule'])}): final.pt held {held} of {n} runs; "
-            f"{h['metric']} {below}.")
+            f"{h['metric']} {below}{note}.")
 
 
-def choose_default(table: list[dict[str, Any]], rule: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The config's ``teaching_default`` rule applied to a (calib) table: the candidate with the highest mean
-    R@0.3, unless it beats ``current`` by no more than ``margin`` (then ``current`` stays); None without a rule or
-    without the current default's figures."""
+def choose_default(cells: dict[tuple[str, Any, int, str], dict[str, Any]], rule: dict[str, Any] | None
+                   ) -> dict[str, Any] | None:
+    """The config's ``teaching_default`` rule applied to (calib) cells: each candidate row's mean R@0.3 (its last
+    stage, not its ``final.pt``) over the (set, seed) runs every candidate has under target-validation selection;
+    the highest wins if it is above ``current``'s by more than ``margin`` (a decision rule, not a test), else
+    ``current`` stays. None without a rule or a run common to all candidates."""
     if not rule:
         return None
-    means = {e["row"]: e[METRIC][0] for e in table if e["row"] in rule["candidates"]}
-    if rule["current"] not in means:
+    names = list(dict.fromkeys(rule["candidates"]))
+    runs = [set((g, s) for (r, g, s, rr) in cells if r == name and rr == "best") for name in names]
+    common = sorted(set.intersection(*runs), key=str) if runs else []
+    if not common or rule["current"] not in names:
         return None
+    means = {name: float(np.mean([cells[(name, g, s, "best")]["summary"][METRIC] for g, s in common]))
+             for name in names}
     best = max(means, key=lambda r: (means[r], r == rule["current"]))
-    chosen = best if means[best] > means[rule["current"]] + float(rule.get("margin", 0)) else rule["current"]
-    return {"chosen": chosen, "current": rule["current"], "margin": float(rule.get("margin", 0)),
-            "means": means, "runs": {e["row"]: e["seeds"] for e in table if e["row"] in means}}
+    margin = float(rule.get("margin", 0))
+    return {"chosen": best if means[best] > means[rule["current"]] + margin else rule["current"],
+            "current": rule["current"], "margin": margin, "means": means, "runs": len(common)}
 
 
 def choice_sentence(c: dict[str, Any]) -> str:
     """The teaching default the rule picks, with every candidate's mean."""
-    figures = ", ".join(f"{row} {m:.3f} (n {c['runs'][row]})" for row, m in c["means"].items())
+    figures = ", ".join(f"{row} {m:.3f}" for row, m in c["means"].items())
     verdict = (f"`{c['chosen']}` (the current default stays)" if c["chosen"] == c["current"] else
-               f"`{c['chosen']}` (beats the current default, `{c['current']}`, by more than {c['margin']:.2f})")
-    return (f"Teaching default by the config's rule (highest mean {METRIC} here under target-validation selection, "
-            f"margin {c['margin']:.2f}): {verdict}; {figures}.")
+               f"`{c['chosen']}` (its mean is above the current default's, `{c['current']}`, by more than the margin)")
+    return (f"Teaching default by the config's rule (each candidate's mean {METRIC} over the {c['runs']} runs all "
+            f"have, target-validation selection; the highest wins by more than {c['margin']:.2f}, a decision rule, "
+            f"not a test): {verdict}; {figures}.")
 
 
 def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, list[dict[str, Any]]] | None = None,
@@ -271,10 +287,12 @@ def report(table: list[dict[str, Any]], meta: dict[str, Any], tables: dict[str, 
             lines.append(f"| {name} | " + " | ".join(f"{v[METRIC][0]:.3f} +- {v[METRIC][1]:.3f} (n {v['seeds']})"
                                                      if v else "-" for v in vals) + " |")
     if comparisons:  # the sets the set-level comparisons rest on (fewer than asked while a run is incomplete)
-        n = max((len(c["seeds"]) for c in comparisons if c["unit"] == "set"), default=1)
+        counts = [len(c["seeds"]) for c in comparisons if c["unit"] == "set"]
+        n = max(counts, default=1)
+        fewer = " (fewer where a row lacks a set: each line's n)" if min(counts, default=n) < n else ""
         cover = ("The runs of one set share its images, so the `run` interval covers new seeds on these sets only and "
                  "is the optimistic one; the `set` interval (one mean per set, "
-                 f"{n - 1} degree{'s' * (n > 2)} of freedom with {n} sets; its sign test cannot go below "
+                 f"{n - 1} degree{'s' * (n > 2)} of freedom with {n} sets{fewer}; its sign test cannot go below "
                  f"p = {min(1.0, 2 * 0.5 ** n):.2g}) is the one that covers a new generated set. " if n > 1 else
                  "One generated set: the intervals cover new seeds on it only. ")
         lines += ["", f"Paired differences in {comparisons[0]['metric']}, row minus its control (95% t-interval; "
@@ -392,7 +410,9 @@ def _by_cpu(cells: Any) -> dict[str, int]:
 
 def _report_config(spec: dict[str, Any], row: dict[str, Any], seed: int, data_seed: Any, rule: str) -> dict[str, Any]:
     """`run_config` for reading cached cells only: an expert row's embeddings folder is named, not made (making it
-    trains that expert: minutes to tens of minutes for a report that trains nothing)."""
+    trains that expert: minutes to tens of minutes for a report that trains nothing). The name repeats
+    `run_config`'s ``embeddings_<expert>``; it lives here because medmask_cells.py is in the cells' code
+    fingerprint (moving it there would orphan every cached cell): fold it in at the next change to that file."""
     if not row.get("expert"):
         return run_config(spec, row, seed, data_seed, rule)
     cfg = run_config(spec, {k: v for k, v in row.items() if k != "expert"}, seed, data_seed, rule)
@@ -471,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     if not table:
         print("no finished cells")
         return 1
-    derived_rows, derived = derived_hand_overs(rows, cells)  # final.pt of each teaching variant, from the cells
+    # final.pt of each teaching variant, from the cells, by the metric the recipe selects with (its eval.select)
+    derived_rows, derived = derived_hand_overs(rows, cells, select=cfg["eval"]["select"])
     comparisons = compare(rows + derived_rows, {**cells, **derived})
     handed = hand_over(rows + derived_rows, {**cells, **derived})
     from benchmarks.speed import machine_info
@@ -492,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             "fingerprint": fingerprint, "commit": commit,
             "demo": {str(g): demo_argv(spec, g) for g in data_seeds}, "date": m["date"],
             "answer": list(spec.get("answer") or []), "cells_by_cpu": _by_cpu(cells.values()),
-            "teaching_default": choose_default(tables.get("best") or [], spec.get("teaching_default"))
-            if a.split == "calib" else None}
+            "teaching_default": choose_default(cells, spec.get("teaching_default")) if a.split == "calib" else None}
     import yaml
 
     (out / "config.resolved.yaml").write_text(yaml.safe_dump({"spec": spec, "seeds": seeds, "run_config": cfg_g},

@@ -61,7 +61,7 @@ def provenance(demo: Path, folder: str) -> str:
     return text
 
 
-def _cv_scores(x: np.ndarray, groups: np.ndarray, y: np.ndarray, folds: int = 5, alpha: float = 1.0) -> np.ndarray:
+def _cv_scores(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5, alpha: float = 1.0) -> np.ndarray:
     """Out-of-fold ridge scores, ``folds``-fold cross-validated with every group (image) in one fold."""
     x = (x - x.mean(0)) / (x.std(0) + 1e-8)
     ids = np.unique(groups)
@@ -77,15 +77,17 @@ def _cv_scores(x: np.ndarray, groups: np.ndarray, y: np.ndarray, folds: int = 5,
 
 
 def _auc_with_interval(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, list[float]]:
-    """Cross-validated ridge AUC and its 95% interval: images (``groups``) resampled with replacement and the probe
-    cross-validated again on each resample (an image's boxes are drawn together and stay in one fold)."""
+    """Cross-validated ridge AUC and its 95% interval: the out-of-fold scores' AUC over resamples of the images
+    (``groups``: an image's boxes drawn together). The probe is not refitted per resample (refitting on a resample,
+    about 63% distinct images, biases the AUC down), so the interval covers which images were drawn, not the
+    probe's fitting; a lesion's box and the boxes compared with it come from different images and may be drawn
+    apart."""
     from benchmarks.stats import cluster_bootstrap
     from medssl.metrics.classification import binary_auc
 
-    def auc(i: np.ndarray) -> float:
-        return float(binary_auc(y[i].astype(int), _cv_scores(x[i], groups[i], y[i])))
-
-    return auc(np.arange(len(y))), list(cluster_bootstrap(auc, groups, reps=1000))
+    pred = _cv_scores(x, y, groups)
+    lo, hi = cluster_bootstrap(lambda i: binary_auc(y[i].astype(int), pred[i]), groups)
+    return float(binary_auc(y.astype(int), pred)), [lo, hi]
 
 
 def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str, ...] = ("train", "test"),
@@ -98,8 +100,8 @@ def region_probe(demo_dir: str | Path, embeddings: str | Path, splits: tuple[str
     box as the ``object`` distillation does (`medssl.detection.medmask.region_embeddings`; boxes normalised to the
     image, which the expert sees stretched to its square input), and the box's pixel statistics (mean, std, min,
     max). Returns ``{"region_auc", "pixel_auc", "regions", "lesions"}`` (ridge AUCs cross-validated with each
-    image's boxes in one fold) with ``region_ci`` / ``pixel_ci``, their 95% intervals (images resampled, the
-    probe cross-validated again on each resample), or ``{}`` for an expert without a token grid (one row, or no
+    image's boxes in one fold) with ``region_ci`` / ``pixel_ci``, their 95% intervals (`_auc_with_interval`), or
+    ``{}`` for an expert without a token grid (one row, or no
     ``grid`` record)."""
     import torch
 
@@ -180,8 +182,8 @@ def report(rows: list[dict]) -> list[str]:
         text += (" Region level, from each lesion's box and the same box on up to 3 other images of the same view "
                  "(breast tissue, no lesion there: position tells nothing), the expert's token grid averaged inside "
                  "the box: what the object-level distillation sees; beside it the same probe on the boxes' pixel "
-                 "statistics (brightness alone); 95% intervals from 1000 resamples of the images (each with its "
-                 "boxes), the probe cross-validated again on each.")
+                 "statistics (brightness alone); 95% intervals from resampling the images (each with its boxes) with "
+                 "the out-of-fold scores held fixed: they cover which images were drawn, not the probe's fitting.")
     lines = [text, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["expert"], r.get("set", "-"), f"{r['density_r2']:.2f}", f"{r['lesion_auc']:.2f}",
@@ -201,9 +203,11 @@ def _f(x: float | None, ci: list[float] | None = None) -> str:
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` rows of the sets not in ``new``, then ``new``; ordered by set, then embeddings folder."""
+    """``old`` rows of the sets not in ``new`` (rows without a set, from before sets were recorded, are dropped),
+    then ``new``; ordered by set, then embeddings folder."""
     probed = {r.get("set") for r in new}
-    return sorted([r for r in old if r.get("set") not in probed] + new, key=lambda r: (str(r.get("set")), r["folder"]))
+    kept = [r for r in old if r.get("set") is not None and r.get("set") not in probed]
+    return sorted(kept + new, key=lambda r: (str(r.get("set")), r["folder"]))
 
 
 def main(argv: list[str] | None = None) -> int:

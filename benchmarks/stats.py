@@ -51,8 +51,9 @@ def cluster_bootstrap(statistic: Any, clusters: Sequence[Any], reps: int = 2000,
 
     ``statistic`` takes an integer index array into the samples and returns a float; ``clusters`` gives each
     sample's cluster (e.g. the image a box is read from), so samples that share one are drawn together.
-    Resamples where the statistic is undefined (nan, e.g. an AUC with one class) are dropped. For a statistic with
-    many independent clusters (dozens or more), not for the few seeds of a table (see `t_interval`)."""
+    Resamples where the statistic is undefined (nan, e.g. an AUC with one class) are dropped; (nan, nan) when more
+    than 5% are. For a statistic with many independent clusters (dozens or more), not for the few seeds of a table
+    (see `t_interval`)."""
     c = np.asarray(clusters)
     ids, inverse = np.unique(c, return_inverse=True)
     members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
@@ -63,7 +64,7 @@ def cluster_bootstrap(statistic: Any, clusters: Sequence[Any], reps: int = 2000,
         v = float(statistic(np.concatenate([members[k] for k in pick])))
         if not math.isnan(v):
             values.append(v)
-    if not values:
+    if len(values) < 0.95 * reps:
         return math.nan, math.nan
     lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)

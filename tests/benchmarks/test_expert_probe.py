@@ -71,10 +71,11 @@ def test_region_probe_by_hand(tmp_path):
 
 
 def test_probe_rows_merge_by_set():
-    """A set probed again replaces its rows; other sets' rows stay; order by set, then folder."""
+    """A set probed again replaces its rows; other sets' rows stay, set-less ones go; order by set, then folder."""
     from benchmarks.medmask_expert_probe import merge_rows
 
     old = [{"set": "seed1", "folder": "embeddings", "v": 1}, {"set": "seed2", "folder": "embeddings", "v": 1},
+           {"folder": "embeddings", "v": 0},  # from before sets were recorded: dropped
            {"set": "seed2", "folder": "embeddings_lesion", "v": 1}]
     new = [{"set": "seed3", "folder": "embeddings", "v": 2}, {"set": "seed2", "folder": "embeddings_x", "v": 2}]
     assert [(r["set"], r["folder"], r["v"]) for r in merge_rows(old, new)] == [

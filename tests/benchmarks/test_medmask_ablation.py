@@ -155,7 +155,8 @@ def test_hand_over_counts_runs_below_the_control_by_hand():
     """final.pt held stage 2 in two runs (difference 0 by construction) and teaching in two (one above, one below
     stage 2): one of four runs below, smallest difference -0.1; the README line carries it under the row's
     comparison. A run whose control is missing is left out."""
-    rows = [{"name": "stage 2"}, {"name": "final", "hand_over": True, "control": "stage 2"}]
+    rows = [{"name": "stage 2", "stages": ["source_only", "cross_domain_mae"]},
+            {"name": "final", "hand_over": True, "control": "stage 2"}]
     v = {("stage 2", 1, 0, "best"): 0.5, ("stage 2", 1, 1, "best"): 0.4, ("stage 2", 2, 0, "best"): 0.6,
          ("stage 2", 2, 1, "best"): 0.3}
     held = {(1, 0): ("cross_domain_mae", 0.5), (1, 1): ("teaching", 0.3), (2, 0): ("cross_domain_mae", 0.6),
@@ -173,7 +174,8 @@ def test_hand_over_counts_runs_below_the_control_by_hand():
     meta = {"data_seeds": [1, 2], "seeds": 2, "split": "test"}
     lines = answer(comps, ["final"], meta, [h])
     assert lines[-1] == ("  `final` vs stage 2 (target validation (reference)): final.pt held cross_domain_mae in 2, "
-                         "teaching in 2 of 4 runs; R@0.3 below it in 1 of 4 (smallest difference -0.100).")
+                         "teaching in 2 of 4 runs; R@0.3 below it in 1 of 4 (smallest difference -0.100) (in the 2 "
+                         "runs where it held stage 2's own checkpoint the difference is 0 by construction).")
     assert lines[-2].startswith("- **final** vs stage 2: target validation (reference): ")
 
 
@@ -188,8 +190,11 @@ def test_derived_hand_over_by_hand():
             {"name": "t mrt", "stages": ["source_only", "cross_domain_mae", "teaching"],
              "set": {"teaching.threshold": "mrt"}},
             {"name": "t frozen", "stages": ["source_only", "cross_domain_mae", "teaching"],
-             "set": {"cross_domain_mae.freeze_bn": True}}]
+             "set": {"cross_domain_mae.freeze_bn": True}},
+            {"name": "t lesion", "stages": ["source_only", "cross_domain_mae", "teaching"], "expert": "lesion"}]
     assert prefix_rows(rows, rows[4]) == ["so", "s2"] and prefix_rows(rows, rows[5]) is None
+    assert prefix_rows(rows, rows[6]) == ["so", "s2 lesion"]  # stage 2 distilled from the same expert
+    rows = rows[:6]
 
     def cell(val: float, test: float) -> dict:
         return {"summary": {"R@0.3": test}, "val_best": {"R@0.3": val}}
@@ -225,15 +230,18 @@ def test_derived_hand_over_agrees_with_the_trained_one_in_the_committed_cells():
 
 
 def test_teaching_default_rule_by_hand():
-    """The candidate with the highest mean wins only by more than the margin; the config's rule names rows."""
+    """Means over the runs every candidate has (a candidate's extra run is left out); the highest wins only by more
+    than the margin; the config's rule names rows of the config."""
     rule = {"current": "t", "margin": 0.01, "candidates": ["t", "mrt", "keep"]}
-    table = [{"row": "t", "R@0.3": (0.60, 0.1), "seeds": 9}, {"row": "mrt", "R@0.3": (0.605, 0.1), "seeds": 9},
-             {"row": "keep", "R@0.3": (0.55, 0.1), "seeds": 9}, {"row": "other", "R@0.3": (0.9, 0.1), "seeds": 9}]
-    c = choose_default(table, rule)
-    assert (c["chosen"], c["means"]) == ("t", {"t": 0.60, "mrt": 0.605, "keep": 0.55})
-    table[2]["R@0.3"] = (0.62, 0.1)
-    assert choose_default(table, rule)["chosen"] == "keep"
-    assert choose_default(table[1:], rule) is None and choose_default(table, None) is None
+    v = {("t", 1, 0, "best"): 0.6, ("t", 1, 1, "best"): 0.6, ("mrt", 1, 0, "best"): 0.61,
+         ("mrt", 1, 1, "best"): 0.6, ("keep", 1, 0, "best"): 0.5, ("keep", 1, 1, "best"): 0.6,
+         ("keep", 2, 0, "best"): 0.9, ("keep", 1, 0, "last"): 0.9, ("other", 1, 0, "best"): 0.99}
+    c = choose_default(_cells(v), rule)
+    assert (c["chosen"], c["runs"]) == ("t", 2) and c["means"] == pytest.approx({"t": 0.6, "mrt": 0.605, "keep": 0.55})
+    v[("keep", 1, 0, "best")] = 0.64
+    assert choose_default(_cells(v), rule)["chosen"] == "keep"  # 0.62 > 0.6 + 0.01
+    assert choose_default(_cells({k: x for k, x in v.items() if k[0] != "mrt"}), rule) is None  # no common run
+    assert choose_default(_cells(v), None) is None
     spec = read_yaml(CONFIG.read_text())
     names = {r["name"] for r in spec["rows"]}
     assert spec["teaching_default"]["current"] in spec["teaching_default"]["candidates"]
