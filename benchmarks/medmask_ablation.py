@@ -194,25 +194,23 @@ def derived_hand_overs(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, i
 
 
 def hand_over(rows: list[dict[str, Any]], cells: dict[tuple[str, Any, int, str], dict[str, Any]],
-              metric: str = METRIC) -> list[dict[str, Any]]:
-    """For each ``hand_over`` row, its control and rule: per (set, seed) run, the stage ``final.pt`` held and the
-    difference from the control, with how many runs fall below it and the smallest difference (an interval that
-    includes 0 does not say "never below": these counts do)."""
-    last = {r["name"]: (r.get("stages") or ["-"])[-1] for r in rows}
+              comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each ``hand_over`` row, its control and rule: per (set, seed) run, the stage ``final.pt`` held (from its
+    cell) and the difference from the control (the run-level comparison's, `compare`), with how many runs fall
+    below it and the smallest difference (an interval that includes 0 does not say "never below": these counts
+    do)."""
+    by_name = {r["name"]: r for r in rows}
     out = []
-    for row in (r for r in rows if r.get("hand_over")):
-        for control in controls(row):
-            for rule in dict.fromkeys(k[3] for k in cells):
-                runs = [{"set": g, "seed": s, "handed": c.get("handed_stage", "?"),
-                         "diff": float(c["summary"][metric]) - float(cells[(control, g, s, rule)]["summary"][metric])}
-                        for (r, g, s, rr), c in sorted(cells.items(), key=lambda kv: (str(kv[0][1]), kv[0][2]))
-                        if r == row["name"] and rr == rule and (control, g, s, rule) in cells]
-                if runs:
-                    diffs = [x["diff"] for x in runs]
-                    out.append({"row": row["name"], "control": control, "rule": rule, "metric": metric, "runs": runs,
-                                "below": sum(d < 0 for d in diffs), "worst": min(diffs),
-                                "handed": dict(sorted(Counter(x["handed"] for x in runs).items())),
-                                "held_control": sum(x["handed"] == last.get(control) for x in runs)})
+    for c in comparisons:
+        if c["unit"] != "run" or not by_name.get(c["row"], {}).get("hand_over"):
+            continue
+        runs = [{"set": g, "seed": s, "handed": cells[(c["row"], g, s, c["rule"])].get("handed_stage", "?"),
+                 "diff": d} for (g, s), d in zip(c["seeds"], c["diffs"])]
+        last = (by_name.get(c["control"], {}).get("stages") or ["-"])[-1]
+        out.append({"row": c["row"], "control": c["control"], "rule": c["rule"], "metric": c["metric"], "runs": runs,
+                    "below": sum(d < 0 for d in c["diffs"]), "worst": min(c["diffs"]),
+                    "handed": dict(sorted(Counter(x["handed"] for x in runs).items())),
+                    "held_control": sum(x["handed"] == last for x in runs)})
     return out
 
 
@@ -494,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     # final.pt of each teaching variant, from the cells, by the metric the recipe selects with (its eval.select)
     derived_rows, derived = derived_hand_overs(rows, cells, select=cfg["eval"]["select"])
     comparisons = compare(rows + derived_rows, {**cells, **derived})
-    handed = hand_over(rows + derived_rows, {**cells, **derived})
+    handed = hand_over(rows + derived_rows, {**cells, **derived}, comparisons)
     from benchmarks.speed import machine_info
     from medssl.data.coco import build_dataset
 

@@ -164,13 +164,13 @@ def test_hand_over_counts_runs_below_the_control_by_hand():
     cells = _cells(v)
     for (g, s), (stage, r) in held.items():
         cells[("final", g, s, "best")] = {"summary": {"R@0.3": r}, "handed_stage": stage}
-    (h,) = hand_over(rows, cells)
+    comps = compare(rows, cells)
+    (h,) = hand_over(rows, cells, comps)
     assert [(x["set"], x["seed"], x["handed"]) for x in h["runs"]] == [
         (1, 0, "cross_domain_mae"), (1, 1, "teaching"), (2, 0, "cross_domain_mae"), (2, 1, "teaching")]
     assert [x["diff"] for x in h["runs"]] == pytest.approx([0.0, -0.1, 0.0, 0.15])
     assert (h["below"], h["handed"]) == (1, {"cross_domain_mae": 2, "teaching": 2})
     assert h["worst"] == pytest.approx(-0.1)
-    comps = compare(rows, cells)
     meta = {"data_seeds": [1, 2], "seeds": 2, "split": "test"}
     lines = answer(comps, ["final"], meta, [h])
     assert lines[-1] == ("  `final` vs stage 2 (target validation (reference)): final.pt held cross_domain_mae in 2, "
