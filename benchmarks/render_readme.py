@@ -9,7 +9,8 @@ Accepts the result files of speed.py, profile_detector.py, bench_engine.py and b
 ``--section medmask`` the ``results.json`` of medmask_ablation.py, between the ``<!-- medmask:begin -->``
 and ``<!-- medmask:end -->`` markers; with ``--section transfer`` the ``results.json`` of run_all.py (the 2-D
 pretraining table), with ``--section answer`` that file's answer line (into README.md), with ``--section
-volumes`` that of run_all.py's 3-D table (configs/volumes.yaml).
+volumes`` that of run_all.py's 3-D table (configs/volumes.yaml) and ``--section volumes-answer`` its answer line,
+with ``--section medmask-answer`` the MedMask ablation's answer lines (into README.md).
 
 Only the text between the ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` markers is replaced, in the
 docs page that holds the section (``TARGETS``; ``--target`` names another file); the file is written atomically
@@ -24,8 +25,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import (
     bench_build,
     bench_detection,
@@ -34,7 +33,6 @@ from benchmarks import (
     bf16_curve,
     medmask_ablation,
     medmask_expert_probe,
-    medmask_teacher_sweep,
     profile_detector,
     report,
     stats,
@@ -52,10 +50,12 @@ TARGETS = {
     "medmask": "docs/medmask.md",
     "transfer": "docs/transfer.md",
     "answer": "README.md",  # the 2-D table's answer line (run_all.py's results.json for configs/pretraining.yaml)
-    "volumes": "README.md",  # the 3-D table (run_all.py's results.json for configs/volumes.yaml), short
+    "volumes": "docs/volumes.md",  # the 3-D table (run_all.py's results.json for configs/volumes.yaml)
+    "volumes-answer": "README.md",  # its answer line, short
     "mae-runs": "docs/speed.md",
     "build": "docs/speed.md",
     "predict": "docs/medmask.md",  # benchmarks/bench_predict.py: full-size mammograms, time and memory per image
+    "medmask-answer": "README.md",  # the MedMask ablation's answer lines (medmask_ablation.py's results.json), short
 }
 
 
@@ -141,53 +141,12 @@ def render_ablation(result: dict, source: str) -> str:
     lines += medmask_ablation.report(result["table"], result["meta"], result.get("tables"), result.get("comparisons"),
                                      result.get("hand_over"))
     folder = Path(source).parent
-    if not result.get("comparisons"):  # results of the single-set protocol: the seed-paired gains from its cells
-        lines += paired_gains(result, folder / "cells")
-    if (folder / "teacher_sweep.json").is_file():  # benchmarks/medmask_teacher_sweep.py, beside it
-        sweep = json.loads((folder / "teacher_sweep.json").read_text())
-        table = medmask_teacher_sweep.report(sweep["row"], sweep["seeds"], sweep["table"])
-        lines += ["", f"`{folder.as_posix()}/teacher_sweep.json` (`python benchmarks/medmask_teacher_sweep.py`): "
-                  + table[0]] + table[1:]
     if (folder / "expert_probe.json").is_file():  # benchmarks/medmask_expert_probe.py, beside it
         probe = medmask_expert_probe.report(json.loads((folder / "expert_probe.json").read_text()))
         lines += ["", f"`{folder.as_posix()}/expert_probe.json` (`python benchmarks/medmask_expert_probe.py`): "
                   + probe[0]] + probe[1:]
     lines += ["", f"![FROC of every row on the target-domain test split]({png.as_posix()})"]
     return "\n".join(lines).strip() + "\n"
-
-
-PAIRED_BASES = ("source_only", "stage 2 (MAE + distillation)")
-
-
-def paired_gains(result: dict, cells_dir: Path, metric: str = "R@0.3") -> list[str]:
-    """Per row, the seed-paired difference of ``metric`` against each base row of ``PAIRED_BASES`` (same seed,
-    same source_only run): mean +- std over the seeds both have and how many went up / down. Read from the
-    cells of the run's code fingerprint; nothing when they are not there."""
-    per: dict[str, dict[int, float]] = {}
-    for c in medmask_teacher_sweep.run_cells(cells_dir, result["meta"].get("fingerprint")):
-        if "row" in c:
-            per.setdefault(c["row"], {})[int(c["seed"])] = float(c["summary"][metric])
-    bases = [b for b in PAIRED_BASES if b in per]
-    rows = [e["row"] for e in result["table"]
-            if e["row"] in per and e["row"] not in bases[:1] and not e["row"].startswith("random")]
-    if not bases or not rows:
-        return []
-    lines = ["", f"Seed-paired differences in {metric} (each seed's row minus the same seed's base; "
-             "mean +- std, seeds up / down / equal):", "",
-             "| row | " + " | ".join(f"vs {b}" for b in bases) + " |", "|---|" + "---|" * len(bases)]
-    for row in rows:
-        out = []
-        for b in bases:
-            seeds = sorted(set(per[row]) & set(per[b]))
-            d = np.asarray([per[row][s] - per[b][s] for s in seeds])
-            if row == b or not len(d):
-                out.append("")
-                continue
-            sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
-            mean = round(float(d.mean()), 3) + 0.0  # no "-0.000"
-            out.append(f"{mean:+.3f} +- {sd:.3f} ({(d > 0).sum()} / {(d < 0).sum()} / {(d == 0).sum()})")
-        lines.append(f"| {row} | " + " | ".join(out) + " |")
-    return lines
 
 
 def render_transfer(result: dict, source: str) -> str:
@@ -251,7 +210,8 @@ def render_predict(result: dict, source: str) -> str:
 def render_file(path: Path, section: str = "speed") -> str:
     """The text one result file contributes to ``section`` (its part of the text between the markers)."""
     renderer = {"medmask": render_ablation, "demo": render_demo, "transfer": render_transfer,
-                "volumes": render_transfer, "answer": render_answer, "medmask-answer": render_medmask_answer,
+                "volumes": render_transfer, "answer": render_answer, "volumes-answer": render_answer,
+                "medmask-answer": render_medmask_answer,
                 "mae-runs": render_table, "build": render_table, "predict": render_predict}.get(section, render)
     return renderer(json.loads(path.read_text()), str(path))
 
@@ -265,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="print the rendered text, do not write")
     parser.add_argument("--section", default="speed", choices=sorted(TARGETS),
                         help="markers to fill: speed (default), medmask (medmask_ablation results.json), "
-                             "demo (a MedMask run's summary.json), transfer / answer / volumes (run_all.py's "
-                             "results.json), mae-runs (speed.py MAE runs side by side), build (bench_build.py's "
-                             "file) or predict (bench_predict.py's file)")
+                             "medmask-answer (its answer lines), demo (a MedMask run's summary.json), transfer / "
+                             "answer / volumes / volumes-answer (run_all.py's results.json), mae-runs (speed.py MAE "
+                             "runs side by side), build (bench_build.py's file) or predict (bench_predict.py's file)")
     args = parser.parse_args(argv)
     target = args.target or ROOT / TARGETS[args.section]
     parts = []

@@ -94,8 +94,8 @@ def test_demo_and_ablation_sections(tmp_path):
     assert "epoch 0: precision 0.50, recall 0.25, 1.00 per image" in text and "froc.png" in text
 
 
-def test_ablation_section_adds_sweep_and_probe(tmp_path):
-    """The teacher sweep and the expert probes, when written beside results.json, follow the ablation table."""
+def test_ablation_section_adds_probe(tmp_path):
+    """The expert probes, when written beside results.json, follow the ablation table, before the FROC plot."""
     import json
 
     from benchmarks.render_readme import render_ablation
@@ -104,18 +104,14 @@ def test_ablation_section_adds_sweep_and_probe(tmp_path):
             "command": "python benchmarks/medmask_ablation.py", "commit": "abc1234", "date": "2026-12-02"}
     result = {"table": [], "meta": meta}
     bare = render_ablation(result, str(tmp_path / "results.json"))
-    assert "teacher_sweep" not in bare and "Ridge probes" not in bare
-    (tmp_path / "teacher_sweep.json").write_text(json.dumps({"row": "stage 2", "seeds": [0], "table": [
-        {"threshold": 0.3, "pseudo_precision": [0.1, 0.0, 1], "pseudo_recall": [0.2, 0.0, 1],
-         "pseudo_per_image": [1.25, 0.0, 1]}]}))
+    assert "Ridge probes" not in bare
     (tmp_path / "expert_probe.json").write_text(json.dumps([
         {"expert": "lesion", "set": "seed1", "folder": "embeddings_lesion", "density_r2": 0.755, "lesion_auc": 0.5,
          "trained_on": "x", "vendor_auc": 0.9, "images": 260, "region_auc": 0.875, "region_ci": [0.8, 0.95],
          "pixel_auc": 0.625, "regions": 320, "lesions": 80}]))
     text = render_ablation(result, str(tmp_path / "results.json"))
-    assert "| 0.30 | 0.10 +- 0.00 | 0.20 +- 0.00 | 1.25 +- 0.00 |" in text
     assert "| lesion | seed1 | 0.76 | 0.50 | 0.90 | 0.88 [0.80, 0.95] | 0.62 | 80 (320) | x |" in text
-    assert text.index("teacher_sweep.json") < text.index("expert_probe.json") < text.index("froc.png")
+    assert text.index("expert_probe.json") < text.index("froc.png")
 
 
 def test_medmask_answer_by_hand():
@@ -146,28 +142,6 @@ def test_medmask_answer_by_hand():
         "9 runs); none (last epoch): -0.010 [-0.300, +0.200], no difference shown (2 of 3 sets, 5 of 9 runs).",
         "- **teach** vs stage 2: target validation (reference): -0.200 [-0.300, -0.100], **worse** (3 of 3 sets, 9 "
         "of 9 runs)."]
-
-
-def test_paired_gains_from_cells(tmp_path):
-    """Seed-paired differences against source_only and stage 2, by hand; other fingerprints ignored."""
-    import json
-
-    from benchmarks.render_readme import paired_gains
-
-    r03 = {("source_only", 0): 0.4, ("source_only", 1): 0.2, ("stage 2 (MAE + distillation)", 0): 0.6,
-           ("stage 2 (MAE + distillation)", 1): 0.2, ("teaching", 0): 0.5, ("teaching", 1): 0.1}
-    cells = tmp_path / "cells"
-    cells.mkdir()
-    for i, ((row, seed), v) in enumerate(r03.items()):
-        (cells / f"{i}.json").write_text(json.dumps({"row": row, "seed": seed, "fingerprint": "f",
-                                                     "summary": {"R@0.3": v}}))
-    (cells / "old.json").write_text(json.dumps({"row": "teaching", "seed": 2, "fingerprint": "old",
-                                                "summary": {"R@0.3": 1.0}}))
-    table = [{"row": r} for r in ("random boxes", "source_only", "stage 2 (MAE + distillation)", "teaching")]
-    lines = paired_gains({"meta": {"fingerprint": "f"}, "table": table}, cells)
-    assert lines[-2] == "| stage 2 (MAE + distillation) | +0.100 +- 0.141 (1 / 0 / 1) |  |"
-    assert lines[-1] == "| teaching | +0.000 +- 0.141 (1 / 1 / 0) | -0.100 +- 0.000 (0 / 2 / 0) |"
-    assert paired_gains({"meta": {"fingerprint": "other"}, "table": table}, cells) == []
 
 
 def test_every_section_is_in_its_page():
