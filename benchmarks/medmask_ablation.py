@@ -342,7 +342,7 @@ def answer(comparisons: list[dict[str, Any]], questions: list[str], meta: dict[s
                 verdict = ("**better**" if lo > 0 else "**worse**") if c["decided"] else "no difference shown"
                 runs = next((len(d["seeds"]) for d in comparisons if d["unit"] == "run" and d["row"] == row
                              and d["control"] == control and d["rule"] == c["rule"]), 0)
-                count = f"{len(c['seeds'])} of {want[unit]} {unit}s" + (
+                count = f"over {len(c['seeds'])} of {want[unit]} {unit}s" + (
                     f", {runs} of {want['run']} runs" if unit == "set" else "")
                 parts.append(f"{RULES.get(c['rule'], c['rule'])}: {c['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}], {verdict} "
                              f"({count})")

@@ -138,10 +138,10 @@ def test_medmask_answer_by_hand():
         "Difference in R@0.3 on the target test split, row minus its control, over the generated sets' means (the "
         "interval that covers a new set), 95% t-interval, per model-selection rule; each line is one test at 95% "
         "with no correction for their number:", "",
-        "- **+ MAE** vs AdaBN: target validation (reference): +0.100 [+0.020, +0.180], **better** (3 of 3 sets, 9 of "
-        "9 runs); none (last epoch): -0.010 [-0.300, +0.200], no difference shown (2 of 3 sets, 5 of 9 runs).",
-        "- **teach** vs stage 2: target validation (reference): -0.200 [-0.300, -0.100], **worse** (3 of 3 sets, 9 "
-        "of 9 runs)."]
+        "- **+ MAE** vs AdaBN: target validation (reference): +0.100 [+0.020, +0.180], **better** (over 3 of 3 sets, 9 "
+        "of 9 runs); none (last epoch): -0.010 [-0.300, +0.200], no difference shown (over 2 of 3 sets, 5 of 9 runs).",
+        "- **teach** vs stage 2: target validation (reference): -0.200 [-0.300, -0.100], **worse** (over 3 of 3 sets, "
+        "9 of 9 runs)."]
 
 
 def test_every_section_is_in_its_page():
