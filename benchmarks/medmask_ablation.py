@@ -491,8 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # final.pt of each teaching variant, from the cells, by the metric the recipe selects with (its eval.select)
     derived_rows, derived = derived_hand_overs(rows, cells, select=cfg["eval"]["select"])
-    comparisons = compare(rows + derived_rows, {**cells, **derived})
-    handed = hand_over(rows + derived_rows, {**cells, **derived}, comparisons)
+    all_rows, all_cells = rows + derived_rows, {**cells, **derived}
+    comparisons = compare(all_rows, all_cells)
+    handed = hand_over(all_rows, all_cells, comparisons)
     from benchmarks.speed import machine_info
     from medssl.data.coco import build_dataset
 
